@@ -1,0 +1,404 @@
+"""Typed configuration: one dataclass per Hydra group, registered as the schema.
+
+Defaults live only here; YAML files in ``conf/`` only override. Each group
+validates itself (``validate``) and ``validate_config`` runs the cross-group
+checks. Values derived from the config go into the frozen ``RunPlan``, never
+back into the config.
+
+This module imports neither torch nor Ray so that a bad value is reported in
+well under a second, before any actor starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A bad or inconsistent configuration value; the message names the dotted key."""
+
+
+def _fail(key: str, value: Any, fix: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {fix}")
+
+
+def _check_positive(group: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            _fail(f"{group}.{name}", value, "must be > 0")
+
+
+def _check_fraction(group: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not 0.0 <= value <= 1.0:
+            _fail(f"{group}.{name}", value, "must be in [0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    # Policy to fine-tune: a Hugging Face hub id, a local directory, or "tiny" for the
+    # embedded default that the project builds and caches locally.
+    path: str = "tiny"
+    # Critic backbone (a value head is added on top); empty means "same as path".
+    critic_path: str = ""
+    # Parameter dtype of the trained models and engines: float32 or bfloat16.
+    dtype: str = "float32"
+    # Prompts longer than this many tokens are rejected when the prompt set is loaded.
+    max_prompt_len: int = 64
+
+    def validate(self) -> None:
+        if not self.path:
+            _fail("model.path", self.path, "set a hub id, a local directory, or 'tiny'")
+        if self.dtype not in ("float32", "bfloat16"):
+            _fail("model.dtype", self.dtype, "use float32 or bfloat16")
+        _check_positive("model", self, "max_prompt_len")
+
+
+@dataclass
+class DataConfig:
+    # Prompt source: "builtin" for the embedded positive-reviews task, or a JSONL file
+    # whose rows have a "prompt" key.
+    prompts: str = "builtin"
+    # Number of prompts generated for the builtin task.
+    num_builtin_prompts: int = 2048
+    # What to do with a malformed JSONL row (missing/empty prompt, too long): skip or error.
+    on_bad_row: str = "skip"
+
+    def validate(self) -> None:
+        _check_positive("data", self, "num_builtin_prompts")
+        if self.on_bad_row not in ("skip", "error"):
+            _fail("data.on_bad_row", self.on_bad_row, "use skip or error")
+
+
+@dataclass
+class AlgoConfig:
+    # Algorithm name; this release implements PPO with a critic and GAE.
+    name: str = "ppo"
+    # Discount factor of GAE.
+    gamma: float = 1.0
+    # GAE lambda (bias/variance trade-off of the advantage estimate).
+    lam: float = 0.95
+    # PPO ratio clip range epsilon.
+    clip_eps: float = 0.2
+    # Clip range of the value-function update around the old values.
+    value_clip_eps: float = 0.2
+    # Coefficient beta of the per-token k1 KL penalty folded into the reward.
+    kl_coef: float = 0.05
+    # Whiten sequence scores across the batch before shaping the rewards.
+    whiten_rewards: bool = False
+    # Passes over each rollout batch.
+    ppo_epochs: int = 2
+    # Samples per optimizer step, summed over all data-parallel ranks.
+    minibatch_size: int = 32
+
+    def validate(self) -> None:
+        if self.name != "ppo":
+            _fail("algo.name", self.name, "only ppo is implemented")
+        _check_fraction("algo", self, "gamma", "lam")
+        _check_positive("algo", self, "clip_eps", "value_clip_eps", "ppo_epochs", "minibatch_size")
+        if self.kl_coef < 0:
+            _fail("algo.kl_coef", self.kl_coef, "must be >= 0")
+
+
+@dataclass
+class RolloutConfig:
+    # Number of vLLM engines (Ray actors); prompts are spread across them.
+    num_engines: int = 1
+    # Prompts sampled per PPO step (one response each).
+    batch_size: int = 64
+    # Maximum new tokens per response.
+    max_new_tokens: int = 24
+    # Sampling temperature; 0 is greedy decoding, which is not a valid RL policy.
+    temperature: float = 1.0
+    # Nucleus sampling threshold.
+    top_p: float = 1.0
+    # vLLM tensor-parallel size per engine (GPU only).
+    tensor_parallel_size: int = 1
+    # vLLM memory fraction of GPU memory (on CPU: of the NUMA node's RAM); used when kv_cache_gib=0.
+    gpu_memory_utilization: float = 0.5
+    # Explicit KV-cache size per engine in GiB; 0 sizes it from gpu_memory_utilization.
+    kv_cache_gib: float = 0.25
+    # Maximum sequence length (prompt + response) of the engine.
+    max_model_len: int = 256
+    # Disable CUDA graphs / torch.compile in vLLM (faster start, slower decode).
+    enforce_eager: bool = True
+
+    def validate(self) -> None:
+        _check_positive(
+            "rollout", self, "num_engines", "batch_size", "max_new_tokens", "temperature",
+            "tensor_parallel_size", "max_model_len",
+        )
+        if not 0.0 < self.top_p <= 1.0:
+            _fail("rollout.top_p", self.top_p, "must be in (0, 1]")
+        if self.kv_cache_gib < 0:
+            _fail("rollout.kv_cache_gib", self.kv_cache_gib, "must be >= 0 (0 = size from gpu_memory_utilization)")
+        if not 0.0 < self.gpu_memory_utilization < 1.0:
+            _fail("rollout.gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1)")
+
+
+@dataclass
+class TrainerConfig:
+    # Data-parallel ranks of the policy trainer group (the critic group uses the same).
+    world_size: int = 2
+    # DeepSpeed ZeRO stage 0-3.
+    zero_stage: int = 2
+    # Samples per rank per forward/backward; gradients accumulate up to the minibatch.
+    micro_batch_size: int = 8
+    # Policy learning rate.
+    lr: float = 5e-4
+    # Critic learning rate.
+    critic_lr: float = 1e-3
+    # AdamW weight decay.
+    weight_decay: float = 0.0
+    # Global gradient-norm clip (DeepSpeed gradient_clipping).
+    grad_clip: float = 1.0
+    # Optimizer steps of linear warm-up.
+    warmup_steps: int = 0
+    # Learning-rate schedule after warm-up: constant, linear or cosine.
+    lr_schedule: str = "constant"
+    # Offload optimizer state to CPU under ZeRO-2/3 (GPU runs).
+    offload_optimizer: bool = False
+
+    def validate(self) -> None:
+        _check_positive("trainer", self, "world_size", "micro_batch_size", "lr", "critic_lr")
+        if self.zero_stage not in (0, 1, 2, 3):
+            _fail("trainer.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            _fail("trainer.lr_schedule", self.lr_schedule, "use constant, linear or cosine")
+        if self.grad_clip < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            bad = next(n for n in ("grad_clip", "weight_decay", "warmup_steps") if getattr(self, n) < 0)
+            _fail(f"trainer.{bad}", getattr(self, bad), "must be >= 0")
+
+
+@dataclass
+class RewardConfig:
+    # "function": a Python function named by import path; "model": an HF sequence classifier.
+    kind: str = "function"
+    # Import path "module:function" or "module.function", called as fn(prompt, response) -> float.
+    function: str = "rlhf_dist.tasks:positive_sentiment_reward"
+    # Directory or hub id of an AutoModelForSequenceClassification reward model (kind=model).
+    model_path: str = ""
+    # Number of reward actors; samples are spread across them.
+    num_actors: int = 1
+    # Samples per forward pass of a reward model.
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        if self.kind not in ("function", "model"):
+            _fail("reward.kind", self.kind, "use function or model")
+        if self.kind == "function" and not self.function:
+            _fail("reward.function", self.function, "name a function as module:function")
+        if self.kind == "model" and not self.model_path:
+            _fail("reward.model_path", self.model_path, "set the reward model directory when reward.kind=model")
+        _check_positive("reward", self, "num_actors", "batch_size")
+
+
+@dataclass
+class ReferenceConfig:
+    # Number of reference actors holding the frozen initial policy.
+    num_actors: int = 1
+    # Samples per forward pass.
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        _check_positive("reference", self, "num_actors", "batch_size")
+
+
+@dataclass
+class RoleResources:
+    # Logical CPUs reserved per actor of this role.
+    cpus: float = 1.0
+    # GPUs per actor of this role (fractions share a GPU when colocated).
+    gpus: float = 0.0
+
+
+@dataclass
+class ResourcesConfig:
+    # Where models run: cpu or cuda.
+    device: str = "cpu"
+    # Ray cluster address: "" starts a local cluster, "auto" joins a running one.
+    ray_address: str = ""
+    # Logical CPUs declared to a local Ray cluster; 0 means the number of cores.
+    # May exceed the core count so that every role gets an actor on a laptop.
+    num_cpus: int = 0
+    # separate: one placement group per role; colocated: trainer, critic, reference,
+    # reward and engines share the bundles of one placement group.
+    placement: str = "separate"
+    # Weight-sync transport from the trainer to the engines: gloo (CPU) or nccl (GPU).
+    weight_sync_backend: str = "gloo"
+    # Torch threads per actor process (CPU runs; keeps actors from oversubscribing cores).
+    threads_per_actor: int = 1
+    generation: RoleResources = field(default_factory=RoleResources)
+    policy: RoleResources = field(default_factory=RoleResources)
+    critic: RoleResources = field(default_factory=RoleResources)
+    reference: RoleResources = field(default_factory=RoleResources)
+    reward: RoleResources = field(default_factory=RoleResources)
+
+    def roles(self) -> dict[str, RoleResources]:
+        return {n: getattr(self, n) for n in ("generation", "policy", "critic", "reference", "reward")}
+
+    def validate(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            _fail("resources.device", self.device, "use cpu or cuda")
+        if self.placement not in ("separate", "colocated"):
+            _fail("resources.placement", self.placement, "use separate or colocated")
+        if self.weight_sync_backend not in ("gloo", "nccl"):
+            _fail("resources.weight_sync_backend", self.weight_sync_backend, "use gloo or nccl")
+        if self.num_cpus < 0:
+            _fail("resources.num_cpus", self.num_cpus, "must be >= 0 (0 = number of cores)")
+        _check_positive("resources", self, "threads_per_actor")
+        for role, res in self.roles().items():
+            if res.cpus < 0 or res.gpus < 0:
+                _fail(f"resources.{role}.cpus", res.cpus, "resources must be >= 0")
+            if self.device == "cpu" and res.gpus > 0:
+                _fail(f"resources.{role}.gpus", res.gpus, "must be 0 when resources.device=cpu")
+
+
+@dataclass
+class TimeoutConfig:
+    # Seconds for an actor to start and load its model/engine.
+    actor_start_s: float = 300.0
+    # Seconds for one generation call on the engines.
+    generate_s: float = 300.0
+    # Seconds for scoring, reference logprobs and values.
+    inference_s: float = 300.0
+    # Seconds for one PPO training call on the trainer group.
+    train_s: float = 600.0
+    # Seconds for one weight broadcast (and for the process-group rendezvous).
+    weight_sync_s: float = 120.0
+
+    def validate(self) -> None:
+        _check_positive("timeouts", self, "actor_start_s", "generate_s", "inference_s", "train_s", "weight_sync_s")
+
+
+@dataclass
+class LoggerConfig:
+    # console: progress bar + metrics.jsonl only; wandb: also log to Weights & Biases.
+    backend: str = "console"
+    # W&B mode: online, offline or disabled.
+    mode: str = "offline"
+    # W&B project.
+    project: str = "rlhf_dist"
+    # W&B group; empty means the Hydra job name, shared by all runs of a multirun.
+    group: str = ""
+    # W&B run name; empty means derived from the Hydra output dir.
+    name: str = ""
+    # Show a progress bar over PPO steps in the console.
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        if self.backend not in ("console", "wandb"):
+            _fail("logger.backend", self.backend, "use console or wandb")
+        if self.mode not in ("online", "offline", "disabled"):
+            _fail("logger.mode", self.mode, "use online, offline or disabled")
+
+
+@dataclass
+class Config:
+    # PPO iterations (generate -> score -> train -> sync) to run.
+    total_steps: int = 20
+    # Seed of the controller, every actor and the engines' sampling.
+    seed: int = 0
+    # Directory holding the embedded default models; empty means $RLHF_DIST_CACHE or ~/.cache/rlhf_dist.
+    cache_dir: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Sizes derived from the config; computed once, never written back."""
+
+    rollout_batch: int  # samples per PPO step
+    minibatches_per_epoch: int  # optimizer steps per PPO epoch
+    per_rank_minibatch: int  # samples per rank per optimizer step
+    grad_accum_steps: int  # micro-batches per rank per optimizer step
+    optimizer_steps: int  # optimizer steps over the whole run (for the LR schedule)
+
+
+GROUPS = ("model", "data", "algo", "rollout", "trainer", "reward", "reference", "resources", "timeouts", "logger")
+
+
+def validate_config(cfg: Config) -> RunPlan:
+    """Validate every group, then the cross-group constraints; return the derived plan."""
+    if cfg.total_steps <= 0:
+        _fail("total_steps", cfg.total_steps, "must be > 0")
+    if cfg.seed < 0:
+        _fail("seed", cfg.seed, "must be >= 0")
+    for group in GROUPS:
+        getattr(cfg, group).validate()
+    t, a, r, res = cfg.trainer, cfg.algo, cfg.rollout, cfg.resources
+    if a.minibatch_size > r.batch_size:
+        _fail("algo.minibatch_size", a.minibatch_size, f"must be <= rollout.batch_size={r.batch_size}")
+    if r.batch_size % a.minibatch_size:
+        _fail("rollout.batch_size", r.batch_size, f"must be divisible by algo.minibatch_size={a.minibatch_size}")
+    if a.minibatch_size % t.world_size:
+        _fail("algo.minibatch_size", a.minibatch_size, f"must be divisible by trainer.world_size={t.world_size}")
+    per_rank = a.minibatch_size // t.world_size
+    if t.micro_batch_size > per_rank:
+        _fail(
+            "trainer.micro_batch_size", t.micro_batch_size,
+            f"must be <= algo.minibatch_size / trainer.world_size = {per_rank}",
+        )
+    if per_rank % t.micro_batch_size:
+        _fail("trainer.micro_batch_size", t.micro_batch_size, f"must divide the per-rank minibatch {per_rank}")
+    if r.num_engines > r.batch_size:
+        _fail("rollout.num_engines", r.num_engines, f"must be <= rollout.batch_size={r.batch_size}")
+    if res.device == "cpu" and res.weight_sync_backend == "nccl":
+        _fail("resources.weight_sync_backend", "nccl", "nccl needs resources.device=cuda; use gloo on CPU")
+    if res.device == "cpu" and r.tensor_parallel_size > 1:
+        _fail("rollout.tensor_parallel_size", r.tensor_parallel_size, "must be 1 when resources.device=cpu")
+    if res.device == "cuda" and res.policy.gpus <= 0:
+        _fail("resources.policy.gpus", res.policy.gpus, "must be > 0 when resources.device=cuda")
+    if r.max_model_len < cfg.model.max_prompt_len + r.max_new_tokens:
+        _fail(
+            "rollout.max_model_len", r.max_model_len,
+            f"must be >= model.max_prompt_len + rollout.max_new_tokens = {cfg.model.max_prompt_len + r.max_new_tokens}",
+        )
+    minibatches = r.batch_size // a.minibatch_size
+    return RunPlan(
+        rollout_batch=r.batch_size,
+        minibatches_per_epoch=minibatches,
+        per_rank_minibatch=per_rank,
+        grad_accum_steps=per_rank // t.micro_batch_size,
+        optimizer_steps=cfg.total_steps * a.ppo_epochs * minibatches,
+    )
+
+
+def to_config(raw: Any) -> Config:
+    """Turn Hydra's DictConfig (typed by the schema) into a plain ``Config`` object."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(raw)
+    if not isinstance(obj, Config):
+        raise TypeError(f"expected Config, got {type(obj).__name__}")
+    return obj
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def register_configs() -> None:
+    """Register the schema: the root as ``base_config`` and each group as ``<group>/schema``."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for f in dataclasses.fields(Config):
+        if f.name in GROUPS:
+            cs.store(group=f.name, name="schema", node=f.default_factory())  # type: ignore[misc]
+
+

@@ -1,0 +1,106 @@
+"""Rollouts as padded tensors, and how they are split across actors.
+
+Layout: prompts are left-padded to a common width ``P`` and responses are
+right-padded to ``T``, so every response token sits in columns ``[P, P+T)``
+and all per-token quantities are ``(B, T)`` tensors aligned with
+``response_mask``. Position ids skip the left padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Experience:
+    """One rollout batch. Per-token fields are ``(B, T)`` over response positions."""
+
+    input_ids: torch.Tensor  # (B, P+T) long
+    attention_mask: torch.Tensor  # (B, P+T) long
+    position_ids: torch.Tensor  # (B, P+T) long
+    response_mask: torch.Tensor  # (B, T) float, 1 on generated tokens
+    prompt_width: int  # P
+    old_logprobs: torch.Tensor | None = None  # (B, T) policy logprobs before the update
+    old_values: torch.Tensor | None = None  # (B, T) critic values before the update
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None  # (B, T)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        """(B, T) generated token ids (pad on the right)."""
+        return self.input_ids[:, self.prompt_width :]
+
+    def _map(self, fn) -> Experience:
+        fields = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            fields[f.name] = fn(value) if isinstance(value, torch.Tensor) else value
+        return Experience(**fields)
+
+    def select(self, index: torch.Tensor | slice) -> Experience:
+        """Rows ``index`` of every tensor field."""
+        return self._map(lambda t: t[index])
+
+    def with_fields(self, **tensors: torch.Tensor) -> Experience:
+        return dataclasses.replace(self, **tensors)
+
+    def split(self, parts: int) -> list[Experience]:
+        """``parts`` contiguous shards whose sizes differ by at most one (rank order)."""
+        bounds = split_sizes(len(self), parts)
+        shards, start = [], 0
+        for size in bounds:
+            shards.append(self.select(slice(start, start + size)))
+            start += size
+        return shards
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` contiguous chunks of ``n`` items, the first ones larger by one."""
+    if parts <= 0:
+        raise ValueError(f"parts must be > 0, got {parts}")
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> Experience:
+    """Pad prompts on the left and responses on the right into one ``Experience``.
+
+    An empty response (the engine stopped at once) keeps one pad token so that every
+    row has a valid position; its mask is set to 1 there so the row still carries
+    the sequence reward.
+    """
+    if len(prompt_ids) != len(response_ids) or not prompt_ids:
+        raise ValueError(f"need equal, non-zero numbers of prompts and responses: {len(prompt_ids)} vs {len(response_ids)}")
+    width = max(len(p) for p in prompt_ids)
+    resp_width = max(max(len(r) for r in response_ids), 1)
+    batch = len(prompt_ids)
+    input_ids = torch.full((batch, width + resp_width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    response_mask = torch.zeros(batch, resp_width)
+    for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        response = response or [pad_id]
+        input_ids[i, width - len(prompt) : width] = torch.tensor(prompt)
+        input_ids[i, width : width + len(response)] = torch.tensor(response)
+        attention[i, width - len(prompt) : width + len(response)] = 1
+        response_mask[i, : len(response)] = 1
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    return Experience(input_ids, attention, position_ids, response_mask, width)
+
+
+def pad_right(rows: list[list[float]], width: int, value: float = 0.0) -> torch.Tensor:
+    """(B, width) float tensor of ragged rows padded on the right."""
+    out = torch.full((len(rows), width), value)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=out.dtype)
+    return out
+
+
+def concat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-shard results (in shard order) back into one batch."""
+    return torch.cat(tensors, dim=0)

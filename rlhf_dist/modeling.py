@@ -1,0 +1,100 @@
+"""Model loading and the forward passes shared by the trainer, critic and reference roles.
+
+Every role loads models through ``from_pretrained``, so a hub id or a local
+directory of a real model works exactly like the embedded tiny default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf_dist.algorithms import entropy_from_logits, logprobs_from_logits
+from rlhf_dist.experience import Experience
+
+TINY = "tiny"
+
+
+def default_cache_dir(cache_dir: str) -> Path:
+    return Path(cache_dir or os.environ.get("RLHF_DIST_CACHE", "") or Path.home() / ".cache" / "rlhf_dist")
+
+
+def resolve_model_path(path: str, cache_dir: str, seed: int = 0) -> str:
+    """``"tiny"`` -> the embedded default (built and cached on first use); anything else as given."""
+    if path != TINY:
+        if path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"model path {path!r} does not exist")
+        return str(Path(path).expanduser()) if path.startswith(("/", ".", "~")) else path
+    from rlhf_dist.tiny_model import build_tiny_policy
+
+    return str(build_tiny_policy(default_cache_dir(cache_dir) / "tiny-llama-v1", seed=0))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def load_causal_lm(path: str, dtype: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+
+
+class CriticModel(nn.Module):
+    """A causal-LM backbone with a scalar value head on every position."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()  # (B, L)
+
+
+def load_critic(path: str, dtype: str) -> CriticModel:
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(path, dtype=torch_dtype(dtype))
+    critic = CriticModel(backbone, backbone.config.hidden_size)
+    return critic.to(torch_dtype(dtype))
+
+
+def _response_slice(exp: Experience, per_position: torch.Tensor) -> torch.Tensor:
+    # The output at position i predicts token i+1: response token t (column P+t) is
+    # predicted by position P+t-1.
+    width, steps = exp.prompt_width, exp.response_mask.shape[1]
+    return per_position[:, width - 1 : width + steps - 1]
+
+
+def response_logprobs(
+    model: nn.Module, exp: Experience, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logprobs (B, T) of the response tokens under ``model`` (logits / temperature)."""
+    logits = model(
+        input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids
+    ).logits
+    logits = _response_slice(exp, logits).float() / temperature
+    logprobs = logprobs_from_logits(logits, exp.response_ids)
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logprobs, entropy
+
+
+def response_values(critic: nn.Module, exp: Experience) -> torch.Tensor:
+    """Values (B, T) of the states before each response token."""
+    values = critic(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids)
+    return _response_slice(exp, values)
+
+
+def in_chunks(fn: Callable[[Experience], torch.Tensor], exp: Experience, chunk: int) -> torch.Tensor:
+    """Apply ``fn`` to row chunks of ``exp`` and concatenate the (b, T) results."""
+    return torch.cat([fn(exp.select(slice(i, i + chunk))) for i in range(0, len(exp), chunk)], dim=0)

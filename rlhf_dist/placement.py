@@ -1,0 +1,106 @@
+"""Placement: which role's actors go on which Ray placement-group bundles.
+
+Only config decides placement. ``separate`` gives each role its own placement
+group (one bundle per actor); ``colocated`` builds one placement group whose
+bundle ``i`` holds actor ``i`` of every role, so trainer, critic, reference,
+reward and engines share a GPU (fractional ``gpus`` per role).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_dist.config import ResourcesConfig, RoleResources
+from rlhf_dist.worker_group import RoleError
+
+
+@dataclass(frozen=True)
+class Slot:
+    pg: PlacementGroup
+    bundle: int
+
+
+def init_ray(res: ResourcesConfig) -> None:
+    """Start (or join) Ray; the dashboard binds to localhost only."""
+    if ray.is_initialized():
+        return
+    common: dict[str, Any] = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    if res.ray_address:
+        ray.init(address=res.ray_address, **common)
+    else:
+        ray.init(num_cpus=res.num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **common)
+
+
+def _bundle(res: RoleResources) -> dict[str, float]:
+    bundle = {"CPU": res.cpus}
+    if res.gpus:
+        bundle["GPU"] = res.gpus
+    return bundle
+
+
+def _add(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in set(a) | set(b)}
+
+
+def place(res: ResourcesConfig, counts: dict[str, int], timeout_s: float) -> dict[str, list[Slot]]:
+    """Create the placement groups and return the slot of every actor, by role."""
+    per_role = res.roles()
+    groups: list[tuple[str, PlacementGroup]] = []
+    if res.placement == "separate":
+        slots = {}
+        for role, n in counts.items():
+            pg = placement_group([_bundle(per_role[role])] * n, strategy="PACK", name=f"rlhf_dist/{role}")
+            groups.append((role, pg))
+            slots[role] = [Slot(pg, i) for i in range(n)]
+    else:
+        width = max(counts.values())
+        bundles = [{} for _ in range(width)]
+        for role, n in counts.items():
+            for i in range(n):
+                bundles[i] = _add(bundles[i], _bundle(per_role[role]))
+        pg = placement_group(bundles, strategy="PACK", name="rlhf_dist/colocated")
+        groups.append(("colocated", pg))
+        slots = {role: [Slot(pg, i) for i in range(n)] for role, n in counts.items()}
+    for name, pg in groups:
+        if not pg.wait(timeout_seconds=int(timeout_s)):
+            raise RoleError(
+                f"placement.{name}: placement group {pg.bundle_specs} could not be scheduled in {timeout_s:.0f}s; "
+                f"cluster has {ray.cluster_resources()} (lower resources.* or raise resources.num_cpus)"
+            )
+    return slots
+
+
+def actor_env(res: ResourcesConfig) -> dict[str, str]:
+    """Environment of every actor process; CPU runs pin thread counts so actors share cores."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_CONFIGURE_LOGGING": "1"}
+    if res.device == "cpu":
+        threads = str(res.threads_per_actor)
+        env.update(
+            OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, DS_ACCELERATOR="cpu",
+            VLLM_CPU_OMP_THREADS_BIND="nobind",
+        )
+    return env
+
+
+def spawn(cls: type, slots: list[Slot], res: RoleResources, env: dict[str, str], make_args) -> list:
+    """One actor of ``cls`` per slot; ``make_args(i)`` returns its (args, kwargs)."""
+    remote_cls = ray.remote(cls)
+    actors = []
+    for i, slot in enumerate(slots):
+        args, kwargs = make_args(i)
+        actors.append(
+            remote_cls.options(
+                num_cpus=res.cpus,
+                num_gpus=res.gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(slot.pg, placement_group_bundle_index=slot.bundle),
+                runtime_env={"env_vars": env},
+                max_concurrency=1,
+            ).remote(*args, **kwargs)
+        )
+    return actors

@@ -1,0 +1,100 @@
+"""Generation role: one vLLM engine per Ray actor.
+
+The engine returns token ids, text and the sampling logprob of every generated
+token, and receives new policy weights through vLLM's weight-transfer API.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from rlhf_dist.config import RolloutConfig
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float]  # engine's logprob of each sampled token
+    text: str
+    finish_reason: str
+
+
+class GenerationEngine:
+    """A vLLM ``LLM`` behind a small interface; created as a Ray actor by ``placement``."""
+
+    def __init__(
+        self, model_path: str, cfg: RolloutConfig, dtype: str, seed: int, weight_sync_backend: str, engine_index: int
+    ) -> None:
+        from vllm import LLM
+
+        from rlhf_dist.weight_sync import vllm_backend_name
+
+        self.cfg = cfg
+        self.engine_index = engine_index
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            seed=seed + engine_index,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30) or None,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            # Logprobs after temperature/top-p, i.e. of the distribution actually sampled.
+            logprobs_mode="processed_logprobs",
+            weight_transfer_config={"backend": vllm_backend_name(weight_sync_backend)},
+        )
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[Generation]:
+        """Sample one response per prompt; ``seeds`` makes each sample reproducible."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [
+            SamplingParams(
+                max_tokens=self.cfg.max_new_tokens,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                logprobs=0,
+                seed=s,
+            )
+            for s in seeds
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False
+        )
+        results = []
+        for prompt, out in zip(prompt_ids, outputs):
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
+            results.append(Generation(prompt, ids, logprobs, completion.text, str(completion.finish_reason)))
+        return results
+
+    def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Logprob of tokens 1..L-1 of each sequence given its prefix (raw model, temperature 1)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_ids], params, use_tqdm=False)
+        return [
+            [step[token].logprob for step, token in zip(out.prompt_logprobs[1:], ids[1:])]
+            for ids, out in zip(token_ids, outputs)
+        ]
+
+    # Weight transfer: thin wrappers over vLLM's RL API so the controller can call them by role.
+    def init_weight_transfer(self, init_info: dict) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, version: int) -> None:
+        self.llm.finish_weight_update(weight_version=str(version))

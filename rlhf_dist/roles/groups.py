@@ -1,0 +1,119 @@
+"""Typed, role-named handles over the actor groups; every method ending in ``_async`` returns a ``Pending``.
+
+The controller only talks to these: it never sees DeepSpeed, vLLM or process groups.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from rlhf_dist.experience import Experience, concat, split_sizes
+from rlhf_dist.roles.generation import Generation
+from rlhf_dist.weight_sync import ParamSpec, engine_init_info, update_info
+from rlhf_dist.worker_group import Pending, WorkerGroup, wait_all
+
+
+def _flatten(parts: list[list]) -> list:
+    return [x for part in parts for x in part]
+
+
+def _chunks(items: list, parts: int) -> list[list]:
+    out, start = [], 0
+    for size in split_sizes(len(items), parts):
+        out.append(items[start : start + size])
+        start += size
+    return out
+
+
+def _mean_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.fmean(d[k] for d in per_rank) for k in per_rank[0]}
+
+
+class GenerationGroup(WorkerGroup):
+    def generate_async(self, prompt_ids: list[list[int]], seeds: list[int]) -> Pending[list[Generation]]:
+        """Spread the prompts over the engines in contiguous chunks; results come back in prompt order."""
+        refs = [
+            actor.generate.remote(p, s)
+            for actor, p, s in zip(self.actors, _chunks(prompt_ids, len(self)), _chunks(seeds, len(self)))
+        ]
+        return Pending(self.role, "generate", refs, self.timeout_s, _flatten)
+
+    def sequence_logprobs_async(self, token_ids: list[list[int]]) -> Pending[list[list[list[float]]]]:
+        """Every engine's logprobs of the same sequences (one list per engine)."""
+        return self.call_async("sequence_logprobs", token_ids)
+
+
+class PolicyGroup(WorkerGroup):
+    def setup_async(self, start_timeout_s: float) -> Pending[list[int]]:
+        """Every rank joins the data-parallel group hosted by rank 0 and builds its DeepSpeed engine."""
+        host, port = self._on_rank0("endpoint", start_timeout_s)
+        return self.call_async("setup", host, port, timeout_s=start_timeout_s)
+
+    def logprobs_async(self, exp: Experience) -> Pending[tuple[torch.Tensor, torch.Tensor]]:
+        """(logprobs, entropy) of the whole batch, computed data-parallel."""
+        return self.scatter_async(
+            "logprobs", exp.split(len(self)),
+            combine=lambda outs: (concat([o[0] for o in outs]), concat([o[1] for o in outs])),
+        )
+
+    def train_async(self, exp: Experience, epochs: int) -> Pending[dict[str, float]]:
+        return self.scatter_async("train", exp.split(len(self)), epochs, combine=_mean_stats)
+
+    def weight_specs(self) -> list[ParamSpec]:
+        return self._on_rank0("weight_specs")
+
+    def endpoint(self) -> tuple[str, int]:
+        return self._on_rank0("endpoint")
+
+    def _on_rank0(self, method: str, timeout_s: float | None = None):
+        ref = getattr(self.actors[0], method).remote()
+        return Pending(self.role, method, [ref], timeout_s or self.timeout_s, lambda r: r[0]).result()
+
+
+class CriticGroup(PolicyGroup):
+    def values_async(self, exp: Experience) -> Pending[torch.Tensor]:
+        return self.scatter_async("values", exp.split(len(self)), combine=concat)
+
+
+class ReferenceGroup(WorkerGroup):
+    def logprobs_async(self, exp: Experience) -> Pending[torch.Tensor]:
+        return self.scatter_async("logprobs", exp.split(len(self)), combine=concat)
+
+
+class RewardGroup(WorkerGroup):
+    def score_async(self, prompts: list[str], responses: list[str]) -> Pending[list[float]]:
+        n = len(self)
+        refs = [a.score.remote(p, r) for a, p, r in zip(self.actors, _chunks(prompts, n), _chunks(responses, n))]
+        return Pending(self.role, "score", refs, self.timeout_s, _flatten)
+
+
+class WeightSync:
+    """Trainer rank 0 -> every engine worker, through vLLM's weight-transfer API."""
+
+    def __init__(
+        self, policy: PolicyGroup, engines: GenerationGroup, transport: str, workers_per_engine: int, timeout_s: float
+    ) -> None:
+        self.policy, self.engines, self.timeout_s = policy, engines, timeout_s
+        host, port = policy.endpoint()
+        # Group rank 0 is trainer rank 0; engine i's workers follow at 1 + i * workers_per_engine.
+        world = 1 + len(engines) * workers_per_engine
+        # The rendezvous needs both ends at once: issue both, then wait for both.
+        joins = [
+            Pending("generation", "init_weight_transfer", [
+                actor.init_weight_transfer.remote(engine_init_info(transport, host, port, 1 + i * workers_per_engine, world, timeout_s))
+            ], timeout_s, list)
+            for i, actor in enumerate(engines.actors)
+        ]
+        opened = policy.call_async("init_weight_sender", transport, host, port, world, timeout_s, timeout_s=timeout_s)
+        wait_all(opened, *joins)
+        self.info = update_info(policy.weight_specs())
+
+    def sync(self, version: int) -> None:
+        """Broadcast the current policy weights; on return every engine serves them."""
+        self.engines.call_async("start_weight_update", timeout_s=self.timeout_s).result()
+        receiving = self.engines.call_async("update_weights", self.info, timeout_s=self.timeout_s)
+        sending = self.policy.call_async("broadcast_weights", timeout_s=self.timeout_s)
+        wait_all(sending, receiving)
+        self.engines.call_async("finish_weight_update", version, timeout_s=self.timeout_s).result()

@@ -1,0 +1,28 @@
+"""Reference role: the frozen initial policy, serving the logprobs of the KL penalty."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_dist.experience import Experience
+from rlhf_dist.modeling import in_chunks, load_causal_lm, response_logprobs
+
+
+class ReferenceModel:
+    """A plain transformers model in eval mode; never updated."""
+
+    def __init__(self, model_path: str, dtype: str, device: str, batch_size: int, temperature: float) -> None:
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        self.model = load_causal_lm(model_path, dtype).to(self.device).eval().requires_grad_(False)
+        self.batch_size, self.temperature = batch_size, temperature
+
+    def ready(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def logprobs(self, exp: Experience) -> torch.Tensor:
+        """(b, T) reference logprobs of the response tokens."""
+        exp = exp._map(lambda t: t.to(self.device))
+        return in_chunks(
+            lambda e: response_logprobs(self.model, e, self.temperature)[0], exp, self.batch_size
+        ).cpu()

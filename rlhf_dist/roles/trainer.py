@@ -1,0 +1,227 @@
+"""Trainer role: DeepSpeed ZeRO data-parallel groups for the policy and the critic.
+
+Each Ray actor is one data-parallel rank. ``setup`` joins torch.distributed
+(gloo on CPU, nccl on GPU) and wraps the model with ``deepspeed.initialize``.
+Every rank receives an equal shard of the batch, so under ZeRO-3 all ranks run
+the same number of forward passes (their parameter all-gathers must pair up).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+
+from rlhf_dist import algorithms as A
+from rlhf_dist.config import ModelConfig, RunPlan, TrainerConfig
+from rlhf_dist.experience import Experience
+from rlhf_dist.modeling import in_chunks, load_causal_lm, load_critic, response_logprobs, response_values
+
+
+def node_endpoint() -> tuple[str, int]:
+    """This node's IP and a free TCP port (for a rendezvous hosted by this process)."""
+    import ray
+
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return host, s.getsockname()[1]
+
+
+def deepspeed_config(cfg: TrainerConfig, plan: RunPlan, dtype: str) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer and cfg.zero_stage >= 2:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_batch_size": plan.per_rank_minibatch * cfg.world_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        # We pass a torch AdamW (DeepSpeed's fused Adam needs CUDA).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+class _DeepSpeedRank:
+    """Shared set-up of one ZeRO data-parallel rank; subclasses own the model and loss."""
+
+    def __init__(
+        self, cfg: TrainerConfig, model_cfg: ModelConfig, plan: RunPlan, model_path: str,
+        rank: int, device: str, seed: int, collective_timeout_s: float,
+    ) -> None:
+        self.cfg, self.model_cfg, self.plan = cfg, model_cfg, plan
+        self.model_path, self.rank, self.device = model_path, rank, device
+        self.seed, self.collective_timeout_s = seed, collective_timeout_s
+        self.engine = None
+
+    def endpoint(self) -> tuple[str, int]:
+        return node_endpoint()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the data-parallel group and build the DeepSpeed engine; returns the parameter count."""
+        import deepspeed
+
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+            WORLD_SIZE=str(self.cfg.world_size), LOCAL_RANK="0",
+        )
+        if self.device == "cuda":
+            torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
+        torch.manual_seed(self.seed + self.rank)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.device == "cuda" else "gloo",
+            timeout=timedelta(seconds=self.collective_timeout_s),
+        )
+        model = self.build_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: A.lr_multiplier(s, self.cfg.warmup_steps, self.plan.optimizer_steps, self.cfg.lr_schedule),
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule,
+            config=deepspeed_config(self.cfg, self.plan, self.model_cfg.dtype),
+        )
+        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+
+    # Subclass hooks
+    lr: float
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _to_device(self, exp: Experience) -> Experience:
+        return exp._map(lambda t: t.to(self.engine.device))
+
+    def _minibatches(self, exp: Experience, epoch: int) -> list[Experience]:
+        """Per-rank minibatches of this epoch, shuffled with a (seed, epoch, rank) generator."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
+        order = torch.randperm(len(exp), generator=gen)
+        size = self.plan.per_rank_minibatch
+        return [exp.select(order[i : i + size]) for i in range(0, len(exp), size)]
+
+    def _train(self, exp: Experience, epochs: int, loss_fn) -> dict[str, float]:
+        """Epochs x minibatches x micro-batches; DeepSpeed steps the optimizer at each boundary."""
+        self.engine.train()
+        sums: dict[str, float] = {}
+        count = 0
+        for epoch in range(epochs):
+            for minibatch in self._minibatches(exp, epoch):
+                for start in range(0, len(minibatch), self.cfg.micro_batch_size):
+                    micro = self._to_device(minibatch.select(slice(start, start + self.cfg.micro_batch_size)))
+                    loss, stats = loss_fn(micro)
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+        out = {k: v / count for k, v in sums.items()}
+        out["lr"] = self.engine.get_lr()[0]
+        return out
+
+
+class PolicyTrainer(_DeepSpeedRank):
+    """The policy: PPO-clip updates, logprobs, and the weight broadcast to the engines."""
+
+    def __init__(self, *args, temperature: float, clip_eps: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lr = self.cfg.lr
+        self.temperature, self.clip_eps = temperature, clip_eps
+        self.sender = None
+
+    def build_model(self) -> torch.nn.Module:
+        return load_causal_lm(self.model_path, self.model_cfg.dtype)
+
+    @torch.no_grad()
+    def logprobs(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs, entropy), each (b, T), of this rank's shard under the current policy."""
+        self.engine.eval()
+        exp = self._to_device(exp)
+        lps, ents = [], []
+        for i in range(0, len(exp), self.cfg.micro_batch_size):
+            micro = exp.select(slice(i, i + self.cfg.micro_batch_size))
+            lp, ent = response_logprobs(self.engine, micro, self.temperature, with_entropy=True)
+            lps.append(lp)
+            ents.append(ent)
+        return torch.cat(lps).cpu(), torch.cat(ents).cpu()
+
+    def train(self, exp: Experience, epochs: int) -> dict[str, float]:
+        def loss_fn(micro: Experience):
+            logprobs, entropy = response_logprobs(self.engine, micro, self.temperature, with_entropy=True)
+            loss, stats = A.policy_loss(logprobs, micro.old_logprobs, micro.advantages, micro.response_mask,
+                                        self.clip_eps)
+            stats["policy_loss"] = loss.item()
+            stats["entropy"] = A.masked_mean(entropy.detach(), micro.response_mask).item()
+            return loss, stats
+
+        return self._train(exp, epochs, loss_fn)
+
+    # ------------------------------------------------------------------ weight sync
+    def _hf_module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def weight_specs(self) -> list:
+        from rlhf_dist.weight_sync import ParamSpec
+
+        specs = []
+        for name, p in self._hf_module().named_parameters():
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            specs.append(ParamSpec(name, str(p.dtype).removeprefix("torch."), shape))
+        return specs
+
+    def init_weight_sender(self, transport: str, host: str, port: int, world_size: int, timeout_s: float) -> None:
+        """Rank 0 opens the trainer end of the weight-transfer group; other ranks have no part in it."""
+        if self.rank == 0:
+            from rlhf_dist.weight_sync import make_sender
+
+            self.sender = make_sender(transport, host, port, world_size, timeout_s)
+
+    def broadcast_weights(self) -> None:
+        """Send every parameter (full, ZeRO-3 gathered) from rank 0; all ranks must call this."""
+        import deepspeed
+
+        def full_params():
+            for name, p in self._hf_module().named_parameters():
+                if hasattr(p, "ds_id"):  # ZeRO-3 partitioned: gather (a collective on every rank)
+                    with deepspeed.zero.GatheredParameters([p]):
+                        yield name, p.data
+                else:
+                    yield name, p.data
+
+        if self.sender is not None:
+            self.sender.send(full_params())
+        else:
+            for _ in full_params():
+                pass
+
+
+class CriticTrainer(_DeepSpeedRank):
+    """The critic: clipped value-loss updates and the values of the rollout states."""
+
+    def __init__(self, *args, value_clip_eps: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lr = self.cfg.critic_lr
+        self.value_clip_eps = value_clip_eps
+
+    def build_model(self) -> torch.nn.Module:
+        return load_critic(self.model_path, self.model_cfg.dtype)
+
+    @torch.no_grad()
+    def values(self, exp: Experience) -> torch.Tensor:
+        self.engine.eval()
+        exp = self._to_device(exp)
+        return in_chunks(lambda e: response_values(self.engine, e), exp, self.cfg.micro_batch_size).cpu()
+
+    def train(self, exp: Experience, epochs: int) -> dict[str, float]:
+        def loss_fn(micro: Experience):
+            values = response_values(self.engine, micro)
+            loss, stats = A.value_loss(values, micro.old_values, micro.returns, micro.response_mask,
+                                       self.value_clip_eps)
+            return loss, {"value_loss": loss.item(), "value_clipfrac": stats["clipfrac"]}
+
+        return self._train(exp, epochs, loss_fn)

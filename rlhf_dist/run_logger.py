@@ -1,0 +1,71 @@
+"""The one place metrics go: console progress bar, ``metrics.jsonl``, ``summary.json`` and W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhf_dist.config import LoggerConfig
+
+
+class RunLogger:
+    def __init__(self, cfg: LoggerConfig, out_dir: Path, config: dict[str, Any], total_steps: int, group: str) -> None:
+        from tqdm import tqdm
+
+        self.cfg, self.out_dir, self.total_steps = cfg, out_dir, total_steps
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict[str, float]] = []
+        self.start = time.time()
+        self._jsonl = (out_dir / "metrics.jsonl").open("a", buffering=1)  # line-buffered: nothing lost on a crash
+        self._bar = tqdm(total=total_steps, desc="ppo", unit="step", disable=not cfg.progress_bar, dynamic_ncols=True)
+        self.wandb_run = None
+        if cfg.backend == "wandb":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=cfg.project, group=cfg.group or group or None, name=cfg.name or out_dir.name,
+                dir=str(out_dir), mode=cfg.mode, config=config, reinit="finish_previous",
+            )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **metrics}
+        self.history.append(row)
+        self._jsonl.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        self._bar.update(1)
+        self._bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.4f}")
+
+    def message(self, text: str) -> None:
+        self._bar.write(text)
+
+    def finish(self, status: str, error: str = "") -> dict[str, Any]:
+        summary = summarize(self.history)
+        summary.update(status=status, error=error, wall_time_s=round(time.time() - self.start, 2))
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self._bar.close()
+        self._jsonl.close()
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+            self.wandb_run.finish(exit_code=0 if status == "completed" else 1)
+        return summary
+
+
+def summarize(history: list[dict[str, float]]) -> dict[str, Any]:
+    """Final metrics plus the mean reward of the first and last fifth of the steps."""
+    if not history:
+        return {"steps": 0}
+    fifth = max(1, math.floor(len(history) / 5))
+    first = statistics.fmean(r["reward/mean"] for r in history[:fifth])
+    last = statistics.fmean(r["reward/mean"] for r in history[-fifth:])
+    return {
+        "steps": len(history),
+        "reward/first_fifth_mean": first,
+        "reward/last_fifth_mean": last,
+        "reward/improvement": last - first,
+        "final": history[-1],
+    }
