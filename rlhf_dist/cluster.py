@@ -33,7 +33,7 @@ class Roles:
 def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) -> Roles:
     """Place and start all actors, join the trainer groups and the weight-transfer group."""
     res, t, to = cfg.resources, cfg.trainer, cfg.timeouts
-    init_ray(res)
+    init_ray(res, cfg.logger.actor_logs)
     counts = {
         "generation": cfg.rollout.num_engines, "policy": t.world_size, "critic": t.world_size,
         "reference": cfg.reference.num_actors, "reward": cfg.reward.num_actors,

@@ -291,6 +291,9 @@ class LoggerConfig:
     name: str = ""
     # Show a progress bar over PPO steps in the console.
     progress_bar: bool = True
+    # Stream every actor's stdout/stderr (vLLM, DeepSpeed, transformers) to the console;
+    # off by default: they stay in Ray's session logs and errors still surface by role.
+    actor_logs: bool = False
 
     def validate(self) -> None:
         if self.backend not in ("console", "wandb"):

@@ -6,7 +6,6 @@ directory of a real model works exactly like the embedded tiny default.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,19 +18,19 @@ from rlhf_dist.experience import Experience
 TINY = "tiny"
 
 
-def default_cache_dir(cache_dir: str) -> Path:
-    return Path(cache_dir or os.environ.get("RLHF_DIST_CACHE", "") or Path.home() / ".cache" / "rlhf_dist")
+def resolve_model_path(path: str, cache_dir: str) -> str:
+    """``"tiny"`` -> the embedded default (built and cached on first use); a local path must
+    exist; anything else is passed to ``from_pretrained`` as a hub id."""
+    from rlhf_dist.tiny_model import MODEL_NAME, build_tiny_policy, default_model_dir
 
-
-def resolve_model_path(path: str, cache_dir: str, seed: int = 0) -> str:
-    """``"tiny"`` -> the embedded default (built and cached on first use); anything else as given."""
-    if path != TINY:
-        if path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+    if path == TINY:
+        return str(build_tiny_policy(Path(cache_dir) / MODEL_NAME if cache_dir else default_model_dir()))
+    if path.startswith(("/", ".", "~")):
+        local = Path(path).expanduser()
+        if not local.exists():
             raise FileNotFoundError(f"model path {path!r} does not exist")
-        return str(Path(path).expanduser()) if path.startswith(("/", ".", "~")) else path
-    from rlhf_dist.tiny_model import build_tiny_policy
-
-    return str(build_tiny_policy(default_cache_dir(cache_dir) / "tiny-llama-v1", seed=0))
+        return str(local.resolve())
+    return path
 
 
 def torch_dtype(name: str) -> torch.dtype:

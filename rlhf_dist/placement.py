@@ -26,11 +26,11 @@ class Slot:
     bundle: int
 
 
-def init_ray(res: ResourcesConfig) -> None:
-    """Start (or join) Ray; the dashboard binds to localhost only."""
+def init_ray(res: ResourcesConfig, actor_logs: bool) -> None:
+    """Start (or join) Ray; a local cluster binds to localhost only, with no dashboard."""
     if ray.is_initialized():
         return
-    common: dict[str, Any] = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    common: dict[str, Any] = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=actor_logs)
     if res.ray_address:
         ray.init(address=res.ray_address, **common)
     else:

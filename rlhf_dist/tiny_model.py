@@ -46,6 +46,7 @@ LEARNING_RATE = 3e-3
 WARMUP_STEPS = 20
 NUM_THREADS = 2
 _COMPLETE = ".complete"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def default_model_dir() -> pathlib.Path:
@@ -90,6 +91,8 @@ def _build_atomically(path: pathlib.Path, seed: int, build: Callable[[pathlib.Pa
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is read by other processes and users
     try:
         build(tmp)
+        for file in tmp.iterdir():
+            file.chmod(0o644)  # safetensors files are written owner-only
         (tmp / _COMPLETE).write_text(marker)
         try:
             os.rename(tmp, path)
@@ -113,8 +116,9 @@ def _build_policy_into(out: pathlib.Path, seed: int) -> None:
 
 
 def _build_reward_model_into(out: pathlib.Path, policy_path: pathlib.Path, seed: int) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    tokenizer.save_pretrained(out)
+    for name in _TOKENIZER_FILES:  # copied, not re-saved, so the files stay byte-identical
+        shutil.copyfile(policy_path / name, out / name)
+    tokenizer = AutoTokenizer.from_pretrained(out)
     with _seeded_cpu(seed):
         model = LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=1))
     model.save_pretrained(out)
@@ -183,7 +187,7 @@ def _pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, lines
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine)
     model.train()
-    start, first_loss = time.perf_counter(), None
+    start, losses = time.perf_counter(), []
     for _ in range(PRETRAIN_STEPS):
         batch = [sequences[i] for i in torch.randint(len(sequences), (BATCH_SIZE,), generator=generator)]
         input_ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=tokenizer.pad_token_id)
@@ -195,11 +199,11 @@ def _pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, lines
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        first_loss = loss.item() if first_loss is None else first_loss
+        losses.append(loss.item())
     model.eval()
     print(
         f"[tiny_model] pretrained {PRETRAIN_STEPS} steps x {BATCH_SIZE} lines in "
-        f"{time.perf_counter() - start:.1f}s, loss {first_loss:.2f} -> {loss.item():.2f}",
+        f"{time.perf_counter() - start:.1f}s, loss {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.2f} (last 20)",
         file=sys.stderr,
         flush=True,
     )

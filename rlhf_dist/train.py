@@ -7,6 +7,7 @@ so a bad value fails in about a second with one line naming its dotted key.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -38,7 +39,9 @@ def run(cfg: Config, plan: RunPlan, out_dir: Path, group: str) -> dict:
                    f"output {out_dir}")
     roles = None
     try:
+        started = time.perf_counter()
         roles = start_roles(cfg, plan, policy_path, critic_path)
+        logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s")
         run_ppo(cfg, roles, prompts, logger)
     except BaseException as e:
         logger.finish("failed", error=f"{type(e).__name__}: {e}")

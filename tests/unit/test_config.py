@@ -1,0 +1,180 @@
+"""rlhf_dist.config: defaults, the derived RunPlan, one error per bad value, the Hydra path and the CLI.
+
+Every ConfigError must start with ``<dotted key>=<value repr>:`` so a user sees which override to change.
+"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError, ValidationError
+
+from rlhf_dist.config import (
+    AlgoConfig,
+    Config,
+    ConfigError,
+    RunPlan,
+    TrainerConfig,
+    register_configs,
+    to_config,
+    validate_config,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def config_with(**dotted):
+    """A default Config with ``dotted`` keys ("trainer__zero_stage" -> trainer.zero_stage) replaced."""
+    cfg = Config()
+    for key, value in dotted.items():
+        *path, name = key.split("__")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, name, value)
+    return cfg
+
+
+def test_defaults_validate_to_the_hand_computed_plan():
+    # Defaults: rollout.batch_size=64, algo.minibatch_size=32, trainer.world_size=2,
+    # trainer.micro_batch_size=8, algo.ppo_epochs=2, total_steps=20.
+    #   minibatches_per_epoch = 64 / 32 = 2
+    #   per_rank_minibatch    = 32 / 2  = 16
+    #   grad_accum_steps      = 16 / 8  = 2
+    #   optimizer_steps       = total_steps * ppo_epochs * minibatches = 20 * 2 * 2 = 80
+    cfg = Config()
+    assert (cfg.rollout.batch_size, cfg.algo.minibatch_size, cfg.trainer.world_size) == (64, 32, 2)
+    assert (cfg.trainer.micro_batch_size, cfg.algo.ppo_epochs, cfg.total_steps) == (8, 2, 20)
+    plan = validate_config(cfg)
+    assert plan == RunPlan(
+        rollout_batch=64, minibatches_per_epoch=2, per_rank_minibatch=16, grad_accum_steps=2, optimizer_steps=80
+    )
+
+
+def test_plan_is_frozen_and_config_is_not_rewritten():
+    cfg = Config()
+    plan = validate_config(cfg)
+    with pytest.raises(AttributeError):
+        plan.grad_accum_steps = 4  # type: ignore[misc]
+    assert cfg == Config()  # validation reads, never writes
+
+
+def test_plan_follows_the_config():
+    # batch 96, minibatch 24, world 3, micro 4, epochs 1, steps 5:
+    #   minibatches 96/24 = 4, per rank 24/3 = 8, accum 8/4 = 2, optimizer steps 5 * 1 * 4 = 20
+    cfg = config_with(
+        rollout__batch_size=96, algo__minibatch_size=24, trainer__world_size=3,
+        trainer__micro_batch_size=4, algo__ppo_epochs=1, total_steps=5,
+    )
+    assert validate_config(cfg) == RunPlan(
+        rollout_batch=96, minibatches_per_epoch=4, per_rank_minibatch=8, grad_accum_steps=2, optimizer_steps=20
+    )
+
+
+# (overrides, exact message prefix, a fragment of the fix the message must also name)
+BAD_VALUES = [
+    ({"trainer__zero_stage": 7}, "trainer.zero_stage=7:", "0, 1, 2 or 3"),
+    # 48 % 32 = 16
+    ({"rollout__batch_size": 48}, "rollout.batch_size=48:", "divisible by algo.minibatch_size=32"),
+    # 32 % 3 = 2: the minibatch cannot be spread evenly over 3 ranks
+    ({"trainer__world_size": 3}, "algo.minibatch_size=32:", "divisible by trainer.world_size=3"),
+    # per-rank minibatch 32 / 2 = 16 < 32
+    ({"trainer__micro_batch_size": 32}, "trainer.micro_batch_size=32:", "= 16"),
+    # 16 % 5 = 1
+    ({"trainer__micro_batch_size": 5}, "trainer.micro_batch_size=5:", "per-rank minibatch 16"),
+    ({"rollout__num_engines": 65}, "rollout.num_engines=65:", "rollout.batch_size=64"),
+    ({"rollout__temperature": 0.0}, "rollout.temperature=0.0:", "> 0"),
+    ({"rollout__top_p": 0.0}, "rollout.top_p=0.0:", "(0, 1]"),
+    ({"algo__kl_coef": -0.1}, "algo.kl_coef=-0.1:", ">= 0"),
+    ({"total_steps": 0}, "total_steps=0:", "> 0"),
+    ({"resources__generation__gpus": 0.5}, "resources.generation.gpus=0.5:", "resources.device=cpu"),
+    ({"resources__weight_sync_backend": "nccl"}, "resources.weight_sync_backend='nccl':", "use gloo on CPU"),
+    ({"reward__kind": "model"}, "reward.model_path='':", "reward.kind=model"),
+    ({"logger__backend": "bogus"}, "logger.backend='bogus':", "console or wandb"),
+    # model.max_prompt_len + rollout.max_new_tokens = 64 + 24 = 88 > 87
+    ({"rollout__max_model_len": 87}, "rollout.max_model_len=87:", "= 88"),
+    ({"trainer__lr_schedule": "bogus"}, "trainer.lr_schedule='bogus':", "constant, linear or cosine"),
+    ({"seed": -1}, "seed=-1:", ">= 0"),
+    ({"model__dtype": "float16"}, "model.dtype='float16':", "float32 or bfloat16"),
+    ({"data__on_bad_row": "drop"}, "data.on_bad_row='drop':", "skip or error"),
+    ({"rollout__tensor_parallel_size": 2}, "rollout.tensor_parallel_size=2:", "resources.device=cpu"),
+    # device=cuda with every role still at 0 GPUs
+    ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl"}, "resources.policy.gpus=0.0:", "cuda"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "prefix", "fix"), BAD_VALUES, ids=[p for _, p, _ in BAD_VALUES])
+def test_bad_value_names_dotted_key_value_and_fix(overrides, prefix, fix):
+    with pytest.raises(ConfigError) as excinfo:
+        validate_config(config_with(**overrides))
+    message = str(excinfo.value)
+    assert message.startswith(prefix), message
+    assert fix in message, message
+
+
+@pytest.fixture
+def compose():
+    register_configs()
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        yield lambda overrides: hydra.compose(config_name="config", overrides=overrides)
+
+
+def test_hydra_compose_gives_typed_config(compose):
+    cfg = to_config(compose(["trainer=zero3", "algo.kl_coef=0.1"]))
+    assert type(cfg) is Config
+    assert type(cfg.trainer) is TrainerConfig and type(cfg.algo) is AlgoConfig
+    assert cfg.trainer.zero_stage == 3 and type(cfg.trainer.zero_stage) is int
+    assert cfg.algo.kl_coef == 0.1 and type(cfg.algo.kl_coef) is float
+    # conf/resources/local_cpu.yaml overrides num_cpus; everything else keeps the dataclass default
+    assert cfg.resources.num_cpus == 8
+    assert cfg.trainer.world_size == TrainerConfig().world_size
+    assert validate_config(cfg).optimizer_steps == 80
+
+
+def test_hydra_single_gpu_group(compose):
+    cfg = to_config(compose(["resources=single_gpu"]))
+    assert (cfg.resources.device, cfg.resources.placement, cfg.resources.weight_sync_backend) == (
+        "cuda", "colocated", "nccl",
+    )
+    assert (cfg.resources.policy.gpus, cfg.resources.reward.gpus) == (0.2, 0.1)
+    validate_config(cfg)
+
+
+def test_hydra_value_that_fails_validation(compose):
+    # Hydra accepts the int; validation (not the schema) rejects the value
+    with pytest.raises(ConfigError, match=r"^trainer\.micro_batch_size=5:"):
+        validate_config(to_config(compose(["trainer.micro_batch_size=5"])))
+
+
+def test_hydra_unknown_key_is_rejected(compose):
+    with pytest.raises(ConfigCompositionException, match="bogus") as excinfo:
+        compose(["trainer.bogus=1"])
+    assert isinstance(excinfo.value.__cause__, ConfigAttributeError)
+    assert "bogus" in str(excinfo.value.__cause__)
+
+
+def test_hydra_wrong_type_is_rejected(compose):
+    with pytest.raises(ConfigCompositionException, match="zero_stage") as excinfo:
+        compose(["trainer.zero_stage=abc"])
+    assert isinstance(excinfo.value.__cause__, ValidationError)
+
+
+def test_cli_config_error_fails_fast_with_one_line(tmp_path):
+    # Acceptance criterion of the fail-fast issue: exit code 2, one stderr line naming the key,
+    # well before any actor starts. hydra.run.dir keeps Hydra's output out of the repo.
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_dist.train", "trainer.micro_batch_size=5", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "trainer.micro_batch_size=5" in lines[0]
+    assert elapsed < 10.0
