@@ -254,8 +254,9 @@ class ResourcesConfig:
             _fail("resources.num_cpus", self.num_cpus, "must be >= 0 (0 = number of cores)")
         _check_positive("resources", self, "threads_per_actor")
         for role, res in self.roles().items():
-            if res.cpus < 0 or res.gpus < 0:
-                _fail(f"resources.{role}.cpus", res.cpus, "resources must be >= 0")
+            for name in ("cpus", "gpus"):
+                if getattr(res, name) < 0:
+                    _fail(f"resources.{role}.{name}", getattr(res, name), "must be >= 0")
             if self.device == "cpu" and res.gpus > 0:
                 _fail(f"resources.{role}.gpus", res.gpus, "must be 0 when resources.device=cpu")
 
@@ -359,8 +360,13 @@ def validate_config(cfg: Config) -> RunPlan:
         )
     if per_rank % t.micro_batch_size:
         _fail("trainer.micro_batch_size", t.micro_batch_size, f"must divide the per-rank minibatch {per_rank}")
-    if r.num_engines > r.batch_size:
-        _fail("rollout.num_engines", r.num_engines, f"must be <= rollout.batch_size={r.batch_size}")
+    for key, count in (
+        ("rollout.num_engines", r.num_engines),
+        ("reference.num_actors", cfg.reference.num_actors),
+        ("reward.num_actors", cfg.reward.num_actors),
+    ):
+        if count > r.batch_size:  # every actor must get at least one sample
+            _fail(key, count, f"must be <= rollout.batch_size={r.batch_size}")
     if res.device == "cpu" and res.weight_sync_backend == "nccl":
         _fail("resources.weight_sync_backend", "nccl", "nccl needs resources.device=cuda; use gloo on CPU")
     if res.device == "cpu" and r.tensor_parallel_size > 1:
@@ -389,7 +395,18 @@ def to_config(raw: Any) -> Config:
     obj = OmegaConf.to_object(raw)
     if not isinstance(obj, Config):
         raise TypeError(f"expected Config, got {type(obj).__name__}")
+    _reject_unknown_keys(obj, "")
     return obj
+
+
+def _reject_unknown_keys(obj: Any, prefix: str) -> None:
+    # Hydra accepts "+group.new_key=..." even on a structured node; a typo must not pass silently.
+    known = {f.name for f in dataclasses.fields(obj)}
+    for key, value in vars(obj).items():
+        if key not in known:
+            _fail(f"{prefix}{key}", value, "unknown key; see `python -m rlhf_dist.train --cfg job`")
+        if dataclasses.is_dataclass(value):
+            _reject_unknown_keys(value, f"{prefix}{key}.")
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

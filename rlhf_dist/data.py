@@ -35,7 +35,7 @@ def read_prompt_rows(path: Path, on_bad_row: str) -> tuple[list[str], int]:
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                row = json.loads(raw.decode("utf-8-sig"))  # tolerate a byte-order mark
                 prompt = row["prompt"]
                 if not isinstance(prompt, str) or not prompt.strip():
                     raise ValueError("'prompt' is empty or not a string")
@@ -61,7 +61,10 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
         ids = tokenizer(text)["input_ids"]
         if len(ids) > max_prompt_len:
             if cfg.on_bad_row == "error":
-                raise DataError(f"prompt of {len(ids)} tokens exceeds model.max_prompt_len={max_prompt_len}: {text[:60]!r}")
+                raise DataError(
+                    f"data.prompts={cfg.prompts!r}: prompt of {len(ids)} tokens exceeds "
+                    f"model.max_prompt_len={max_prompt_len}: {text[:60]!r}"
+                )
             skipped += 1
             continue
         kept_texts.append(text)

@@ -178,3 +178,15 @@ def test_cli_config_error_fails_fast_with_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert "trainer.micro_batch_size=5" in lines[0]
     assert elapsed < 10.0
+
+
+def test_added_unknown_key_is_rejected_by_name(compose):
+    # "+group.key=value" adds a key even to a structured node; to_config must refuse it.
+    with pytest.raises(ConfigError, match=r"^trainer\.micro_bach_size=4: unknown key"):
+        to_config(compose(["+trainer.micro_bach_size=4"]))
+
+
+def test_hf_model_preset_requires_a_path(compose):
+    # The hf preset must not silently fall back to the tiny default.
+    with pytest.raises(ConfigError, match=r"^model\.path='':"):
+        validate_config(to_config(compose(["model=hf"])))
