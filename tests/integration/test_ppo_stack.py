@@ -45,12 +45,16 @@ def _small_run(zero_stage: int, extra: list[str]) -> list[str]:
 @pytest.mark.parametrize(
     ("zero_stage", "reward_kind"),
     [(2, "model"), (3, "function")],
-    ids=["zero2-reward_model", "zero3-rule_reward"],
+    ids=["zero2-colocated-reward_model", "zero3-separate-rule_reward"],
 )
 def test_ppo_steps_then_engines_match_trainer(zero_stage, reward_kind, tiny_policy, tiny_reward_model, tmp_path):
     from transformers import AutoTokenizer
 
-    extra = ["reward=model", f"reward.model_path={tiny_reward_model}"] if reward_kind == "model" else []
+    # The ZeRO-2 case also covers colocated placement (one placement group shared by all roles).
+    extra = (
+        ["reward=model", f"reward.model_path={tiny_reward_model}", "resources.placement=colocated"]
+        if reward_kind == "model" else []
+    )
     cfg = compose_config(_small_run(zero_stage, extra))
     plan = validate_config(cfg)
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)

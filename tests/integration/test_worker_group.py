@@ -1,0 +1,43 @@
+"""Remote waits are bounded and name the role and operation (real Ray actors, no engines needed)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from rlhf_dist.worker_group import RoleError, WorkerGroup
+
+
+class _Worker:
+    def work(self, seconds: float) -> int:
+        time.sleep(seconds)
+        return 7
+
+    def fail(self) -> None:
+        raise ValueError("bad sample 3")
+
+
+@pytest.fixture(scope="module")
+def group():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    actors = [ray.remote(_Worker).options(num_cpus=0.5).remote() for _ in range(2)]
+    yield WorkerGroup("reward", actors, timeout_s=30)
+    ray.shutdown()
+
+
+def test_results_in_rank_order(group):
+    assert group.call_async("work", 0.0).result() == [7, 7]
+
+
+def test_timeout_names_role_and_operation(group):
+    start = time.monotonic()
+    with pytest.raises(RoleError, match=r"^reward\.work timed out after 1s \(actor ranks \[0, 1\] did not answer\)"):
+        group.call_async("work", 8.0, timeout_s=1.0).result()
+    assert time.monotonic() - start < 6  # bounded by the timeout, not by the 8 s call
+
+
+def test_remote_exception_names_role_operation_rank_and_cause(group):
+    with pytest.raises(RoleError, match=r"^reward\.fail failed on actor rank 0: ValueError: bad sample 3$"):
+        group.call_async("fail").result()
