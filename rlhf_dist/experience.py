@@ -36,7 +36,8 @@ class Experience:
         """(B, T) generated token ids (pad on the right)."""
         return self.input_ids[:, self.prompt_width :]
 
-    def _map(self, fn) -> Experience:
+    def map_tensors(self, fn) -> Experience:
+        """A copy with ``fn`` applied to every tensor field (e.g. a device move)."""
         fields = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -45,7 +46,7 @@ class Experience:
 
     def select(self, index: torch.Tensor | slice) -> Experience:
         """Rows ``index`` of every tensor field."""
-        return self._map(lambda t: t[index])
+        return self.map_tensors(lambda t: t[index])
 
     def with_fields(self, **tensors: torch.Tensor) -> Experience:
         return dataclasses.replace(self, **tensors)

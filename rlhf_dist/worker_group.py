@@ -76,13 +76,14 @@ class WorkerGroup:
         return Pending(self.role, method, refs, timeout_s or self.timeout_s, combine)
 
     def scatter_async(
-        self, method: str, shards: Sequence[Any], *args: Any, combine: Callable[[list[Any]], Any] = list,
-        timeout_s: float | None = None, **kwargs: Any,
+        self, method: str, *shards: Sequence[Any], combine: Callable[[list[Any]], Any] = list,
+        timeout_s: float | None = None, **common: Any,
     ) -> Pending:
-        """Shard ``i`` to actor ``i`` (extra arguments go to all)."""
-        if len(shards) != len(self.actors):
-            raise ValueError(f"{self.role}.{method}: {len(shards)} shards for {len(self.actors)} actors")
-        refs = [getattr(a, method).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)]
+        """Actor ``i`` gets the ``i``-th item of every shard list (and ``common`` as keywords)."""
+        for shard in shards:
+            if len(shard) != len(self.actors):
+                raise ValueError(f"{self.role}.{method}: {len(shard)} shards for {len(self.actors)} actors")
+        refs = [getattr(a, method).remote(*args, **common) for a, *args in zip(self.actors, *shards)]
         return Pending(self.role, method, refs, timeout_s or self.timeout_s, combine)
 
     def kill(self) -> None:

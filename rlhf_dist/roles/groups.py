@@ -34,37 +34,28 @@ def _mean_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
 class GenerationGroup(WorkerGroup):
     def generate_async(self, prompt_ids: list[list[int]], seeds: list[int]) -> Pending[list[Generation]]:
         """Spread the prompts over the engines in contiguous chunks; results come back in prompt order."""
-        refs = [
-            actor.generate.remote(p, s)
-            for actor, p, s in zip(self.actors, _chunks(prompt_ids, len(self)), _chunks(seeds, len(self)))
-        ]
-        return Pending(self.role, "generate", refs, self.timeout_s, _flatten)
+        n = len(self)
+        return self.scatter_async("generate", _chunks(prompt_ids, n), _chunks(seeds, n), combine=_flatten)
 
     def sequence_logprobs_async(self, token_ids: list[list[int]]) -> Pending[list[list[list[float]]]]:
         """Every engine's logprobs of the same sequences (one list per engine)."""
         return self.call_async("sequence_logprobs", token_ids)
 
 
-class PolicyGroup(WorkerGroup):
+class _TrainerGroup(WorkerGroup):
+    """A DeepSpeed data-parallel group: every call is issued on all ranks, each with its shard."""
+
     def setup_async(self, start_timeout_s: float) -> Pending[list[int]]:
         """Every rank joins the data-parallel group hosted by rank 0 and builds its DeepSpeed engine."""
         host, port = self._on_rank0("endpoint", start_timeout_s)
         return self.call_async("setup", host, port, timeout_s=start_timeout_s)
 
-    def logprobs_async(self, exp: Experience) -> Pending[tuple[torch.Tensor, torch.Tensor]]:
-        """(logprobs, entropy) of the whole batch, computed data-parallel."""
-        return self.scatter_async(
-            "logprobs", exp.split(len(self)),
-            combine=lambda outs: (concat([o[0] for o in outs]), concat([o[1] for o in outs])),
-        )
-
     def train_async(self, exp: Experience, epochs: int) -> Pending[dict[str, float]]:
-        return self.scatter_async("train", exp.split(len(self)), epochs, combine=_mean_stats)
-
-    def weight_specs(self) -> list[ParamSpec]:
-        return self._on_rank0("weight_specs")
+        """PPO epochs over the batch; returns the statistics averaged over ranks."""
+        return self.scatter_async("train", exp.split(len(self)), epochs=epochs, combine=_mean_stats)
 
     def endpoint(self) -> tuple[str, int]:
+        """Rank 0's node IP and a free port, for a rendezvous rank 0 hosts."""
         return self._on_rank0("endpoint")
 
     def _on_rank0(self, method: str, timeout_s: float | None = None):
@@ -72,7 +63,19 @@ class PolicyGroup(WorkerGroup):
         return Pending(self.role, method, [ref], timeout_s or self.timeout_s, lambda r: r[0]).result()
 
 
-class CriticGroup(PolicyGroup):
+class PolicyGroup(_TrainerGroup):
+    def logprobs_async(self, exp: Experience) -> Pending[tuple[torch.Tensor, torch.Tensor]]:
+        """(logprobs, entropy) of the whole batch, computed data-parallel."""
+        return self.scatter_async(
+            "logprobs", exp.split(len(self)),
+            combine=lambda outs: (concat([o[0] for o in outs]), concat([o[1] for o in outs])),
+        )
+
+    def weight_specs(self) -> list[ParamSpec]:
+        return self._on_rank0("weight_specs")
+
+
+class CriticGroup(_TrainerGroup):
     def values_async(self, exp: Experience) -> Pending[torch.Tensor]:
         return self.scatter_async("values", exp.split(len(self)), combine=concat)
 
@@ -85,8 +88,7 @@ class ReferenceGroup(WorkerGroup):
 class RewardGroup(WorkerGroup):
     def score_async(self, prompts: list[str], responses: list[str]) -> Pending[list[float]]:
         n = len(self)
-        refs = [a.score.remote(p, r) for a, p, r in zip(self.actors, _chunks(prompts, n), _chunks(responses, n))]
-        return Pending(self.role, "score", refs, self.timeout_s, _flatten)
+        return self.scatter_async("score", _chunks(prompts, n), _chunks(responses, n), combine=_flatten)
 
 
 class WeightSync:
@@ -100,14 +102,13 @@ class WeightSync:
         # Group rank 0 is trainer rank 0; engine i's workers follow at 1 + i * workers_per_engine.
         world = 1 + len(engines) * workers_per_engine
         # The rendezvous needs both ends at once: issue both, then wait for both.
-        joins = [
-            Pending("generation", "init_weight_transfer", [
-                actor.init_weight_transfer.remote(engine_init_info(transport, host, port, 1 + i * workers_per_engine, world, timeout_s))
-            ], timeout_s, list)
-            for i, actor in enumerate(engines.actors)
+        infos = [
+            engine_init_info(transport, host, port, 1 + i * workers_per_engine, world, timeout_s)
+            for i in range(len(engines))
         ]
+        joins = engines.scatter_async("init_weight_transfer", infos, timeout_s=timeout_s)
         opened = policy.call_async("init_weight_sender", transport, host, port, world, timeout_s, timeout_s=timeout_s)
-        wait_all(opened, *joins)
+        wait_all(opened, joins)
         self.info = update_info(policy.weight_specs())
 
     def sync(self, version: int) -> None:

@@ -22,7 +22,7 @@ class ReferenceModel:
     @torch.no_grad()
     def logprobs(self, exp: Experience) -> torch.Tensor:
         """(b, T) reference logprobs of the response tokens."""
-        exp = exp._map(lambda t: t.to(self.device))
+        exp = exp.map_tensors(lambda t: t.to(self.device))
         return in_chunks(
             lambda e: response_logprobs(self.model, e, self.temperature)[0], exp, self.batch_size
         ).cpu()

@@ -96,7 +96,7 @@ class _DeepSpeedRank:
         raise NotImplementedError
 
     def _to_device(self, exp: Experience) -> Experience:
-        return exp._map(lambda t: t.to(self.engine.device))
+        return exp.map_tensors(lambda t: t.to(self.engine.device))
 
     def _minibatches(self, exp: Experience, epoch: int) -> list[Experience]:
         """Per-rank minibatches of this epoch, shuffled with a (seed, epoch, rank) generator."""
