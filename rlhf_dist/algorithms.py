@@ -1,8 +1,11 @@
-"""PPO math for RLHF: masked statistics, KL penalty, GAE, clipped losses, LR schedule.
+"""RLHF math: masked statistics, KL estimators and controllers, advantages (GAE, GRPO,
+Dr. GRPO, RLOO, REINFORCE++), clipped losses and their aggregation, LR schedule.
 
 Pure functions over tensors and floats. Per-token tensors are ``(B, T)`` over *response*
 positions; ``mask`` is ``(B, T)`` (float or bool), 1 on real response tokens and 0 on the
 right padding after the response ends. Every row has at least one valid token.
+Group estimators take ``scores`` ``(B,)`` laid out as ``B = num_prompts * n`` with the ``n``
+samples of prompt ``g`` contiguous, in rows ``[g * n, (g + 1) * n)``.
 """
 
 import math
@@ -75,6 +78,41 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return logprobs - ref_logprobs
 
 
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate k2 (Schulman): biased, non-negative, low variance.
+
+    Shape: (B, T), (B, T) -> (B, T).
+    """
+    # d = log pi - log ref;  k2_t = 0.5 * d^2
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate k3 (Schulman): unbiased and non-negative.
+
+    Shape: (B, T), (B, T) -> (B, T).
+    """
+    # d = log pi - log ref, r = ref / pi = e^-d;  k3_t = r - 1 - log r = e^-d - 1 + d
+    # expm1 keeps e^-d - 1 accurate when d is near 0, where most tokens are.
+    log_ratio = logprobs - ref_logprobs
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+_KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token KL(pi || ref) with the estimator named by ``kind`` ("k1", "k2" or "k3").
+
+    Shape: (B, T), (B, T) -> (B, T).
+    """
+    if kind not in _KL_ESTIMATORS:
+        raise ValueError(
+            f"unknown KL estimator kind {kind!r}; expected one of {tuple(_KL_ESTIMATORS)}"
+        )
+    return _KL_ESTIMATORS[kind](logprobs, ref_logprobs)
+
+
 def token_rewards(
     scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
 ) -> torch.Tensor:
@@ -132,30 +170,164 @@ def gae(
     return advantages, returns
 
 
+def _groups(scores: torch.Tensor, n: int, caller: str) -> torch.Tensor:
+    """View ``scores`` (B,) as (num_prompts, n), checking the layout; row g is prompt g."""
+    if scores.dim() != 1:
+        raise ValueError(f"{caller}: scores must have shape (B,), got {tuple(scores.shape)}")
+    # One sample has no group baseline (and no unbiased std): its advantage would be 0 or NaN.
+    if n < 2:
+        raise ValueError(f"{caller}: n={n} samples per prompt; group baselines need n >= 2")
+    if scores.numel() % n != 0:
+        raise ValueError(
+            f"{caller}: B={scores.numel()} scores is not a multiple of n={n}; the batch must "
+            "hold n contiguous samples for every prompt"
+        )
+    return scores.reshape(-1, n)
+
+
+def grpo_advantages(scores: torch.Tensor, n: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (DeepSeekMath) advantages: scores standardised within each prompt's group.
+
+    A group whose scores are all equal gets 0. Shape: (B,) -> (B,).
+    """
+    # A_i = (r_i - mean_g) / (std_g + eps), std_g unbiased (divides by n - 1)
+    grouped = _groups(scores, n, "grpo_advantages")
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True, unbiased=True)
+    return ((grouped - mean) / (std + eps)).reshape(-1)
+
+
+def dr_grpo_advantages(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025) advantages: GRPO without the std normalisation.
+
+    Shape: (B,) -> (B,).
+    """
+    # A_i = r_i - mean_g
+    grouped = _groups(scores, n, "dr_grpo_advantages")
+    return (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024) advantages: each score minus the mean of the others in its group.
+
+    Shape: (B,) -> (B,).
+    """
+    # A_i = r_i - (sum_g - r_i) / (n - 1)  ( = n / (n - 1) * (r_i - mean_g) )
+    grouped = _groups(scores, n, "rloo_advantages")
+    leave_one_out = (grouped.sum(dim=1, keepdim=True) - grouped) / (n - 1)
+    return (grouped - leave_one_out).reshape(-1)
+
+
+def broadcast_to_tokens(seq_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Put each sequence's value on every valid token of its row, 0 on padding.
+
+    Shape: seq_values (B,), mask (B, T) -> (B, T).
+    """
+    # out_{b,t} = v_b * m_{b,t}; where() rather than a product so a non-finite v stays off padding
+    return torch.where(mask.bool(), seq_values.unsqueeze(1), seq_values.new_zeros(()))
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025) advantages: discounted reward-to-go, whitened over the whole batch.
+
+    ``rewards`` are per-token (e.g. ``token_rewards``: KL penalty on each token, score on the
+    last). The batch needs at least 2 valid tokens (unbiased variance). Inputs are treated
+    as constants: pass detached tensors. Shape: (B, T), (B, T) -> (B, T), zero on padding.
+    """
+    # G_t = m_t * (r_t + gamma * G_{t+1}),  G_T = 0
+    # A   = masked_whiten(G) * m
+    mask = mask.to(rewards.dtype)
+    next_return = torch.zeros_like(rewards[:, 0])
+    returns = []
+    for t in reversed(range(rewards.shape[1])):
+        next_return = mask[:, t] * (rewards[:, t] + gamma * next_return)
+        returns.append(next_return)
+    returns = torch.stack(returns[::-1], dim=1)
+    return masked_whiten(returns, mask) * mask
+
+
+_LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int | None = None
+) -> torch.Tensor:
+    """Reduce a per-token loss over valid tokens to a scalar.
+
+    "token_mean": every valid token weighs the same (long responses weigh more).
+    "seq_mean_token_mean": every sequence weighs the same (its tokens share 1 / B).
+    "seq_mean_token_sum_norm" (Dr. GRPO): divide by the constant ``B * max_len``, e.g.
+    ``max_len`` = the generation budget, so no length normalisation biases the gradient;
+    ``max_len`` is read only by this mode.
+    Also for the entropy bonus:
+    ``loss = pg_loss - entropy_coef * aggregate_loss(entropy_from_logits(logits), mask, agg)``.
+    Shape: per_token, mask (B, T) -> scalar.
+    """
+    # token_mean:              sum_{b,t} m x / sum_{b,t} m
+    # seq_mean_token_mean:     1/B sum_b ( sum_t m x / sum_t m )
+    # seq_mean_token_sum_norm: sum_{b,t} m x / (B * max_len)
+    if agg == "token_mean":
+        return masked_mean(per_token, mask)
+    if agg == "seq_mean_token_mean":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if agg == "seq_mean_token_sum_norm":
+        if max_len is None or max_len <= 0:
+            raise ValueError(
+                f"agg='seq_mean_token_sum_norm' needs max_len > 0 (a constant such as the "
+                f"generation budget), got max_len={max_len}"
+            )
+        return masked_sum(per_token, mask) / (per_token.shape[0] * max_len)
+    raise ValueError(f"unknown loss agg {agg!r}; expected one of {_LOSS_AGGS}")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    *,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token_mean",
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate loss, averaged over valid tokens.
+    """PPO clipped surrogate loss, reduced over valid tokens by ``aggregate_loss(agg, max_len)``.
 
-    Shape: (B, T) each -> scalar loss; stats ``clipfrac`` (share of valid tokens where the
-    clipped term is strictly the larger) and ``approx_kl`` (mean of 0.5 * (logp - old)^2).
+    ``clip_eps_high`` (DAPO "clip-higher") sets the upper clip bound 1 + clip_eps_high
+    (None: clip_eps). ``dual_clip`` = c > 1 (Ye et al. 2020) caps the loss of tokens with
+    A < 0 at -A * c, so a huge ratio on a bad token cannot blow up the update.
+    Shape: (B, T) each -> scalar loss. Stats, always means over valid tokens: ``clipfrac``
+    (the clipped term is strictly the larger), ``approx_kl`` (0.5 * (logp - old)^2) and, when
+    ``dual_clip`` is set, ``dual_clipfrac`` (the cap is active).
     """
     # ratio = exp(logp - old_logp)
-    # loss  = mean_valid( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )
+    # l     = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))
+    # l     = min(l, -A * c)   where A < 0, if dual_clip
+    # loss  = aggregate_loss(l, mask, agg)
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (the cap is -A * dual_clip), got {dual_clip}")
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
+    per_token = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        # The capped value does not depend on logprobs, so capped tokens get no gradient.
+        capped = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(capped, cap, per_token)
+    loss = aggregate_loss(per_token, mask, agg, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
             "approx_kl": masked_mean(0.5 * log_ratio**2, mask).item(),
         }
+        if dual_clip is not None:
+            stats["dual_clipfrac"] = masked_mean(capped.to(ratio.dtype), mask).item()
     return loss, stats
 
 
@@ -200,6 +372,53 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     # log p(y_t) = l_{t, y_t} - logsumexp(l_t)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     return log_probs.gather(dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)
+
+
+class FixedKLController:
+    """KL penalty coefficient that never changes."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """KL penalty coefficient steered toward a target KL (Ziegler et al. 2019).
+
+    ``current_kl`` is the measured KL(pi || ref) per sequence, ``n_steps`` the number of
+    samples (or steps) since the last update, ``horizon`` how many of them a full
+    proportional correction takes.
+    """
+
+    def __init__(self, init_value: float, target: float, horizon: float):
+        if target <= 0:
+            raise ValueError(f"AdaptiveKLController target must be > 0 (a KL), got {target}")
+        if horizon <= 0:
+            raise ValueError(f"AdaptiveKLController horizon must be > 0, got {horizon}")
+        self.value = init_value
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        # e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        # target and horizon come from config; only the coefficient is training state.
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
 
 
 _SCHEDULES = ("constant", "linear", "cosine")
