@@ -42,8 +42,8 @@ def _check_fraction(group: str, obj: Any, *names: str) -> None:
 
 @dataclass
 class ModelConfig:
-    # Policy to fine-tune: a Hugging Face hub id, a local directory, or "tiny" for the
-    # embedded default that the project builds and caches locally.
+    # Policy to fine-tune: a Hugging Face hub id, a local directory, or an embedded model the
+    # project builds and caches locally: "tiny" (reviews) or "tiny-arith" (arithmetic).
     path: str = "tiny"
     # Critic backbone (a value head is added on top); empty means "same as path".
     critic_path: str = ""
@@ -60,12 +60,18 @@ class ModelConfig:
         _check_positive("model", self, "max_prompt_len")
 
 
+BUILTIN_PROMPTS = ("builtin:reviews", "builtin:arithmetic")
+
+
 @dataclass
 class DataConfig:
-    # Prompt source: "builtin" for the embedded positive-reviews task, or a JSONL file
-    # whose rows have a "prompt" key.
-    prompts: str = "builtin"
-    # Number of prompts generated for the builtin task.
+    # Training prompts: builtin:reviews (the positive-reviews task), builtin:arithmetic (the
+    # verifiable task's train split), or a JSONL file whose rows have a "prompt" key; the other
+    # keys of a row are its metadata, passed to reward functions (e.g. a reference answer).
+    prompts: str = "builtin:reviews"
+    # Held-out prompts scored every eval.every_steps: builtin:arithmetic (test split), a JSONL file, or "" (none).
+    eval_prompts: str = ""
+    # Number of prompts generated for a builtin prompt set.
     num_builtin_prompts: int = 2048
     # What to do with a malformed JSONL row (missing/empty prompt, too long): skip or error.
     on_bad_row: str = "skip"
@@ -74,44 +80,102 @@ class DataConfig:
         _check_positive("data", self, "num_builtin_prompts")
         if self.on_bad_row not in ("skip", "error"):
             _fail("data.on_bad_row", self.on_bad_row, "use skip or error")
+        for key in ("prompts", "eval_prompts"):
+            value = getattr(self, key)
+            if value.startswith("builtin:") and value not in BUILTIN_PROMPTS:
+                _fail(f"data.{key}", value, f"use one of {', '.join(BUILTIN_PROMPTS)} or a JSONL path")
+
+
+@dataclass
+class EvalConfig:
+    # Score the held-out prompts (data.eval_prompts) with greedy decoding every this many steps; 0 is off.
+    every_steps: int = 0
+    # Held-out prompts used per evaluation (the first ones of the set).
+    num_prompts: int = 128
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            _fail("eval.every_steps", self.every_steps, "must be >= 0 (0 = no evaluation)")
+        _check_positive("eval", self, "num_prompts")
+
+
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # need rollout.n > 1 samples per prompt
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 @dataclass
 class AlgoConfig:
-    # Algorithm name; this release implements PPO with a critic and GAE.
-    name: str = "ppo"
-    # Discount factor of GAE.
+    # Advantage estimator: gae (PPO with a critic; Schulman et al. 2016), grpo (group-normalised,
+    # Shao et al. 2024), dr_grpo (group mean only, Liu et al. 2025), rloo (leave-one-out,
+    # Ahmadian et al. 2024), reinforce_pp (batch-normalised returns, Hu 2025). Only gae creates a critic.
+    estimator: str = "gae"
+    # Discount factor of GAE and of the REINFORCE++ returns.
     gamma: float = 1.0
     # GAE lambda (bias/variance trade-off of the advantage estimate).
     lam: float = 0.95
-    # PPO ratio clip range epsilon.
+    # PPO ratio clip range epsilon (the lower side when clip_eps_high is set).
     clip_eps: float = 0.2
-    # Clip range of the value-function update around the old values.
+    # Upper clip range ("clip-higher", DAPO, Yu et al. 2025); null means clip_eps.
+    clip_eps_high: float | None = None
+    # Dual-clip constant c > 1 capping the loss of negative-advantage tokens (Ye et al. 2020); null is off.
+    dual_clip: float | None = None
+    # Policy-loss aggregation: token_mean, seq_mean_token_mean, or seq_mean_token_sum_norm
+    # (Dr. GRPO: token sum over micro-batch size x rollout.max_new_tokens).
+    loss_agg: str = "token_mean"
+    # Entropy bonus coefficient (the loss subtracts entropy_coef x aggregated entropy).
+    entropy_coef: float = 0.0
+    # Clip range of the value-function update around the old values (gae only).
     value_clip_eps: float = 0.2
-    # Coefficient beta of the per-token k1 KL penalty folded into the reward.
+    # KL coefficient beta (the initial value when kl_controller=adaptive).
     kl_coef: float = 0.05
-    # Whiten sequence scores across the batch before shaping the rewards.
+    # KL estimator of Schulman (2020): k1 (log-ratio), k2 (squared), k3 (unbiased, low variance).
+    kl_estimator: str = "k1"
+    # Where the KL penalty goes: "reward" (per token, folded into the reward) or "loss" (a loss term, as GRPO).
+    kl_in: str = "reward"
+    # fixed, or adaptive (Ziegler et al. 2019: beta moves so that the per-sequence KL tracks kl_target).
+    kl_controller: str = "fixed"
+    # Target per-sequence KL of the adaptive controller.
+    kl_target: float = 1.0
+    # Horizon (in samples) of the adaptive controller.
+    kl_horizon: float = 10000.0
+    # Whiten sequence scores across the batch before shaping the rewards (gae, reinforce_pp).
     whiten_rewards: bool = False
     # Passes over each rollout batch.
     ppo_epochs: int = 2
     # Samples per optimizer step, summed over all data-parallel ranks.
     minibatch_size: int = 32
 
+    @property
+    def needs_critic(self) -> bool:
+        return self.estimator == "gae"
+
     def validate(self) -> None:
-        if self.name != "ppo":
-            _fail("algo.name", self.name, "only ppo is implemented")
+        choices = {"estimator": ESTIMATORS, "loss_agg": LOSS_AGGS, "kl_estimator": ("k1", "k2", "k3"),
+                   "kl_in": ("reward", "loss"), "kl_controller": ("fixed", "adaptive")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                _fail(f"algo.{name}", getattr(self, name), f"use one of {', '.join(allowed)}")
         _check_fraction("algo", self, "gamma", "lam")
-        _check_positive("algo", self, "clip_eps", "value_clip_eps", "ppo_epochs", "minibatch_size")
-        if self.kl_coef < 0:
-            _fail("algo.kl_coef", self.kl_coef, "must be >= 0")
+        _check_positive("algo", self, "clip_eps", "value_clip_eps", "ppo_epochs", "minibatch_size",
+                        "kl_target", "kl_horizon")
+        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
+            _fail("algo.clip_eps_high", self.clip_eps_high, "must be > 0 (or null to use clip_eps)")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            _fail("algo.dual_clip", self.dual_clip, "must be > 1 (or null to disable)")
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            bad = "kl_coef" if self.kl_coef < 0 else "entropy_coef"
+            _fail(f"algo.{bad}", getattr(self, bad), "must be >= 0")
 
 
 @dataclass
 class RolloutConfig:
     # Number of vLLM engines (Ray actors); prompts are spread across them.
     num_engines: int = 1
-    # Prompts sampled per PPO step (one response each).
+    # Prompts sampled per step.
     batch_size: int = 64
+    # Responses sampled per prompt (group size of grpo, dr_grpo and rloo); a step has batch_size x n samples.
+    n: int = 1
     # Maximum new tokens per response.
     max_new_tokens: int = 24
     # Sampling temperature; 0 is greedy decoding, which is not a valid RL policy.
@@ -131,7 +195,7 @@ class RolloutConfig:
 
     def validate(self) -> None:
         _check_positive(
-            "rollout", self, "num_engines", "batch_size", "max_new_tokens", "temperature",
+            "rollout", self, "num_engines", "batch_size", "n", "max_new_tokens", "temperature",
             "tensor_parallel_size", "max_model_len",
         )
         if not 0.0 < self.top_p <= 1.0:
@@ -178,25 +242,47 @@ class TrainerConfig:
 
 @dataclass
 class RewardConfig:
-    # "function": a Python function named by import path; "model": an HF sequence classifier.
-    kind: str = "function"
-    # Import path "module:function" or "module.function", called as fn(prompt, response) -> float.
+    # The reward is a weighted sum of sources; a source with weight 0 is off.
+    # Weight of the Python function named by `function`.
+    function_weight: float = 1.0
+    # Import path "module:function", called as fn(prompt, response) or fn(prompt, response, metadata) -> float.
     function: str = "rlhf_dist.tasks:positive_sentiment_reward"
-    # Directory or hub id of an AutoModelForSequenceClassification reward model (kind=model).
+    # Weight of the AutoModelForSequenceClassification reward model at `model_path`.
+    model_weight: float = 0.0
+    # Directory or hub id of the reward model.
     model_path: str = ""
+    # Weight of the remote HTTP endpoint at `http_url`.
+    http_weight: float = 0.0
+    # Endpoint taking POST {"prompts", "responses", "metadata"} and answering {"scores": [...]}.
+    http_url: str = ""
+    # Seconds per HTTP attempt.
+    http_timeout_s: float = 10.0
+    # Extra HTTP attempts after a failure (with exponential back-off).
+    http_retries: int = 2
+    # A score that raises or is NaN/inf: "error" fails the step naming the sample; "drop" excludes
+    # the sample (no policy gradient, not in reward statistics) and counts it in reward/dropped.
+    on_invalid: str = "error"
     # Number of reward actors; samples are spread across them.
     num_actors: int = 1
     # Samples per forward pass of a reward model.
     batch_size: int = 32
 
     def validate(self) -> None:
-        if self.kind not in ("function", "model"):
-            _fail("reward.kind", self.kind, "use function or model")
-        if self.kind == "function" and not self.function:
-            _fail("reward.function", self.function, "name a function as module:function")
-        if self.kind == "model" and not self.model_path:
-            _fail("reward.model_path", self.model_path, "set the reward model directory when reward.kind=model")
-        _check_positive("reward", self, "num_actors", "batch_size")
+        weights = {"function": self.function_weight, "model": self.model_weight, "http": self.http_weight}
+        if not any(weights.values()):
+            _fail("reward.function_weight", self.function_weight, "every reward weight is 0: enable at least one source")
+        needs = {"function": "function", "model": "model_path", "http": "http_url"}
+        for source, weight in weights.items():
+            if weight and not getattr(self, needs[source]):
+                _fail(f"reward.{needs[source]}", getattr(self, needs[source]),
+                      f"required when reward.{source}_weight={weight}")
+        if self.http_url and not self.http_url.startswith(("http://", "https://")):
+            _fail("reward.http_url", self.http_url, "must start with http:// or https://")
+        if self.on_invalid not in ("error", "drop"):
+            _fail("reward.on_invalid", self.on_invalid, "use error or drop")
+        if self.http_retries < 0:
+            _fail("reward.http_retries", self.http_retries, "must be >= 0")
+        _check_positive("reward", self, "num_actors", "batch_size", "http_timeout_s")
 
 
 @dataclass
@@ -313,6 +399,7 @@ class Config:
     cache_dir: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -334,7 +421,7 @@ class RunPlan:
     optimizer_steps: int  # optimizer steps over the whole run (for the LR schedule)
 
 
-GROUPS = ("model", "data", "algo", "rollout", "trainer", "reward", "reference", "resources", "timeouts", "logger")
+GROUPS = ("model", "data", "eval", "algo", "rollout", "trainer", "reward", "reference", "resources", "timeouts", "logger")
 
 
 def validate_config(cfg: Config) -> RunPlan:
@@ -346,10 +433,14 @@ def validate_config(cfg: Config) -> RunPlan:
     for group in GROUPS:
         getattr(cfg, group).validate()
     t, a, r, res = cfg.trainer, cfg.algo, cfg.rollout, cfg.resources
-    if a.minibatch_size > r.batch_size:
-        _fail("algo.minibatch_size", a.minibatch_size, f"must be <= rollout.batch_size={r.batch_size}")
-    if r.batch_size % a.minibatch_size:
-        _fail("rollout.batch_size", r.batch_size, f"must be divisible by algo.minibatch_size={a.minibatch_size}")
+    samples = r.batch_size * r.n
+    if a.estimator in GROUP_ESTIMATORS and r.n < 2:
+        _fail("rollout.n", r.n, f"algo.estimator={a.estimator} compares samples of a prompt: set rollout.n >= 2")
+    if a.minibatch_size > samples:
+        _fail("algo.minibatch_size", a.minibatch_size, f"must be <= rollout.batch_size x rollout.n = {samples}")
+    if samples % a.minibatch_size:
+        _fail("rollout.batch_size", r.batch_size,
+              f"rollout.batch_size x rollout.n = {samples} must be divisible by algo.minibatch_size={a.minibatch_size}")
     if a.minibatch_size % t.world_size:
         _fail("algo.minibatch_size", a.minibatch_size, f"must be divisible by trainer.world_size={t.world_size}")
     per_rank = a.minibatch_size // t.world_size
@@ -365,7 +456,7 @@ def validate_config(cfg: Config) -> RunPlan:
         ("reference.num_actors", cfg.reference.num_actors),
         ("reward.num_actors", cfg.reward.num_actors),
     ):
-        if count > r.batch_size:  # every actor must get at least one sample
+        if count > r.batch_size:  # every actor must get at least one prompt
             _fail(key, count, f"must be <= rollout.batch_size={r.batch_size}")
     if res.device == "cpu" and res.weight_sync_backend == "nccl":
         _fail("resources.weight_sync_backend", "nccl", "nccl needs resources.device=cuda; use gloo on CPU")
@@ -378,9 +469,11 @@ def validate_config(cfg: Config) -> RunPlan:
             "rollout.max_model_len", r.max_model_len,
             f"must be >= model.max_prompt_len + rollout.max_new_tokens = {cfg.model.max_prompt_len + r.max_new_tokens}",
         )
-    minibatches = r.batch_size // a.minibatch_size
+    if cfg.eval.every_steps and not cfg.data.eval_prompts:
+        _fail("data.eval_prompts", "", f"eval.every_steps={cfg.eval.every_steps} needs held-out prompts")
+    minibatches = samples // a.minibatch_size
     return RunPlan(
-        rollout_batch=r.batch_size,
+        rollout_batch=samples,
         minibatches_per_epoch=minibatches,
         per_rank_minibatch=per_rank,
         grad_accum_steps=per_rank // t.micro_batch_size,

@@ -1,11 +1,12 @@
-"""The PPO controller: one iteration, top to bottom, in the algorithm's order.
+"""The RL controller: one iteration, top to bottom, in the algorithm's order.
 
-generate -> score -> reference/old logprobs and values -> KL-shaped rewards ->
-GAE -> PPO epochs on the trainer groups -> broadcast weights -> log.
+generate -> score -> reference/old logprobs (and values) -> advantages ->
+policy (and critic) epochs on the trainer groups -> broadcast weights -> log.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import torch
 
 from rlhf_dist import algorithms as A
 from rlhf_dist.cluster import Roles
-from rlhf_dist.config import Config
+from rlhf_dist.config import AlgoConfig, Config
 from rlhf_dist.data import PromptSampler, PromptSet
 from rlhf_dist.experience import collate, pad_right
 from rlhf_dist.run_logger import RunLogger
@@ -36,66 +37,146 @@ def sample_seeds(seed: int, step: int, n: int) -> list[int]:
     return [(seed * 1_000_003 + step * 65_537 + i) % 2**31 for i in range(n)]
 
 
-def ppo_step(step: int, cfg: Config, roles: Roles, prompts: PromptSet, sampler: PromptSampler) -> dict[str, float]:
-    """One PPO iteration; returns its metrics."""
-    algo, timer = cfg.algo, Timer()
+def make_kl_controller(algo: AlgoConfig) -> A.FixedKLController | A.AdaptiveKLController:
+    if algo.kl_controller == "adaptive":
+        return A.AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
+    return A.FixedKLController(algo.kl_coef)
+
+
+def estimate_advantages(
+    algo: AlgoConfig, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+    values: torch.Tensor | None, n: int, kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(advantages (B, T), returns (B, T) or None) for the configured estimator.
+
+    The KL penalty enters here only when ``algo.kl_in == "reward"``; otherwise it is a loss term.
+    """
+    beta = kl_coef if algo.kl_in == "reward" else 0.0
+    if algo.estimator in ("gae", "reinforce_pp"):
+        shaped = A.token_rewards(A.whiten_scores(scores) if algo.whiten_rewards else scores, kl, mask, beta)
+        if algo.estimator == "reinforce_pp":
+            return A.reinforce_pp_advantages(shaped, mask, algo.gamma), None
+        advantages, returns = A.gae(shaped, values, mask, algo.gamma, algo.lam)
+        return A.masked_whiten(advantages, mask) * mask, returns
+    group = {"grpo": A.grpo_advantages, "dr_grpo": A.dr_grpo_advantages, "rloo": A.rloo_advantages}
+    sequence_rewards = scores - beta * A.masked_sum(kl, mask, dim=-1)
+    return A.broadcast_to_tokens(group[algo.estimator](sequence_rewards, n), mask), None
+
+
+def neutralise_dropped(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN scores (reward.on_invalid=drop) -> (scores with each NaN replaced by its group's
+    valid mean, or the batch's, so baselines ignore it; (B,) bool mask of the kept samples)."""
+    kept = ~torch.isnan(scores)
+    if not kept.any():
+        raise ValueError("reward: every sample of the step was dropped as invalid")
+    fill = scores[kept].mean()
+    filled = scores.clone()
+    for g in range(0, len(scores), n):
+        group_kept = kept[g : g + n]
+        filled[g : g + n][~group_kept] = scores[g : g + n][group_kept].mean() if group_kept.any() else fill
+    return filled, kept
+
+
+def rl_step(
+    step: int, cfg: Config, roles: Roles, prompts: PromptSet, sampler: PromptSampler,
+    kl_ctl: A.FixedKLController | A.AdaptiveKLController,
+) -> dict[str, float]:
+    """One iteration; returns its metrics."""
+    algo, n, timer = cfg.algo, cfg.rollout.n, Timer()
     step_start = time.perf_counter()
-    idx = sampler.indices(step)
-    prompt_ids = [prompts.token_ids[i] for i in idx]
+    rows = [i for i in sampler.indices(step) for _ in range(n)]  # the n samples of a prompt are contiguous
+    prompt_ids = [prompts.token_ids[i] for i in rows]
 
     with timer("generate"):
-        gens = roles.generation.generate_async(prompt_ids, sample_seeds(cfg.seed, step, len(idx))).result()
+        gens = roles.generation.generate_async(prompt_ids, sample_seeds(cfg.seed, step, len(rows))).result()
     exp = collate(prompt_ids, [g.response_ids for g in gens], pad_id=0)
     mask = exp.response_mask
     engine_logprobs = pad_right([g.response_logprobs for g in gens], mask.shape[1])
 
     with timer("reward"):
-        scores = torch.tensor(roles.reward.score_async([prompts.texts[i] for i in idx], [g.text for g in gens]).result())
+        raw_scores = torch.tensor(roles.reward.score_async(
+            [prompts.texts[i] for i in rows], [g.text for g in gens], [prompts.metadata[i] for i in rows],
+        ).result())
+    scores, kept = neutralise_dropped(raw_scores, n)
     with timer("reference"):
         ref_logprobs = roles.reference.logprobs_async(exp).result()
     with timer("values"):
         # Old policy logprobs and critic values come from different groups: run them together.
-        old_pending, values_pending = roles.policy.logprobs_async(exp), roles.critic.values_async(exp)
-        (old_logprobs, entropy), values = old_pending.result(), values_pending.result()
+        old_pending = roles.policy.logprobs_async(exp)
+        values = roles.critic.values_async(exp).result() if roles.critic else None
+        old_logprobs, entropy = old_pending.result()
 
-    kl = A.kl_k1(old_logprobs, ref_logprobs)
-    shaped_scores = A.whiten_scores(scores) if algo.whiten_rewards else scores
-    rewards = A.token_rewards(shaped_scores, kl, mask, algo.kl_coef)
-    advantages, returns = A.gae(rewards, values, mask, algo.gamma, algo.lam)
-    advantages = A.masked_whiten(advantages, mask)
-    exp = exp.with_fields(old_logprobs=old_logprobs, old_values=values, advantages=advantages, returns=returns)
+    kl = A.kl_estimate(old_logprobs, ref_logprobs, algo.kl_estimator)
+    kl_coef = kl_ctl.value
+    advantages, returns = estimate_advantages(algo, scores, kl, mask, values, n, kl_coef)
+    advantages = advantages * kept[:, None]  # a dropped sample carries no policy gradient
+    exp = exp.with_fields(
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
+        old_values=values, returns=returns,
+    )
 
     with timer("train"):
-        policy_pending = roles.policy.train_async(exp, algo.ppo_epochs)
-        critic_pending = roles.critic.train_async(exp, algo.ppo_epochs)
-        policy_stats, critic_stats = policy_pending.result(), critic_pending.result()
+        policy_pending = roles.policy.train_async(exp, algo.ppo_epochs, algo, kl_coef)
+        critic_stats = roles.critic.train_async(exp, algo.ppo_epochs).result() if roles.critic else {}
+        policy_stats = policy_pending.result()
     with timer("weight_sync"):
         roles.weights.sync(version=step + 1)
 
-    gen_tokens = float(mask.sum())
-    step_time = time.perf_counter() - step_start
-    return {
-        "reward/mean": scores.mean().item(),
-        "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
-        "kl/mean": A.masked_sum(kl, mask).item() / len(idx),  # per-sequence KL summed over tokens
+    sequence_kl = A.masked_sum(kl, mask, dim=-1)
+    kl_ctl.update(sequence_kl.mean().item(), len(rows))
+    valid = raw_scores[kept]
+    metrics = {
+        "reward/mean": valid.mean().item(),
+        "reward/std": valid.std().item() if len(valid) > 1 else 0.0,
+        "reward/dropped": float((~kept).sum()),
+        "kl/mean": sequence_kl.mean().item(),  # per sequence, summed over tokens
         "kl/token_mean": A.masked_mean(kl, mask).item(),
+        "kl/coef": kl_coef,
         "loss/policy": policy_stats["policy_loss"],
-        "loss/value": critic_stats["value_loss"],
         "ppo/clipfrac": policy_stats["clipfrac"],
         "ppo/approx_kl": policy_stats["approx_kl"],
-        "ppo/value_clipfrac": critic_stats["value_clipfrac"],
         "ppo/lr": policy_stats["lr"],
         "entropy/mean": A.masked_mean(entropy, mask).item(),
         "response_length/mean": mask.sum(-1).mean().item(),
         "logprob_gap/mean": A.masked_mean((engine_logprobs - old_logprobs).abs(), mask).item(),
         **timer.times,
-        "time/step": step_time,
-        "throughput/gen_tokens_per_s": gen_tokens / max(timer.times["time/generate"], 1e-9),
+        "time/step": time.perf_counter() - step_start,
+        "throughput/gen_tokens_per_s": float(mask.sum()) / max(timer.times["time/generate"], 1e-9),
     }
+    if "kl_loss" in policy_stats:
+        metrics["loss/kl"] = policy_stats["kl_loss"]
+    if critic_stats:
+        metrics["loss/value"] = critic_stats["value_loss"]
+        metrics["ppo/value_clipfrac"] = critic_stats["value_clipfrac"]
+    return metrics
 
 
-def run_ppo(cfg: Config, roles: Roles, prompts: PromptSet, logger: RunLogger) -> None:
-    """``cfg.total_steps`` PPO iterations, each logged as it finishes."""
+def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> dict[str, float]:
+    """Greedy responses to the held-out prompts, scored by the reward actors (for an exact-match
+    reward, ``eval/reward_mean`` is the held-out accuracy)."""
+    count = min(cfg.eval.num_prompts, len(eval_prompts))
+    gens = roles.generation.generate_async(eval_prompts.token_ids[:count], [0] * count, greedy=True).result()
+    scores = roles.reward.score_async(
+        eval_prompts.texts[:count], [g.text for g in gens], eval_prompts.metadata[:count]
+    ).result()
+    finite = [s for s in scores if math.isfinite(s)]
+    return {"eval/reward_mean": sum(finite) / max(len(finite), 1), "eval/num_prompts": float(count)}
+
+
+def run_rl(
+    cfg: Config, roles: Roles, prompts: PromptSet, eval_prompts: PromptSet | None, logger: RunLogger
+) -> None:
+    """``cfg.total_steps`` iterations, each logged as it finishes. With held-out prompts, evaluate
+    before training (summary ``eval/initial_reward_mean``) and after every ``eval.every_steps``
+    steps and the last one (``eval/reward_mean`` in that step's row)."""
     sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.seed)
+    kl_ctl = make_kl_controller(cfg.algo)
+    every = cfg.eval.every_steps if eval_prompts is not None else 0
+    if every:
+        logger.add_summary({"eval/initial_reward_mean": evaluate(cfg, roles, eval_prompts)["eval/reward_mean"]})
     for step in range(cfg.total_steps):
-        logger.log(step, ppo_step(step, cfg, roles, prompts, sampler))
+        metrics = rl_step(step, cfg, roles, prompts, sampler, kl_ctl)
+        if every and ((step + 1) % every == 0 or step + 1 == cfg.total_steps):
+            metrics.update(evaluate(cfg, roles, eval_prompts))
+            logger.add_summary({"eval/final_reward_mean": metrics["eval/reward_mean"]})
+        logger.log(step, metrics)

@@ -24,6 +24,7 @@ class Experience:
     response_mask: torch.Tensor  # (B, T) float, 1 on generated tokens
     prompt_width: int  # P
     old_logprobs: torch.Tensor | None = None  # (B, T) policy logprobs before the update
+    ref_logprobs: torch.Tensor | None = None  # (B, T) reference-policy logprobs
     old_values: torch.Tensor | None = None  # (B, T) critic values before the update
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T)

@@ -16,15 +16,19 @@ from rlhf_dist.algorithms import entropy_from_logits, logprobs_from_logits
 from rlhf_dist.experience import Experience
 
 TINY = "tiny"
+TINY_ARITH = "tiny-arith"
 
 
 def resolve_model_path(path: str, cache_dir: str) -> str:
-    """``"tiny"`` -> the embedded default (built and cached on first use); a local path must
-    exist; anything else is passed to ``from_pretrained`` as a hub id."""
-    from rlhf_dist.tiny_model import MODEL_NAME, build_tiny_policy, default_model_dir
+    """An embedded model name ("tiny", "tiny-arith") -> its directory, built and cached on first
+    use; a local path must exist; anything else is passed to ``from_pretrained`` as a hub id."""
+    from rlhf_dist import tiny_model
 
+    root = Path(cache_dir) if cache_dir else tiny_model.default_model_dir().parent
     if path == TINY:
-        return str(build_tiny_policy(Path(cache_dir) / MODEL_NAME if cache_dir else default_model_dir()))
+        return str(tiny_model.build_tiny_policy(root / tiny_model.MODEL_NAME))
+    if path == TINY_ARITH:
+        return str(tiny_model.build_tiny_arith_policy(root / tiny_model.ARITH_MODEL_NAME))
     if path.startswith(("/", ".", "~")):
         local = Path(path).expanduser()
         if not local.exists():

@@ -19,6 +19,7 @@ class RunLogger:
         self.cfg, self.out_dir, self.total_steps = cfg, out_dir, total_steps
         out_dir.mkdir(parents=True, exist_ok=True)
         self.history: list[dict[str, float]] = []
+        self.extra_summary: dict[str, float] = {}
         self.start = time.time()
         self._jsonl = (out_dir / "metrics.jsonl").open("a", buffering=1)  # line-buffered: nothing lost on a crash
         self._bar = tqdm(total=total_steps, desc="ppo", unit="step", disable=not cfg.progress_bar, dynamic_ncols=True)
@@ -40,11 +41,16 @@ class RunLogger:
         self._bar.update(1)
         self._bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.4f}")
 
+    def add_summary(self, values: dict[str, float]) -> None:
+        """Values for summary.json that are not per-step metrics (e.g. the initial evaluation)."""
+        self.extra_summary.update(values)
+
     def message(self, text: str) -> None:
         self._bar.write(text)
 
     def finish(self, status: str, error: str = "") -> dict[str, Any]:
         summary = summarize(self.history)
+        summary.update(self.extra_summary)
         summary.update(status=status, error=error, wall_time_s=round(time.time() - self.start, 2))
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._bar.close()

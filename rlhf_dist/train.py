@@ -26,14 +26,19 @@ def run(cfg: Config, plan: RunPlan, out_dir: Path, group: str) -> dict:
     from transformers import AutoTokenizer
 
     from rlhf_dist.cluster import shutdown_ray, start_roles
-    from rlhf_dist.controller import run_ppo
+    from rlhf_dist.controller import run_rl
     from rlhf_dist.data import load_prompts
     from rlhf_dist.modeling import resolve_model_path
     from rlhf_dist.run_logger import RunLogger
 
     policy_path = resolve_model_path(cfg.model.path, cfg.cache_dir)
     critic_path = resolve_model_path(cfg.model.critic_path, cfg.cache_dir) if cfg.model.critic_path else policy_path
-    prompts = load_prompts(cfg.data, AutoTokenizer.from_pretrained(policy_path), cfg.model.max_prompt_len, cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    prompts = load_prompts(cfg.data.prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed)
+    eval_prompts = None
+    if cfg.data.eval_prompts:
+        eval_prompts = load_prompts(cfg.data.eval_prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed,
+                                    split="test")
     logger = RunLogger(cfg.logger, out_dir, as_dict(cfg), cfg.total_steps, group)
     logger.message(f"rlhf_dist: {len(prompts)} prompts ({prompts.skipped} skipped), policy {policy_path}, "
                    f"output {out_dir}")
@@ -42,7 +47,7 @@ def run(cfg: Config, plan: RunPlan, out_dir: Path, group: str) -> dict:
         started = time.perf_counter()
         roles = start_roles(cfg, plan, policy_path, critic_path)
         logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s")
-        run_ppo(cfg, roles, prompts, logger)
+        run_rl(cfg, roles, prompts, eval_prompts, logger)
     except BaseException as e:
         logger.finish("failed", error=f"{type(e).__name__}: {e}")
         raise

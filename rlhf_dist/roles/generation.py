@@ -50,15 +50,16 @@ class GenerationEngine:
     def ready(self) -> int:
         return os.getpid()
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[Generation]:
-        """Sample one response per prompt; ``seeds`` makes each sample reproducible."""
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
+        """One response per prompt; ``seeds`` makes each sample reproducible. ``greedy`` is for
+        evaluation only (temperature 0 is not a valid RL policy)."""
         from vllm import SamplingParams, TokensPrompt
 
         params = [
             SamplingParams(
                 max_tokens=self.cfg.max_new_tokens,
-                temperature=self.cfg.temperature,
-                top_p=self.cfg.top_p,
+                temperature=0.0 if greedy else self.cfg.temperature,
+                top_p=1.0 if greedy else self.cfg.top_p,
                 logprobs=0,
                 seed=s,
             )

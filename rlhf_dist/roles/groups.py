@@ -9,6 +9,7 @@ import statistics
 
 import torch
 
+from rlhf_dist.config import AlgoConfig
 from rlhf_dist.experience import Experience, concat, split_sizes
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.weight_sync import ParamSpec, engine_init_info, update_info
@@ -32,10 +33,14 @@ def _mean_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
 
 
 class GenerationGroup(WorkerGroup):
-    def generate_async(self, prompt_ids: list[list[int]], seeds: list[int]) -> Pending[list[Generation]]:
+    def generate_async(
+        self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False
+    ) -> Pending[list[Generation]]:
         """Spread the prompts over the engines in contiguous chunks; results come back in prompt order."""
         n = len(self)
-        return self.scatter_async("generate", _chunks(prompt_ids, n), _chunks(seeds, n), combine=_flatten)
+        return self.scatter_async(
+            "generate", _chunks(prompt_ids, n), _chunks(seeds, n), greedy=greedy, combine=_flatten
+        )
 
     def sequence_logprobs_async(self, token_ids: list[list[int]]) -> Pending[list[list[list[float]]]]:
         """Every engine's logprobs of the same sequences (one list per engine)."""
@@ -50,9 +55,9 @@ class _TrainerGroup(WorkerGroup):
         host, port = self._on_rank0("endpoint", start_timeout_s)
         return self.call_async("setup", host, port, timeout_s=start_timeout_s)
 
-    def train_async(self, exp: Experience, epochs: int) -> Pending[dict[str, float]]:
-        """PPO epochs over the batch; returns the statistics averaged over ranks."""
-        return self.scatter_async("train", exp.split(len(self)), epochs=epochs, combine=_mean_stats)
+    def _train_async(self, exp: Experience, **common) -> Pending[dict[str, float]]:
+        # Each rank trains on its shard; statistics are averaged over ranks.
+        return self.scatter_async("train", exp.split(len(self)), combine=_mean_stats, **common)
 
     def endpoint(self) -> tuple[str, int]:
         """Rank 0's node IP and a free port, for a rendezvous rank 0 hosts."""
@@ -71,11 +76,19 @@ class PolicyGroup(_TrainerGroup):
             combine=lambda outs: (concat([o[0] for o in outs]), concat([o[1] for o in outs])),
         )
 
+    def train_async(self, exp: Experience, epochs: int, algo: AlgoConfig, kl_coef: float) -> Pending[dict[str, float]]:
+        """PPO epochs of the policy with ``algo``'s loss options; ``kl_coef`` weighs a KL loss term."""
+        return self._train_async(exp, epochs=epochs, algo=algo, kl_coef=kl_coef)
+
     def weight_specs(self) -> list[ParamSpec]:
         return self._on_rank0("weight_specs")
 
 
 class CriticGroup(_TrainerGroup):
+    def train_async(self, exp: Experience, epochs: int) -> Pending[dict[str, float]]:
+        """Clipped value-loss epochs of the critic."""
+        return self._train_async(exp, epochs=epochs)
+
     def values_async(self, exp: Experience) -> Pending[torch.Tensor]:
         return self.scatter_async("values", exp.split(len(self)), combine=concat)
 
@@ -86,9 +99,12 @@ class ReferenceGroup(WorkerGroup):
 
 
 class RewardGroup(WorkerGroup):
-    def score_async(self, prompts: list[str], responses: list[str]) -> Pending[list[float]]:
+    def score_async(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> Pending[list[float]]:
+        """One score per sample; NaN marks a sample dropped by reward.on_invalid=drop."""
         n = len(self)
-        return self.scatter_async("score", _chunks(prompts, n), _chunks(responses, n), combine=_flatten)
+        return self.scatter_async(
+            "score", _chunks(prompts, n), _chunks(responses, n), _chunks(metadata, n), combine=_flatten
+        )
 
 
 class WeightSync:

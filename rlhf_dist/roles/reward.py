@@ -1,13 +1,29 @@
-"""Reward role: scores (prompt, response) pairs with a rule function or a learned reward model."""
+"""Reward role: a weighted sum of a Python function, a learned reward model and a remote endpoint.
+
+Each source is checked when the actor starts (the function's signature is bound,
+the model is loaded), so a bad source fails before the first step. A score that
+raises or is not finite is handled by ``reward.on_invalid``: ``error`` fails the
+step naming the sample, ``drop`` returns NaN for it and the controller excludes it.
+"""
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
+import math
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 
 import torch
 
 from rlhf_dist.config import RewardConfig
+
+
+class RewardError(ValueError):
+    """A reward source failed or returned a non-finite score; the message names the sample."""
 
 
 def import_function(path: str) -> Callable[..., float]:
@@ -22,15 +38,47 @@ def import_function(path: str) -> Callable[..., float]:
     return fn
 
 
+def takes_metadata(fn: Callable[..., float], path: str) -> bool:
+    """Whether ``fn`` is called as fn(prompt, response, metadata) or fn(prompt, response)."""
+    sig = inspect.signature(fn)
+    for args, with_metadata in ((("p", "r", {}), True), (("p", "r"), False)):
+        try:
+            sig.bind(*args)
+            return with_metadata
+        except TypeError:
+            continue
+    raise ValueError(f"reward.function={path!r}: signature {sig} must accept (prompt, response[, metadata])")
+
+
+def post_scores(cfg: RewardConfig, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
+    """POST the batch to ``reward.http_url``; retries with back-off, then one clear error."""
+    body = json.dumps({"prompts": prompts, "responses": responses, "metadata": metadata}).encode()
+    last = ""
+    for attempt in range(cfg.http_retries + 1):
+        if attempt:
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
+        request = urllib.request.Request(cfg.http_url, body, {"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=cfg.http_timeout_s) as response:
+                scores = json.loads(response.read())["scores"]
+            if len(scores) != len(prompts):
+                raise RewardError(f"reward.http_url={cfg.http_url!r}: {len(scores)} scores for {len(prompts)} samples")
+            return [float(s) for s in scores]
+        except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError, KeyError) as e:
+            last = f"{type(e).__name__}: {e}"
+    raise RewardError(f"reward.http_url={cfg.http_url!r}: failed after {cfg.http_retries + 1} attempts ({last})")
+
+
 class RewardScorer:
-    """Hosts either a Python reward function or an ``AutoModelForSequenceClassification``."""
+    """Hosts the configured reward sources and returns one weighted score per sample."""
 
     def __init__(self, cfg: RewardConfig, dtype: str, device: str) -> None:
         self.cfg = cfg
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        if cfg.kind == "function":
+        if cfg.function_weight:
             self.fn = import_function(cfg.function)
-        else:
+            self.fn_takes_metadata = takes_metadata(self.fn, cfg.function)
+        if cfg.model_weight:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             from rlhf_dist.modeling import torch_dtype
@@ -46,13 +94,39 @@ class RewardScorer:
     def ready(self) -> bool:
         return True
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        if self.cfg.kind == "function":
-            return [float(self.fn(p, r)) for p, r in zip(prompts, responses)]
-        return self._model_scores([p + r for p, r in zip(prompts, responses)])
+    def score(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
+        """Weighted sum of the sources; NaN marks a dropped sample (reward.on_invalid=drop)."""
+        total = [0.0] * len(prompts)
+        if self.cfg.function_weight:
+            self._add(total, self.cfg.function_weight, self._function_scores(prompts, responses, metadata), prompts)
+        if self.cfg.model_weight:
+            self._add(total, self.cfg.model_weight, self._model_scores(prompts, responses), prompts)
+        if self.cfg.http_weight:
+            self._add(total, self.cfg.http_weight, post_scores(self.cfg, prompts, responses, metadata), prompts)
+        return total
+
+    def _add(self, total: list[float], weight: float, scores: list[float], prompts: list[str]) -> None:
+        for i, s in enumerate(scores):
+            if not math.isfinite(s):
+                if self.cfg.on_invalid == "error":
+                    raise RewardError(f"reward for sample {i} (prompt {prompts[i][:40]!r}) is {s}")
+                s = math.nan
+            total[i] += weight * s
+
+    def _function_scores(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
+        scores = []
+        for i, (p, r, m) in enumerate(zip(prompts, responses, metadata)):
+            try:
+                scores.append(float(self.fn(p, r, m) if self.fn_takes_metadata else self.fn(p, r)))
+            except Exception as e:
+                if self.cfg.on_invalid == "error":
+                    raise RewardError(f"{self.cfg.function} raised on sample {i} (prompt {p[:40]!r}): {e!r}") from e
+                scores.append(math.nan)
+        return scores
 
     @torch.no_grad()
-    def _model_scores(self, texts: list[str]) -> list[float]:
+    def _model_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
+        texts = [p + r for p, r in zip(prompts, responses)]
         scores: list[float] = []
         for i in range(0, len(texts), self.cfg.batch_size):
             enc = self.tokenizer(texts[i : i + self.cfg.batch_size], return_tensors="pt", padding=True).to(self.device)

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 
 from rlhf_dist import algorithms as A
-from rlhf_dist.config import ModelConfig, RunPlan, TrainerConfig
+from rlhf_dist.config import AlgoConfig, ModelConfig, RunPlan, TrainerConfig
 from rlhf_dist.experience import Experience
 from rlhf_dist.modeling import in_chunks, load_causal_lm, load_critic, response_logprobs, response_values
 
@@ -128,10 +128,10 @@ class _DeepSpeedRank:
 class PolicyTrainer(_DeepSpeedRank):
     """The policy: PPO-clip updates, logprobs, and the weight broadcast to the engines."""
 
-    def __init__(self, *args, temperature: float, clip_eps: float, **kwargs) -> None:
+    def __init__(self, *args, temperature: float, max_new_tokens: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.lr = self.cfg.lr
-        self.temperature, self.clip_eps = temperature, clip_eps
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.sender = None
 
     def build_model(self) -> torch.nn.Module:
@@ -150,13 +150,27 @@ class PolicyTrainer(_DeepSpeedRank):
             ents.append(ent)
         return torch.cat(lps).cpu(), torch.cat(ents).cpu()
 
-    def train(self, exp: Experience, epochs: int) -> dict[str, float]:
+    def train(self, exp: Experience, epochs: int, algo: AlgoConfig, kl_coef: float) -> dict[str, float]:
+        """PPO-clip epochs with the loss options of ``algo``; ``kl_coef`` weighs the KL loss term
+        when ``algo.kl_in == "loss"`` (the controller owns the coefficient and its schedule)."""
+
         def loss_fn(micro: Experience):
             logprobs, entropy = response_logprobs(self.engine, micro, self.temperature, with_entropy=True)
-            loss, stats = A.policy_loss(logprobs, micro.old_logprobs, micro.advantages, micro.response_mask,
-                                        self.clip_eps)
+            mask = micro.response_mask
+            loss, stats = A.policy_loss(
+                logprobs, micro.old_logprobs, micro.advantages, mask, algo.clip_eps,
+                clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip, agg=algo.loss_agg,
+                max_len=self.max_new_tokens,
+            )
             stats["policy_loss"] = loss.item()
-            stats["entropy"] = A.masked_mean(entropy.detach(), micro.response_mask).item()
+            if algo.entropy_coef:
+                loss = loss - algo.entropy_coef * A.aggregate_loss(entropy, mask, algo.loss_agg, self.max_new_tokens)
+            if algo.kl_in == "loss":
+                kl = A.kl_estimate(logprobs, micro.ref_logprobs, algo.kl_estimator)
+                kl_loss = A.aggregate_loss(kl, mask, algo.loss_agg, self.max_new_tokens)
+                loss = loss + kl_coef * kl_loss
+                stats["kl_loss"] = kl_loss.item()
+            stats["entropy"] = A.masked_mean(entropy.detach(), mask).item()
             return loss, stats
 
         return self._train(exp, epochs, loss_fn)

@@ -15,7 +15,7 @@ import torch
 
 from rlhf_dist.cluster import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
-from rlhf_dist.controller import run_ppo
+from rlhf_dist.controller import run_rl
 from rlhf_dist.data import load_prompts
 from rlhf_dist.experience import collate
 from rlhf_dist.run_logger import RunLogger
@@ -63,7 +63,8 @@ def test_ppo_steps_then_engines_match_trainer(zero_stage, reward_kind, tiny_poli
     try:
         before = roles.generation.sequence_logprobs_async(probe).result()
         logger = RunLogger(cfg.logger, tmp_path, {}, cfg.total_steps, "")
-        run_ppo(cfg, roles, load_prompts(cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed), logger)
+        prompts = load_prompts(cfg.data.prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed)
+        run_rl(cfg, roles, prompts, None, logger)
         summary = logger.finish("completed")
         after = roles.generation.sequence_logprobs_async(probe).result()
         probe_exp = collate([p[:1] for p in probe], [p[1:] for p in probe], pad_id=tokenizer.pad_token_id)

@@ -34,8 +34,8 @@ def write_rows(path, rows):
 def test_read_prompt_rows_skips_bad_rows(tmp_path):
     rows = [b'{"prompt": "good one"}', b"", *[raw for raw, _ in BAD_ROWS], b"   ", b'{"prompt": "good two", "x": 1}']
     path = write_rows(tmp_path / "p.jsonl", rows)
-    texts, skipped = read_prompt_rows(path, "skip")
-    assert texts == ["good one", "good two"]
+    kept, skipped = read_prompt_rows(path, "skip")
+    assert kept == [{"prompt": "good one"}, {"prompt": "good two", "x": 1}]
     # the 7 bad rows count; the empty and the whitespace-only line are ignored
     assert skipped == 7
 
@@ -51,7 +51,7 @@ def test_read_prompt_rows_error_names_file_and_line(tmp_path, bad, exc_name):
 
 def test_read_prompt_rows_clean_file_in_error_mode(tmp_path):
     path = write_rows(tmp_path / "p.jsonl", [b'{"prompt": "a"}', b'{"prompt": "b c"}'])
-    assert read_prompt_rows(path, "error") == (["a", "b c"], 0)
+    assert read_prompt_rows(path, "error") == ([{"prompt": "a"}, {"prompt": "b c"}], 0)
 
 
 def test_read_prompt_rows_missing_file(tmp_path):
@@ -65,14 +65,15 @@ def prompt_file(tmp_path):
     # max_prompt_len=3 below: "a bb" (2 tokens) and "a bb ccc" (3, at the limit) fit; "a b c d" (4) does not
     return write_rows(
         tmp_path / "p.jsonl",
-        [b'{"prompt": "a bb"}', b'{"prompt": "a b c d"}', b'{"prompt": ""}', b'{"prompt": "a bb ccc"}'],
+        [b'{"prompt": "a bb"}', b'{"prompt": "a b c d"}', b'{"prompt": ""}', b'{"prompt": "a bb ccc", "answer": "7"}'],
     )
 
 
 def test_load_prompts_skips_over_long_prompts(tmp_path):
     cfg = DataConfig(prompts=str(prompt_file(tmp_path)), on_bad_row="skip")
-    prompts = load_prompts(cfg, WordTokenizer(), max_prompt_len=3, seed=0)
+    prompts = load_prompts(cfg.prompts, cfg, WordTokenizer(), max_prompt_len=3, seed=0)
     assert prompts.texts == ["a bb", "a bb ccc"]
+    assert prompts.metadata == [{}, {"answer": "7"}]  # a row's other keys travel with its prompt
     assert prompts.token_ids == [[1, 2], [1, 2, 3]]
     # 1 empty row + 1 over-long prompt
     assert prompts.skipped == 2
@@ -83,14 +84,14 @@ def test_load_prompts_rejects_over_long_prompt(tmp_path):
     path = write_rows(tmp_path / "p.jsonl", [b'{"prompt": "a bb"}', b'{"prompt": "a b c d"}'])
     cfg = DataConfig(prompts=str(path), on_bad_row="error")
     with pytest.raises(DataError, match=r"prompt of 4 tokens exceeds model\.max_prompt_len=3"):
-        load_prompts(cfg, WordTokenizer(), max_prompt_len=3, seed=0)
+        load_prompts(cfg.prompts, cfg, WordTokenizer(), max_prompt_len=3, seed=0)
 
 
 def test_load_prompts_error_mode_stops_at_bad_row(tmp_path):
     cfg = DataConfig(prompts=str(prompt_file(tmp_path)), on_bad_row="error")
     # the over-long row 2 is only checked after reading; the empty row 3 fails first
     with pytest.raises(DataError, match=r":3: bad row"):
-        load_prompts(cfg, WordTokenizer(), max_prompt_len=3, seed=0)
+        load_prompts(cfg.prompts, cfg, WordTokenizer(), max_prompt_len=3, seed=0)
 
 
 @pytest.mark.parametrize(
@@ -104,14 +105,15 @@ def test_load_prompts_error_mode_stops_at_bad_row(tmp_path):
 def test_load_prompts_with_nothing_usable(tmp_path, rows):
     cfg = DataConfig(prompts=str(write_rows(tmp_path / "p.jsonl", rows)), on_bad_row="skip")
     with pytest.raises(DataError, match=r"no usable prompts \(2 rows skipped\)"):
-        load_prompts(cfg, WordTokenizer(), max_prompt_len=3, seed=0)
+        load_prompts(cfg.prompts, cfg, WordTokenizer(), max_prompt_len=3, seed=0)
 
 
 def test_load_prompts_builtin():
-    cfg = DataConfig(prompts="builtin", num_builtin_prompts=10)
-    prompts = load_prompts(cfg, WordTokenizer(), max_prompt_len=64, seed=3)
+    cfg = DataConfig(prompts="builtin:reviews", num_builtin_prompts=10)
+    prompts = load_prompts(cfg.prompts, cfg, WordTokenizer(), max_prompt_len=64, seed=3)
     assert len(prompts) == 10 and prompts.skipped == 0
     assert prompts.texts == make_prompts(10, 3)
+    assert prompts.metadata == [{}] * 10
     assert prompts.token_ids == [WordTokenizer()(t)["input_ids"] for t in prompts.texts]
 
 

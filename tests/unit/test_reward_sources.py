@@ -1,0 +1,111 @@
+"""The reward actor's sources, called directly (the actor class is plain Python): a function with
+or without metadata, a real HTTP endpoint on localhost, weighted sums, and invalid scores."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from rlhf_dist.config import RewardConfig
+from rlhf_dist.roles.reward import RewardError, RewardScorer
+
+
+def length_reward(prompt: str, response: str) -> float:
+    return float(len(response))
+
+
+def answer_reward(prompt: str, response: str, metadata: dict) -> float:
+    return 1.0 if response.strip() == metadata["answer"] else 0.0
+
+
+def flaky_reward(prompt: str, response: str) -> float:
+    if response == "boom":
+        raise RuntimeError("cannot score")
+    return math.inf if response == "inf" else 0.5
+
+
+def two_required_args_only(prompt: str) -> float:
+    return 0.0
+
+
+def scorer(**fields) -> RewardScorer:
+    return RewardScorer(RewardConfig(**fields), dtype="float32", device="cpu")
+
+
+def test_function_with_metadata():
+    s = scorer(function=f"{__name__}:answer_reward")
+    assert s.score(["1 + 1 =", "2 + 2 ="], [" 2", " 5"], [{"answer": "2"}, {"answer": "4"}]) == [1.0, 0.0]
+
+
+def test_function_signature_is_checked_at_start():
+    with pytest.raises(ValueError, match=r"must accept \(prompt, response\[, metadata\]\)"):
+        scorer(function=f"{__name__}:two_required_args_only")
+
+
+def test_invalid_score_fails_the_step_naming_the_sample():
+    s = scorer(function=f"{__name__}:flaky_reward")
+    with pytest.raises(RewardError, match=r"raised on sample 1 \(prompt 'p1'\)"):
+        s.score(["p0", "p1"], ["ok", "boom"], [{}, {}])
+    with pytest.raises(RewardError, match=r"reward for sample 0 \(prompt 'p0'\) is inf"):
+        s.score(["p0"], ["inf"], [{}])
+
+
+def test_invalid_scores_are_marked_for_dropping():
+    s = scorer(function=f"{__name__}:flaky_reward", on_invalid="drop")
+    out = s.score(["a", "b", "c"], ["ok", "boom", "inf"], [{}, {}, {}])
+    assert out[0] == 0.5 and math.isnan(out[1]) and math.isnan(out[2])
+
+
+class _ScoreHandler(BaseHTTPRequestHandler):
+    calls = 0
+
+    def do_POST(self):  # noqa: N802 (http.server API)
+        type(self).calls += 1
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if type(self).calls == 1:  # the first attempt fails: the client must retry
+            self.send_response(503)
+            self.end_headers()
+            return
+        scores = [10.0 * len(r) + float(m.get("bonus", 0)) for r, m in zip(body["responses"], body["metadata"])]
+        payload = json.dumps({"scores": scores}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def score_server():
+    server = HTTPServer(("127.0.0.1", 0), _ScoreHandler)
+    _ScoreHandler.calls = 0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/score"
+    server.shutdown()
+
+
+def test_weighted_sum_of_function_and_http(score_server):
+    s = scorer(function=f"{__name__}:length_reward", function_weight=0.5,
+               http_weight=2.0, http_url=score_server, http_retries=1, http_timeout_s=5)
+    # "ab": function 2 * 0.5 = 1; http (10 * 2 + 1) * 2 = 42 -> 43.  "abc": 1.5 + 60 = 61.5
+    assert s.score(["p", "q"], ["ab", "abc"], [{"bonus": 1}, {}]) == [43.0, 61.5]
+    assert _ScoreHandler.calls == 2  # one failure, one retry
+
+
+def test_http_failure_is_one_clear_error():
+    # Nothing listens on this localhost port (bound, then closed): every attempt is refused.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    s = scorer(function_weight=0.0, http_weight=1.0, http_url=f"http://127.0.0.1:{port}/x", http_retries=1)
+    with pytest.raises(RewardError, match=rf"^reward\.http_url='http://127\.0\.0\.1:{port}/x': failed after 2 attempts"):
+        s.score(["p"], ["r"], [{}])
