@@ -1,0 +1,69 @@
+"""Every critic-free estimator through the real stack: one set of actors (no critic is created),
+one RL step per estimator and loss option, then the engines still serve the trainer's weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_dist.cluster import shutdown_ray, start_roles
+from rlhf_dist.config import validate_config
+from rlhf_dist.controller import make_kl_controller, rl_step
+from rlhf_dist.data import PromptSampler, load_prompts
+from rlhf_dist.experience import collate
+from tests.conftest import compose_config
+
+pytestmark = pytest.mark.slow
+
+COMMON = [
+    "rollout.n=4", "rollout.batch_size=8", "algo.minibatch_size=16", "trainer.micro_batch_size=4",
+    "rollout.max_new_tokens=12", "logger.progress_bar=false",
+]
+CASES = {
+    "grpo": ["algo=grpo"],
+    "dr_grpo": ["algo=dr_grpo"],
+    "rloo": ["algo=rloo"],
+    "reinforce_pp": ["algo=reinforce_pp"],
+    # the loss options on top of GRPO: clip-higher, dual clip, entropy bonus, adaptive k2 KL in the reward
+    "grpo_options": ["algo=grpo", "algo.clip_eps_high=0.28", "algo.dual_clip=3.0", "algo.entropy_coef=0.01",
+                     "algo.kl_in=reward", "algo.kl_estimator=k2", "algo.kl_controller=adaptive",
+                     "algo.loss_agg=seq_mean_token_mean"],
+}
+
+
+def test_critic_free_estimators_one_step_each(tiny_policy):
+    from transformers import AutoTokenizer
+
+    configs = {name: compose_config(COMMON + extra) for name, extra in CASES.items()}
+    first = configs["grpo"]
+    roles = start_roles(first, validate_config(first), tiny_policy, tiny_policy)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    prompts = load_prompts(first.data.prompts, first.data, tokenizer, first.model.max_prompt_len, first.seed)
+    probe = [tokenizer(t)["input_ids"] for t in ("review : the pasta was", "the film was great")]
+    results = {}
+    try:
+        assert roles.critic is None
+        for step, (name, cfg) in enumerate(configs.items()):
+            validate_config(cfg)
+            sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.seed)
+            results[name] = rl_step(step, cfg, roles, prompts, sampler, make_kl_controller(cfg.algo))
+        engine_lp = roles.generation.sequence_logprobs_async(probe).result()[0]
+        trainer_lp, _ = roles.policy.logprobs_async(
+            collate([p[:1] for p in probe], [p[1:] for p in probe], pad_id=tokenizer.pad_token_id)
+        ).result()
+    finally:
+        roles.shutdown()
+        shutdown_ray()
+
+    for name, metrics in results.items():
+        assert all(math.isfinite(v) for v in metrics.values()), (name, metrics)
+        assert "loss/value" not in metrics  # no critic
+        assert metrics["reward/dropped"] == 0
+        assert metrics["ppo/clipfrac"] >= 0
+    assert "loss/kl" in results["grpo"] and "loss/kl" not in results["rloo"]
+    # the adaptive controller starts from algo.kl_coef
+    assert results["grpo_options"]["kl/coef"] == configs["grpo_options"].algo.kl_coef
+    for i, seq in enumerate(engine_lp):
+        torch.testing.assert_close(torch.tensor(seq), trainer_lp[i, : len(seq)].float(), atol=1e-4, rtol=0)
