@@ -2,12 +2,15 @@
 
 The policy is a 2-layer Llama (hidden 128, byte-level BPE vocab 512) pretrained for a few
 seconds on `tasks.make_corpus`, so it writes review-like text with a mix of positive and
-negative words: a starting point the "positive reviews" reward can move. Both models are
-saved with `save_pretrained` and load with the same `from_pretrained` / vLLM code paths as
-real checkpoints. Builds are cached by path, atomic (temp dir + rename, `.complete` marker
-written last) and deterministic given the seed.
+negative words: a starting point the "positive reviews" reward can move. The arithmetic
+policy is the same recipe, smaller (hidden 64), with one token per digit, pretrained for
+~25 s on `arithmetic.make_corpus` (a quarter of its answers wrong): it samples the right
+answer to roughly a fifth of held-out problems, room for the exact-match reward to act on.
+All models are saved with `save_pretrained` and load with the same `from_pretrained` / vLLM
+code paths as real checkpoints. Builds are cached by path, atomic (temp dir + rename,
+`.complete` marker written last) and deterministic given the seed.
 
-    python -m rlhf_dist.tiny_model [path]
+    python -m rlhf_dist.tiny_model [--task reviews|arithmetic] [path]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -33,31 +37,70 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlhf_dist.tasks import make_corpus
+from rlhf_dist import arithmetic, tasks
 
 CACHE_ENV = "RLHF_DIST_CACHE"
-MODEL_NAME = "tiny-llama-v1"  # bump the suffix when the recipe below changes
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
-VOCAB_SIZE = 512
-CORPUS_LINES = 6000
-PRETRAIN_STEPS = 300
-BATCH_SIZE = 32
-LEARNING_RATE = 3e-3
+VOCAB_SIZE = 512  # BPE target; a corpus with fewer merges (arithmetic) ends smaller
+HEAD_DIM = 32  # a head size vLLM's CPU attention supports
 WARMUP_STEPS = 20
 NUM_THREADS = 2
 _COMPLETE = ".complete"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def default_model_dir() -> pathlib.Path:
-    """Where the default policy lives: `$RLHF_DIST_CACHE/tiny-llama-v1`, else under ~/.cache/rlhf_dist."""
+@dataclass(frozen=True)
+class Recipe:
+    """What differs between the tiny models: shape, tokenizer and pretraining budget."""
+
+    name: str  # cache directory name; bump its suffix when the recipe or corpus changes
+    corpus_lines: int  # pretraining corpus size
+    hidden_size: int  # num_attention_heads = hidden_size / HEAD_DIM
+    intermediate_size: int  # MLP width
+    split_digits: bool  # pre-tokenize every digit on its own, so numbers are digit sequences
+    pretrain_steps: int
+    batch_size: int  # corpus lines per step
+    learning_rate: float  # peak, after WARMUP_STEPS; cosine decay to a tenth
+
+
+REVIEWS = Recipe(
+    name="tiny-llama-v1", corpus_lines=6000, hidden_size=128, intermediate_size=256,
+    split_digits=False, pretrain_steps=300, batch_size=32, learning_rate=3e-3,
+)  # fmt: skip
+# Smaller than REVIEWS so that 4x its steps fit in ~25 s on one thread; at hidden 128 that
+# time bought half the steps and held-out accuracy stayed near 10%.
+ARITHMETIC = Recipe(
+    name="tiny-arith-v1", corpus_lines=20000, hidden_size=64, intermediate_size=128,
+    split_digits=True, pretrain_steps=1200, batch_size=64, learning_rate=3e-3,
+)  # fmt: skip
+MODEL_NAME = REVIEWS.name
+ARITH_MODEL_NAME = ARITHMETIC.name
+
+
+def default_model_dir(name: str = MODEL_NAME) -> pathlib.Path:
+    """Where a tiny model lives: `$RLHF_DIST_CACHE/<name>`, else under ~/.cache/rlhf_dist;
+    `name` defaults to the review policy's."""
     root = os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "rlhf_dist"
-    return pathlib.Path(root) / MODEL_NAME
+    return pathlib.Path(root) / name
 
 
 def build_tiny_policy(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     """Build (or reuse, if `path/.complete` exists) the tokenizer + pretrained tiny Llama policy."""
-    return _build_atomically(pathlib.Path(path), seed, lambda tmp: _build_policy_into(tmp, seed))
+    return build_tiny_lm(path, tasks.make_corpus(REVIEWS.corpus_lines, seed), REVIEWS, seed)
+
+
+def build_tiny_arith_policy(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Build (or reuse) the tiny arithmetic policy, pretrained on `arithmetic.make_corpus`."""
+    return build_tiny_lm(path, arithmetic.make_corpus(ARITHMETIC.corpus_lines, seed), ARITHMETIC, seed)
+
+
+def build_tiny_lm(path: str | os.PathLike, lines: list[str], recipe: Recipe, seed: int = 0) -> pathlib.Path:
+    """Build (or reuse, if `path/.complete` exists) a tokenizer trained on `lines` and a tiny
+    Llama of `recipe`'s shape pretrained on them.
+
+    The `.complete` marker records only the seed, as it always has, so a path built by another
+    recipe is reused as is: keep one recipe per path (`default_model_dir(recipe.name)`)."""
+    return _build_atomically(pathlib.Path(path), seed, lambda tmp: _build_policy_into(tmp, lines, recipe, seed))
 
 
 def build_tiny_reward_model(
@@ -105,13 +148,12 @@ def _build_atomically(path: pathlib.Path, seed: int, build: Callable[[pathlib.Pa
     return path
 
 
-def _build_policy_into(out: pathlib.Path, seed: int) -> None:
-    lines = make_corpus(CORPUS_LINES, seed)
-    tokenizer = _train_tokenizer(lines)
+def _build_policy_into(out: pathlib.Path, lines: list[str], recipe: Recipe, seed: int) -> None:
+    tokenizer = _train_tokenizer(lines, recipe.split_digits)
     tokenizer.save_pretrained(out)
     with _seeded_cpu(seed):
-        model = LlamaForCausalLM(_llama_config(tokenizer))
-        _pretrain(model, tokenizer, lines, seed)
+        model = LlamaForCausalLM(_llama_config(tokenizer, recipe))
+        _pretrain(model, tokenizer, lines, recipe, seed)
     model.save_pretrained(out)
 
 
@@ -120,13 +162,17 @@ def _build_reward_model_into(out: pathlib.Path, policy_path: pathlib.Path, seed:
         shutil.copyfile(policy_path / name, out / name)
     tokenizer = AutoTokenizer.from_pretrained(out)
     with _seeded_cpu(seed):
-        model = LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=1))
+        model = LlamaForSequenceClassification(_llama_config(tokenizer, REVIEWS, num_labels=1))
     model.save_pretrained(out)
 
 
-def _train_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
+def _train_tokenizer(lines: list[str], split_digits: bool) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        # BPE never merges across pre-tokens, so "12 = 19" stays "1" "2" ... "Ġ" "1" "9":
+        # one token per digit, the same digit tokens in prompts and answers.
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), bpe.pre_tokenizer])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -148,15 +194,18 @@ def _train_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def _llama_config(tokenizer: PreTrainedTokenizerFast, **extra: int) -> LlamaConfig:
+def _llama_config(tokenizer: PreTrainedTokenizerFast, recipe: Recipe, **extra: int) -> LlamaConfig:
+    num_heads = recipe.hidden_size // HEAD_DIM
     return LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=128,
+        # len(tokenizer), not VOCAB_SIZE: no logit for an id the tokenizer cannot decode.
+        # The review tokenizer fills all VOCAB_SIZE ids (seeds 0-3 checked), so its model is unchanged.
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=32,
-        intermediate_size=256,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        head_dim=HEAD_DIM,
+        intermediate_size=recipe.intermediate_size,
         max_position_embeddings=256,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
@@ -180,16 +229,18 @@ def _seeded_cpu(seed: int) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def _pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, lines: list[str], seed: int) -> None:
+def _pretrain(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, lines: list[str], recipe: Recipe, seed: int
+) -> None:
     # Each line becomes "<s> line </s>": the tokenizer adds <s>, we append </s>.
     sequences = [torch.tensor(ids + [tokenizer.eos_token_id]) for ids in tokenizer(lines)["input_ids"]]
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, recipe.pretrain_steps))
     model.train()
     start, losses = time.perf_counter(), []
-    for _ in range(PRETRAIN_STEPS):
-        batch = [sequences[i] for i in torch.randint(len(sequences), (BATCH_SIZE,), generator=generator)]
+    for _ in range(recipe.pretrain_steps):
+        batch = [sequences[i] for i in torch.randint(len(sequences), (recipe.batch_size,), generator=generator)]
         input_ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=tokenizer.pad_token_id)
         attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in batch], batch_first=True)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
@@ -202,26 +253,34 @@ def _pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, lines
         losses.append(loss.item())
     model.eval()
     print(
-        f"[tiny_model] pretrained {PRETRAIN_STEPS} steps x {BATCH_SIZE} lines in "
+        f"[tiny_model] pretrained {recipe.name}: {recipe.pretrain_steps} steps x {recipe.batch_size} lines in "
         f"{time.perf_counter() - start:.1f}s, loss {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.2f} (last 20)",
         file=sys.stderr,
         flush=True,
     )
 
 
-def _warmup_cosine(step: int) -> float:
+def _warmup_cosine(step: int, total_steps: int) -> float:
     if step < WARMUP_STEPS:
         return (step + 1) / WARMUP_STEPS
-    progress = (step - WARMUP_STEPS) / max(1, PRETRAIN_STEPS - WARMUP_STEPS)
+    progress = (step - WARMUP_STEPS) / max(1, total_steps - WARMUP_STEPS)
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+_BUILDERS: dict[str, tuple[Callable[[str | os.PathLike, int], pathlib.Path], str]] = {
+    "reviews": (build_tiny_policy, MODEL_NAME),
+    "arithmetic": (build_tiny_arith_policy, ARITH_MODEL_NAME),
+}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build the tiny default policy (cached) and print its path.")
-    parser.add_argument("path", nargs="?", type=pathlib.Path, default=None, help="default: default_model_dir()")
+    parser = argparse.ArgumentParser(description="Build a tiny policy (cached) and print its path.")
+    parser.add_argument("path", nargs="?", type=pathlib.Path, default=None, help="default: default_model_dir(<name>)")
+    parser.add_argument("--task", choices=sorted(_BUILDERS), default="reviews", help="which policy to build")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(build_tiny_policy(args.path or default_model_dir(), seed=args.seed))
+    build, name = _BUILDERS[args.task]
+    print(build(args.path or default_model_dir(name), args.seed))
 
 
 if __name__ == "__main__":
