@@ -1,5 +1,6 @@
-"""Every critic-free estimator through the real stack: one set of actors (no critic is created),
-one RL step per estimator and loss option, then the engines still serve the trainer's weights."""
+"""Every critic-free estimator through the real stack on the verifiable arithmetic task: one set
+of actors (no critic is created), one RL step per estimator and loss option, a held-out greedy
+evaluation, then the engines still serve the trainer's weights."""
 
 from __future__ import annotations
 
@@ -10,16 +11,17 @@ import torch
 
 from rlhf_dist.cluster import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
-from rlhf_dist.controller import make_kl_controller, rl_step
+from rlhf_dist.controller import evaluate, make_kl_controller, rl_step
 from rlhf_dist.data import PromptSampler, load_prompts
 from rlhf_dist.experience import collate
+from rlhf_dist.modeling import resolve_model_path
 from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow
 
 COMMON = [
-    "rollout.n=4", "rollout.batch_size=8", "algo.minibatch_size=16", "trainer.micro_batch_size=4",
-    "rollout.max_new_tokens=12", "logger.progress_bar=false",
+    "task=arithmetic", "rollout.n=4", "rollout.batch_size=8", "algo.minibatch_size=16",
+    "trainer.micro_batch_size=4", "eval.num_prompts=32", "logger.progress_bar=false",
 ]
 CASES = {
     "grpo": ["algo=grpo"],
@@ -33,15 +35,19 @@ CASES = {
 }
 
 
-def test_critic_free_estimators_one_step_each(tiny_policy):
+def test_critic_free_estimators_one_step_each():
     from transformers import AutoTokenizer
 
     configs = {name: compose_config(COMMON + extra) for name, extra in CASES.items()}
     first = configs["grpo"]
-    roles = start_roles(first, validate_config(first), tiny_policy, tiny_policy)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
-    prompts = load_prompts(first.data.prompts, first.data, tokenizer, first.model.max_prompt_len, first.seed)
-    probe = [tokenizer(t)["input_ids"] for t in ("review : the pasta was", "the film was great")]
+    policy_path = resolve_model_path(first.model.path, first.cache_dir)
+    roles = start_roles(first, validate_config(first), policy_path, policy_path)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    data = first.data
+    prompts = load_prompts(data.prompts, data, tokenizer, first.model.max_prompt_len, first.seed)
+    held_out = load_prompts(data.eval_prompts, data, tokenizer, first.model.max_prompt_len, first.seed, split="test")
+    assert not set(prompts.texts) & set(held_out.texts)
+    probe = [tokenizer(t)["input_ids"] for t in ("12 + 7 = 19", "40 - 3 = 37")]
     results = {}
     try:
         assert roles.critic is None
@@ -49,6 +55,7 @@ def test_critic_free_estimators_one_step_each(tiny_policy):
             validate_config(cfg)
             sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.seed)
             results[name] = rl_step(step, cfg, roles, prompts, sampler, make_kl_controller(cfg.algo))
+        evaluation = evaluate(first, roles, held_out)
         engine_lp = roles.generation.sequence_logprobs_async(probe).result()[0]
         trainer_lp, _ = roles.policy.logprobs_async(
             collate([p[:1] for p in probe], [p[1:] for p in probe], pad_id=tokenizer.pad_token_id)
@@ -63,6 +70,9 @@ def test_critic_free_estimators_one_step_each(tiny_policy):
         assert metrics["reward/dropped"] == 0
         assert metrics["ppo/clipfrac"] >= 0
     assert "loss/kl" in results["grpo"] and "loss/kl" not in results["rloo"]
+    # exact-match rewards are 0 or 1, so the held-out mean is an accuracy over 32 prompts
+    assert evaluation["eval/num_prompts"] == 32
+    assert evaluation["eval/reward_mean"] * 32 == round(evaluation["eval/reward_mean"] * 32)
     # the adaptive controller starts from algo.kl_coef
     assert results["grpo_options"]["kl/coef"] == configs["grpo_options"].algo.kl_coef
     for i, seq in enumerate(engine_lp):
