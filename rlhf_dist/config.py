@@ -120,8 +120,9 @@ class AlgoConfig:
     clip_eps_high: float | None = None
     # Dual-clip constant c > 1 capping the loss of negative-advantage tokens (Ye et al. 2020); null is off.
     dual_clip: float | None = None
-    # Policy-loss aggregation: token_mean, seq_mean_token_mean, or seq_mean_token_sum_norm
-    # (Dr. GRPO: token sum over micro-batch size x rollout.max_new_tokens).
+    # Policy-loss aggregation over each micro-batch (gradients then accumulate over the minibatch):
+    # token_mean, seq_mean_token_mean, or seq_mean_token_sum_norm (Dr. GRPO: token sum over
+    # micro-batch size x rollout.max_new_tokens).
     loss_agg: str = "token_mean"
     # Entropy bonus coefficient (the loss subtracts entropy_coef x aggregated entropy).
     entropy_coef: float = 0.0
