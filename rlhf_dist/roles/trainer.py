@@ -89,18 +89,22 @@ class _DeepSpeedRank:
         )
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
 
-    # Subclass hooks
-    lr: float
-
+    # Subclass hooks: the model this rank trains and its learning rate.
     def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def lr(self) -> float:
         raise NotImplementedError
 
     def _to_device(self, exp: Experience) -> Experience:
         return exp.map_tensors(lambda t: t.to(self.engine.device))
 
     def _minibatches(self, exp: Experience, epoch: int) -> list[Experience]:
-        """Per-rank minibatches of this epoch, shuffled with a (seed, epoch, rank) generator."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
+        """Per-rank minibatches of this epoch, shuffled by a generator keyed on (seed, optimizer
+        steps so far, epoch, rank): a different order every step, reproducible from the state."""
+        key = (self.seed * 1_000_003 + self.engine.global_steps * 7919 + epoch * 1009 + self.rank) % 2**63
+        gen = torch.Generator().manual_seed(key)
         order = torch.randperm(len(exp), generator=gen)
         size = self.plan.per_rank_minibatch
         return [exp.select(order[i : i + size]) for i in range(0, len(exp), size)]
@@ -130,9 +134,12 @@ class PolicyTrainer(_DeepSpeedRank):
 
     def __init__(self, *args, temperature: float, max_new_tokens: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.lr = self.cfg.lr
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.sender = None
+
+    @property
+    def lr(self) -> float:
+        return self.cfg.lr
 
     def build_model(self) -> torch.nn.Module:
         return load_causal_lm(self.model_path, self.model_cfg.dtype)
@@ -219,8 +226,11 @@ class CriticTrainer(_DeepSpeedRank):
 
     def __init__(self, *args, value_clip_eps: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.lr = self.cfg.critic_lr
         self.value_clip_eps = value_clip_eps
+
+    @property
+    def lr(self) -> float:
+        return self.cfg.critic_lr
 
     def build_model(self) -> torch.nn.Module:
         return load_critic(self.model_path, self.model_cfg.dtype)
