@@ -463,6 +463,9 @@ def validate_config(cfg: Config) -> RunPlan:
         _fail("resources.weight_sync_backend", "nccl", "nccl needs resources.device=cuda; use gloo on CPU")
     if res.device == "cpu" and r.tensor_parallel_size > 1:
         _fail("rollout.tensor_parallel_size", r.tensor_parallel_size, "must be 1 when resources.device=cpu")
+    if res.placement == "colocated" and res.weight_sync_backend == "nccl":
+        _fail("resources.placement", "colocated",
+              "NCCL weight sync cannot join the trainer and an engine on one GPU; use placement=separate")
     if res.device == "cuda" and res.policy.gpus <= 0:
         _fail("resources.policy.gpus", res.policy.gpus, "must be > 0 when resources.device=cuda")
     if r.max_model_len < cfg.model.max_prompt_len + r.max_new_tokens:

@@ -114,6 +114,8 @@ BAD_VALUES = [
     ({"model__dtype": "float16"}, "model.dtype='float16':", "float32 or bfloat16"),
     ({"data__on_bad_row": "drop"}, "data.on_bad_row='drop':", "skip or error"),
     ({"rollout__tensor_parallel_size": 2}, "rollout.tensor_parallel_size=2:", "resources.device=cpu"),
+    ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl", "resources__placement": "colocated",
+      "resources__policy__gpus": 0.5}, "resources.placement='colocated':", "placement=separate"),
     # device=cuda with every role still at 0 GPUs
     ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl"}, "resources.policy.gpus=0.0:", "cuda"),
 ]
@@ -147,12 +149,12 @@ def test_hydra_compose_gives_typed_config(compose):
     assert validate_config(cfg).optimizer_steps == 80
 
 
-def test_hydra_single_gpu_group(compose):
-    cfg = to_config(compose(["resources=single_gpu"]))
+def test_hydra_gpu_node_group(compose):
+    cfg = to_config(compose(["resources=gpu_node", "rollout.num_engines=2"]))
     assert (cfg.resources.device, cfg.resources.placement, cfg.resources.weight_sync_backend) == (
-        "cuda", "colocated", "nccl",
+        "cuda", "separate", "nccl",
     )
-    assert (cfg.resources.policy.gpus, cfg.resources.reward.gpus) == (0.2, 0.1)
+    assert (cfg.resources.policy.gpus, cfg.resources.generation.gpus) == (1.0, 1.0)
     validate_config(cfg)
 
 
