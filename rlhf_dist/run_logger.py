@@ -18,10 +18,13 @@ class RunLogger:
 
         self.cfg, self.out_dir, self.total_steps = cfg, out_dir, total_steps
         out_dir.mkdir(parents=True, exist_ok=True)
+        if (out_dir / "metrics.jsonl").exists() and (out_dir / "metrics.jsonl").stat().st_size:
+            # Appending would mix two runs' steps; overwriting would lose the earlier run.
+            raise FileExistsError(f"{out_dir / 'metrics.jsonl'} already holds a run: choose another hydra.run.dir")
         self.history: list[dict[str, float]] = []
         self.extra_summary: dict[str, float] = {}
         self.start = time.time()
-        self._jsonl = (out_dir / "metrics.jsonl").open("a", buffering=1)  # line-buffered: nothing lost on a crash
+        self._jsonl = (out_dir / "metrics.jsonl").open("w", buffering=1)  # line-buffered: nothing lost on a crash
         self._bar = tqdm(total=total_steps, desc="ppo", unit="step", disable=not cfg.progress_bar, dynamic_ncols=True)
         self.wandb_run = None
         if cfg.backend == "wandb":

@@ -73,7 +73,7 @@ def main(raw: DictConfig) -> float:
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else ""
     try:
         summary = run(cfg, plan, Path(hydra_cfg.runtime.output_dir), group)
-    except (RoleError, DataError, FileNotFoundError) as e:
+    except (RoleError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"rlhf_dist: error: {e}", file=sys.stderr)
         sys.exit(1)
     return summary["reward/last_fifth_mean"]  # the objective a sweeper optimises

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ ALGOS = {
 
 def run(name: str, extra: list[str], steps: int, out: Path) -> dict:
     run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own output of an earlier run
     cmd = [sys.executable, "-m", "rlhf_dist.train", "task=arithmetic", f"total_steps={steps}",
            "eval.num_prompts=256", "logger.progress_bar=false", f"hydra.run.dir={run_dir}", *extra]
     start = time.perf_counter()

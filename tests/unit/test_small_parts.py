@@ -70,3 +70,10 @@ def test_sample_seeds_distinct_and_reproducible():
     assert len(set(a)) == 64
     assert not set(a) & set(sample_seeds(seed=0, step=4, n=64))
     assert sample_seeds(seed=1, step=3, n=64) != a
+
+
+def test_run_logger_refuses_a_directory_that_holds_a_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(FileExistsError, match="already holds a run: choose another hydra.run.dir"):
+        RunLogger(LoggerConfig(progress_bar=False), tmp_path, {}, total_steps=1, group="")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'  # untouched
