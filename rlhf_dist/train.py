@@ -31,6 +31,13 @@ def run(cfg: Config, plan: RunPlan, out_dir: Path, group: str) -> dict:
     from rlhf_dist.modeling import resolve_model_path
     from rlhf_dist.run_logger import RunLogger
 
+    if cfg.reward.function_weight:  # fail in a second, not after the actors have started
+        from rlhf_dist.roles.reward import import_function, takes_metadata
+
+        try:
+            takes_metadata(import_function(cfg.reward.function), cfg.reward.function)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     policy_path = resolve_model_path(cfg.model.path, cfg.cache_dir)
     critic_path = resolve_model_path(cfg.model.critic_path, cfg.cache_dir) if cfg.model.critic_path else policy_path
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
@@ -73,7 +80,7 @@ def main(raw: DictConfig) -> float:
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else ""
     try:
         summary = run(cfg, plan, Path(hydra_cfg.runtime.output_dir), group)
-    except (RoleError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, RoleError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"rlhf_dist: error: {e}", file=sys.stderr)
         sys.exit(1)
     return summary["reward/last_fifth_mean"]  # the objective a sweeper optimises
