@@ -4,7 +4,7 @@ Runs each algorithm as a normal training job (`python -m rlhf_dist.train task=ar
 one after the other on the same machine, and prints held-out exact-match accuracy (greedy
 decoding) before and after training, the wall time of each job, and their ratio.
 
-    .venv/bin/python scripts/bench_arithmetic.py [--steps 30] [--out bench_out]
+    .venv/bin/python scripts/bench_arithmetic.py [--steps 100] [--out bench_out]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def run(name: str, extra: list[str], steps: int, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", type=Path, default=REPO / "bench_out")
     args = parser.parse_args()
     rows = [run(name, extra, args.steps, args.out) for name, extra in ALGOS.items()]
