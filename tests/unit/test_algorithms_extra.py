@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from rlhf_dist import algorithms as alg
+from tests.unit.test_algorithms import _policy_inputs  # the same hand-checked inputs (log ratios d, advantages A)
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
 F64 = torch.float64
@@ -167,15 +168,6 @@ def test_aggregate_loss_errors():
 # ---------------------------------------------------------------- policy loss options
 
 
-def _policy_inputs():
-    # the same inputs as test_algorithms._policy_inputs:
-    # log ratios d and advantages A; row 1 t=2 is padding (d=2, A=5 would dominate if it leaked)
-    d = t64([[0.1, 0.3, -0.5], [0.3, -0.5, 2.0]])
-    old = t64([[-1.0, -2.0, -0.5], [-1.5, -0.7, -3.0]])
-    logprobs = (old + d).requires_grad_(True)
-    advantages = t64([[1.0, 1.0, 1.0], [-2.0, -2.0, 5.0]])
-    mask = t64([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    return logprobs, old, advantages, mask
 
 
 # per-token losses at eps = 0.2 (derived in test_algorithms.test_policy_loss_clipping_and_stats):
