@@ -354,6 +354,47 @@ def value_loss(
     return loss, stats
 
 
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning: negative log-likelihood per response token (token mean)."""
+    return -masked_mean(logprobs, mask)
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Bradley-Terry loss of a reward model on (B,) scores of the chosen and rejected responses:
+
+        loss = mean(-log sigmoid(r_chosen - r_rejected))
+
+    (Ouyang et al. 2022, eq. 1, with one pair per prompt). Stats: pairwise accuracy (ties
+    count as wrong) and the mean margin.
+    """
+    margin = chosen.float() - rejected.float()
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    stats = {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+    return loss, stats
+
+
+def win_rate(scores: list[float], baseline_scores: list[float]) -> float:
+    """Fraction of prompts on which a response beats the baseline's response to the same
+    prompt under a judge's scores; a tie counts one half."""
+    if len(scores) != len(baseline_scores) or not scores:
+        raise ValueError(f"need equal, non-zero numbers of scores: {len(scores)} vs {len(baseline_scores)}")
+    wins = sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline_scores))
+    return wins / len(scores)
+
+
+def sequence_kl(logprobs: list[list[float]], baseline_logprobs: list[list[float]]) -> float:
+    """Monte-Carlo KL(pi || pi_base) per sequence, from responses sampled from pi:
+    mean over sequences of sum_t (log pi(y_t) - log pi_base(y_t)) (the k1 estimator)."""
+    if len(logprobs) != len(baseline_logprobs) or not logprobs:
+        raise ValueError(f"need equal, non-zero numbers of sequences: {len(logprobs)} vs {len(baseline_logprobs)}")
+    total = 0.0
+    for lp, base in zip(logprobs, baseline_logprobs):
+        if len(lp) != len(base):
+            raise ValueError(f"token counts differ: {len(lp)} vs {len(base)}")
+        total += sum(a - b for a, b in zip(lp, base))
+    return total / len(logprobs)
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax distribution at each position, computed in float32.
 

@@ -9,10 +9,20 @@ import ray
 from rlhf_dist.config import Config, RunPlan
 from rlhf_dist.placement import actor_env, init_ray, place, spawn
 from rlhf_dist.roles.generation import GenerationEngine
-from rlhf_dist.roles.groups import CriticGroup, GenerationGroup, PolicyGroup, ReferenceGroup, RewardGroup, WeightSync
+from rlhf_dist.roles.groups import (
+    CriticGroup,
+    GenerationGroup,
+    PolicyGroup,
+    ReferenceGroup,
+    RewardGroup,
+    RewardModelGroup,
+    SFTGroup,
+    WeightSync,
+    TrainerGroup,
+)
 from rlhf_dist.roles.reference import ReferenceModel
 from rlhf_dist.roles.reward import RewardScorer
-from rlhf_dist.roles.trainer import CriticTrainer, PolicyTrainer
+from rlhf_dist.roles.trainer import CriticTrainer, PolicyTrainer, RewardModelTrainer, SFTTrainer
 from rlhf_dist.worker_group import wait_all
 
 
@@ -68,7 +78,8 @@ def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) 
         lambda i: ((policy_path, dtype, device, cfg.reference.batch_size, cfg.rollout.temperature), {}),
     ), to.inference_s)
     reward = RewardGroup("reward", spawn(
-        RewardScorer, slots["reward"], res.reward, env, lambda i: ((cfg.reward, dtype, device), {}),
+        RewardScorer, slots["reward"], res.reward, env,
+        lambda i: ((cfg.reward, dtype, device), {"chat_template": cfg.data.chat_template}),
     ), to.inference_s)
 
     # Trainer groups join their process groups while the engines and inference actors load.
@@ -79,6 +90,21 @@ def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) 
     weights = WeightSync(policy, generation, res.weight_sync_backend, cfg.rollout.tensor_parallel_size,
                          to.weight_sync_s)
     return Roles(generation, policy, critic, reference, reward, weights)
+
+
+def start_trainer_group(cfg: Config, plan: RunPlan, role: str, model_path: str, **kwargs) -> TrainerGroup:
+    """One DeepSpeed data-parallel group on its own, for the supervised stages: ``role`` is
+    "sft" or "reward_model"; ``kwargs`` go to the trainer class. Uses the policy's resources."""
+    cls, group_cls = {"sft": (SFTTrainer, SFTGroup), "reward_model": (RewardModelTrainer, RewardModelGroup)}[role]
+    res, t, to = cfg.resources, cfg.trainer, cfg.timeouts
+    init_ray(res, cfg.logger.actor_logs)
+    slots = place(res, {"policy": t.world_size}, to.actor_start_s)["policy"]
+    group = group_cls(role, spawn(
+        cls, slots, res.policy, actor_env(res),
+        lambda r: ((t, cfg.model, plan, model_path, r, res.device, cfg.seed, to.weight_sync_s), kwargs),
+    ), to.train_s)
+    group.setup_async(to.actor_start_s).result()
+    return group
 
 
 def shutdown_ray() -> None:

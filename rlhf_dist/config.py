@@ -73,17 +73,39 @@ class DataConfig:
     eval_prompts: str = ""
     # Number of prompts generated for a builtin prompt set.
     num_builtin_prompts: int = 2048
-    # What to do with a malformed JSONL row (missing/empty prompt, too long): skip or error.
+    # What to do with a malformed row (bad JSON or UTF-8, missing or empty text, too long): skip
+    # (counted and logged) or error (stops, naming file and line).
     on_bad_row: str = "skip"
+    # SFT demonstrations: builtin:reviews (the embedded task), or a JSONL file / Hugging Face
+    # datasets directory whose rows have "prompt" and "response".
+    sft: str = "builtin:reviews"
+    # Pairwise preferences for the reward model: builtin:reviews (ranked by the embedded task's
+    # simulated annotator), or a JSONL file / datasets directory with "prompt", "chosen", "rejected".
+    preferences: str = "builtin:reviews"
+    # Held-out preferences for the reward model's pairwise accuracy; "" skips that evaluation.
+    eval_preferences: str = "builtin:reviews"
+    # Rows generated for builtin:reviews demonstrations and preference pairs (held-out: an eighth).
+    num_builtin_sft: int = 4096
+    num_builtin_pairs: int = 4096
+    # Probability that the simulated annotator ranks a pair the wrong way round (label noise).
+    annotator_noise: float = 0.1
+    # Apply the tokenizer's chat template (when it has one) to prompts and reward-model inputs.
+    chat_template: bool = True
 
     def validate(self) -> None:
-        _check_positive("data", self, "num_builtin_prompts")
+        _check_positive("data", self, "num_builtin_prompts", "num_builtin_sft", "num_builtin_pairs")
         if self.on_bad_row not in ("skip", "error"):
             _fail("data.on_bad_row", self.on_bad_row, "use skip or error")
         for key in ("prompts", "eval_prompts"):
             value = getattr(self, key)
             if value.startswith("builtin:") and value not in BUILTIN_PROMPTS:
                 _fail(f"data.{key}", value, f"use one of {', '.join(BUILTIN_PROMPTS)} or a JSONL path")
+        for key in ("sft", "preferences", "eval_preferences"):
+            value = getattr(self, key)
+            if value.startswith("builtin:") and value != "builtin:reviews":
+                _fail(f"data.{key}", value, "use builtin:reviews or a JSONL file / datasets directory")
+        if not 0.0 <= self.annotator_noise < 0.5:
+            _fail("data.annotator_noise", self.annotator_noise, "must be in [0, 0.5)")
 
 
 @dataclass
@@ -92,11 +114,23 @@ class EvalConfig:
     every_steps: int = 0
     # Held-out prompts used per evaluation (the first ones of the set).
     num_prompts: int = 128
+    # Decode greedily (true) or sample at rollout.temperature with fixed per-prompt seeds (false).
+    greedy: bool = True
+    # A gold metric "module:function" (prompt, response) -> float reported next to the reward
+    # (eval/gold_mean) and used by `python -m rlhf_dist.evaluate` to judge win rates; never a reward.
+    gold_function: str = ""
+    # rlhf_dist.evaluate: the policies to compare, name -> model directory (or hub id), given on
+    # the command line as +eval.policies.NAME=DIR.
+    policies: dict[str, str] = field(default_factory=dict)
+    # rlhf_dist.evaluate: the policy the others are judged against (win rate, KL); a key of policies.
+    baseline: str = ""
 
     def validate(self) -> None:
         if self.every_steps < 0:
             _fail("eval.every_steps", self.every_steps, "must be >= 0 (0 = no evaluation)")
         _check_positive("eval", self, "num_prompts")
+        if self.baseline and self.baseline not in self.policies:
+            _fail("eval.baseline", self.baseline, f"must be one of eval.policies ({', '.join(self.policies) or 'none'})")
 
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
@@ -263,6 +297,9 @@ class RewardConfig:
     # A score that raises or is NaN/inf: "error" fails the step naming the sample; "drop" excludes
     # the sample (no policy gradient, not in reward statistics) and counts it in reward/dropped.
     on_invalid: str = "error"
+    # Normalise reward-model scores with the mean/std saved next to the model
+    # (reward_normalization.json, written by `python -m rlhf_dist.reward_model`).
+    normalize: bool = True
     # Number of reward actors; samples are spread across them.
     num_actors: int = 1
     # Samples per forward pass of a reward model.
@@ -349,6 +386,39 @@ class ResourcesConfig:
 
 
 @dataclass
+class SFTConfig:
+    # Passes over the demonstrations (data.sft).
+    epochs: int = 2
+    # Demonstrations per optimizer step, summed over trainer.world_size ranks.
+    batch_size: int = 32
+    # Learning rate (AdamW; trainer.lr_schedule and warmup_steps apply).
+    lr: float = 1e-3
+    # Demonstrations longer than this many tokens (prompt + response + EOS) are skipped or rejected.
+    max_len: int = 128
+
+    def validate(self) -> None:
+        _check_positive("sft", self, "epochs", "batch_size", "lr", "max_len")
+
+
+@dataclass
+class RewardModelConfig:
+    # Backbone the reward model starts from (a score head is added); "" means model.path. The
+    # pipeline starts it from the SFT model, as InstructGPT did.
+    init_path: str = ""
+    # Passes over the preference pairs (data.preferences).
+    epochs: int = 2
+    # Pairs per optimizer step, summed over trainer.world_size ranks.
+    batch_size: int = 32
+    # Learning rate (AdamW).
+    lr: float = 5e-4
+    # Pairs whose chosen or rejected exchange exceeds this many tokens are skipped or rejected.
+    max_len: int = 128
+
+    def validate(self) -> None:
+        _check_positive("rm", self, "epochs", "batch_size", "lr", "max_len")
+
+
+@dataclass
 class TimeoutConfig:
     # Seconds for an actor to start and load its model/engine.
     actor_start_s: float = 300.0
@@ -406,6 +476,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -422,7 +494,10 @@ class RunPlan:
     optimizer_steps: int  # optimizer steps over the whole run (for the LR schedule)
 
 
-GROUPS = ("model", "data", "eval", "algo", "rollout", "trainer", "reward", "reference", "resources", "timeouts", "logger")
+GROUPS = (
+    "model", "data", "eval", "algo", "rollout", "trainer", "reward", "reference", "sft", "rm", "resources", "timeouts",
+    "logger",
+)
 
 
 def validate_config(cfg: Config) -> RunPlan:
@@ -482,6 +557,26 @@ def validate_config(cfg: Config) -> RunPlan:
         per_rank_minibatch=per_rank,
         grad_accum_steps=per_rank // t.micro_batch_size,
         optimizer_steps=cfg.total_steps * a.ppo_epochs * minibatches,
+    )
+
+
+def supervised_plan(cfg: Config, stage: str, num_rows: int | None = None) -> RunPlan:
+    """Sizes of the SFT ("sft") or reward-model ("rm") stage: one optimizer step per
+    ``<stage>.batch_size`` rows; ``num_rows`` (once the data is loaded) sets the schedule length."""
+    validate_config(cfg)
+    t, st = cfg.trainer, getattr(cfg, stage)
+    if st.batch_size % t.world_size:
+        _fail(f"{stage}.batch_size", st.batch_size, f"must be divisible by trainer.world_size={t.world_size}")
+    per_rank = st.batch_size // t.world_size
+    if per_rank % t.micro_batch_size:
+        _fail("trainer.micro_batch_size", t.micro_batch_size,
+              f"must divide {stage}.batch_size / trainer.world_size = {per_rank}")
+    rows = st.batch_size if num_rows is None else num_rows
+    if rows < st.batch_size:
+        _fail(f"{stage}.batch_size", st.batch_size, f"must be <= the {rows} usable rows of the data")
+    return RunPlan(
+        rollout_batch=st.batch_size, minibatches_per_epoch=1, per_rank_minibatch=per_rank,
+        grad_accum_steps=per_rank // t.micro_batch_size, optimizer_steps=st.epochs * (rows // st.batch_size),
     )
 
 

@@ -18,6 +18,7 @@ from rlhf_dist.cluster import Roles
 from rlhf_dist.config import AlgoConfig, Config
 from rlhf_dist.data import PromptSampler, PromptSet
 from rlhf_dist.experience import collate, pad_right
+from rlhf_dist.roles.reward import import_function
 from rlhf_dist.run_logger import RunLogger
 
 
@@ -30,6 +31,9 @@ class Timer:
         start = time.perf_counter()
         yield
         self.times[f"time/{name}"] = time.perf_counter() - start
+
+
+EVAL_SEED_STEP = 2**20  # evaluation samples draw seeds no training step uses
 
 
 def sample_seeds(seed: int, step: int, n: int) -> list[int]:
@@ -152,15 +156,22 @@ def rl_step(
 
 
 def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> dict[str, float]:
-    """Greedy responses to the held-out prompts, scored by the reward actors (for an exact-match
-    reward, ``eval/reward_mean`` is the held-out accuracy)."""
+    """Responses to the held-out prompts (greedy, or sampled with fixed seeds: ``eval.greedy``),
+    scored by the reward actors (for an exact-match reward, ``eval/reward_mean`` is the held-out
+    accuracy) and, when ``eval.gold_function`` is set, by that gold metric (``eval/gold_mean``),
+    which is only reported, never optimised."""
     count = min(cfg.eval.num_prompts, len(eval_prompts))
-    gens = roles.generation.generate_async(eval_prompts.token_ids[:count], [0] * count, greedy=True).result()
-    scores = roles.reward.score_async(
-        eval_prompts.texts[:count], [g.text for g in gens], eval_prompts.metadata[:count]
-    ).result()
+    texts, metadata = eval_prompts.texts[:count], eval_prompts.metadata[:count]
+    seeds = [0] * count if cfg.eval.greedy else sample_seeds(cfg.seed, EVAL_SEED_STEP, count)
+    gens = roles.generation.generate_async(eval_prompts.token_ids[:count], seeds, greedy=cfg.eval.greedy).result()
+    responses = [g.text for g in gens]
+    scores = roles.reward.score_async(texts, responses, metadata).result()
     finite = [s for s in scores if math.isfinite(s)]
-    return {"eval/reward_mean": sum(finite) / max(len(finite), 1), "eval/num_prompts": float(count)}
+    metrics = {"eval/reward_mean": sum(finite) / max(len(finite), 1), "eval/num_prompts": float(count)}
+    if cfg.eval.gold_function:
+        gold = import_function(cfg.eval.gold_function)
+        metrics["eval/gold_mean"] = sum(gold(p, r) for p, r in zip(texts, responses)) / count
+    return metrics
 
 
 def run_rl(
@@ -173,10 +184,13 @@ def run_rl(
     kl_ctl = make_kl_controller(cfg.algo)
     every = cfg.eval.every_steps if eval_prompts is not None else 0
     if every:
-        logger.add_summary({"eval/initial_reward_mean": evaluate(cfg, roles, eval_prompts)["eval/reward_mean"]})
+        initial = evaluate(cfg, roles, eval_prompts)
+        logger.add_summary({f"eval/initial_{k.removeprefix('eval/')}": v for k, v in initial.items()
+                            if k in ("eval/reward_mean", "eval/gold_mean")})
     for step in range(cfg.total_steps):
         metrics = rl_step(step, cfg, roles, prompts, sampler, kl_ctl)
         if every and ((step + 1) % every == 0 or step + 1 == cfg.total_steps):
             metrics.update(evaluate(cfg, roles, eval_prompts))
-            logger.add_summary({"eval/final_reward_mean": metrics["eval/reward_mean"]})
+            logger.add_summary({f"eval/final_{k.removeprefix('eval/')}": v for k, v in metrics.items()
+                                if k in ("eval/reward_mean", "eval/gold_mean")})
         logger.log(step, metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,29 +27,58 @@ class PromptSet:
         return len(self.texts)
 
 
-def read_prompt_rows(path: Path, on_bad_row: str) -> tuple[list[dict], int]:
-    """Rows of a JSONL file that have a non-empty string ``prompt``."""
+def _raw_rows(path: Path, key: str) -> Iterator[tuple[int, bytes | dict]]:
+    """(line or row number, raw JSONL line or dataset row) of a JSONL file or a Hugging Face
+    ``datasets`` directory (``save_to_disk``; a DatasetDict must have a ``train`` split)."""
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError as e:
+            raise DataError(f"{key}={str(path)!r}: reading a datasets directory needs the `datasets` package") from e
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{key}={str(path)!r}: not a JSONL file or a datasets directory ({e})") from e
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{key}={str(path)!r}: DatasetDict without a 'train' split ({sorted(ds)})")
+            ds = ds["train"]
+        yield from enumerate(ds, 1)
+        return
     if not path.is_file():
-        raise DataError(f"data.prompts={str(path)!r}: file not found")
-    rows, skipped = [], 0
+        raise DataError(f"{key}={str(path)!r}: file not found")
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8-sig"))  # tolerate a byte-order mark
-                prompt = row["prompt"]
-                if not isinstance(row, dict):
-                    raise ValueError("row is not a JSON object")
-                if not isinstance(prompt, str) or not prompt.strip():
-                    raise ValueError("'prompt' is empty or not a string")
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                if on_bad_row == "error":
-                    raise DataError(f"{path}:{line_no}: bad row ({type(e).__name__}: {e})") from e
-                skipped += 1
-                continue
-            rows.append(row)
+            if raw.strip():
+                yield line_no, raw
+
+
+def read_rows(
+    path: Path, on_bad_row: str, text_keys: tuple[str, ...] = ("prompt",), key: str = "data.prompts"
+) -> tuple[list[dict], int]:
+    """Rows whose ``text_keys`` are all non-empty strings; a malformed row (bad JSON or UTF-8,
+    missing key, empty text) is counted and skipped, or raises naming file and line."""
+    rows, skipped = [], 0
+    for line_no, raw in _raw_rows(path, key):
+        try:
+            row = json.loads(raw.decode("utf-8-sig")) if isinstance(raw, bytes) else raw  # tolerate a BOM
+            if not isinstance(row, dict):
+                raise TypeError("row is not a JSON object")
+            for name in text_keys:
+                if not isinstance(row[name], str) or not row[name].strip():
+                    raise ValueError(f"{name!r} is empty or not a string")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if on_bad_row == "error":
+                raise DataError(f"{path}:{line_no}: bad row ({type(e).__name__}: {e})") from e
+            skipped += 1
+            continue
+        rows.append(row)
     return rows, skipped
+
+
+def read_prompt_rows(path: Path, on_bad_row: str) -> tuple[list[dict], int]:
+    """Rows of a JSONL file (or datasets directory) that have a non-empty string ``prompt``."""
+    return read_rows(path, on_bad_row)
 
 
 def builtin_rows(name: str, num: int, seed: int, split: str) -> list[dict]:
@@ -64,6 +94,119 @@ def builtin_rows(name: str, num: int, seed: int, split: str) -> list[dict]:
     raise DataError(f"unknown builtin prompt set {name!r}")
 
 
+def has_chat_template(tokenizer, enabled: bool) -> bool:
+    """Whether to apply the tokenizer's chat template: it has one and ``data.chat_template`` is on."""
+    return enabled and bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_token_ids(tokenizer, text: str, cfg: DataConfig) -> list[int]:
+    """The policy's input for a prompt: the chat template's user turn and generation prompt when
+    the tokenizer has a template (and ``data.chat_template``), else the text as is."""
+    if has_chat_template(tokenizer, cfg.chat_template):
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(chat, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
+def conversation_text(tokenizer, prompt: str, response: str, use_template: bool) -> str:
+    """What a reward model reads: the chat-templated exchange, or prompt + response."""
+    if has_chat_template(tokenizer, use_template):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        )
+    return prompt + response
+
+
+def _rows(source: str, key: str, kind: str, cfg: DataConfig, seed: int, split: str) -> tuple[list[dict], int]:
+    """Rows of an SFT or preference source: builtin:reviews (the embedded task) or a file."""
+    if source.startswith("builtin:"):
+        from rlhf_dist.feedback import builtin_rows as feedback_rows
+
+        num = cfg.num_builtin_sft if kind == "sft" else cfg.num_builtin_pairs
+        if split == "test":
+            num = max(1, num // 8)
+        return feedback_rows(kind, num, seed, split, cfg.annotator_noise), 0
+    text_keys = ("prompt", "response") if kind == "sft" else ("prompt", "chosen", "rejected")
+    return read_rows(Path(source).expanduser(), cfg.on_bad_row, text_keys, key)
+
+
+def _too_long(cfg: DataConfig, key: str, skipped: int, length: int, max_len: int, text: str) -> int:
+    if cfg.on_bad_row == "error":
+        raise DataError(f"{key}: row of {length} tokens exceeds the limit {max_len}: {text[:60]!r}")
+    return skipped + 1
+
+
+@dataclass(frozen=True)
+class SFTSet:
+    """Demonstrations as token ids: the prompt (as the policy sees it) and the response + EOS."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    skipped: int
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+def load_sft(source: str, cfg: DataConfig, tokenizer, max_len: int, seed: int, split: str = "train") -> SFTSet:
+    """``prompt``/``response`` rows; a pair longer than ``max_len`` tokens is skipped or rejected."""
+    key = "data.sft" if split == "train" else "data.eval_sft"
+    rows, skipped = _rows(source, key, "sft", cfg, seed, split)
+    prompts, responses = [], []
+    for row in rows:
+        p = prompt_token_ids(tokenizer, row["prompt"], cfg)
+        r = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(p) + len(r) > max_len:
+            skipped = _too_long(cfg, key, skipped, len(p) + len(r), max_len, row["prompt"])
+            continue
+        prompts.append(p)
+        responses.append(r)
+    if not prompts:
+        raise DataError(f"{key}={source!r}: no usable rows ({skipped} skipped)")
+    return SFTSet(prompts, responses, skipped)
+
+
+@dataclass(frozen=True)
+class PreferenceSet:
+    """Pairwise preferences as the reward model reads them: token ids of the chosen and of the
+    rejected exchange."""
+
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+    skipped: int
+
+    def __len__(self) -> int:
+        return len(self.chosen_ids)
+
+
+def load_preferences(
+    source: str, cfg: DataConfig, tokenizer, max_len: int, seed: int, split: str = "train"
+) -> PreferenceSet:
+    """``prompt``/``chosen``/``rejected`` rows; identical chosen and rejected texts, or an
+    exchange longer than ``max_len`` tokens, are skipped or rejected."""
+    key = "data.preferences" if split == "train" else "data.eval_preferences"
+    rows, skipped = _rows(source, key, "preferences", cfg, seed, split)
+    chosen, rejected = [], []
+    for row in rows:
+        if row["chosen"] == row["rejected"]:
+            if cfg.on_bad_row == "error":
+                raise DataError(f"{key}: chosen and rejected are the same text: {row['chosen'][:60]!r}")
+            skipped += 1
+            continue
+        c = tokenizer(conversation_text(tokenizer, row["prompt"], row["chosen"], cfg.chat_template))["input_ids"]
+        r = tokenizer(conversation_text(tokenizer, row["prompt"], row["rejected"], cfg.chat_template))["input_ids"]
+        if max(len(c), len(r)) > max_len:
+            skipped = _too_long(cfg, key, skipped, max(len(c), len(r)), max_len, row["prompt"])
+            continue
+        chosen.append(c)
+        rejected.append(r)
+    if not chosen:
+        raise DataError(f"{key}={source!r}: no usable rows ({skipped} skipped)")
+    return PreferenceSet(chosen, rejected, skipped)
+
+
 def load_prompts(
     source: str, cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int, split: str = "train"
 ) -> PromptSet:
@@ -76,7 +219,7 @@ def load_prompts(
     texts, ids_list, metadata = [], [], []
     for row in rows:
         text = row["prompt"]
-        ids = tokenizer(text)["input_ids"]
+        ids = prompt_token_ids(tokenizer, text, cfg)
         if len(ids) > max_prompt_len:
             if cfg.on_bad_row == "error":
                 raise DataError(

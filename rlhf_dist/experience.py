@@ -14,8 +14,36 @@ from dataclasses import dataclass
 import torch
 
 
+class TensorRows:
+    """Row selection and sharding for a dataclass of equal-length tensors (plus scalars)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def map_tensors(self, fn):
+        """A copy with ``fn`` applied to every tensor field (e.g. a device move)."""
+        fields = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            fields[f.name] = fn(value) if isinstance(value, torch.Tensor) else value
+        return type(self)(**fields)
+
+    def select(self, index: torch.Tensor | slice):
+        """Rows ``index`` of every tensor field."""
+        return self.map_tensors(lambda t: t[index])
+
+    def split(self, parts: int) -> list:
+        """``parts`` contiguous shards whose sizes differ by at most one (rank order)."""
+        bounds = split_sizes(len(self), parts)
+        shards, start = [], 0
+        for size in bounds:
+            shards.append(self.select(slice(start, start + size)))
+            start += size
+        return shards
+
+
 @dataclass
-class Experience:
+class Experience(TensorRows):
     """One rollout batch. Per-token fields are ``(B, T)`` over response positions."""
 
     input_ids: torch.Tensor  # (B, P+T) long
@@ -37,29 +65,8 @@ class Experience:
         """(B, T) generated token ids (pad on the right)."""
         return self.input_ids[:, self.prompt_width :]
 
-    def map_tensors(self, fn) -> Experience:
-        """A copy with ``fn`` applied to every tensor field (e.g. a device move)."""
-        fields = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            fields[f.name] = fn(value) if isinstance(value, torch.Tensor) else value
-        return Experience(**fields)
-
-    def select(self, index: torch.Tensor | slice) -> Experience:
-        """Rows ``index`` of every tensor field."""
-        return self.map_tensors(lambda t: t[index])
-
     def with_fields(self, **tensors: torch.Tensor) -> Experience:
         return dataclasses.replace(self, **tensors)
-
-    def split(self, parts: int) -> list[Experience]:
-        """``parts`` contiguous shards whose sizes differ by at most one (rank order)."""
-        bounds = split_sizes(len(self), parts)
-        shards, start = [], 0
-        for size in bounds:
-            shards.append(self.select(slice(start, start + size)))
-            start += size
-        return shards
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -93,6 +100,36 @@ def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: 
         response_mask[i, : len(response)] = 1
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     return Experience(input_ids, attention, position_ids, response_mask, width)
+
+
+@dataclass
+class PairBatch(TensorRows):
+    """Reward-model pairs: token ids of the chosen and the rejected exchange, right-padded."""
+
+    chosen_ids: torch.Tensor  # (B, L) long
+    chosen_mask: torch.Tensor  # (B, L) long
+    rejected_ids: torch.Tensor  # (B, L') long
+    rejected_mask: torch.Tensor  # (B, L') long
+
+    def __len__(self) -> int:
+        return self.chosen_ids.shape[0]
+
+
+def pad_sequences(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), each (B, max length), of token rows padded on the right."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def collate_pairs(chosen: list[list[int]], rejected: list[list[int]], pad_id: int) -> PairBatch:
+    if len(chosen) != len(rejected) or not chosen:
+        raise ValueError(f"need equal, non-zero numbers of chosen and rejected rows: {len(chosen)} vs {len(rejected)}")
+    return PairBatch(*pad_sequences(chosen, pad_id), *pad_sequences(rejected, pad_id))
 
 
 def pad_right(rows: list[list[float]], width: int, value: float = 0.0) -> torch.Tensor:

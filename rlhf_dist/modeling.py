@@ -6,6 +6,9 @@ directory of a real model works exactly like the embedded tiny default.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import torch
 from torch import nn
 
 from rlhf_dist.algorithms import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.experience import Experience
+from rlhf_dist.experience import Experience, PairBatch
 
 TINY = "tiny"
 TINY_ARITH = "tiny-arith"
@@ -45,6 +48,51 @@ def load_causal_lm(path: str, dtype: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+
+
+def load_reward_model(path: str, dtype: str) -> nn.Module:
+    """A one-logit sequence classifier from ``path``: a trained reward model, or a causal-LM
+    backbone whose score head is then freshly initialised (as InstructGPT started from SFT)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype))
+    if model.config.pad_token_id is None:  # the score is read at the last non-pad token
+        pad = AutoTokenizer.from_pretrained(path).pad_token_id
+        if pad is None:
+            raise ValueError(f"reward model {path!r}: neither the config nor the tokenizer defines a pad token")
+        model.config.pad_token_id = pad
+    return model
+
+
+def pair_scores(model: nn.Module, pairs: PairBatch, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) scores, each (B,), in one forward pass over both halves; ``pad`` is the
+    model's pad token id (the score is read at the last non-pad token)."""
+    width = max(pairs.chosen_ids.shape[1], pairs.rejected_ids.shape[1])
+
+    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+        return nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    ids = torch.cat([widen(pairs.chosen_ids, pad), widen(pairs.rejected_ids, pad)])
+    mask = torch.cat([widen(pairs.chosen_mask, 0), widen(pairs.rejected_mask, 0)])
+    scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def write_model_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary directory next to ``path`` with ``write`` and rename it into place, so
+    ``path`` either does not exist or is complete. An existing ``path`` is never overwritten."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists: refusing to overwrite a saved model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 class CriticModel(nn.Module):

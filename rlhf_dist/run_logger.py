@@ -13,10 +13,18 @@ from rlhf_dist.config import LoggerConfig
 
 
 class RunLogger:
-    def __init__(self, cfg: LoggerConfig, out_dir: Path, config: dict[str, Any], total_steps: int, group: str) -> None:
+    """Metrics of one stage's run. ``headline`` is the metric summarised over the first and last
+    fifth of the steps; ``postfix`` the metrics shown on the progress bar."""
+
+    def __init__(
+        self, cfg: LoggerConfig, out_dir: Path, config: dict[str, Any], total_steps: int, group: str,
+        desc: str = "ppo", headline: str = "reward/mean", postfix: tuple[str, ...] = ("reward/mean", "kl/mean"),
+        name: str = "",
+    ) -> None:
         from tqdm import tqdm
 
         self.cfg, self.out_dir, self.total_steps = cfg, out_dir, total_steps
+        self.headline, self.postfix = headline, postfix
         out_dir.mkdir(parents=True, exist_ok=True)
         if (out_dir / "metrics.jsonl").exists() and (out_dir / "metrics.jsonl").stat().st_size:
             # Appending would mix two runs' steps; overwriting would lose the earlier run.
@@ -25,13 +33,13 @@ class RunLogger:
         self.extra_summary: dict[str, float] = {}
         self.start = time.time()
         self._jsonl = (out_dir / "metrics.jsonl").open("w", buffering=1)  # line-buffered: nothing lost on a crash
-        self._bar = tqdm(total=total_steps, desc="ppo", unit="step", disable=not cfg.progress_bar, dynamic_ncols=True)
+        self._bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not cfg.progress_bar, dynamic_ncols=True)
         self.wandb_run = None
         if cfg.backend == "wandb":
             import wandb
 
             self.wandb_run = wandb.init(
-                project=cfg.project, group=cfg.group or group or None, name=cfg.name or out_dir.name,
+                project=cfg.project, group=cfg.group or group or None, name=cfg.name or name or out_dir.name,
                 dir=str(out_dir), mode=cfg.mode, config=config, reinit="finish_previous",
             )
 
@@ -42,7 +50,25 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
         self._bar.update(1)
-        self._bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.4f}")
+        # "reward/mean" shows as reward=..., "sft/loss" as loss=...
+        self._bar.set_postfix({k.removesuffix("/mean").split("/")[-1]: f"{metrics[k]:.4g}" for k in self.postfix
+                               if k in metrics})
+
+    def log_summary(self, values: dict[str, Any]) -> None:
+        """Values that belong to the run as a whole (summary.json, W&B summary), logged now."""
+        self.add_summary(values)
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(values)
+
+    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table (e.g. sample responses) for W&B; also written to ``<key>.json`` in the run dir."""
+        (self.out_dir / f"{key.replace('/', '_')}.json").write_text(
+            json.dumps({"columns": columns, "rows": rows}, indent=1) + "\n"
+        )
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def add_summary(self, values: dict[str, float]) -> None:
         """Values for summary.json that are not per-step metrics (e.g. the initial evaluation)."""
@@ -52,7 +78,7 @@ class RunLogger:
         self._bar.write(text)
 
     def finish(self, status: str, error: str = "") -> dict[str, Any]:
-        summary = summarize(self.history)
+        summary = summarize(self.history, self.headline)
         summary.update(self.extra_summary)
         summary.update(status=status, error=error, wall_time_s=round(time.time() - self.start, 2))
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -64,17 +90,21 @@ class RunLogger:
         return summary
 
 
-def summarize(history: list[dict[str, float]]) -> dict[str, Any]:
-    """Final metrics plus the mean reward of the first and last fifth of the steps."""
+def summarize(history: list[dict[str, float]], headline: str = "reward/mean") -> dict[str, Any]:
+    """Final metrics plus the mean of ``headline`` ("reward/mean" -> "reward/...") over the first
+    and last fifth of the steps."""
     if not history:
         return {"steps": 0}
+    if not all(headline in r for r in history):
+        return {"steps": len(history), "final": history[-1]}
     fifth = max(1, math.floor(len(history) / 5))
-    first = statistics.fmean(r["reward/mean"] for r in history[:fifth])
-    last = statistics.fmean(r["reward/mean"] for r in history[-fifth:])
+    first = statistics.fmean(r[headline] for r in history[:fifth])
+    last = statistics.fmean(r[headline] for r in history[-fifth:])
+    prefix = headline.split("/")[0]
     return {
         "steps": len(history),
-        "reward/first_fifth_mean": first,
-        "reward/last_fifth_mean": last,
-        "reward/improvement": last - first,
+        f"{prefix}/first_fifth_mean": first,
+        f"{prefix}/last_fifth_mean": last,
+        f"{prefix}/improvement": last - first,
         "final": history[-1],
     }

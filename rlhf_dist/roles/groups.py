@@ -10,7 +10,7 @@ import statistics
 import torch
 
 from rlhf_dist.config import AlgoConfig
-from rlhf_dist.experience import Experience, concat, split_sizes
+from rlhf_dist.experience import Experience, PairBatch, concat, split_sizes
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.weight_sync import ParamSpec, engine_init_info, update_info
 from rlhf_dist.worker_group import Pending, WorkerGroup, wait_all
@@ -47,7 +47,7 @@ class GenerationGroup(WorkerGroup):
         return self.call_async("sequence_logprobs", token_ids)
 
 
-class _TrainerGroup(WorkerGroup):
+class TrainerGroup(WorkerGroup):
     """A DeepSpeed data-parallel group: every call is issued on all ranks, each with its shard."""
 
     def setup_async(self, start_timeout_s: float) -> Pending[list[int]]:
@@ -59,6 +59,10 @@ class _TrainerGroup(WorkerGroup):
         # Each rank trains on its shard; statistics are averaged over ranks.
         return self.scatter_async("train", exp.split(len(self)), combine=_mean_stats, **common)
 
+    def save_async(self, path: str, extra_files: dict[str, str] | None = None) -> Pending[str]:
+        """Write the model as a Hugging Face directory at ``path`` (rank 0 writes; all gather)."""
+        return self.call_async("save_model", path, extra_files, combine=lambda paths: paths[0])
+
     def endpoint(self) -> tuple[str, int]:
         """Rank 0's node IP and a free port, for a rendezvous rank 0 hosts."""
         return self._on_rank0("endpoint")
@@ -68,7 +72,7 @@ class _TrainerGroup(WorkerGroup):
         return Pending(self.role, method, [ref], timeout_s or self.timeout_s, lambda r: r[0]).result()
 
 
-class PolicyGroup(_TrainerGroup):
+class PolicyGroup(TrainerGroup):
     def logprobs_async(self, exp: Experience) -> Pending[tuple[torch.Tensor, torch.Tensor]]:
         """(logprobs, entropy) of the whole batch, computed data-parallel."""
         return self.scatter_async(
@@ -84,7 +88,34 @@ class PolicyGroup(_TrainerGroup):
         return self._on_rank0("weight_specs")
 
 
-class CriticGroup(_TrainerGroup):
+class SFTGroup(TrainerGroup):
+    def train_async(self, exp: Experience) -> Pending[dict[str, float]]:
+        """One optimizer step on a batch of demonstrations, split across the ranks."""
+        return self._train_async(exp)
+
+    def eval_loss_async(self, exp: Experience) -> Pending[float]:
+        """Mean NLL per response token of held-out demonstrations."""
+
+        def combine(parts: list[tuple[float, float]]) -> float:
+            return sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1.0)
+
+        return self.scatter_async("eval_loss", exp.split(len(self)), combine=combine)
+
+
+class RewardModelGroup(TrainerGroup):
+    def train_async(self, pairs: PairBatch) -> Pending[dict[str, float]]:
+        """One optimizer step on a batch of preference pairs, split across the ranks."""
+        return self._train_async(pairs)
+
+    def scores_async(self, pairs: PairBatch) -> Pending[tuple[torch.Tensor, torch.Tensor]]:
+        """(chosen, rejected) scores of every pair."""
+        return self.scatter_async(
+            "scores", pairs.split(len(self)),
+            combine=lambda outs: (concat([o[0] for o in outs]), concat([o[1] for o in outs])),
+        )
+
+
+class CriticGroup(TrainerGroup):
     def train_async(self, exp: Experience, epochs: int) -> Pending[dict[str, float]]:
         """Clipped value-loss epochs of the critic."""
         return self._train_async(exp, epochs=epochs)

@@ -69,11 +69,28 @@ def post_scores(cfg: RewardConfig, prompts: list[str], responses: list[str], met
     raise RewardError(f"reward.http_url={cfg.http_url!r}: failed after {cfg.http_retries + 1} attempts ({last})")
 
 
+NORMALIZATION_FILE = "reward_normalization.json"
+
+
+def read_normalization(model_path: str) -> tuple[float, float] | None:
+    """(mean, std) saved next to a reward model by the reward-model stage, if any."""
+    from pathlib import Path
+
+    path = Path(model_path) / NORMALIZATION_FILE
+    if not path.is_file():
+        return None
+    stats = json.loads(path.read_text())
+    mean, std = float(stats["mean"]), float(stats["std"])
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise ValueError(f"{path}: invalid normalisation mean={mean} std={std}")
+    return mean, std
+
+
 class RewardScorer:
     """Hosts the configured reward sources and returns one weighted score per sample."""
 
-    def __init__(self, cfg: RewardConfig, dtype: str, device: str) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: RewardConfig, dtype: str, device: str, chat_template: bool = True) -> None:
+        self.cfg, self.chat_template = cfg, chat_template
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         if cfg.function_weight:
             self.fn = import_function(cfg.function)
@@ -90,6 +107,9 @@ class RewardScorer:
             ).to(self.device).eval().requires_grad_(False)
             if self.model.config.pad_token_id is None:
                 raise ValueError(f"reward.model_path={cfg.model_path!r}: the model config has no pad_token_id")
+            # Scores are normalised with the statistics saved at training time (InstructGPT: the
+            # reward of the demonstrations has mean 0), so one KL coefficient suits any reward model.
+            self.normalization = read_normalization(cfg.model_path) if cfg.normalize else None
 
     def ready(self) -> bool:
         return True
@@ -126,9 +146,14 @@ class RewardScorer:
 
     @torch.no_grad()
     def _model_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
-        texts = [p + r for p, r in zip(prompts, responses)]
+        from rlhf_dist.data import conversation_text
+
+        texts = [conversation_text(self.tokenizer, p, r, self.chat_template) for p, r in zip(prompts, responses)]
         scores: list[float] = []
         for i in range(0, len(texts), self.cfg.batch_size):
             enc = self.tokenizer(texts[i : i + self.cfg.batch_size], return_tensors="pt", padding=True).to(self.device)
             scores.extend(self.model(**enc).logits[:, 0].float().tolist())
+        if self.normalization is not None:
+            mean, std = self.normalization
+            scores = [(s - mean) / std for s in scores]
         return scores

@@ -1,4 +1,4 @@
-"""Trainer role: DeepSpeed ZeRO data-parallel groups for the policy and the critic.
+"""Trainer role: DeepSpeed ZeRO data-parallel groups for the policy, the critic, SFT and the reward model.
 
 Each Ray actor is one data-parallel rank. ``setup`` joins torch.distributed
 (gloo on CPU, nccl on GPU) and wraps the model with ``deepspeed.initialize``.
@@ -16,8 +16,17 @@ import torch
 
 from rlhf_dist import algorithms as A
 from rlhf_dist.config import AlgoConfig, ModelConfig, RunPlan, TrainerConfig
-from rlhf_dist.experience import Experience
-from rlhf_dist.modeling import in_chunks, load_causal_lm, load_critic, response_logprobs, response_values
+from rlhf_dist.experience import Experience, PairBatch
+from rlhf_dist.modeling import (
+    in_chunks,
+    load_causal_lm,
+    load_critic,
+    load_reward_model,
+    pair_scores,
+    response_logprobs,
+    response_values,
+    write_model_dir,
+)
 
 
 def node_endpoint() -> tuple[str, int]:
@@ -72,12 +81,13 @@ class _DeepSpeedRank:
         )
         if self.device == "cuda":
             torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
-        torch.manual_seed(self.seed + self.rank)
         deepspeed.init_distributed(
             dist_backend="nccl" if self.device == "cuda" else "gloo",
             timeout=timedelta(seconds=self.collective_timeout_s),
         )
+        torch.manual_seed(self.seed)  # freshly initialised heads are identical on every rank
         model = self.build_model()
+        torch.manual_seed(self.seed + self.rank)
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -127,6 +137,34 @@ class _DeepSpeedRank:
         out = {k: v / count for k, v in sums.items()}
         out["lr"] = self.engine.get_lr()[0]
         return out
+
+    def save_model(self, path: str, extra_files: dict[str, str] | None = None) -> str:
+        """Write the trained model as a Hugging Face directory (safetensors + config + tokenizer,
+        plus ``extra_files``), atomically; ZeRO-3 parameters are gathered. All ranks must call
+        this (the gather is a collective); rank 0 writes and returns the path, the others ""."""
+        import deepspeed
+
+        module = self.engine.module
+        state: dict[str, torch.Tensor] = {}
+        for name, p in module.named_parameters():
+            if hasattr(p, "ds_id"):  # ZeRO-3 partitioned: gather it (every rank takes part)
+                with deepspeed.zero.GatheredParameters([p]):
+                    if self.rank == 0:
+                        state[name] = p.data.detach().cpu().clone()
+            elif self.rank == 0:
+                state[name] = p.data.detach().cpu().clone()
+        if self.rank != 0:
+            return ""
+
+        def write(tmp):
+            from transformers import AutoTokenizer
+
+            module.save_pretrained(tmp, state_dict=state)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
+            for file_name, text in (extra_files or {}).items():
+                (tmp / file_name).write_text(text)
+
+        return str(write_model_dir(path, write))
 
 
 class PolicyTrainer(_DeepSpeedRank):
@@ -219,6 +257,83 @@ class PolicyTrainer(_DeepSpeedRank):
         else:
             for _ in full_params():
                 pass
+
+
+class SFTTrainer(_DeepSpeedRank):
+    """Supervised fine-tuning of a causal LM on demonstrations (next-token NLL of the response)."""
+
+    def __init__(self, *args, lr: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lr = lr
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    def build_model(self) -> torch.nn.Module:
+        return load_causal_lm(self.model_path, self.model_cfg.dtype)
+
+    def train(self, exp: Experience) -> dict[str, float]:
+        """One optimizer step on this rank's shard of a batch of demonstrations."""
+
+        def loss_fn(micro: Experience):
+            logprobs, _ = response_logprobs(self.engine, micro, temperature=1.0)
+            loss = A.sft_loss(logprobs, micro.response_mask)
+            return loss, {"loss": loss.item()}
+
+        return self._train(exp, 1, loss_fn)
+
+    @torch.no_grad()
+    def eval_loss(self, exp: Experience) -> tuple[float, float]:
+        """(summed NLL, token count) of this rank's shard of held-out demonstrations."""
+        self.engine.eval()
+        exp = self._to_device(exp)
+        total, tokens = 0.0, 0.0
+        for i in range(0, len(exp), self.cfg.micro_batch_size):
+            micro = exp.select(slice(i, i + self.cfg.micro_batch_size))
+            logprobs, _ = response_logprobs(self.engine, micro, temperature=1.0)
+            total -= A.masked_sum(logprobs, micro.response_mask).item()
+            tokens += micro.response_mask.sum().item()
+        return total, tokens
+
+
+class RewardModelTrainer(_DeepSpeedRank):
+    """A sequence-classification reward model trained on pairwise preferences (Bradley-Terry)."""
+
+    def __init__(self, *args, lr: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lr = lr
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    def build_model(self) -> torch.nn.Module:
+        return load_reward_model(self.model_path, self.model_cfg.dtype)
+
+    def train(self, pairs: PairBatch) -> dict[str, float]:
+        """One optimizer step on this rank's shard of a batch of preference pairs."""
+
+        def loss_fn(micro: PairBatch):
+            chosen, rejected = pair_scores(self.engine, micro, self.engine.module.config.pad_token_id)
+            loss, stats = A.pairwise_loss(chosen, rejected)
+            return loss, {"loss": loss.item(), **stats}
+
+        return self._train(pairs, 1, loss_fn)
+
+    @torch.no_grad()
+    def scores(self, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) scores, each (b,), of this rank's shard."""
+        self.engine.eval()
+        pairs = pairs.map_tensors(lambda t: t.to(self.engine.device))
+        chosen, rejected = [], []
+        for i in range(0, len(pairs), self.cfg.micro_batch_size):
+            c, r = pair_scores(
+                self.engine, pairs.select(slice(i, i + self.cfg.micro_batch_size)), self.engine.module.config.pad_token_id
+            )
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+        return torch.cat(chosen), torch.cat(rejected)
 
 
 class CriticTrainer(_DeepSpeedRank):

@@ -8,9 +8,12 @@ from rlhf_dist.tasks import make_prompts
 
 
 class WordTokenizer:
-    """One token per whitespace word; the id is the word's length, so ids are easy to write out."""
+    """One token per whitespace word; the id is the word's length, so ids are easy to write out.
+    No special tokens are added; the end-of-sequence id is 99."""
 
-    def __call__(self, text):
+    eos_token_id = 99
+
+    def __call__(self, text, add_special_tokens=True):
         return {"input_ids": [len(word) for word in text.split()]}
 
 

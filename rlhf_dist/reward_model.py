@@ -1,0 +1,91 @@
+"""Stage 2, the reward model: ``python -m rlhf_dist.reward_model key=value ...``.
+
+Trains a one-logit sequence classifier (started from ``rm.init_path``, by default
+``model.path``) on the pairwise preferences ``data.preferences`` with the Bradley-Terry loss,
+on the same DeepSpeed ZeRO trainer group as PPO. Reports pairwise accuracy on
+``data.eval_preferences`` and writes ``<output dir>/model`` with
+``reward_normalization.json`` (mean and std of its scores on the held-out responses), which
+the reward actor uses to normalise the reward during PPO.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rlhf_dist.cli import entry_point
+from rlhf_dist.config import Config, as_dict, supervised_plan
+from rlhf_dist.sft import MODEL_DIR, batches
+
+
+def run(cfg: Config, out_dir: Path, group: str) -> dict:
+    """Train, measure held-out accuracy, save with the normalisation; summary.json always."""
+    from transformers import AutoTokenizer
+
+    from rlhf_dist.cluster import shutdown_ray, start_trainer_group
+    from rlhf_dist.data import load_preferences
+    from rlhf_dist.experience import collate_pairs
+    from rlhf_dist.modeling import resolve_model_path
+    from rlhf_dist.roles.reward import NORMALIZATION_FILE
+    from rlhf_dist.run_logger import RunLogger
+
+    init = resolve_model_path(cfg.rm.init_path or cfg.model.path, cfg.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    if tokenizer.pad_token_id is None:
+        from rlhf_dist.config import ConfigError
+
+        raise ConfigError(f"rm.init_path={init!r}: the tokenizer has no pad token (the score is read at the last "
+                          "non-pad token); add one to the tokenizer")
+    train = load_preferences(cfg.data.preferences, cfg.data, tokenizer, cfg.rm.max_len, cfg.seed)
+    held_out = None
+    if cfg.data.eval_preferences:
+        held_out = load_preferences(cfg.data.eval_preferences, cfg.data, tokenizer, cfg.rm.max_len, cfg.seed,
+                                    split="test")
+    plan = supervised_plan(cfg, "rm", len(train))
+    steps = batches(len(train), cfg.rm.batch_size, cfg.rm.epochs, cfg.seed)
+    pad = tokenizer.pad_token_id
+
+    def as_batch(data, rows):
+        return collate_pairs([data.chosen_ids[i] for i in rows], [data.rejected_ids[i] for i in rows], pad)
+
+    logger = RunLogger(cfg.logger, out_dir, as_dict(cfg), len(steps), group, desc="reward model",
+                       headline="rm/accuracy", postfix=("rm/loss", "rm/accuracy"))
+    logger.message(f"rlhf_dist reward_model: {len(train)} pairs ({train.skipped} skipped), "
+                   f"{len(held_out) if held_out else 0} held out, {len(steps)} steps, init {init}, output {out_dir}")
+    rm = None
+    try:
+        rm = start_trainer_group(cfg, plan, "reward_model", init, lr=cfg.rm.lr)
+        for step, rows in enumerate(steps):
+            stats = rm.train_async(as_batch(train, rows)).result()
+            logger.log(step, {"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"], "rm/margin": stats["margin"],
+                              "rm/lr": stats["lr"]})
+        # Held-out accuracy, and the normalisation from the held-out responses (else the training ones).
+        reference = held_out if held_out is not None else train
+        chosen, rejected = rm.scores_async(as_batch(reference, range(len(reference)))).result()
+        if held_out is not None:
+            logger.add_summary({"rm/eval_accuracy": (chosen > rejected).float().mean().item(),
+                                "rm/eval_pairs": len(held_out)})
+        scores = torch.cat([chosen, rejected])
+        normalization = {"mean": scores.mean().item(), "std": max(scores.std().item(), 1e-6),
+                         "source": "held-out" if held_out is not None else "training", "responses": len(scores)}
+        saved = rm.save_async(str(out_dir / MODEL_DIR), {NORMALIZATION_FILE: json.dumps(normalization, indent=2)}).result()
+        logger.add_summary({"model_path": saved, "rm/skipped_rows": train.skipped,
+                            "rm/score_mean": normalization["mean"], "rm/score_std": normalization["std"]})
+        logger.message(f"rlhf_dist reward_model: held-out accuracy "
+                       f"{logger.extra_summary.get('rm/eval_accuracy', float('nan')):.3f}, model saved to {saved}")
+    except BaseException as e:
+        logger.finish("failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if rm is not None:
+            rm.kill()
+        shutdown_ray()
+    return logger.finish("completed")
+
+
+main = entry_point(run, lambda cfg: supervised_plan(cfg, "rm"), objective="rm/eval_accuracy")
+
+if __name__ == "__main__":
+    main()
