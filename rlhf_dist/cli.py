@@ -37,13 +37,12 @@ def run_guarded(run: Stage, cfg: Config, out_dir: Path, group: str) -> dict[str,
 
 
 def entry_point(
-    run: Stage, validate: Callable[[Config], Any], objective: str, config_name: str = "config"
+    name: str, run: Stage, validate: Callable[[Config], Any], objective: str, config_name: str = "config"
 ) -> Callable[[], Any]:
-    """A Hydra main for ``run`` on ``conf/<config_name>.yaml``: ``validate`` runs first (a bad
-    value exits 2 in about a second); the return value, ``summary[objective]``, is what a sweeper
-    optimises."""
+    """The Hydra main of ``python -m rlhf_dist.<name>`` on ``conf/<config_name>.yaml``: ``validate``
+    runs first (a bad value exits 2 in about a second); the return value, ``summary[objective]``,
+    is what a sweeper optimises."""
 
-    @hydra.main(version_base=None, config_path=CONF_DIR, config_name=config_name)
     def main(raw: DictConfig) -> float | None:
         try:
             cfg = to_config(raw)
@@ -56,4 +55,5 @@ def entry_point(
         summary = run_guarded(run, cfg, Path(hydra_cfg.runtime.output_dir), group)
         return summary.get(objective)
 
-    return main
+    main.__module__ = f"rlhf_dist.{name}"  # Hydra names the job (and its log file) after this module
+    return hydra.main(version_base=None, config_path=CONF_DIR, config_name=config_name)(main)

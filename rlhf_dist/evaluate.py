@@ -150,7 +150,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     return logger.finish("completed")
 
 
-main = entry_point(run, validate, objective="")
+main = entry_point("evaluate", run, validate, objective="")
 
 if __name__ == "__main__":
     main()

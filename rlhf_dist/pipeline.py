@@ -113,7 +113,7 @@ def pipeline_report(cfg: Config, results: dict[str, dict], paths: dict[str, str]
     return report
 
 
-main = entry_point(run, validate, objective="eval/ppo/win_rate", config_name="pipeline")
+main = entry_point("pipeline", run, validate, objective="eval/ppo/win_rate", config_name="pipeline")
 
 if __name__ == "__main__":
     main()

@@ -85,7 +85,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     return logger.finish("completed")
 
 
-main = entry_point(run, lambda cfg: supervised_plan(cfg, "rm"), objective="rm/eval_accuracy")
+main = entry_point("reward_model", run, lambda cfg: supervised_plan(cfg, "rm"), objective="rm/eval_accuracy")
 
 if __name__ == "__main__":
     main()

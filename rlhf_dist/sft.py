@@ -80,7 +80,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     return logger.finish("completed")
 
 
-main = entry_point(run, lambda cfg: supervised_plan(cfg, "sft"), objective="sft/final_eval_loss")
+main = entry_point("sft", run, lambda cfg: supervised_plan(cfg, "sft"), objective="sft/final_eval_loss")
 
 if __name__ == "__main__":
     main()

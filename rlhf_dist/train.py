@@ -73,7 +73,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     return logger.finish("completed")
 
 
-main = entry_point(run, validate_config, objective="reward/last_fifth_mean")
+main = entry_point("train", run, validate_config, objective="reward/last_fifth_mean")
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -74,8 +75,6 @@ NORMALIZATION_FILE = "reward_normalization.json"
 
 def read_normalization(model_path: str) -> tuple[float, float] | None:
     """(mean, std) saved next to a reward model by the reward-model stage, if any."""
-    from pathlib import Path
-
     path = Path(model_path) / NORMALIZATION_FILE
     if not path.is_file():
         return None

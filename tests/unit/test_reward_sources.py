@@ -109,3 +109,22 @@ def test_http_failure_is_one_clear_error():
     s = scorer(function_weight=0.0, http_weight=1.0, http_url=f"http://127.0.0.1:{port}/x", http_retries=1)
     with pytest.raises(RewardError, match=rf"^reward\.http_url='http://127\.0\.0\.1:{port}/x': failed after 2 attempts"):
         s.score(["p"], ["r"], [{}])
+
+
+def test_reward_model_scores_are_normalised_with_the_saved_statistics(tiny_reward_model, tmp_path):
+    import shutil
+
+    from rlhf_dist.roles.reward import NORMALIZATION_FILE
+
+    model = tmp_path / "rm"
+    shutil.copytree(tiny_reward_model, model)
+    prompts, responses, meta = ["the soup was"] * 2, [" great .", " bad ."], [{}, {}]
+    raw = scorer(function_weight=0.0, model_weight=1.0, model_path=str(model)).score(prompts, responses, meta)
+    (model / NORMALIZATION_FILE).write_text(json.dumps({"mean": 0.5, "std": 2.0}))
+    normed = scorer(function_weight=0.0, model_weight=1.0, model_path=str(model)).score(prompts, responses, meta)
+    assert normed == pytest.approx([(r - 0.5) / 2.0 for r in raw])
+    off = scorer(function_weight=0.0, model_weight=1.0, model_path=str(model), normalize=False)
+    assert off.score(prompts, responses, meta) == pytest.approx(raw)
+    (model / NORMALIZATION_FILE).write_text(json.dumps({"mean": 0.5, "std": 0.0}))
+    with pytest.raises(ValueError, match="invalid normalisation"):
+        scorer(function_weight=0.0, model_weight=1.0, model_path=str(model))
