@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
@@ -17,12 +19,13 @@ from rlhf_dist.roles.groups import (
     RewardGroup,
     RewardModelGroup,
     SFTGroup,
-    WeightSync,
     TrainerGroup,
+    WeightSync,
 )
 from rlhf_dist.roles.reference import ReferenceModel
 from rlhf_dist.roles.reward import RewardScorer
 from rlhf_dist.roles.trainer import CriticTrainer, PolicyTrainer, RewardModelTrainer, SFTTrainer
+from rlhf_dist.run_logger import RunLogger
 from rlhf_dist.worker_group import wait_all
 
 
@@ -35,7 +38,7 @@ class Roles:
     reward: RewardGroup
     weights: WeightSync
 
-    def shutdown(self) -> None:
+    def kill(self) -> None:
         for group in (self.generation, self.policy, self.critic, self.reference, self.reward):
             if group is not None:
                 group.kill()
@@ -110,3 +113,20 @@ def start_trainer_group(cfg: Config, plan: RunPlan, role: str, model_path: str, 
 def shutdown_ray() -> None:
     if ray.is_initialized():
         ray.shutdown()
+
+
+@contextmanager
+def stage_actors(logger: RunLogger) -> Iterator[list]:
+    """The lifetime of one stage's actors: append each group (anything with ``kill()``) to the
+    yielded list. However the block ends, the groups are killed and Ray is shut down; if it
+    raises, summary.json records the failure first (so nothing logged is lost)."""
+    groups: list = []
+    try:
+        yield groups
+    except BaseException as e:
+        logger.finish("failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        for group in groups:
+            group.kill()
+        shutdown_ray()

@@ -79,6 +79,8 @@ class DataConfig:
     # SFT demonstrations: builtin:reviews (the embedded task), or a JSONL file / Hugging Face
     # datasets directory whose rows have "prompt" and "response".
     sft: str = "builtin:reviews"
+    # Held-out demonstrations for the SFT loss before and after training; "" skips that evaluation.
+    eval_sft: str = "builtin:reviews"
     # Pairwise preferences for the reward model: builtin:reviews (ranked by the embedded task's
     # simulated annotator), or a JSONL file / datasets directory with "prompt", "chosen", "rejected".
     preferences: str = "builtin:reviews"
@@ -100,7 +102,7 @@ class DataConfig:
             value = getattr(self, key)
             if value.startswith("builtin:") and value not in BUILTIN_PROMPTS:
                 _fail(f"data.{key}", value, f"use one of {', '.join(BUILTIN_PROMPTS)} or a JSONL path")
-        for key in ("sft", "preferences", "eval_preferences"):
+        for key in ("sft", "eval_sft", "preferences", "eval_preferences"):
             value = getattr(self, key)
             if value.startswith("builtin:") and value != "builtin:reviews":
                 _fail(f"data.{key}", value, "use builtin:reviews or a JSONL file / datasets directory")

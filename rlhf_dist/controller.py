@@ -155,11 +155,16 @@ def rl_step(
     return metrics
 
 
-def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> dict[str, float]:
+EVAL_SAMPLES_SHOWN = 8  # held-out responses kept per evaluation (W&B table, eval_samples.jsonl)
+EVAL_COLUMNS = ["after_steps", "prompt", "response", "reward", "gold"]
+
+
+def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> tuple[dict[str, float], list[list]]:
     """Responses to the held-out prompts (greedy, or sampled with fixed seeds: ``eval.greedy``),
     scored by the reward actors (for an exact-match reward, ``eval/reward_mean`` is the held-out
     accuracy) and, when ``eval.gold_function`` is set, by that gold metric (``eval/gold_mean``),
-    which is only reported, never optimised."""
+    which is only reported, never optimised. Returns the metrics and the first responses as rows
+    of (prompt, response, reward, gold or None)."""
     count = min(cfg.eval.num_prompts, len(eval_prompts))
     texts, metadata = eval_prompts.texts[:count], eval_prompts.metadata[:count]
     seeds = [0] * count if cfg.eval.greedy else sample_seeds(cfg.seed, EVAL_SEED_STEP, count)
@@ -168,10 +173,19 @@ def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> dict[str, fl
     scores = roles.reward.score_async(texts, responses, metadata).result()
     finite = [s for s in scores if math.isfinite(s)]
     metrics = {"eval/reward_mean": sum(finite) / max(len(finite), 1), "eval/num_prompts": float(count)}
+    gold: list[float | None] = [None] * count
     if cfg.eval.gold_function:
-        gold = import_function(cfg.eval.gold_function)
-        metrics["eval/gold_mean"] = sum(gold(p, r) for p, r in zip(texts, responses)) / count
-    return metrics
+        gold_fn = import_function(cfg.eval.gold_function)
+        gold = [gold_fn(p, r) for p, r in zip(texts, responses)]
+        metrics["eval/gold_mean"] = sum(gold) / count
+    rows = [[texts[i], responses[i], scores[i], gold[i]] for i in range(min(EVAL_SAMPLES_SHOWN, count))]
+    return metrics, rows
+
+
+def _eval_summary(when: str, metrics: dict[str, float]) -> dict[str, float]:
+    """``eval/reward_mean`` -> ``eval/<when>_reward_mean`` (and the gold score, if any) for summary.json."""
+    return {f"eval/{when}_{k.removeprefix('eval/')}": v for k, v in metrics.items()
+            if k in ("eval/reward_mean", "eval/gold_mean")}
 
 
 def run_rl(
@@ -184,13 +198,14 @@ def run_rl(
     kl_ctl = make_kl_controller(cfg.algo)
     every = cfg.eval.every_steps if eval_prompts is not None else 0
     if every:
-        initial = evaluate(cfg, roles, eval_prompts)
-        logger.add_summary({f"eval/initial_{k.removeprefix('eval/')}": v for k, v in initial.items()
-                            if k in ("eval/reward_mean", "eval/gold_mean")})
+        initial, samples = evaluate(cfg, roles, eval_prompts)
+        logger.add_summary(_eval_summary("initial", initial))
+        logger.table("eval/samples", EVAL_COLUMNS, [[0, *row] for row in samples], step=0)
     for step in range(cfg.total_steps):
         metrics = rl_step(step, cfg, roles, prompts, sampler, kl_ctl)
         if every and ((step + 1) % every == 0 or step + 1 == cfg.total_steps):
-            metrics.update(evaluate(cfg, roles, eval_prompts))
-            logger.add_summary({f"eval/final_{k.removeprefix('eval/')}": v for k, v in metrics.items()
-                                if k in ("eval/reward_mean", "eval/gold_mean")})
+            evaluation, samples = evaluate(cfg, roles, eval_prompts)
+            metrics.update(evaluation)
+            logger.add_summary(_eval_summary("final", metrics))
+            logger.table("eval/samples", EVAL_COLUMNS, [[step + 1, *row] for row in samples], step=step)
         logger.log(step, metrics)

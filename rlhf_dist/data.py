@@ -152,7 +152,7 @@ class SFTSet:
 
 def load_sft(source: str, cfg: DataConfig, tokenizer, max_len: int, seed: int, split: str = "train") -> SFTSet:
     """``prompt``/``response`` rows; a pair longer than ``max_len`` tokens is skipped or rejected."""
-    key = "data.sft" if split == "train" else "data.eval_sft"
+    key = "data.sft" if split == "train" else "data.eval_sft"  # the caller passes the matching source
     rows, skipped = _rows(source, key, "sft", cfg, seed, split)
     prompts, responses = [], []
     for row in rows:

@@ -57,7 +57,7 @@ def summarize_policy(
 def run(cfg: Config, out_dir: Path, group: str) -> dict:
     from transformers import AutoTokenizer
 
-    from rlhf_dist.cluster import shutdown_ray
+    from rlhf_dist.cluster import stage_actors
     from rlhf_dist.controller import EVAL_SEED_STEP, sample_seeds
     from rlhf_dist.data import load_prompts
     from rlhf_dist.modeling import resolve_model_path
@@ -88,21 +88,21 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     logger = RunLogger(cfg.logger, out_dir, as_dict(cfg), 1, group, desc="evaluate", headline="", postfix=())
     logger.message(f"rlhf_dist evaluate: {', '.join(names)} on {count} held-out prompts, baseline {baseline}")
     engines: dict[str, GenerationGroup] = {}
-    reward = None
     res, to = cfg.resources, cfg.timeouts
-    try:
+    with stage_actors(logger) as actors:
         init_ray(res, cfg.logger.actor_logs)
         slots = place(res, {"generation": len(names), "reward": cfg.reward.num_actors}, to.actor_start_s)
         env = actor_env(res)
         for i, name in enumerate(names):
             engines[name] = GenerationGroup(f"generation[{name}]", spawn(
                 GenerationEngine, slots["generation"][i : i + 1], res.generation, env,
-                lambda _: ((paths[name], cfg.rollout, cfg.model.dtype, cfg.seed, res.weight_sync_backend, 0), {}),
+                lambda _, path=paths[name]: ((path, cfg.rollout, cfg.model.dtype, cfg.seed, res.weight_sync_backend, 0), {}),
             ), to.generate_s)
         reward = RewardGroup("reward", spawn(
             RewardScorer, slots["reward"], res.reward, env,
             lambda _: ((cfg.reward, cfg.model.dtype, res.device), {"chat_template": cfg.data.chat_template}),
         ), to.inference_s)
+        actors.extend([*engines.values(), reward])
         wait_all(*(g.call_async("ready", timeout_s=to.actor_start_s) for g in (*engines.values(), reward)))
 
         pending = {name: g.generate_async(prompt_ids, seeds, greedy=cfg.eval.greedy) for name, g in engines.items()}
@@ -132,21 +132,13 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
                   "gold_function": cfg.eval.gold_function, "policies": results, "paths": paths, "samples": samples}
         (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         logger.log(0, {f"eval/{name}/{k}": v for name in names for k, v in results[name].items()})
-        logger.table("eval/samples", ["prompt", "policy", "response", "reward", "gold"], [
+        logger.table("eval/samples", ["prompt", "policy", "response", "reward", "gold"], step=0, rows=[
             [s["prompt"], name, s[name]["response"], s[name]["reward"], s[name].get("gold")]
             for s in samples for name in names
         ])
         logger.log_summary({f"eval/{name}/{k}": v for name in names for k, v in results[name].items()})
         for name in names:
             logger.message(f"rlhf_dist evaluate: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()))
-    except BaseException as e:
-        logger.finish("failed", error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        for group_ in (*engines.values(), reward):
-            if group_ is not None:
-                group_.kill()
-        shutdown_ray()
     return logger.finish("completed")
 
 

@@ -11,6 +11,7 @@ the reward actor uses to normalise the reward during PPO.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     """Train, measure held-out accuracy, save with the normalisation; summary.json always."""
     from transformers import AutoTokenizer
 
-    from rlhf_dist.cluster import shutdown_ray, start_trainer_group
+    from rlhf_dist.cluster import stage_actors, start_trainer_group
     from rlhf_dist.data import load_preferences
     from rlhf_dist.experience import collate_pairs
     from rlhf_dist.modeling import resolve_model_path
@@ -54,9 +55,11 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
                        headline="rm/accuracy", postfix=("rm/loss", "rm/accuracy"))
     logger.message(f"rlhf_dist reward_model: {len(train)} pairs ({train.skipped} skipped), "
                    f"{len(held_out) if held_out else 0} held out, {len(steps)} steps, init {init}, output {out_dir}")
-    rm = None
-    try:
+    with stage_actors(logger) as actors:
+        started = time.perf_counter()
         rm = start_trainer_group(cfg, plan, "reward_model", init, lr=cfg.rm.lr)
+        actors.append(rm)
+        logger.message(f"rlhf_dist reward_model: trainer group started in {time.perf_counter() - started:.0f}s")
         for step, rows in enumerate(steps):
             stats = rm.train_async(as_batch(train, rows)).result()
             logger.log(step, {"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"], "rm/margin": stats["margin"],
@@ -75,13 +78,6 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
                             "rm/score_mean": normalization["mean"], "rm/score_std": normalization["std"]})
         logger.message(f"rlhf_dist reward_model: held-out accuracy "
                        f"{logger.extra_summary.get('rm/eval_accuracy', float('nan')):.3f}, model saved to {saved}")
-    except BaseException as e:
-        logger.finish("failed", error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        if rm is not None:
-            rm.kill()
-        shutdown_ray()
     return logger.finish("completed")
 
 

@@ -60,15 +60,17 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.summary.update(values)
 
-    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
-        """A table (e.g. sample responses) for W&B; also written to ``<key>.json`` in the run dir."""
-        (self.out_dir / f"{key.replace('/', '_')}.json").write_text(
-            json.dumps({"columns": columns, "rows": rows}, indent=1) + "\n"
-        )
+    def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:
+        """A table (e.g. sample responses): a W&B table logged at ``step`` (the row of that step's
+        metrics), and one JSON line per row appended to ``<key>.jsonl`` in the run dir
+        ("eval/samples" -> eval_samples.jsonl)."""
+        with (self.out_dir / f"{key.replace('/', '_')}.jsonl").open("a") as f:
+            for row in rows:
+                f.write(json.dumps(dict(zip(columns, row))) + "\n")
         if self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)})
+            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def add_summary(self, values: dict[str, float]) -> None:
         """Values for summary.json that are not per-step metrics (e.g. the initial evaluation)."""

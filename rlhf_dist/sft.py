@@ -2,13 +2,14 @@
 
 Trains ``model.path`` on the demonstrations ``data.sft`` with the same DeepSpeed ZeRO trainer
 group as PPO (``trainer.world_size`` data-parallel ranks, ``trainer.zero_stage``), reports the
-loss on held-out demonstrations (builtin data: its test split), and writes the fine-tuned
+loss on the held-out demonstrations ``data.eval_sft`` before and after, and writes the fine-tuned
 model to ``<output dir>/model`` (a Hugging Face directory with safetensors weights).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     """Fine-tune, evaluate the held-out loss before and after, save; summary.json always."""
     from transformers import AutoTokenizer
 
-    from rlhf_dist.cluster import shutdown_ray, start_trainer_group
+    from rlhf_dist.cluster import stage_actors, start_trainer_group
     from rlhf_dist.data import load_sft
     from rlhf_dist.experience import collate
     from rlhf_dist.modeling import resolve_model_path
@@ -43,8 +44,8 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(base)
     train = load_sft(cfg.data.sft, cfg.data, tokenizer, cfg.sft.max_len, cfg.seed)
     held_out = None
-    if cfg.data.sft.startswith("builtin:"):
-        held_out = load_sft(cfg.data.sft, cfg.data, tokenizer, cfg.sft.max_len, cfg.seed, split="test")
+    if cfg.data.eval_sft:
+        held_out = load_sft(cfg.data.eval_sft, cfg.data, tokenizer, cfg.sft.max_len, cfg.seed, split="test")
     plan = supervised_plan(cfg, "sft", len(train))
     steps = batches(len(train), cfg.sft.batch_size, cfg.sft.epochs, cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -56,9 +57,11 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
                        postfix=("sft/loss",))
     logger.message(f"rlhf_dist sft: {len(train)} demonstrations ({train.skipped} skipped), {len(steps)} steps, "
                    f"base {base}, output {out_dir}")
-    sft = None
-    try:
+    with stage_actors(logger) as actors:
+        started = time.perf_counter()
         sft = start_trainer_group(cfg, plan, "sft", base, lr=cfg.sft.lr)
+        actors.append(sft)
+        logger.message(f"rlhf_dist sft: trainer group started in {time.perf_counter() - started:.0f}s")
         if held_out is not None:
             held_batch = as_batch(held_out, range(len(held_out)))
             logger.add_summary({"sft/initial_eval_loss": sft.eval_loss_async(held_batch).result()})
@@ -70,13 +73,6 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
         saved = sft.save_async(str(out_dir / MODEL_DIR)).result()
         logger.add_summary({"model_path": saved, "sft/skipped_rows": train.skipped})
         logger.message(f"rlhf_dist sft: model saved to {saved}")
-    except BaseException as e:
-        logger.finish("failed", error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        if sft is not None:
-            sft.kill()
-        shutdown_ray()
     return logger.finish("completed")
 
 

@@ -30,7 +30,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     """Start the roles, run PPO, export the policy; always write summary.json and stop the actors."""
     from transformers import AutoTokenizer
 
-    from rlhf_dist.cluster import shutdown_ray, start_roles
+    from rlhf_dist.cluster import stage_actors, start_roles
     from rlhf_dist.controller import run_rl
     from rlhf_dist.data import load_prompts
     from rlhf_dist.modeling import resolve_model_path
@@ -54,22 +54,15 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     logger = RunLogger(cfg.logger, out_dir, as_dict(cfg), cfg.total_steps, group)
     logger.message(f"rlhf_dist: {len(prompts)} prompts ({prompts.skipped} skipped), policy {policy_path}, "
                    f"output {out_dir}")
-    roles = None
-    try:
+    with stage_actors(logger) as actors:
         started = time.perf_counter()
         roles = start_roles(cfg, plan, policy_path, critic_path)
+        actors.append(roles)
         logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s")
         run_rl(cfg, roles, prompts, eval_prompts, logger)
         exported = roles.policy.save_async(str(out_dir / POLICY_DIR)).result()
         logger.add_summary({"policy_path": exported})
         logger.message(f"rlhf_dist: policy saved to {exported}")
-    except BaseException as e:
-        logger.finish("failed", error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        if roles is not None:
-            roles.shutdown()
-        shutdown_ray()
     return logger.finish("completed")
 
 

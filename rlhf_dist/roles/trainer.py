@@ -259,8 +259,8 @@ class PolicyTrainer(_DeepSpeedRank):
                 pass
 
 
-class SFTTrainer(_DeepSpeedRank):
-    """Supervised fine-tuning of a causal LM on demonstrations (next-token NLL of the response)."""
+class _SupervisedRank(_DeepSpeedRank):
+    """A rank of a supervised stage (SFT, reward model): its learning rate comes from the stage's config."""
 
     def __init__(self, *args, lr: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -269,6 +269,10 @@ class SFTTrainer(_DeepSpeedRank):
     @property
     def lr(self) -> float:
         return self._lr
+
+
+class SFTTrainer(_SupervisedRank):
+    """Supervised fine-tuning of a causal LM on demonstrations (next-token NLL of the response)."""
 
     def build_model(self) -> torch.nn.Module:
         return load_causal_lm(self.model_path, self.model_cfg.dtype)
@@ -297,16 +301,8 @@ class SFTTrainer(_DeepSpeedRank):
         return total, tokens
 
 
-class RewardModelTrainer(_DeepSpeedRank):
+class RewardModelTrainer(_SupervisedRank):
     """A sequence-classification reward model trained on pairwise preferences (Bradley-Terry)."""
-
-    def __init__(self, *args, lr: float, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._lr = lr
-
-    @property
-    def lr(self) -> float:
-        return self._lr
 
     def build_model(self) -> torch.nn.Module:
         return load_reward_model(self.model_path, self.model_cfg.dtype)

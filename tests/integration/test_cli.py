@@ -23,7 +23,7 @@ def test_multirun_sweep_zero3_wandb_offline(tiny_policy, tmp_path):
         "rollout.batch_size=16", "algo.minibatch_size=8", "trainer.micro_batch_size=4",
         f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     groups = set()

@@ -55,13 +55,13 @@ def test_critic_free_estimators_one_step_each():
             validate_config(cfg)
             sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.seed)
             results[name] = rl_step(step, cfg, roles, prompts, sampler, make_kl_controller(cfg.algo))
-        evaluation = evaluate(first, roles, held_out)
+        evaluation, _ = evaluate(first, roles, held_out)
         engine_lp = roles.generation.sequence_logprobs_async(probe).result()[0]
         trainer_lp, _ = roles.policy.logprobs_async(
             collate([p[:1] for p in probe], [p[1:] for p in probe], pad_id=tokenizer.pad_token_id)
         ).result()
     finally:
-        roles.shutdown()
+        roles.kill()
         shutdown_ray()
 
     for name, metrics in results.items():

@@ -25,7 +25,7 @@ SMALL = [
 def test_pipeline_runs_every_stage_and_resumes(tiny_policy, tmp_path):
     out = tmp_path / "pipeline"
     cmd = [sys.executable, "-m", "rlhf_dist.pipeline", f"hydra.run.dir={out}", *SMALL]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     stages = {s: json.loads((out / s / "summary.json").read_text()) for s in STAGES}
@@ -55,13 +55,18 @@ def test_pipeline_runs_every_stage_and_resumes(tiny_policy, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval/ppo/win_rate"] == ppo["win_rate"] and summary["rm/accuracy_ceiling"] == pytest.approx(0.9)
 
-    # every stage is a W&B run of one group; the evaluation logged its sample table
+    # every stage is a W&B run of one group; the evaluation logged its sample table, and PPO one
+    # per held-out evaluation (before training and after each of its 2 steps)
     runs = {s: read_offline_run(out / s / "wandb") for s in STAGES}
     assert len({r["group"] for r in runs.values()}) == 1
-    assert any("eval/samples" in row for row in runs["evaluate"]["history"])
+    for stage in ("evaluate", "ppo"):
+        assert any(row.get("eval/samples._type") == "table-file" for row in runs[stage]["history"]), stage
+    ppo_samples = [json.loads(line) for line in (out / "ppo" / "eval_samples.jsonl").read_text().splitlines()]
+    assert sorted({s["after_steps"] for s in ppo_samples}) == [0, 1, 2]
+    assert all(isinstance(s["gold"], float) and s["response"] is not None for s in ppo_samples)
 
     # the same command again continues: completed stages are reused, nothing is re-run
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already completed") == len(STAGES)
     assert json.loads((out / "summary.json").read_text())["eval/ppo/win_rate"] == ppo["win_rate"]
@@ -78,7 +83,7 @@ def test_stage_errors_are_one_line(tmp_path):
     ]
     for i, (args, code, message) in enumerate(cases):
         proc = subprocess.run([sys.executable, "-m", *args, f"hydra.run.dir={tmp_path / str(i)}"], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, check=False, timeout=300)
         assert proc.returncode == code, (args, proc.stderr[-2000:])
         lines = [line for line in proc.stderr.splitlines() if line.startswith("rlhf_dist:")]
         assert len(lines) == 1 and message in lines[0], (args, proc.stderr[-2000:])

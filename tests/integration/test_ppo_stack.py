@@ -70,7 +70,7 @@ def test_ppo_steps_then_engines_match_trainer(zero_stage, reward_kind, tiny_poli
         probe_exp = collate([p[:1] for p in probe], [p[1:] for p in probe], pad_id=tokenizer.pad_token_id)
         trainer_lp, _ = roles.policy.logprobs_async(probe_exp).result()
     finally:
-        roles.shutdown()
+        roles.kill()
         shutdown_ray()
 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -183,7 +183,7 @@ def test_cli_config_error_fails_fast_with_one_line(tmp_path):
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf_dist.train", "trainer.micro_batch_size=5", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT, capture_output=True, text=True, check=False, timeout=60,
     )
     elapsed = time.perf_counter() - started
     assert proc.returncode == 2, proc.stderr
@@ -209,7 +209,7 @@ def test_cli_bad_reward_function_fails_before_any_actor(tmp_path):
     # The import path is resolved and its signature bound in the driver, before Ray starts.
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf_dist.train", "reward.function=rlhf_dist.tasks:nope", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, capture_output=True, text=True, check=False, timeout=120,
     )
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("rlhf_dist:")]

@@ -63,7 +63,7 @@ def test_invalid_scores_are_marked_for_dropping():
 class _ScoreHandler(BaseHTTPRequestHandler):
     calls = 0
 
-    def do_POST(self):  # noqa: N802 (http.server API)
+    def do_POST(self):
         type(self).calls += 1
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if type(self).calls == 1:  # the first attempt fails: the client must retry

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from rlhf_dist.config import LoggerConfig
 from rlhf_dist.controller import sample_seeds
 from rlhf_dist.roles.reward import import_function
 from rlhf_dist.run_logger import RunLogger, summarize
-from rlhf_dist.config import LoggerConfig
 from rlhf_dist.weight_sync import ParamSpec, engine_init_info, update_info
 
 
