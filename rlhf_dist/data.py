@@ -1,4 +1,7 @@
-"""Prompt sets: loading, validation of rows, and a deterministic sampler keyed by step."""
+"""The data of every stage: prompt sets (RL), demonstrations (SFT) and preference pairs (reward
+model), from builtin generators, JSONL files or Hugging Face ``datasets`` directories; validation
+of rows (counted and skipped, or rejected naming file and line); chat templates; and a
+deterministic prompt sampler keyed by step."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from rlhf_dist.config import DataConfig
 
 
 class DataError(ValueError):
-    """A prompt file that cannot be used; the message names the file and line."""
+    """Data that cannot be used; the message names the config key, or the file and line."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,8 @@ class SFTSet:
 def load_sft(source: str, cfg: DataConfig, tokenizer, max_len: int, seed: int, split: str = "train") -> SFTSet:
     """``prompt``/``response`` rows; a pair longer than ``max_len`` tokens is skipped or rejected."""
     key = "data.sft" if split == "train" else "data.eval_sft"  # the caller passes the matching source
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"{key}: the tokenizer has no EOS token, so the policy could not learn to stop; add one")
     rows, skipped = _rows(source, key, "sft", cfg, seed, split)
     prompts, responses = [], []
     for row in rows:

@@ -15,6 +15,8 @@ per-prompt seeds (or greedily: ``eval.greedy=true``). For each policy it reports
 * ``response_length``: mean tokens per response.
 
 Written to ``<output dir>/eval.json`` (with sample responses) and logged to W&B as a table.
+The prompts are tokenized with the baseline's tokenizer: the policies must share it (as a
+fine-tuned policy does its base model's), or neither the samples nor the KL compare.
 """
 
 from __future__ import annotations
@@ -94,9 +96,9 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
         slots = place(res, {"generation": len(names), "reward": cfg.reward.num_actors}, to.actor_start_s)
         env = actor_env(res)
         for i, name in enumerate(names):
+            args = (paths[name], cfg.rollout, cfg.model.dtype, cfg.seed, res.weight_sync_backend, 0)
             engines[name] = GenerationGroup(f"generation[{name}]", spawn(
-                GenerationEngine, slots["generation"][i : i + 1], res.generation, env,
-                lambda _, path=paths[name]: ((path, cfg.rollout, cfg.model.dtype, cfg.seed, res.weight_sync_backend, 0), {}),
+                GenerationEngine, slots["generation"][i : i + 1], res.generation, env, lambda _, a=args: (a, {}),
             ), to.generate_s)
         reward = RewardGroup("reward", spawn(
             RewardScorer, slots["reward"], res.reward, env,
