@@ -451,6 +451,11 @@ class LoggerConfig:
     name: str = ""
     # Show a progress bar over PPO steps in the console.
     progress_bar: bool = True
+    # Log a table of sampled rollouts (prompt, response, reward, KL) every this many PPO steps
+    # (W&B table "rollout/samples" and rollout_samples.jsonl); 0 is off.
+    samples_every_steps: int = 10
+    # Rollouts per samples table (the first ones of the step's batch).
+    num_samples: int = 8
     # Stream every actor's stdout/stderr (vLLM, DeepSpeed, transformers) to the console;
     # off by default: they stay in Ray's session logs and errors still surface by role.
     actor_logs: bool = False
@@ -460,6 +465,9 @@ class LoggerConfig:
             _fail("logger.backend", self.backend, "use console or wandb")
         if self.mode not in ("online", "offline", "disabled"):
             _fail("logger.mode", self.mode, "use online, offline or disabled")
+        if self.samples_every_steps < 0:
+            _fail("logger.samples_every_steps", self.samples_every_steps, "must be >= 0 (0 = off)")
+        _check_positive("logger", self, "num_samples")
 
 
 @dataclass

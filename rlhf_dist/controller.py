@@ -81,11 +81,15 @@ def neutralise_dropped(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torc
     return filled, kept
 
 
+ROLLOUT_COLUMNS = ["step", "prompt", "response", "reward", "kl"]
+
+
 def rl_step(
     step: int, cfg: Config, roles: Roles, prompts: PromptSet, sampler: PromptSampler,
     kl_ctl: A.FixedKLController | A.AdaptiveKLController,
-) -> dict[str, float]:
-    """One iteration; returns its metrics."""
+) -> tuple[dict[str, float], list[list]]:
+    """One iteration; returns its metrics and its first ``logger.num_samples`` rollouts as rows
+    of ``ROLLOUT_COLUMNS`` (reward as scored, KL summed over the response's tokens)."""
     algo, n, timer = cfg.algo, cfg.rollout.n, Timer()
     step_start = time.perf_counter()
     rows = [i for i in sampler.indices(step) for _ in range(n)]  # the n samples of a prompt are contiguous
@@ -152,7 +156,9 @@ def rl_step(
     if critic_stats:
         metrics["loss/value"] = critic_stats["value_loss"]
         metrics["ppo/value_clipfrac"] = critic_stats["value_clipfrac"]
-    return metrics
+    shown = range(min(cfg.logger.num_samples, len(rows)))
+    samples = [[step, prompts.texts[rows[i]], gens[i].text, raw_scores[i].item(), sequence_kl[i].item()] for i in shown]
+    return metrics, samples
 
 
 EVAL_SAMPLES_SHOWN = 8  # held-out responses kept per evaluation (W&B table, eval_samples.jsonl)
@@ -202,7 +208,9 @@ def run_rl(
         logger.add_summary(_eval_summary("initial", initial))
         logger.table("eval/samples", EVAL_COLUMNS, [[0, *row] for row in samples], step=0)
     for step in range(cfg.total_steps):
-        metrics = rl_step(step, cfg, roles, prompts, sampler, kl_ctl)
+        metrics, rollouts = rl_step(step, cfg, roles, prompts, sampler, kl_ctl)
+        if cfg.logger.samples_every_steps and step % cfg.logger.samples_every_steps == 0:
+            logger.table("rollout/samples", ROLLOUT_COLUMNS, rollouts, step=step)
         if every and ((step + 1) % every == 0 or step + 1 == cfg.total_steps):
             evaluation, samples = evaluate(cfg, roles, eval_prompts)
             metrics.update(evaluation)

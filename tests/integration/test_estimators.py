@@ -54,7 +54,7 @@ def test_critic_free_estimators_one_step_each():
         for step, (name, cfg) in enumerate(configs.items()):
             validate_config(cfg)
             sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.seed)
-            results[name] = rl_step(step, cfg, roles, prompts, sampler, make_kl_controller(cfg.algo))
+            results[name], _ = rl_step(step, cfg, roles, prompts, sampler, make_kl_controller(cfg.algo))
         evaluation, _ = evaluate(first, roles, held_out)
         engine_lp = roles.generation.sequence_logprobs_async(probe).result()[0]
         trainer_lp, _ = roles.policy.logprobs_async(

@@ -218,3 +218,24 @@ def test_cli_bad_reward_function_fails_before_any_actor(tmp_path):
         "(module 'rlhf_dist.tasks' has no attribute 'nope')"
     ]
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "gpus"),
+    [
+        (["resources=gpu_node", "rollout.num_engines=2"], 8),  # one node, 8 GPUs
+        (["resources=gpu_2x8", "rollout.num_engines=6", "trainer.world_size=4", "trainer=zero3"], 16),
+    ],
+)
+def test_gpu_presets_fill_their_gpus(compose, overrides, gpus):
+    cfg = to_config(compose(overrides))
+    validate_config(cfg)
+    res = cfg.resources
+    used = (
+        cfg.rollout.num_engines * res.generation.gpus
+        + cfg.trainer.world_size * (res.policy.gpus + res.critic.gpus)
+        + cfg.reference.num_actors * res.reference.gpus
+        + cfg.reward.num_actors * res.reward.gpus
+    )
+    assert used == pytest.approx(gpus)
+    assert (res.device, res.weight_sync_backend) == ("cuda", "nccl")
