@@ -79,13 +79,16 @@ class DataConfig:
     # SFT demonstrations: builtin:reviews (the embedded task), or a JSONL file / Hugging Face
     # datasets directory whose rows have "prompt" and "response".
     sft: str = "builtin:reviews"
-    # Held-out demonstrations for the SFT loss before and after training; "" skips that evaluation.
-    eval_sft: str = "builtin:reviews"
+    # Held-out demonstrations for the SFT loss before and after training: a source, "" (none), or
+    # "auto": the test split of a builtin data.sft, none for a file (so a real data set is never
+    # evaluated on the embedded task by accident).
+    eval_sft: str = "auto"
     # Pairwise preferences for the reward model: builtin:reviews (ranked by the embedded task's
     # simulated annotator), or a JSONL file / datasets directory with "prompt", "chosen", "rejected".
     preferences: str = "builtin:reviews"
-    # Held-out preferences for the reward model's pairwise accuracy; "" skips that evaluation.
-    eval_preferences: str = "builtin:reviews"
+    # Held-out preferences for the reward model's pairwise accuracy: a source, "" (none), or "auto"
+    # (the test split of a builtin data.preferences, none for a file).
+    eval_preferences: str = "auto"
     # Rows generated for builtin:reviews demonstrations and preference pairs (held-out: an eighth).
     num_builtin_sft: int = 4096
     num_builtin_pairs: int = 4096
@@ -104,10 +107,19 @@ class DataConfig:
                 _fail(f"data.{key}", value, f"use one of {', '.join(BUILTIN_PROMPTS)} or a JSONL path")
         for key in ("sft", "eval_sft", "preferences", "eval_preferences"):
             value = getattr(self, key)
+            if key.startswith("eval_") and value == "auto":
+                continue
             if value.startswith("builtin:") and value != "builtin:reviews":
                 _fail(f"data.{key}", value, "use builtin:reviews or a JSONL file / datasets directory")
         if not 0.0 <= self.annotator_noise < 0.5:
             _fail("data.annotator_noise", self.annotator_noise, "must be in [0, 0.5)")
+
+    def held_out(self, kind: str) -> str:
+        """The held-out source of ``kind`` ("sft" or "preferences") with "auto" resolved."""
+        value, train = getattr(self, f"eval_{kind}"), getattr(self, kind)
+        if value == "auto":
+            return train if train.startswith("builtin:") else ""
+        return value
 
 
 @dataclass

@@ -3,9 +3,10 @@
 Trains a one-logit sequence classifier (started from ``rm.init_path``, by default
 ``model.path``) on the pairwise preferences ``data.preferences`` with the Bradley-Terry loss,
 on the same DeepSpeed ZeRO trainer group as PPO. Reports pairwise accuracy on
-``data.eval_preferences`` and writes ``<output dir>/model`` with
-``reward_normalization.json`` (mean and std of its scores on the held-out responses), which
-the reward actor uses to normalise the reward during PPO.
+``data.eval_preferences`` (by default the held-out split of builtin data) and writes
+``<output dir>/model`` with ``reward_normalization.json`` (mean and std of its scores on the
+held-out responses, else the training ones), which the reward actor uses to normalise the
+reward during PPO.
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
                           "non-pad token); add one to the tokenizer")
     train = load_preferences(cfg.data.preferences, cfg.data, tokenizer, cfg.rm.max_len, cfg.seed)
     held_out = None
-    if cfg.data.eval_preferences:
-        held_out = load_preferences(cfg.data.eval_preferences, cfg.data, tokenizer, cfg.rm.max_len, cfg.seed,
-                                    split="test")
+    if held_source := cfg.data.held_out("preferences"):
+        held_out = load_preferences(held_source, cfg.data, tokenizer, cfg.rm.max_len, cfg.seed, split="test")
     plan = supervised_plan(cfg, "rm", len(train))
     steps = batches(len(train), cfg.rm.batch_size, cfg.rm.epochs, cfg.seed)
     pad = tokenizer.pad_token_id

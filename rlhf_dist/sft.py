@@ -44,8 +44,8 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(base)
     train = load_sft(cfg.data.sft, cfg.data, tokenizer, cfg.sft.max_len, cfg.seed)
     held_out = None
-    if cfg.data.eval_sft:
-        held_out = load_sft(cfg.data.eval_sft, cfg.data, tokenizer, cfg.sft.max_len, cfg.seed, split="test")
+    if held_source := cfg.data.held_out("sft"):
+        held_out = load_sft(held_source, cfg.data, tokenizer, cfg.sft.max_len, cfg.seed, split="test")
     plan = supervised_plan(cfg, "sft", len(train))
     steps = batches(len(train), cfg.sft.batch_size, cfg.sft.epochs, cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -239,3 +239,16 @@ def test_gpu_presets_fill_their_gpus(compose, overrides, gpus):
     )
     assert used == pytest.approx(gpus)
     assert (res.device, res.weight_sync_backend) == ("cuda", "nccl")
+
+
+def test_held_out_sources_resolve_auto():
+    from rlhf_dist.config import DataConfig
+
+    builtin = DataConfig()
+    assert (builtin.held_out("sft"), builtin.held_out("preferences")) == ("builtin:reviews", "builtin:reviews")
+    # a user's own data is never evaluated on the embedded task by accident
+    files = DataConfig(sft="/d/sft.jsonl", preferences="/d/prefs.jsonl")
+    assert (files.held_out("sft"), files.held_out("preferences")) == ("", "")
+    chosen = DataConfig(sft="/d/sft.jsonl", eval_sft="/d/held.jsonl", eval_preferences="")
+    assert (chosen.held_out("sft"), chosen.held_out("preferences")) == ("/d/held.jsonl", "")
+    DataConfig(eval_sft="auto", eval_preferences="auto").validate()
