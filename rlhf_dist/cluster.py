@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,18 +96,24 @@ def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) 
     return Roles(generation, policy, critic, reference, reward, weights)
 
 
-def start_trainer_group(cfg: Config, plan: RunPlan, role: str, model_path: str, **kwargs) -> TrainerGroup:
+def start_trainer_group(
+    cfg: Config, plan: RunPlan, role: str, model_path: str, actors: list, logger: RunLogger, **kwargs
+) -> TrainerGroup:
     """One DeepSpeed data-parallel group on its own, for the supervised stages: ``role`` is
-    "sft" or "reward_model"; ``kwargs`` go to the trainer class. Uses the policy's resources."""
+    "sft" or "reward_model"; ``kwargs`` go to the trainer class. Uses the policy's resources.
+    The group joins ``actors`` (``stage_actors``) before it sets up, so a failed start is cleaned up."""
     cls, group_cls = {"sft": (SFTTrainer, SFTGroup), "reward_model": (RewardModelTrainer, RewardModelGroup)}[role]
     res, t, to = cfg.resources, cfg.trainer, cfg.timeouts
+    started = time.perf_counter()
     init_ray(res, cfg.logger.actor_logs)
     slots = place(res, {"policy": t.world_size}, to.actor_start_s)["policy"]
     group = group_cls(role, spawn(
         cls, slots, res.policy, actor_env(res),
         lambda r: ((t, cfg.model, plan, model_path, r, res.device, cfg.seed, to.weight_sync_s), kwargs),
     ), to.train_s)
+    actors.append(group)
     group.setup_async(to.actor_start_s).result()
+    logger.message(f"rlhf_dist {role}: trainer group started in {time.perf_counter() - started:.0f}s")
     return group
 
 

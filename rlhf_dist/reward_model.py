@@ -12,7 +12,6 @@ reward during PPO.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -56,10 +55,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     logger.message(f"rlhf_dist reward_model: {len(train)} pairs ({train.skipped} skipped), "
                    f"{len(held_out) if held_out else 0} held out, {len(steps)} steps, init {init}, output {out_dir}")
     with stage_actors(logger) as actors:
-        started = time.perf_counter()
-        rm = start_trainer_group(cfg, plan, "reward_model", init, lr=cfg.rm.lr)
-        actors.append(rm)
-        logger.message(f"rlhf_dist reward_model: trainer group started in {time.perf_counter() - started:.0f}s")
+        rm = start_trainer_group(cfg, plan, "reward_model", init, actors, logger, lr=cfg.rm.lr)
         for step, rows in enumerate(steps):
             stats = rm.train_async(as_batch(train, rows)).result()
             logger.log(step, {"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"], "rm/margin": stats["margin"],

@@ -9,7 +9,6 @@ model to ``<output dir>/model`` (a Hugging Face directory with safetensors weigh
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -58,10 +57,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     logger.message(f"rlhf_dist sft: {len(train)} demonstrations ({train.skipped} skipped), {len(steps)} steps, "
                    f"base {base}, output {out_dir}")
     with stage_actors(logger) as actors:
-        started = time.perf_counter()
-        sft = start_trainer_group(cfg, plan, "sft", base, lr=cfg.sft.lr)
-        actors.append(sft)
-        logger.message(f"rlhf_dist sft: trainer group started in {time.perf_counter() - started:.0f}s")
+        sft = start_trainer_group(cfg, plan, "sft", base, actors, logger, lr=cfg.sft.lr)
         if held_out is not None:
             held_batch = as_batch(held_out, range(len(held_out)))
             logger.add_summary({"sft/initial_eval_loss": sft.eval_loss_async(held_batch).result()})
