@@ -26,12 +26,13 @@ Stage = Callable[[Config, Path, str], dict[str, Any]]
 
 def run_guarded(run: Stage, cfg: Config, out_dir: Path, group: str) -> dict[str, Any]:
     """Run a stage; the errors a user can fix end the process with one line and exit code 1."""
+    from rlhf_dist.checkpoint import CheckpointError
     from rlhf_dist.data import DataError
     from rlhf_dist.worker_group import RoleError
 
     try:
         return run(cfg, out_dir, group)
-    except (ConfigError, RoleError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, RoleError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"rlhf_dist: error: {e}", file=sys.stderr)
         sys.exit(1)
 

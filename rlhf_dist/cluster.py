@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
 from rlhf_dist.config import Config, RunPlan
 from rlhf_dist.placement import actor_env, init_ray, place, spawn
-from rlhf_dist.roles.generation import GenerationEngine
+from rlhf_dist.roles.generation import Generation, GenerationEngine
 from rlhf_dist.roles.groups import (
     CriticGroup,
     GenerationGroup,
@@ -27,7 +31,7 @@ from rlhf_dist.roles.reference import ReferenceModel
 from rlhf_dist.roles.reward import RewardScorer
 from rlhf_dist.roles.trainer import CriticTrainer, PolicyTrainer, RewardModelTrainer, SFTTrainer
 from rlhf_dist.run_logger import RunLogger
-from rlhf_dist.worker_group import wait_all
+from rlhf_dist.worker_group import RoleError, WorkerGroup, wait_all
 
 
 @dataclass
@@ -38,11 +42,47 @@ class Roles:
     reference: ReferenceGroup
     reward: RewardGroup
     weights: WeightSync
+    max_engine_restarts: int  # lost engines replaced during the run, at most
+    start_timeout_s: float
+    actors_file: Path | None = None  # where ``processes()`` is written after every (re)start
+    engine_restarts: int = 0
+
+    def groups(self) -> list[WorkerGroup]:
+        return [g for g in (self.generation, self.policy, self.critic, self.reference, self.reward) if g is not None]
 
     def kill(self) -> None:
-        for group in (self.generation, self.policy, self.critic, self.reference, self.reward):
-            if group is not None:
-                group.kill()
+        for group in self.groups():
+            group.kill()
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
+        """Responses from the engines. An engine process lost during the call is replaced, joined
+        to a new weight-transfer group, given the current policy weights, and the call retried:
+        per-sample seeds make the retried responses the ones the lost engine would have produced."""
+        try:
+            return self.generation.generate_async(prompt_ids, seeds, greedy=greedy).result()
+        except RoleError as e:
+            if not e.lost_actor or self.engine_restarts >= self.max_engine_restarts:
+                raise
+            self.engine_restarts += 1
+            started = time.perf_counter()
+            lost = self.generation.respawn_lost(self.start_timeout_s)
+            self.weights.reconnect()
+            self.write_processes()
+            print(f"rlhf_dist: {e}; replaced engine ranks {lost} and re-synced weights version "
+                  f"{self.weights.version} in {time.perf_counter() - started:.0f}s "
+                  f"(restart {self.engine_restarts}/{self.max_engine_restarts}), retrying", file=sys.stderr)
+        return self.generation.generate_async(prompt_ids, seeds, greedy=greedy).result()
+
+    def processes(self) -> dict[str, list[int]]:
+        """The process id of every actor, by role and rank (what to look at, or kill, from outside)."""
+        pending = [g.call_async("pid", timeout_s=self.start_timeout_s) for g in self.groups()]
+        return {g.role: pids for g, pids in zip(self.groups(), wait_all(*pending))}
+
+    def write_processes(self) -> None:
+        if self.actors_file is not None:
+            tmp = self.actors_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.processes(), indent=1) + "\n")
+            os.replace(tmp, self.actors_file)
 
 
 def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) -> Roles:
@@ -62,10 +102,16 @@ def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) 
     def trainer_args(path: str, rank: int) -> tuple:
         return (t, cfg.model, plan, path, rank, device, cfg.seed, to.weight_sync_s)
 
-    generation = GenerationGroup("generation", spawn(
-        GenerationEngine, slots["generation"], res.generation, env,
-        lambda i: ((policy_path, cfg.rollout, dtype, cfg.seed, res.weight_sync_backend, i), {}),
-    ), to.generate_s)
+    def engine_args(i: int) -> tuple:
+        return (policy_path, cfg.rollout, dtype, cfg.seed, res.weight_sync_backend, i), {}
+
+    def spawn_engine(i: int):
+        return spawn(GenerationEngine, slots["generation"][i : i + 1], res.generation, env, lambda _: engine_args(i))[0]
+
+    generation = GenerationGroup(
+        "generation", spawn(GenerationEngine, slots["generation"], res.generation, env, engine_args), to.generate_s,
+        spawn_one=spawn_engine,
+    )
     policy = PolicyGroup("policy", spawn(
         PolicyTrainer, slots["policy"], res.policy, env,
         lambda r: (trainer_args(policy_path, r),
@@ -89,11 +135,11 @@ def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) 
     # Trainer groups join their process groups while the engines and inference actors load.
     wait_all(
         *(group.setup_async(to.actor_start_s) for group in (policy, critic) if group is not None),
-        *(group.call_async("ready", timeout_s=to.actor_start_s) for group in (generation, reference, reward)),
+        *(group.call_async("pid", timeout_s=to.actor_start_s) for group in (generation, reference, reward)),
     )
     weights = WeightSync(policy, generation, res.weight_sync_backend, cfg.rollout.tensor_parallel_size,
                          to.weight_sync_s)
-    return Roles(generation, policy, critic, reference, reward, weights)
+    return Roles(generation, policy, critic, reference, reward, weights, cfg.max_restarts, to.actor_start_s)
 
 
 def start_trainer_group(

@@ -450,6 +450,24 @@ class TimeoutConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Save a checkpoint every this many PPO steps and after the last one; 0 is off.
+    every_steps: int = 10
+    # Complete checkpoints kept; older ones are deleted once a newer one is complete.
+    keep_last: int = 2
+    # Where checkpoints go; "" means <output dir>/checkpoints. Across nodes it must be a
+    # filesystem every trainer rank and the driver share.
+    dir: str = ""
+    # Also export each checkpoint's policy as a Hugging Face directory (safetensors).
+    export_policy: bool = True
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            _fail("checkpoint.every_steps", self.every_steps, "must be >= 0 (0 = no checkpoints)")
+        _check_positive("checkpoint", self, "keep_last")
+
+
+@dataclass
 class LoggerConfig:
     # console: progress bar + metrics.jsonl only; wandb: also log to Weights & Biases.
     backend: str = "console"
@@ -490,6 +508,14 @@ class Config:
     seed: int = 0
     # Directory holding the embedded default models; empty means $RLHF_DIST_CACHE or ~/.cache/rlhf_dist.
     cache_dir: str = ""
+    # "" starts a new run (in an output dir without one); "auto" continues the run in the output
+    # dir (hydra.run.dir=...) from its newest complete checkpoint, or starts it if it has none;
+    # or a checkpoint directory (.../checkpoints/step_000010) to continue from.
+    resume: str = ""
+    # Restarts after losing an actor: a lost engine is replaced within the step (at most this many
+    # times); a lost trainer, reference or reward actor restarts every role from the last
+    # checkpoint (at most this many times). 0 makes any loss fatal.
+    max_restarts: int = 2
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -502,6 +528,7 @@ class Config:
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -518,7 +545,7 @@ class RunPlan:
 
 GROUPS = (
     "model", "data", "eval", "algo", "rollout", "trainer", "reward", "reference", "sft", "rm", "resources", "timeouts",
-    "logger",
+    "checkpoint", "logger",
 )
 
 
@@ -528,6 +555,8 @@ def validate_config(cfg: Config) -> RunPlan:
         _fail("total_steps", cfg.total_steps, "must be > 0")
     if cfg.seed < 0:
         _fail("seed", cfg.seed, "must be >= 0")
+    if cfg.max_restarts < 0:
+        _fail("max_restarts", cfg.max_restarts, "must be >= 0 (0 = a lost actor ends the run)")
     for group in GROUPS:
         getattr(cfg, group).validate()
     t, a, r, res = cfg.trainer, cfg.algo, cfg.rollout, cfg.resources

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from rlhf_dist import algorithms as A
+from rlhf_dist.checkpoint import Checkpointer, TrainState
 from rlhf_dist.cluster import Roles
 from rlhf_dist.config import AlgoConfig, Config
 from rlhf_dist.data import PromptSampler, PromptSet
@@ -96,7 +97,7 @@ def rl_step(
     prompt_ids = [prompts.token_ids[i] for i in rows]
 
     with timer("generate"):
-        gens = roles.generation.generate_async(prompt_ids, sample_seeds(cfg.seed, step, len(rows))).result()
+        gens = roles.generate(prompt_ids, sample_seeds(cfg.seed, step, len(rows)))
     exp = collate(prompt_ids, [g.response_ids for g in gens], pad_id=0)
     mask = exp.response_mask
     engine_logprobs = pad_right([g.response_logprobs for g in gens], mask.shape[1])
@@ -174,7 +175,7 @@ def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> tuple[dict[s
     count = min(cfg.eval.num_prompts, len(eval_prompts))
     texts, metadata = eval_prompts.texts[:count], eval_prompts.metadata[:count]
     seeds = [0] * count if cfg.eval.greedy else sample_seeds(cfg.seed, EVAL_SEED_STEP, count)
-    gens = roles.generation.generate_async(eval_prompts.token_ids[:count], seeds, greedy=cfg.eval.greedy).result()
+    gens = roles.generate(eval_prompts.token_ids[:count], seeds, greedy=cfg.eval.greedy)
     responses = [g.text for g in gens]
     scores = roles.reward.score_async(texts, responses, metadata).result()
     finite = [s for s in scores if math.isfinite(s)]
@@ -195,19 +196,24 @@ def _eval_summary(when: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 def run_rl(
-    cfg: Config, roles: Roles, prompts: PromptSet, eval_prompts: PromptSet | None, logger: RunLogger
+    cfg: Config, roles: Roles, prompts: PromptSet, eval_prompts: PromptSet | None, logger: RunLogger,
+    checkpoints: Checkpointer | None = None, start: TrainState | None = None,
 ) -> None:
-    """``cfg.total_steps`` iterations, each logged as it finishes. With held-out prompts, evaluate
+    """Iterations from ``start.step`` (0 for a new run) to ``cfg.total_steps``, each logged as it
+    finishes and checkpointed when ``checkpoints`` says it is due. With held-out prompts, evaluate
     before training (summary ``eval/initial_reward_mean``) and after every ``eval.every_steps``
     steps and the last one (``eval/reward_mean`` in that step's row)."""
+    start = start or TrainState()
     sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.seed)
     kl_ctl = make_kl_controller(cfg.algo)
+    if start.kl_controller:
+        kl_ctl.load_state_dict(start.kl_controller)
     every = cfg.eval.every_steps if eval_prompts is not None else 0
-    if every:
+    if every and start.step == 0:
         initial, samples = evaluate(cfg, roles, eval_prompts)
         logger.add_summary(_eval_summary("initial", initial))
         logger.table("eval/samples", EVAL_COLUMNS, [[0, *row] for row in samples], step=0)
-    for step in range(cfg.total_steps):
+    for step in range(start.step, cfg.total_steps):
         metrics, rollouts = rl_step(step, cfg, roles, prompts, sampler, kl_ctl)
         if cfg.logger.samples_every_steps and step % cfg.logger.samples_every_steps == 0:
             logger.table("rollout/samples", ROLLOUT_COLUMNS, rollouts, step=step)
@@ -217,3 +223,6 @@ def run_rl(
             logger.add_summary(_eval_summary("final", metrics))
             logger.table("eval/samples", EVAL_COLUMNS, [[step + 1, *row] for row in samples], step=step)
         logger.log(step, metrics)
+        if checkpoints is not None and checkpoints.due(step + 1, cfg.total_steps):
+            state = TrainState(step + 1, kl_ctl.state_dict(), logger.extra_summary, logger.wandb_id)
+            logger.message(f"rlhf_dist: checkpoint {checkpoints.save(roles, state)}")

@@ -105,7 +105,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
             lambda _: ((cfg.reward, cfg.model.dtype, res.device), {"chat_template": cfg.data.chat_template}),
         ), to.inference_s)
         actors.extend([*engines.values(), reward])
-        wait_all(*(g.call_async("ready", timeout_s=to.actor_start_s) for g in (*engines.values(), reward)))
+        wait_all(*(g.call_async("pid", timeout_s=to.actor_start_s) for g in (*engines.values(), reward)))
 
         pending = {name: g.generate_async(prompt_ids, seeds, greedy=cfg.eval.greedy) for name, g in engines.items()}
         gens = {name: p.result() for name, p in pending.items()}

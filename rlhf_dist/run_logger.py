@@ -12,36 +12,90 @@ from typing import Any
 from rlhf_dist.config import LoggerConfig
 
 
+METRICS = "metrics.jsonl"
+REPLACED = "metrics.replaced.jsonl"  # steps a resumed or restarted run did again, as first logged
+
+
+def _row_step(row: dict[str, Any]) -> int:
+    """The step a logged row belongs to: metrics and rollout tables carry "step"; evaluation
+    tables "after_steps" (= step + 1)."""
+    return row["step"] if "step" in row else row["after_steps"] - 1
+
+
 class RunLogger:
     """Metrics of one stage's run. ``headline`` is the metric summarised over the first and last
-    fifth of the steps; ``postfix`` the metrics shown on the progress bar."""
+    fifth of the steps; ``postfix`` the metrics shown on the progress bar.
+
+    ``resume_step`` continues the run in ``out_dir`` from that step: the rows of earlier steps are
+    kept, later ones move to metrics.replaced.jsonl. Without it, an ``out_dir`` that already holds
+    a run is refused. ``wandb_id`` continues that W&B run."""
 
     def __init__(
         self, cfg: LoggerConfig, out_dir: Path, config: dict[str, Any], total_steps: int, group: str,
         desc: str = "ppo", headline: str = "reward/mean", postfix: tuple[str, ...] = ("reward/mean", "kl/mean"),
-        name: str = "",
+        name: str = "", resume_step: int | None = None, wandb_id: str = "",
     ) -> None:
         from tqdm import tqdm
 
         self.cfg, self.out_dir, self.total_steps = cfg, out_dir, total_steps
         self.headline, self.postfix = headline, postfix
         out_dir.mkdir(parents=True, exist_ok=True)
-        if (out_dir / "metrics.jsonl").exists() and (out_dir / "metrics.jsonl").stat().st_size:
+        metrics = out_dir / METRICS
+        if resume_step is None and metrics.exists() and metrics.stat().st_size:
             # Appending would mix two runs' steps; overwriting would lose the earlier run.
-            raise FileExistsError(f"{out_dir / 'metrics.jsonl'} already holds a run: choose another hydra.run.dir")
+            raise FileExistsError(
+                f"{metrics} already holds a run: choose another hydra.run.dir, or continue it with resume=auto"
+            )
         self.history: list[dict[str, float]] = []
         self.extra_summary: dict[str, float] = {}
         self.start = time.time()
-        self._jsonl = (out_dir / "metrics.jsonl").open("w", buffering=1)  # line-buffered: nothing lost on a crash
         self._bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not cfg.progress_bar, dynamic_ncols=True)
+        self._jsonl = metrics.open("a", buffering=1)  # line-buffered: nothing lost on a crash
+        self.rewind(resume_step or 0)
         self.wandb_run = None
         if cfg.backend == "wandb":
             import wandb
 
+            # The W&B API key is read by wandb itself from its own settings or WANDB_API_KEY;
+            # it is never part of the config logged here.
             self.wandb_run = wandb.init(
                 project=cfg.project, group=cfg.group or group or None, name=cfg.name or name or out_dir.name,
                 dir=str(out_dir), mode=cfg.mode, config=config, reinit="finish_previous",
+                id=wandb_id or None, resume="allow" if wandb_id else None,
             )
+
+    @property
+    def wandb_id(self) -> str:
+        return self.wandb_run.id if self.wandb_run is not None else ""
+
+    def rewind(self, step: int) -> None:
+        """Continue from ``step``: rows logged for it and later steps (metrics and tables) move to
+        metrics.replaced.jsonl / are dropped from the tables; the history keeps the earlier ones.
+        W&B keeps the values first logged for a step and ignores a step logged again."""
+        self._jsonl.close()
+        kept = self._truncate(self.out_dir / METRICS, step, self.out_dir / REPLACED)
+        for table in self.out_dir.glob("*_samples.jsonl"):
+            self._truncate(table, step, None)
+        self.history = kept
+        self._jsonl = (self.out_dir / METRICS).open("a", buffering=1)
+        self._bar.n = len(kept)
+        self._bar.refresh()
+
+    @staticmethod
+    def _truncate(path: Path, step: int, moved_to: Path | None) -> list[dict[str, Any]]:
+        if not path.exists():
+            return []
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if _row_step(r) < step]
+        if len(kept) == len(rows):
+            return kept
+        if moved_to is not None:
+            with moved_to.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows if _row_step(r) >= step)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+        return kept
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **metrics}

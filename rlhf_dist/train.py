@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhf_dist.cli import entry_point
-from rlhf_dist.config import Config, ConfigError, as_dict, validate_config
+from rlhf_dist.config import Config, ConfigError, RunPlan, as_dict, validate_config
+
+if TYPE_CHECKING:  # the heavy modules load only once the config is valid
+    from rlhf_dist.checkpoint import Checkpointer
+    from rlhf_dist.cluster import Roles
+    from rlhf_dist.data import PromptSet
+    from rlhf_dist.run_logger import RunLogger
 
 POLICY_DIR = "policy"
 
@@ -27,11 +34,12 @@ def check_reward_function(path: str) -> None:
 
 
 def run(cfg: Config, out_dir: Path, group: str) -> dict:
-    """Start the roles, run PPO, export the policy; always write summary.json and stop the actors."""
+    """Start the roles, run PPO (checkpointing, recovering lost actors), export the policy;
+    always write summary.json and stop the actors."""
     from transformers import AutoTokenizer
 
-    from rlhf_dist.cluster import stage_actors, start_roles
-    from rlhf_dist.controller import run_rl
+    from rlhf_dist.checkpoint import Checkpointer, TrainState, read_state
+    from rlhf_dist.cluster import stage_actors
     from rlhf_dist.data import load_prompts
     from rlhf_dist.modeling import resolve_model_path
     from rlhf_dist.run_logger import RunLogger
@@ -45,25 +53,66 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
         resolve_model_path(cfg.reward.model_path, cfg.cache_dir)  # a missing directory fails here
     policy_path = resolve_model_path(cfg.model.path, cfg.cache_dir)
     critic_path = resolve_model_path(cfg.model.critic_path, cfg.cache_dir) if cfg.model.critic_path else policy_path
+    checkpoints = Checkpointer(cfg.checkpoint, out_dir)
+    resume_from = checkpoints.dir.resolve(cfg.resume)
+    state = read_state(resume_from) if resume_from else TrainState()
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     prompts = load_prompts(cfg.data.prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed)
     eval_prompts = None
     if cfg.data.eval_prompts:
         eval_prompts = load_prompts(cfg.data.eval_prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed,
                                     split="test")
-    logger = RunLogger(cfg.logger, out_dir, as_dict(cfg), cfg.total_steps, group)
+    logger = RunLogger(cfg.logger, out_dir, as_dict(cfg), cfg.total_steps, group,
+                       resume_step=state.step if cfg.resume else None, wandb_id=state.wandb_id)
+    logger.add_summary({**state.summary, "resumed_from": str(resume_from or "")})
     logger.message(f"rlhf_dist: {len(prompts)} prompts ({prompts.skipped} skipped), policy {policy_path}, "
-                   f"output {out_dir}")
+                   f"output {out_dir}" + (f", resuming from {resume_from}" if resume_from else ""))
     with stage_actors(logger) as actors:
-        started = time.perf_counter()
-        roles = start_roles(cfg, plan, policy_path, critic_path)
-        actors.append(roles)
-        logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s")
-        run_rl(cfg, roles, prompts, eval_prompts, logger)
+        roles = run_with_restarts(cfg, plan, (policy_path, critic_path), (prompts, eval_prompts), logger,
+                                  checkpoints, resume_from, actors)
         exported = roles.policy.save_async(str(out_dir / POLICY_DIR)).result()
         logger.add_summary({"policy_path": exported})
         logger.message(f"rlhf_dist: policy saved to {exported}")
     return logger.finish("completed")
+
+
+def run_with_restarts(
+    cfg: Config, plan: RunPlan, paths: tuple[str, str], data: tuple[PromptSet, PromptSet | None], logger: RunLogger,
+    checkpoints: Checkpointer, resume_from: Path | None, actors: list,
+) -> Roles:
+    """Start every role and run PPO from ``resume_from`` (None: step 0). When a trainer, reference
+    or reward actor is lost, stop every role, start them again and continue from the newest
+    checkpoint, at most ``max_restarts`` times; any other failure ends the run. Returns the roles."""
+    from rlhf_dist.checkpoint import read_state
+    from rlhf_dist.cluster import shutdown_ray, start_roles
+    from rlhf_dist.controller import run_rl
+    from rlhf_dist.worker_group import RoleError
+
+    restarts = 0
+    while True:
+        started = time.perf_counter()
+        roles = start_roles(cfg, plan, *paths)
+        actors.append(roles)
+        roles.actors_file = logger.out_dir / "actors.json"
+        roles.write_processes()
+        logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s")
+        try:
+            state = checkpoints.restore(roles, resume_from) if resume_from else None
+            run_rl(cfg, roles, *data, logger, checkpoints, state)
+        except RoleError as e:
+            if not e.lost_actor or restarts >= cfg.max_restarts:
+                raise
+            restarts += 1
+            resume_from = checkpoints.dir.latest()
+            logger.message(f"rlhf_dist: {e}; restarting every role from {resume_from or 'the first step'} "
+                           f"(restart {restarts}/{cfg.max_restarts})")
+            roles.kill()
+            actors.remove(roles)
+            shutdown_ray()
+            logger.rewind(read_state(resume_from).step if resume_from else 0)
+            continue
+        logger.add_summary({"restarts/roles": restarts, "restarts/engines": roles.engine_restarts})
+        return roles
 
 
 main = entry_point("train", run, validate_config, objective="reward/last_fifth_mean")

@@ -7,6 +7,7 @@ operation, never hangs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -17,7 +18,15 @@ T = TypeVar("T")
 
 
 class RoleError(RuntimeError):
-    """A remote call of one role failed or timed out; the message names role and operation."""
+    """A remote call of one role failed or timed out; the message names role and operation.
+
+    ``lost_actor`` is set when the actor process itself is gone (killed, crashed, its node
+    lost), as opposed to a call that raised or timed out: the first can be recovered by
+    restarting the actor, the others would fail the same way again."""
+
+    def __init__(self, message: str, role: str = "", op: str = "", lost_actor: bool = False) -> None:
+        super().__init__(message)
+        self.role, self.op, self.lost_actor = role, op, lost_actor
 
 
 def _first_line(exc: BaseException) -> str:
@@ -37,25 +46,50 @@ class Pending(Generic[T]):
     combine: Callable[[list[Any]], T]
 
     def result(self) -> T:
-        _, not_ready = ray.wait(self.refs, num_returns=len(self.refs), timeout=self.timeout_s)
-        if not_ready:
-            idx = [i for i, r in enumerate(self.refs) if r in not_ready]
-            raise RoleError(
-                f"{self.role}.{self.op} timed out after {self.timeout_s:.0f}s "
-                f"(actor ranks {idx} did not answer); raise timeouts.* if the work is just slow"
-            )
-        outputs = []
-        for rank, ref in enumerate(self.refs):
-            try:
-                outputs.append(ray.get(ref))
-            except Exception as e:  # RayTaskError / RayActorError: report role, op and rank
-                raise RoleError(f"{self.role}.{self.op} failed on actor rank {rank}: {_first_line(e)}") from e
-        return self.combine(outputs)
+        return wait_all(self)[0]
+
+
+def _get(pending: Pending, ref: ray.ObjectRef) -> Any:
+    rank = pending.refs.index(ref)
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError as e:  # the process is gone: restartable
+        raise RoleError(
+            f"{pending.role}.{pending.op}: actor rank {rank} died ({_first_line(e)})",
+            pending.role, pending.op, lost_actor=True,
+        ) from e
+    except Exception as e:  # RayTaskError: the call raised; report role, op, rank and cause
+        raise RoleError(
+            f"{pending.role}.{pending.op} failed on actor rank {rank}: {_first_line(e)}", pending.role, pending.op
+        ) from e
 
 
 def wait_all(*pending: Pending) -> list[Any]:
-    """Results of several pending calls issued together (each bounded by its own timeout)."""
-    return [p.result() for p in pending]
+    """Results of several pending calls issued together, each bounded by its own timeout.
+
+    The first failure on any rank of any call raises at once (a dead rank must not leave the
+    controller waiting out its peers' timeouts, which may be blocked in a collective with it)."""
+    start = time.monotonic()
+    deadline = {id(p): start + p.timeout_s for p in pending}
+    owner = {ref: p for p in pending for ref in p.refs}
+    values: dict[ray.ObjectRef, Any] = {}
+    waiting = list(owner)
+    while waiting:
+        remaining = min(deadline[id(owner[r])] for r in waiting) - time.monotonic()
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(remaining, 0.0))
+        if not ready:
+            late = min((owner[r] for r in waiting), key=lambda p: deadline[id(p)])
+            if deadline[id(late)] > time.monotonic():
+                continue
+            idx = [i for i, r in enumerate(late.refs) if r in waiting]
+            raise RoleError(
+                f"{late.role}.{late.op} timed out after {late.timeout_s:.0f}s "
+                f"(actor ranks {idx} did not answer); raise timeouts.* if the work is just slow",
+                late.role, late.op,
+            )
+        for ref in ready:
+            values[ref] = _get(owner[ref], ref)
+    return [p.combine([values[r] for r in p.refs]) for p in pending]
 
 
 class WorkerGroup:

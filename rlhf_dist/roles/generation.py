@@ -47,7 +47,7 @@ class GenerationEngine:
             weight_transfer_config={"backend": vllm_backend_name(weight_sync_backend)},
         )
 
-    def ready(self) -> int:
+    def pid(self) -> int:
         return os.getpid()
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
@@ -99,3 +99,10 @@ class GenerationEngine:
 
     def finish_weight_update(self, version: int) -> None:
         self.llm.finish_weight_update(weight_version=str(version))
+        # Cached KV blocks were computed with the old weights; vLLM would reuse them for a
+        # repeated prefix (e.g. the same held-out prompts every evaluation).
+        self.llm.reset_prefix_cache()
+
+    def shutdown_weight_transfer(self) -> None:
+        """Leave the weight-transfer group (before joining a new one, after a peer was lost)."""
+        self.llm.shutdown_weight_transfer_engine()

@@ -6,6 +6,8 @@ The controller only talks to these: it never sees DeepSpeed, vLLM or process gro
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -13,7 +15,7 @@ from rlhf_dist.config import AlgoConfig
 from rlhf_dist.experience import Experience, PairBatch, concat, split_sizes
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.weight_sync import ParamSpec, engine_init_info, update_info
-from rlhf_dist.worker_group import Pending, WorkerGroup, wait_all
+from rlhf_dist.worker_group import Pending, RoleError, WorkerGroup, wait_all
 
 
 def _flatten(parts: list[list]) -> list:
@@ -33,6 +35,28 @@ def _mean_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
 
 
 class GenerationGroup(WorkerGroup):
+    def __init__(
+        self, role: str, actors: list, timeout_s: float, spawn_one: Callable[[int], Any] | None = None
+    ) -> None:
+        super().__init__(role, actors, timeout_s)
+        self.spawn_one = spawn_one  # rank -> a new engine actor in that rank's placement slot
+
+    def respawn_lost(self, start_timeout_s: float) -> list[int]:
+        """Replace every engine whose process is gone by a fresh one; returns their ranks."""
+        if self.spawn_one is None:
+            raise RuntimeError(f"{self.role}: engines of this group cannot be respawned")
+        lost = []
+        for rank, actor in enumerate(self.actors):
+            try:
+                Pending(self.role, "pid", [actor.pid.remote()], start_timeout_s, list).result()
+            except RoleError as e:
+                if not e.lost_actor:
+                    raise
+                lost.append(rank)
+                self.actors[rank] = self.spawn_one(rank)
+        self.call_async("pid", timeout_s=start_timeout_s).result()
+        return lost
+
     def generate_async(
         self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False
     ) -> Pending[list[Generation]]:
@@ -58,6 +82,14 @@ class TrainerGroup(WorkerGroup):
     def _train_async(self, exp: Experience, **common) -> Pending[dict[str, float]]:
         # Each rank trains on its shard; statistics are averaged over ranks.
         return self.scatter_async("train", exp.split(len(self)), combine=_mean_stats, **common)
+
+    def save_checkpoint_async(self, directory: str) -> Pending[list[None]]:
+        """Every rank writes its DeepSpeed partition (model, optimizer, schedule) to ``directory``."""
+        return self.call_async("save_checkpoint", directory)
+
+    def load_checkpoint_async(self, directory: str) -> Pending[int]:
+        """Every rank restores its partition; the result is the optimizer steps taken so far."""
+        return self.call_async("load_checkpoint", directory, combine=lambda steps: steps[0])
 
     def save_async(self, path: str, extra_files: dict[str, str] | None = None) -> Pending[str]:
         """Write the model as a Hugging Face directory at ``path`` (rank 0 writes; all gather)."""
@@ -145,18 +177,31 @@ class WeightSync:
         self, policy: PolicyGroup, engines: GenerationGroup, transport: str, workers_per_engine: int, timeout_s: float
     ) -> None:
         self.policy, self.engines, self.timeout_s = policy, engines, timeout_s
-        host, port = policy.endpoint()
+        self.transport, self.workers_per_engine = transport, workers_per_engine
+        self.version = 0  # the policy version the engines serve (0: the initial weights)
+        self._connect()
+        self.info = update_info(policy.weight_specs())
+
+    def _connect(self) -> None:
+        host, port = self.policy.endpoint()
         # Group rank 0 is trainer rank 0; engine i's workers follow at 1 + i * workers_per_engine.
-        world = 1 + len(engines) * workers_per_engine
+        world = 1 + len(self.engines) * self.workers_per_engine
         # The rendezvous needs both ends at once: issue both, then wait for both.
         infos = [
-            engine_init_info(transport, host, port, 1 + i * workers_per_engine, world, timeout_s)
-            for i in range(len(engines))
+            engine_init_info(self.transport, host, port, 1 + i * self.workers_per_engine, world, self.timeout_s)
+            for i in range(len(self.engines))
         ]
-        joins = engines.scatter_async("init_weight_transfer", infos, timeout_s=timeout_s)
-        opened = policy.call_async("init_weight_sender", transport, host, port, world, timeout_s, timeout_s=timeout_s)
+        joins = self.engines.scatter_async("init_weight_transfer", infos, timeout_s=self.timeout_s)
+        opened = self.policy.call_async(
+            "init_weight_sender", self.transport, host, port, world, self.timeout_s, timeout_s=self.timeout_s
+        )
         wait_all(opened, joins)
-        self.info = update_info(policy.weight_specs())
+
+    def reconnect(self) -> None:
+        """A new group with the current engines (after some were replaced), then the current weights."""
+        self.engines.call_async("shutdown_weight_transfer", timeout_s=self.timeout_s).result()
+        self._connect()
+        self.sync(self.version)
 
     def sync(self, version: int) -> None:
         """Broadcast the current policy weights; on return every engine serves them."""
@@ -165,3 +210,4 @@ class WeightSync:
         sending = self.policy.call_async("broadcast_weights", timeout_s=self.timeout_s)
         wait_all(sending, receiving)
         self.engines.call_async("finish_weight_update", version, timeout_s=self.timeout_s).result()
+        self.version = version

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from rlhf_dist.experience import Experience
@@ -16,8 +18,8 @@ class ReferenceModel:
         self.model = load_causal_lm(model_path, dtype).to(self.device).eval().requires_grad_(False)
         self.batch_size, self.temperature = batch_size, temperature
 
-    def ready(self) -> bool:
-        return True
+    def pid(self) -> int:
+        return os.getpid()
 
     @torch.no_grad()
     def logprobs(self, exp: Experience) -> torch.Tensor:

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import math
+import os
 import time
 import urllib.error
 import urllib.request
@@ -110,8 +111,8 @@ class RewardScorer:
             # reward of the demonstrations has mean 0), so one KL coefficient suits any reward model.
             self.normalization = read_normalization(cfg.model_path) if cfg.normalize else None
 
-    def ready(self) -> bool:
-        return True
+    def pid(self) -> int:
+        return os.getpid()
 
     def score(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
         """Weighted sum of the sources; NaN marks a dropped sample (reward.on_invalid=drop)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -37,6 +38,30 @@ def node_endpoint() -> tuple[str, int]:
     with socket.socket() as s:
         s.bind(("", 0))
         return host, s.getsockname()[1]
+
+
+CHECKPOINT_TAG = "state"  # DeepSpeed's sub-directory of a trainer checkpoint
+
+
+def safe_checkpoint_engine(ds_config):
+    """DeepSpeed's torch checkpoint engine, loading with ``torch.load(weights_only=True)``.
+
+    DeepSpeed loads its own checkpoints with ``weights_only=False``, i.e. by unpickling
+    arbitrary objects. Ours hold only tensors, containers and the three plain DeepSpeed
+    classes below, so everything else is refused: a tampered checkpoint cannot run code."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeTorchCheckpointEngine(ds_config)
 
 
 def deepspeed_config(cfg: TrainerConfig, plan: RunPlan, dtype: str) -> dict:
@@ -97,7 +122,32 @@ class _DeepSpeedRank:
             model=model, optimizer=optimizer, lr_scheduler=schedule,
             config=deepspeed_config(self.cfg, self.plan, self.model_cfg.dtype),
         )
+        self.engine.checkpoint_engine = safe_checkpoint_engine(self.engine._config)
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Model, optimizer, LR schedule and step counters of every rank (DeepSpeed's format, each
+        rank its partition) and this rank's torch RNG state (safetensors). A collective: all ranks
+        call it; the directory must be one every rank can write (a shared filesystem across nodes)."""
+        from safetensors.torch import save_file
+
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
+        save_file({"cpu": torch.get_rng_state()}, str(Path(directory) / f"rng_rank{self.rank}.safetensors"))
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore what ``save_checkpoint`` wrote; returns the optimizer steps taken so far."""
+        from safetensors.torch import load_file
+
+        path, _ = self.engine.load_checkpoint(
+            directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+        torch.set_rng_state(load_file(str(Path(directory) / f"rng_rank{self.rank}.safetensors"))["cpu"])
+        return self.engine.global_steps
 
     # Subclass hooks: the model this rank trains and its learning rate.
     def build_model(self) -> torch.nn.Module:
@@ -238,6 +288,8 @@ class PolicyTrainer(_DeepSpeedRank):
         if self.rank == 0:
             from rlhf_dist.weight_sync import make_sender
 
+            if self.sender is not None:  # a new group after an engine restart replaces the old one
+                self.sender.close()
             self.sender = make_sender(transport, host, port, world_size, timeout_s)
 
     def broadcast_weights(self) -> None:

@@ -1,0 +1,251 @@
+"""Checkpoints of a PPO run: written atomically, verified before use, the newest M kept.
+
+A checkpoint is a directory ``<checkpoint.dir>/step_<N>`` (N = steps completed):
+
+    policy_ds/, critic_ds/   DeepSpeed checkpoints of the trainer groups (model, optimizer,
+                             LR schedule, step counters; one partition per rank) and each
+                             rank's RNG state (safetensors)
+    policy/                  the policy as a Hugging Face directory (safetensors), loadable by
+                             transformers and vLLM (``checkpoint.export_policy``)
+    state.json               the controller's state: step, KL controller, summary so far,
+                             W&B run id, Python RNG; controller_rng.safetensors: its torch RNG
+    manifest.json            size and SHA-256 of every other file; written last
+
+Everything is written into ``.tmp-step_<N>`` and renamed into place once the manifest is on
+disk, so a ``step_<N>`` directory is complete unless a file was damaged later, which the
+manifest catches: such a checkpoint is skipped with a warning. Engine sampling seeds are not
+stored: they are derived from (seed, step), as is the prompt order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rlhf_dist.config import CheckpointConfig
+
+if TYPE_CHECKING:
+    from rlhf_dist.cluster import Roles
+
+MANIFEST = "manifest.json"
+STATE = "state.json"
+CONTROLLER_RNG = "controller_rng.safetensors"
+POLICY_DS, CRITIC_DS, POLICY_HF = "policy_ds", "critic_ds", "policy"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or the one asked for cannot be used; names the path."""
+
+
+@dataclass
+class TrainState:
+    """What the controller needs to continue a run exactly where a checkpoint left it."""
+
+    step: int = 0  # PPO steps completed: the next step to run
+    kl_controller: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # run-level values logged so far
+    wandb_id: str = ""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(root: Path) -> None:
+    """Record size and SHA-256 of every file under ``root``; the manifest is flushed to disk."""
+    entries = {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(root)}
+    with (root / MANIFEST).open("w") as f:
+        json.dump({"files": entries}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(root: Path) -> str:
+    """"" if ``root`` is a complete, undamaged checkpoint, else why not."""
+    try:
+        entries = json.loads((root / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"no readable {MANIFEST} ({type(e).__name__})"
+    if STATE not in entries:
+        return f"{STATE} missing from the manifest"
+    found = {str(p.relative_to(root)) for p in _files(root)}
+    if missing := sorted(set(entries) - found):
+        return f"missing files: {', '.join(missing[:3])}"
+    for name, entry in entries.items():
+        path = root / name
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return ""
+
+
+class CheckpointDir:
+    """The checkpoints of one run under ``root``."""
+
+    def __init__(self, root: Path, keep_last: int, warn: Callable[[str], None] | None = None) -> None:
+        self.root, self.keep_last = root, keep_last
+        self.warn = warn or (lambda text: print(f"rlhf_dist: warning: {text}", file=sys.stderr))
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of every ``step_<N>`` directory, newest first (not yet verified)."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+        return sorted(found, reverse=True)
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
+        for _, path in self.complete():
+            if problem := verify(path):
+                self.warn(f"skipping checkpoint {path}: {problem}")
+                continue
+            return path
+        return None
+
+    def resolve(self, resume: str) -> Path | None:
+        """The checkpoint ``resume`` names: "" none, "auto" the newest good one (none if there is
+        none yet), or a checkpoint directory, which must verify."""
+        if resume in ("", "auto"):
+            return self.latest() if resume == "auto" else None
+        path = Path(resume).expanduser()
+        if problem := verify(path):
+            raise CheckpointError(f"resume={resume!r}: not a usable checkpoint: {problem}")
+        return path
+
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for the checkpoint of ``step`` (leftovers of a crash removed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        tmp.mkdir()
+        return tmp
+
+    def commit(self, tmp: Path, step: int) -> Path:
+        """Seal ``tmp`` with its manifest, rename it to ``step_<N>``, then drop the oldest beyond
+        ``keep_last``. Until the rename, the newest complete checkpoint is the previous one."""
+        write_manifest(tmp)
+        final = self.root / step_dir_name(step)
+        if final.exists():  # the same step again (a restart that redid it): replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        for _, old in self.complete()[self.keep_last :]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def abort(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_state(directory: Path, state: TrainState) -> None:
+    from safetensors.torch import save_file
+
+    payload = {**asdict(state), "python_rng": _python_rng_to_json(random.getstate())}
+    (directory / STATE).write_text(json.dumps(payload, indent=1) + "\n")
+    save_file({"cpu": torch.get_rng_state()}, str(directory / CONTROLLER_RNG))
+
+
+def read_state(directory: Path) -> TrainState:
+    """The controller state of a verified checkpoint."""
+    payload = json.loads((directory / STATE).read_text())
+    payload.pop("python_rng")
+    return TrainState(**payload)
+
+
+def restore_controller_rng(directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    random.setstate(_python_rng_from_json(json.loads((directory / STATE).read_text())["python_rng"]))
+    torch.set_rng_state(load_file(str(directory / CONTROLLER_RNG))["cpu"])
+
+
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+class Checkpointer:
+    """Saves and restores the whole run (trainer groups, exported policy, controller state)."""
+
+    def __init__(self, cfg: CheckpointConfig, out_dir: Path, warn: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.dir = CheckpointDir(Path(cfg.dir).expanduser() if cfg.dir else out_dir / "checkpoints", cfg.keep_last, warn)
+
+    def due(self, steps_done: int, total_steps: int) -> bool:
+        every = self.cfg.every_steps
+        return bool(every) and (steps_done % every == 0 or steps_done == total_steps)
+
+    def save(self, roles: Roles, state: TrainState) -> Path:
+        """Write the checkpoint of ``state.step``; on any failure (a full disk, a lost actor) the
+        partial directory is removed, the previous checkpoint is untouched, and this raises."""
+        from rlhf_dist.worker_group import wait_all
+
+        tmp = self.dir.begin(state.step)
+        try:
+            wait_all(*(g.save_checkpoint_async(str(tmp / name)) for g, name in self._trainers(roles)))
+            if self.cfg.export_policy:
+                roles.policy.save_async(str(tmp / POLICY_HF)).result()
+            write_state(tmp, state)
+            return self.dir.commit(tmp, state.step)
+        except BaseException as e:
+            self.dir.abort(tmp)
+            previous = self.dir.complete()
+            kept = f"the previous checkpoint {previous[0][1]} is intact" if previous else "no earlier checkpoint exists"
+            if isinstance(e, (OSError, RuntimeError)) and not getattr(e, "lost_actor", False):
+                raise CheckpointError(f"checkpoint {step_dir_name(state.step)} not written ({e}); {kept}") from e
+            raise
+
+    def restore(self, roles: Roles, path: Path) -> TrainState:
+        """Load the trainer groups from ``path``, give the engines the restored policy, and
+        return the controller state (its RNGs restored)."""
+        from rlhf_dist.worker_group import wait_all
+
+        wait_all(*(g.load_checkpoint_async(str(path / name)) for g, name in self._trainers(roles)))
+        state = read_state(path)
+        restore_controller_rng(path)
+        roles.weights.sync(version=state.step)
+        return state
+
+    @staticmethod
+    def _trainers(roles: Roles) -> list[tuple[Any, str]]:
+        pairs = [(roles.policy, POLICY_DS)]
+        if roles.critic is not None:
+            pairs.append((roles.critic, CRITIC_DS))
+        return pairs
