@@ -88,7 +88,7 @@ def run_with_restarts(
     from rlhf_dist.controller import run_rl
     from rlhf_dist.worker_group import RoleError
 
-    restarts = 0
+    restarts = engine_restarts = 0
     while True:
         started = time.perf_counter()
         roles = start_roles(cfg, plan, *paths)
@@ -106,12 +106,13 @@ def run_with_restarts(
             resume_from = checkpoints.dir.latest()
             logger.message(f"rlhf_dist: {e}; restarting every role from {resume_from or 'the first step'} "
                            f"(restart {restarts}/{cfg.max_restarts})")
+            engine_restarts += roles.engine_restarts
             roles.kill()
             actors.remove(roles)
             shutdown_ray()
             logger.rewind(read_state(resume_from).step if resume_from else 0)
             continue
-        logger.add_summary({"restarts/roles": restarts, "restarts/engines": roles.engine_restarts})
+        logger.add_summary({"restarts/roles": restarts, "restarts/engines": engine_restarts + roles.engine_restarts})
         return roles
 
 

@@ -7,6 +7,7 @@ operation, never hangs.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,8 +55,10 @@ def _get(pending: Pending, ref: ray.ObjectRef) -> Any:
     try:
         return ray.get(ref)
     except ray.exceptions.RayActorError as e:  # the process is gone: restartable
+        exit_type = re.search(r"Worker exit type: (\w+)", str(e))
+        how = f", exit type {exit_type.group(1)}" if exit_type else ""
         raise RoleError(
-            f"{pending.role}.{pending.op}: actor rank {rank} died ({_first_line(e)})",
+            f"{pending.role}.{pending.op}: actor rank {rank} died ({type(e).__name__}{how})",
             pending.role, pending.op, lost_actor=True,
         ) from e
     except Exception as e:  # RayTaskError: the call raised; report role, op, rank and cause
