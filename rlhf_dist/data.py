@@ -135,6 +135,11 @@ def _rows(source: str, key: str, kind: str, cfg: DataConfig, seed: int, split: s
     return read_rows(Path(source).expanduser(), cfg.on_bad_row, text_keys, key)
 
 
+def _nothing_usable(key: str, source: str, what: str, skipped: int) -> DataError:
+    why = f"{skipped} rows skipped" if skipped else "it is empty"
+    return DataError(f"{key}={source!r}: no usable {what} ({why})")
+
+
 def _too_long(cfg: DataConfig, key: str, skipped: int, length: int, max_len: int, text: str) -> int:
     if cfg.on_bad_row == "error":
         raise DataError(f"{key}: row of {length} tokens exceeds the limit {max_len}: {text[:60]!r}")
@@ -169,7 +174,7 @@ def load_sft(source: str, cfg: DataConfig, tokenizer, max_len: int, seed: int, s
         prompts.append(p)
         responses.append(r)
     if not prompts:
-        raise DataError(f"{key}={source!r}: no usable rows ({skipped} skipped)")
+        raise _nothing_usable(key, source, "rows", skipped)
     return SFTSet(prompts, responses, skipped)
 
 
@@ -208,19 +213,20 @@ def load_preferences(
         chosen.append(c)
         rejected.append(r)
     if not chosen:
-        raise DataError(f"{key}={source!r}: no usable rows ({skipped} skipped)")
+        raise _nothing_usable(key, source, "rows", skipped)
     return PreferenceSet(chosen, rejected, skipped)
 
 
 def load_prompts(
     source: str, cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int, split: str = "train"
 ) -> PromptSet:
-    """Tokenize a prompt source (``data.prompts`` or ``data.eval_prompts``); over-long prompts are
-    skipped or rejected per ``data.on_bad_row``."""
+    """Tokenize a prompt source (``data.prompts``, or ``data.eval_prompts`` for ``split="test"``);
+    over-long prompts are skipped or rejected per ``data.on_bad_row``."""
+    key = "data.prompts" if split == "train" else "data.eval_prompts"  # the caller passes the matching source
     if source.startswith("builtin:"):
         rows, skipped = builtin_rows(source, cfg.num_builtin_prompts, seed, split), 0
     else:
-        rows, skipped = read_prompt_rows(Path(source).expanduser(), cfg.on_bad_row)
+        rows, skipped = read_rows(Path(source).expanduser(), cfg.on_bad_row, key=key)
     texts, ids_list, metadata = [], [], []
     for row in rows:
         text = row["prompt"]
@@ -228,7 +234,7 @@ def load_prompts(
         if len(ids) > max_prompt_len:
             if cfg.on_bad_row == "error":
                 raise DataError(
-                    f"data: {source!r}: prompt of {len(ids)} tokens exceeds "
+                    f"{key}={source!r}: prompt of {len(ids)} tokens exceeds "
                     f"model.max_prompt_len={max_prompt_len}: {text[:60]!r}"
                 )
             skipped += 1
@@ -237,7 +243,7 @@ def load_prompts(
         ids_list.append(ids)
         metadata.append({k: v for k, v in row.items() if k != "prompt"})
     if not texts:
-        raise DataError(f"data: {source!r}: no usable prompts ({skipped} rows skipped)")
+        raise _nothing_usable(key, source, "prompts", skipped)
     return PromptSet(texts, ids_list, metadata, skipped)
 
 

@@ -24,7 +24,10 @@ TINY_ARITH = "tiny-arith"
 
 def resolve_model_path(path: str, cache_dir: str) -> str:
     """An embedded model name ("tiny", "tiny-arith") -> its directory, built and cached on first
-    use; a local path must exist; anything else is passed to ``from_pretrained`` as a hub id."""
+    use; an existing local path (or one starting with / . ~) -> its absolute path, which must be a
+    Hugging Face model directory; anything else is a hub id, whose config.json is fetched now (or
+    found in the hub cache). A path that cannot be used raises FileNotFoundError: the commands
+    print it as one line, before any actor starts."""
     from rlhf_dist import tiny_model
 
     root = Path(cache_dir) if cache_dir else tiny_model.default_model_dir().parent
@@ -32,12 +35,31 @@ def resolve_model_path(path: str, cache_dir: str) -> str:
         return str(tiny_model.build_tiny_policy(root / tiny_model.MODEL_NAME))
     if path == TINY_ARITH:
         return str(tiny_model.build_tiny_arith_policy(root / tiny_model.ARITH_MODEL_NAME))
-    if path.startswith(("/", ".", "~")):
-        local = Path(path).expanduser()
+    local = Path(path).expanduser()
+    if path.startswith(("/", ".", "~")) or local.exists():
         if not local.exists():
             raise FileNotFoundError(f"model path {path!r} does not exist")
-        return str(local.resolve())
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"model path {path!r} is not a Hugging Face model directory (no config.json)")
+        return str(local.resolve())  # absolute: actors need not share the driver's working directory
+    _check_hub_id(path)
     return path
+
+
+def _check_hub_id(path: str) -> None:
+    # Without this, a typo fails inside from_pretrained with a traceback, after a minute of retries offline.
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        hf_hub_download(path, "config.json")
+    except HFValidationError as e:
+        raise FileNotFoundError(f"model path {path!r} is neither a local path nor a hub id ({e})") from e
+    except OSError as e:  # not on the hub, gated, offline and not cached, no network
+        raise FileNotFoundError(
+            f"model path {path!r} is not a local path, and the Hugging Face hub (or its cache) has no such "
+            f"model ({type(e).__name__})"
+        ) from e
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -53,15 +75,28 @@ def load_causal_lm(path: str, dtype: str) -> nn.Module:
 def load_reward_model(path: str, dtype: str) -> nn.Module:
     """A one-logit sequence classifier from ``path``: a trained reward model, or a causal-LM
     backbone whose score head is then freshly initialised (as InstructGPT started from SFT)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype))
-    if model.config.pad_token_id is None:  # the score is read at the last non-pad token
+    score_pad_id(model, path, f"reward model {path!r}")
+    return model
+
+
+def score_pad_id(model: nn.Module, path: str, label: str) -> int:
+    """The pad id of the sequence classifier ``model`` loaded from ``path``: its config's, else its
+    tokenizer's (then written into the config). Transformers reads the score at the last token that
+    is not the config's pad id, so inputs must be padded with exactly this id."""
+    if model.config.pad_token_id is None:
+        from transformers import AutoTokenizer
+
         pad = AutoTokenizer.from_pretrained(path).pad_token_id
         if pad is None:
-            raise ValueError(f"reward model {path!r}: neither the config nor the tokenizer defines a pad token")
+            raise ValueError(
+                f"{label}: neither config.json nor the tokenizer defines a pad token (the score is read at the "
+                "last non-pad token); set pad_token_id in config.json"
+            )
         model.config.pad_token_id = pad
-    return model
+    return model.config.pad_token_id
 
 
 def pair_scores(model: nn.Module, pairs: PairBatch, pad: int) -> tuple[torch.Tensor, torch.Tensor]:

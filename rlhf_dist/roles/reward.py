@@ -65,7 +65,8 @@ def post_scores(cfg: RewardConfig, prompts: list[str], responses: list[str], met
                 scores = json.loads(response.read())["scores"]
             if len(scores) != len(prompts):
                 raise RewardError(f"reward.http_url={cfg.http_url!r}: {len(scores)} scores for {len(prompts)} samples")
-            return [float(s) for s in scores]
+            # null or a string is not a score: NaN, handled by reward.on_invalid like an infinite one
+            return [float(s) if isinstance(s, (int, float)) else math.nan for s in scores]
         except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError, KeyError) as e:
             last = f"{type(e).__name__}: {e}"
     raise RewardError(f"reward.http_url={cfg.http_url!r}: failed after {cfg.http_retries + 1} attempts ({last})")
@@ -98,15 +99,14 @@ class RewardScorer:
         if cfg.model_weight:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-            from rlhf_dist.modeling import torch_dtype
+            from rlhf_dist.modeling import score_pad_id, torch_dtype
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-            self.tokenizer.padding_side = "right"
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 cfg.model_path, dtype=torch_dtype(dtype)
             ).to(self.device).eval().requires_grad_(False)
-            if self.model.config.pad_token_id is None:
-                raise ValueError(f"reward.model_path={cfg.model_path!r}: the model config has no pad_token_id")
+            # Padded here, not by the tokenizer, which may have no pad token or another one.
+            self.pad_id = score_pad_id(self.model, cfg.model_path, f"reward.model_path={cfg.model_path!r}")
             # Scores are normalised with the statistics saved at training time (InstructGPT: the
             # reward of the demonstrations has mean 0), so one KL coefficient suits any reward model.
             self.normalization = read_normalization(cfg.model_path) if cfg.normalize else None
@@ -116,43 +116,57 @@ class RewardScorer:
 
     def score(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
         """Weighted sum of the sources; NaN marks a dropped sample (reward.on_invalid=drop)."""
-        total = [0.0] * len(prompts)
-        if self.cfg.function_weight:
-            self._add(total, self.cfg.function_weight, self._function_scores(prompts, responses, metadata), prompts)
-        if self.cfg.model_weight:
-            self._add(total, self.cfg.model_weight, self._model_scores(prompts, responses), prompts)
-        if self.cfg.http_weight:
-            self._add(total, self.cfg.http_weight, post_scores(self.cfg, prompts, responses, metadata), prompts)
+        cfg, total = self.cfg, [0.0] * len(prompts)
+        if cfg.function_weight:
+            scores = self._function_scores(prompts, responses, metadata)
+            self._add(total, f"reward.function={cfg.function!r}", cfg.function_weight, scores, prompts)
+        if cfg.model_weight:
+            scores = self._model_scores(prompts, responses)
+            self._add(total, f"reward.model_path={cfg.model_path!r}", cfg.model_weight, scores, prompts)
+        if cfg.http_weight:
+            scores = post_scores(cfg, prompts, responses, metadata)
+            self._add(total, f"reward.http_url={cfg.http_url!r}", cfg.http_weight, scores, prompts)
         return total
 
-    def _add(self, total: list[float], weight: float, scores: list[float], prompts: list[str]) -> None:
+    def _invalid(self, message: str) -> float:
+        """A score that cannot be used: fail the step (reward.on_invalid=error) or mark it dropped."""
+        if self.cfg.on_invalid == "error":
+            raise RewardError(f"{message} (reward.on_invalid=drop skips such samples)")
+        return math.nan
+
+    def _add(self, total: list[float], source: str, weight: float, scores: list[float], prompts: list[str]) -> None:
         for i, s in enumerate(scores):
             if not math.isfinite(s):
-                if self.cfg.on_invalid == "error":
-                    raise RewardError(f"reward for sample {i} (prompt {prompts[i][:40]!r}) is {s}")
-                s = math.nan
+                s = self._invalid(f"{source}: reward for sample {i} (prompt {prompts[i][:40]!r}) is {s}")
             total[i] += weight * s
 
     def _function_scores(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
-        scores = []
+        scores, source = [], f"reward.function={self.cfg.function!r}"
         for i, (p, r, m) in enumerate(zip(prompts, responses, metadata)):
+            sample = f"sample {i} (prompt {p[:40]!r})"
             try:
-                scores.append(float(self.fn(p, r, m) if self.fn_takes_metadata else self.fn(p, r)))
-            except Exception as e:
-                if self.cfg.on_invalid == "error":
-                    raise RewardError(f"{self.cfg.function} raised on sample {i} (prompt {p[:40]!r}): {e!r}") from e
-                scores.append(math.nan)
+                value = self.fn(p, r, m) if self.fn_takes_metadata else self.fn(p, r)
+            except Exception as e:  # noqa: BLE001 -- any error in user code is this sample's problem, not the actor's
+                scores.append(self._invalid(f"{source} raised on {sample}: {e!r}"))
+                continue
+            try:
+                scores.append(float(value))
+            except (TypeError, ValueError):
+                scores.append(self._invalid(f"{source} returned {value!r} on {sample}, not a number"))
         return scores
 
     @torch.no_grad()
     def _model_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
         from rlhf_dist.data import conversation_text
+        from rlhf_dist.experience import pad_sequences
 
         texts = [conversation_text(self.tokenizer, p, r, self.chat_template) for p, r in zip(prompts, responses)]
         scores: list[float] = []
         for i in range(0, len(texts), self.cfg.batch_size):
-            enc = self.tokenizer(texts[i : i + self.cfg.batch_size], return_tensors="pt", padding=True).to(self.device)
-            scores.extend(self.model(**enc).logits[:, 0].float().tolist())
+            rows = [self.tokenizer(text)["input_ids"] for text in texts[i : i + self.cfg.batch_size]]
+            ids, mask = pad_sequences(rows, self.pad_id)  # right-padded
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            scores.extend(logits[:, 0].float().tolist())
         if self.normalization is not None:
             mean, std = self.normalization
             scores = [(s - mean) / std for s in scores]

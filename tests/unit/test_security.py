@@ -1,0 +1,138 @@
+"""Security defaults (docs/reliability.md, "Security defaults"): a private local Ray cluster, weights
+as safetensors, the HTTP reward endpoint contacted only when enabled, and the W&B key never written."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from rlhf_dist.config import ConfigError, LoggerConfig, RewardConfig, as_dict, validate_config
+from rlhf_dist.roles.reward import RewardError, RewardScorer
+from tests.conftest import compose_config
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}  # torch.load / pickle formats that can run code
+
+
+def test_local_ray_cluster_has_no_dashboard_and_a_loopback_node_address(monkeypatch):
+    # What init_ray passes to ray.init, captured instead of starting Ray.
+    import ray
+
+    from rlhf_dist.placement import init_ray
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    res = compose_config([]).resources
+    init_ray(res, actor_logs=False)
+    (local,) = calls
+    assert local["include_dashboard"] is False
+    assert local["_node_ip_address"] == "127.0.0.1"
+    assert "address" not in local and "dashboard_host" not in local  # a new cluster, nothing exposed by choice
+
+    res.ray_address = "auto"  # joining a running cluster: its own settings decide its addresses
+    init_ray(res, actor_logs=False)
+    assert calls[1]["address"] == "auto" and calls[1]["include_dashboard"] is False
+
+
+def weight_files(model_dir: Path) -> tuple[list[str], list[str]]:
+    files = sorted(p.name for p in model_dir.rglob("*") if p.is_file())
+    return [f for f in files if f.endswith(".safetensors")], [f for f in files if Path(f).suffix in PICKLE_SUFFIXES]
+
+
+def test_models_are_written_as_safetensors(tiny_policy, tiny_reward_model, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from rlhf_dist.modeling import load_causal_lm, write_model_dir
+
+    for built in (tiny_policy, tiny_reward_model):  # the embedded models
+        assert weight_files(Path(built)) == (["model.safetensors"], [])
+    # What the trainer's save does: a full state dict through save_pretrained, inside write_model_dir.
+    model = load_causal_lm(tiny_policy, "float32")
+    state = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=state)
+        AutoTokenizer.from_pretrained(tiny_policy).save_pretrained(tmp)
+
+    saved = write_model_dir(tmp_path / "policy", write)
+    assert weight_files(saved) == (["model.safetensors"], [])
+    with safe_open(str(saved / "model.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(state)
+    reloaded = dict(load_causal_lm(str(saved), "float32").named_parameters())
+    assert all(torch.equal(reloaded[name], value) for name, value in state.items())
+
+
+def test_http_reward_config_needs_weight_and_url():
+    with pytest.raises(ConfigError) as excinfo:
+        validate_config(compose_config(["reward=http"]))  # weight 1, no URL
+    assert str(excinfo.value) == "reward.http_url='': required when reward.http_weight=1.0"
+    # A URL with weight 0 is valid, and never contacted (next test).
+    validate_config(compose_config(["reward.http_weight=0", "reward.http_url=http://127.0.0.1:9/score"]))
+
+
+def test_http_endpoint_is_contacted_only_when_its_weight_is_not_zero():
+    # A listening socket that never answers: a connection attempt would wait in its backlog.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.setblocking(False)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/score"
+        off = RewardScorer(RewardConfig(http_weight=0.0, http_url=url), dtype="float32", device="cpu")
+        # the default function alone: words great, soup, and, bread; 2 x 1 positive / 4 words = 0.5
+        assert off.score(["the soup was"], [" great soup and bread"], [{}]) == [0.5]
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+        # The probe sees a contact: with weight 1 the scorer connects, then times out waiting for an answer.
+        on = RewardScorer(RewardConfig(http_weight=1.0, http_url=url, http_timeout_s=0.2, http_retries=0),
+                          dtype="float32", device="cpu")
+        with pytest.raises(RewardError, match="failed after 1 attempts"):
+            on.score(["p"], ["r"], [{}])
+        conn, _ = listener.accept()
+        conn.close()
+
+
+SECRET = "some-secret-4c1f0e9b"
+MARKER = "config-marker-8d2a"
+
+
+def readable_bytes(path: Path) -> bytes:
+    """A file's bytes; for a ``.wandb`` log also its records reassembled, since a record that crosses a
+    32 KiB block is stored in pieces and a string in it may be split."""
+    from tests.wandb_reader import _records
+
+    data = path.read_bytes()
+    if path.suffix == ".wandb":
+        data += b"".join(rec.SerializeToString() for _, rec in _records(data))
+    return data
+
+
+def test_wandb_api_key_is_never_written_or_printed(tmp_path, monkeypatch, capfd):
+    from rlhf_dist.config import Config
+    from rlhf_dist.run_logger import RunLogger
+    from tests.wandb_reader import read_offline_run
+
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    for var, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
+                     ("WANDB_ARTIFACT_DIR", "artifacts")):
+        monkeypatch.setenv(var, str(tmp_path / sub))  # everything W&B writes lands under tmp_path
+    config = {**as_dict(Config()), "note": MARKER}
+    logger = RunLogger(LoggerConfig(backend="wandb", mode="offline", progress_bar=False), tmp_path / "run", config,
+                       total_steps=1, group="")
+    logger.log(0, {"reward/mean": 0.5})
+    logger.finish("completed")
+    # wandb-core writes the .wandb log asynchronously: this waits for its final record.
+    assert read_offline_run(tmp_path / "run" / "wandb")["config"]["note"] == MARKER
+
+    def files_containing(text: str) -> list[str]:
+        return sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and text.encode() in readable_bytes(p))
+
+    # The walk reads what W&B wrote: the config marker is found in the offline run's .wandb log ...
+    assert any(name.endswith(".wandb") for name in files_containing(MARKER))
+    # ... and the key is in no file, and was not printed.
+    assert files_containing(SECRET) == []
+    out, err = capfd.readouterr()
+    assert SECRET not in out and SECRET not in err
