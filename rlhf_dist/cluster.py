@@ -6,9 +6,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -45,6 +45,7 @@ class Roles:
     max_engine_restarts: int  # lost engines replaced during the run, at most
     start_timeout_s: float
     actors_file: Path | None = None  # where ``processes()`` is written after every (re)start
+    notify: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
     engine_restarts: int = 0
 
     def groups(self) -> list[WorkerGroup]:
@@ -68,9 +69,9 @@ class Roles:
             lost = self.generation.respawn_lost(self.start_timeout_s)
             self.weights.reconnect()
             self.write_processes()
-            print(f"rlhf_dist: {e}; replaced engine ranks {lost} and re-synced weights version "
-                  f"{self.weights.version} in {time.perf_counter() - started:.0f}s "
-                  f"(restart {self.engine_restarts}/{self.max_engine_restarts}), retrying", file=sys.stderr)
+            self.notify(f"rlhf_dist: {e}; replaced engine ranks {lost} and re-synced weights version "
+                        f"{self.weights.version} in {time.perf_counter() - started:.0f}s "
+                        f"(restart {self.engine_restarts}/{self.max_engine_restarts}), retrying")
         return self.generation.generate_async(prompt_ids, seeds, greedy=greedy).result()
 
     def processes(self) -> dict[str, list[int]]:
@@ -103,7 +104,8 @@ def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) 
         return (t, cfg.model, plan, path, rank, device, cfg.seed, to.weight_sync_s)
 
     def engine_args(i: int) -> tuple:
-        return (policy_path, cfg.rollout, dtype, cfg.seed, res.weight_sync_backend, i), {}
+        args = (policy_path, cfg.rollout, dtype, cfg.seed, res.weight_sync_backend, i)
+        return args, {"in_process": res.vllm_in_process}
 
     def spawn_engine(i: int):
         return spawn(GenerationEngine, slots["generation"][i : i + 1], res.generation, env, lambda _: engine_args(i))[0]

@@ -98,7 +98,8 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
         for i, name in enumerate(names):
             args = (paths[name], cfg.rollout, cfg.model.dtype, cfg.seed, res.weight_sync_backend, 0)
             engines[name] = GenerationGroup(f"generation[{name}]", spawn(
-                GenerationEngine, slots["generation"][i : i + 1], res.generation, env, lambda _, a=args: (a, {}),
+                GenerationEngine, slots["generation"][i : i + 1], res.generation, env,
+                lambda _, a=args: (a, {"in_process": res.vllm_in_process}),
             ), to.generate_s)
         reward = RewardGroup("reward", spawn(
             RewardScorer, slots["reward"], res.reward, env,

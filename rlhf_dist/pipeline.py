@@ -10,7 +10,8 @@ defaults (the embedded task: simulated demonstrations and annotator rankings; th
 annotator is only the evaluation's judge).
 
 Re-running with the same ``hydra.run.dir`` continues: a stage whose summary says "completed"
-is reused, an unfinished one is moved aside (``<stage>.incomplete-<time>``) and run again.
+is reused; an unfinished PPO stage resumes from its newest checkpoint (``resume=auto``); any
+other unfinished stage is moved aside (``<stage>.incomplete-<time>``) and run again.
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
         stage_dir = out_dir / stage
         summary = _completed(stage_dir)
         if summary is None:
-            if stage_dir.exists():
+            stage_cfg = stage_configs(cfg, paths["sft"], paths["reward_model"], paths["ppo"])[stage]
+            if stage == "ppo" and stage_dir.exists():
+                stage_cfg = dataclasses.replace(stage_cfg, resume="auto")
+            elif stage_dir.exists():
                 stage_dir.rename(out_dir / f"{stage}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
             print(f"rlhf_dist pipeline: stage {stage} -> {stage_dir}", flush=True)
-            stage_cfg = stage_configs(cfg, paths["sft"], paths["reward_model"], paths["ppo"])[stage]
             summary = runners[stage](stage_cfg, stage_dir, group)
         else:
             print(f"rlhf_dist pipeline: stage {stage} already completed in {stage_dir}, reused", flush=True)

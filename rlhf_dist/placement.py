@@ -27,7 +27,9 @@ class Slot:
 
 
 def init_ray(res: ResourcesConfig, actor_logs: bool) -> None:
-    """Start (or join) Ray; a local cluster binds to localhost only, with no dashboard."""
+    """Start (or join) Ray. A local cluster gets node address 127.0.0.1 and no dashboard UI; Ray's
+    own servers still listen on every interface, and its token authentication (on by default in
+    Ray 2.60) keeps other hosts out (docs/reliability.md)."""
     if ray.is_initialized():
         return
     common: dict[str, Any] = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=actor_logs)
@@ -79,6 +81,8 @@ def place(res: ResourcesConfig, counts: dict[str, int], timeout_s: float) -> dic
 def actor_env(res: ResourcesConfig) -> dict[str, str]:
     """Environment of every actor process; CPU runs pin thread counts so actors share cores."""
     env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_CONFIGURE_LOGGING": "1"}
+    if res.vllm_in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core runs in the actor's process
     if res.device == "cpu":
         threads = str(res.threads_per_actor)
         env.update(

@@ -93,7 +93,7 @@ def run_with_restarts(
         started = time.perf_counter()
         roles = start_roles(cfg, plan, *paths)
         actors.append(roles)
-        roles.actors_file = logger.out_dir / "actors.json"
+        roles.actors_file, roles.notify = logger.out_dir / "actors.json", logger.message
         roles.write_processes()
         logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s")
         try:
@@ -103,10 +103,11 @@ def run_with_restarts(
             if not e.lost_actor or restarts >= cfg.max_restarts:
                 raise
             restarts += 1
+            engine_restarts += roles.engine_restarts
+            logger.add_summary({"restarts/roles": restarts, "restarts/engines": engine_restarts})
             resume_from = checkpoints.dir.latest()
             logger.message(f"rlhf_dist: {e}; restarting every role from {resume_from or 'the first step'} "
                            f"(restart {restarts}/{cfg.max_restarts})")
-            engine_restarts += roles.engine_restarts
             roles.kill()
             actors.remove(roles)
             shutdown_ray()

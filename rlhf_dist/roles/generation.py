@@ -25,7 +25,8 @@ class GenerationEngine:
     """A vLLM ``LLM`` behind a small interface; created as a Ray actor by ``placement``."""
 
     def __init__(
-        self, model_path: str, cfg: RolloutConfig, dtype: str, seed: int, weight_sync_backend: str, engine_index: int
+        self, model_path: str, cfg: RolloutConfig, dtype: str, seed: int, weight_sync_backend: str, engine_index: int,
+        in_process: bool = False,
     ) -> None:
         from vllm import LLM
 
@@ -45,6 +46,9 @@ class GenerationEngine:
             # Logprobs after temperature/top-p, i.e. of the distribution actually sampled.
             logprobs_mode="processed_logprobs",
             weight_transfer_config={"backend": vllm_backend_name(weight_sync_backend)},
+            # In process: the worker runs in this process too (resources.vllm_in_process; the
+            # engine core's process is switched off by the actor's environment, placement.actor_env).
+            distributed_executor_backend="uni" if in_process else None,
         )
 
     def pid(self) -> int:

@@ -3,10 +3,12 @@ as safetensors, the HTTP reward endpoint contacted only when enabled, and the W&
 
 from __future__ import annotations
 
+import pickle
 import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf_dist.config import ConfigError, LoggerConfig, RewardConfig, as_dict, validate_config
 from rlhf_dist.roles.reward import RewardError, RewardScorer
@@ -136,3 +138,35 @@ def test_wandb_api_key_is_never_written_or_printed(tmp_path, monkeypatch, capfd)
     assert files_containing(SECRET) == []
     out, err = capfd.readouterr()
     assert SECRET not in out and SECRET not in err
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a tampered checkpoint file would do."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch " + str(Path.cwd() / "PWNED"),))
+
+
+def test_trainer_checkpoints_load_without_unpickling_code(tmp_path, monkeypatch):
+    # The DeepSpeed checkpoint engine the trainer installs loads with weights_only=True: tensors,
+    # containers and DeepSpeed's own plain state classes load; any other object is refused.
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from rlhf_dist.roles.trainer import safe_checkpoint_engine
+
+    engine = safe_checkpoint_engine(None)
+    state = {"optimizer_state_dict": {"state": {0: {"exp_avg": torch.ones(2)}}}, "loss_scaler": LossScaler(1.0),
+             "zero_stage": ZeroStageEnum.gradients, "ds_version": "0.19.8"}
+    torch.save(state, tmp_path / "optim_states.pt")
+    loaded = engine.load(str(tmp_path / "optim_states.pt"))
+    assert torch.equal(loaded["optimizer_state_dict"]["state"][0]["exp_avg"], torch.ones(2))
+    assert loaded["zero_stage"] == ZeroStageEnum.gradients and loaded["loss_scaler"].cur_scale == 1.0
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"module": _RunsCode()}, tmp_path / "tampered.pt")
+    with pytest.raises(pickle.UnpicklingError, match="unsupported GLOBAL posix.system"):
+        engine.load(str(tmp_path / "tampered.pt"))
+    assert not (tmp_path / "PWNED").exists()
