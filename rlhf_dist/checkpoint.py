@@ -206,7 +206,8 @@ class Checkpointer:
 
     def __init__(self, cfg: CheckpointConfig, out_dir: Path, warn: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
-        self.dir = CheckpointDir(Path(cfg.dir).expanduser() if cfg.dir else out_dir / "checkpoints", cfg.keep_last, warn)
+        root = Path(cfg.dir).expanduser() if cfg.dir else out_dir / "checkpoints"
+        self.dir = CheckpointDir(root, cfg.keep_last, warn)
 
     def due(self, steps_done: int, total_steps: int) -> bool:
         every = self.cfg.every_steps
@@ -225,11 +226,15 @@ class Checkpointer:
             write_state(tmp, state)
             return self.dir.commit(tmp, state.step)
         except BaseException as e:
+            free = shutil.disk_usage(self.dir.root).free / 2**20  # before the partial files go
             self.dir.abort(tmp)
             previous = self.dir.complete()
             kept = f"the previous checkpoint {previous[0][1]} is intact" if previous else "no earlier checkpoint exists"
             if isinstance(e, (OSError, RuntimeError)) and not getattr(e, "lost_actor", False):
-                raise CheckpointError(f"checkpoint {step_dir_name(state.step)} not written ({e}); {kept}") from e
+                raise CheckpointError(
+                    f"checkpoint {step_dir_name(state.step)} not written ({e}; {free:.0f} MiB free in "
+                    f"{self.dir.root}); {kept}"
+                ) from e
             raise
 
     def restore(self, roles: Roles, path: Path) -> TrainState:

@@ -11,7 +11,6 @@ from typing import Any
 
 from rlhf_dist.config import LoggerConfig
 
-
 METRICS = "metrics.jsonl"
 REPLACED = "metrics.replaced.jsonl"  # steps a resumed or restarted run did again, as first logged
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -34,3 +38,24 @@ def tiny_reward_model(tiny_policy: str, tmp_path_factory: pytest.TempPathFactory
     from rlhf_dist.tiny_model import build_tiny_reward_model
 
     return str(build_tiny_reward_model(tmp_path_factory.mktemp("rm") / "tiny-rm", tiny_policy))
+
+
+@contextmanager
+def local_http_server(handler: type[BaseHTTPRequestHandler], path: str = "/score") -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 (an ephemeral port) answering with ``handler``; yields its URL."""
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}{path}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def send_json(handler: BaseHTTPRequestHandler, payload: bytes) -> None:
+    """Answer the request being handled with 200 and ``payload`` (JSON text)."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)

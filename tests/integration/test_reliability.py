@@ -38,12 +38,19 @@ RUN_TIMEOUT_S = 600
 
 def launch(out: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rlhf_dist.train", f"hydra.run.dir={out}", *RUN, *overrides]
-    err = (out.parent / f"{out.name}.stderr").open("a")
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, text=True)
+    console = (out.parent / f"{out.name}.console").open("a")  # what a user sees: stdout and stderr in order
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, stdout=console, stderr=subprocess.STDOUT, env=env)
 
 
-def stderr_of(out: Path) -> str:
-    return (out.parent / f"{out.name}.stderr").read_text()
+def console_of(out: Path) -> str:
+    return (out.parent / f"{out.name}.console").read_text()
+
+
+def error_line(out: Path) -> str:
+    """The one line a failed run ends with."""
+    (line,) = [line for line in console_of(out).splitlines() if line.startswith("rlhf_dist: error:")]
+    return line
 
 
 def wait_until(proc: subprocess.Popen, condition, what: str) -> None:
@@ -88,7 +95,7 @@ def assert_same_run(got: list[dict], expected: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_policy, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    assert finish(launch(out)) == 0, stderr_of(out)[-3000:]
+    assert finish(launch(out)) == 0, console_of(out)[-3000:]
     assert [r["step"] for r in rows(out)] == list(range(STEPS))
     return rows(out)
 
@@ -103,9 +110,9 @@ def test_hang_then_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterr
     wait_until(proc, lambda: checkpoint(ckpts, 1).exists(), "the first checkpoint")
     os.kill(pid(out, "reward"), signal.SIGSTOP)
     assert finish(proc) == 1
-    err = stderr_of(out)
-    assert "rlhf_dist: error: reward.score timed out after 10s (actor ranks [0] did not answer)" in err
-    assert "Traceback" not in err
+    assert error_line(out).startswith(
+        "rlhf_dist: error: reward.score timed out after 10s (actor ranks [0] did not answer)")
+    assert "Traceback" not in console_of(out)
     assert verify(checkpoint(ckpts, 1)) == ""
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
 
@@ -117,7 +124,7 @@ def test_hang_then_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterr
 
     # 3. Resumed again: it continues from step 3 and the whole run equals the uninterrupted one.
     proc = launch(out, *wandb, "resume=auto")
-    assert finish(proc) == 0, stderr_of(out)[-3000:]
+    assert finish(proc) == 0, console_of(out)[-3000:]
     assert_same_run(rows(out), uninterrupted)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == STEPS
@@ -181,11 +188,10 @@ def small_disk(tmp_path):
 
 
 def fill(disk: Path) -> None:
-    with (disk / "filler").open("wb") as f:
+    with (disk / "filler").open("wb", buffering=0) as f:  # unbuffered: the write that fails raises here
         try:
             while True:
-                f.write(b"\0" * (1 << 20))
-                f.flush()
+                f.write(b"\0" * (1 << 16))
         except OSError:
             pass
 
@@ -209,18 +215,19 @@ def test_lost_engine_and_reference_recovered_then_a_full_disk_ends_the_run_clean
     fill(small_disk)
     assert finish(proc) == 1
 
-    err = stderr_of(out)
-    assert "generation.generate: actor rank 0 died" in err and "replaced engine ranks [0]" in err
-    assert "reference.logprobs: actor rank 0 died" in err
-    assert f"restarting every role from {checkpoint(ckpts, 2)} (restart 1/2)" in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("rlhf_dist: error: checkpoint step_000004 not written (")
-    assert last.endswith(f"the previous checkpoint {checkpoint(ckpts, 3)} is intact")
-    assert "Traceback" not in err
-    # Nothing logged is lost, the recovered steps equal the uninterrupted run, the last checkpoint
-    # verifies and the partial one is gone.
+    console = console_of(out)
+    assert "generation.generate: actor rank 0 died" in console and "replaced engine ranks [0]" in console
+    assert "reference.logprobs: actor rank 0 died" in console
+    assert f"restarting every role from {checkpoint(ckpts, 2)} (restart 1/2)" in console
+    error = error_line(out)
+    assert error.startswith("rlhf_dist: error: checkpoint step_000004 not written (")
+    assert error.endswith(f"0 MiB free in {ckpts}); the previous checkpoint {checkpoint(ckpts, 3)} is intact")
+    assert "Traceback" not in console
+    # Nothing logged is lost, the recovered steps equal the uninterrupted run, and the last
+    # checkpoint verifies. (A rank still writing when the first one failed may leave files in
+    # .tmp-step_000004: never taken for a checkpoint, removed by the next one.)
     assert_same_run(rows(out), uninterrupted)
     assert verify(checkpoint(ckpts, 3)) == ""
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003"]
+    assert [p.name for p in ckpts.iterdir() if not p.name.startswith(".tmp-")] == ["step_000003"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["restarts/roles"] == 1 and summary["restarts/engines"] == 1

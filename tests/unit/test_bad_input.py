@@ -12,9 +12,8 @@ import math
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import torch
 from rlhf_dist.config import ConfigError, DataConfig, RewardConfig, supervised_plan, validate_config
 from rlhf_dist.data import DataError, load_preferences, load_prompts, load_sft
 from rlhf_dist.roles.reward import RewardError, RewardScorer
-from tests.conftest import REPO, compose_config
+from tests.conftest import REPO, compose_config, local_http_server, send_json
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +182,7 @@ def test_invalid_rewards_are_dropped_and_the_rest_kept():
 class _BadScoresHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
-        payload = b'{"scores": [0.5, NaN, null]}'  # Python's json reads NaN; null is not a number
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, b'{"scores": [0.5, NaN, null]}')  # Python's json reads NaN; null is not a number
 
     def log_message(self, *args):
         pass
@@ -195,11 +190,8 @@ class _BadScoresHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def bad_score_server():
-    server = HTTPServer(("127.0.0.1", 0), _BadScoresHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/score"
-    server.shutdown()
+    with local_http_server(_BadScoresHandler) as url:
+        yield url
 
 
 def test_http_endpoint_nan_or_null_score(bad_score_server):

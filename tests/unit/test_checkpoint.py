@@ -17,7 +17,6 @@ from rlhf_dist.checkpoint import (
     read_state,
     restore_controller_rng,
     verify,
-    write_manifest,
     write_state,
 )
 from rlhf_dist.config import CheckpointConfig, LoggerConfig

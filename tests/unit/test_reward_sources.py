@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from rlhf_dist.config import RewardConfig
 from rlhf_dist.roles.reward import RewardError, RewardScorer
+from tests.conftest import local_http_server, send_json
 
 
 def length_reward(prompt: str, response: str) -> float:
@@ -71,11 +71,7 @@ class _ScoreHandler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         scores = [10.0 * len(r) + float(m.get("bonus", 0)) for r, m in zip(body["responses"], body["metadata"])]
-        payload = json.dumps({"scores": scores}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, json.dumps({"scores": scores}).encode())
 
     def log_message(self, *args):
         pass
@@ -83,12 +79,9 @@ class _ScoreHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def score_server():
-    server = HTTPServer(("127.0.0.1", 0), _ScoreHandler)
     _ScoreHandler.calls = 0
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/score"
-    server.shutdown()
+    with local_http_server(_ScoreHandler) as url:
+        yield url
 
 
 def test_weighted_sum_of_function_and_http(score_server):
