@@ -157,13 +157,29 @@ class CheckpointDir:
         ``keep_last``. Until the rename, the newest complete checkpoint is the previous one."""
         write_manifest(tmp)
         final = self.root / step_dir_name(step)
-        if final.exists():  # the same step again (a restart that redid it): replace it whole
-            shutil.rmtree(final)
+        replaced = self.root / f".replaced-{final.name}"
+        if final.exists():  # a damaged one of the same step: swap, so one complete copy always exists
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
         os.rename(tmp, final)
         _fsync_dir(self.root)
+        shutil.rmtree(replaced, ignore_errors=True)
         for _, old in self.complete()[self.keep_last :]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Rename the checkpoints of steps after ``step`` to ``step_<N>.superseded``: a run resumed
+        from an earlier checkpoint makes them another history, which ``resume=auto`` must not pick
+        up later (they are kept, not deleted). Returns their new paths."""
+        moved = []
+        for later, path in self.complete():
+            if later > step:
+                target = path.with_name(f"{path.name}.superseded")
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(path, target)
+                moved.append(target)
+        return moved
 
     def abort(self, tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ The trained policy is exported to ``<output dir>/policy`` (a Hugging Face direct
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +57,10 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     checkpoints = Checkpointer(cfg.checkpoint, out_dir)
     resume_from = checkpoints.dir.resolve(cfg.resume)
     state = read_state(resume_from) if resume_from else TrainState()
+    if cfg.resume:
+        for path in checkpoints.dir.set_aside_after(state.step):
+            print(f"rlhf_dist: warning: {path.name.removesuffix('.superseded')} is later than the step resumed "
+                  f"from: kept as {path}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     prompts = load_prompts(cfg.data.prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed)
     eval_prompts = None

@@ -136,3 +136,19 @@ def test_logger_continues_a_run_and_keeps_redone_steps_aside(tmp_path):
     assert [(r["step"], r["reward/mean"]) for r in read("metrics.jsonl")] == [(0, 0.0), (1, 10.0)]
     assert [r["step"] for r in read("metrics.replaced.jsonl")] == [2, 3, 1, 2]
     assert summary["steps"] == 2
+
+
+def test_a_resume_from_an_earlier_checkpoint_sets_later_ones_aside(tmp_path):
+    for step in (2, 4, 6):
+        _make(tmp_path, step)
+    ckpts = CheckpointDir(tmp_path, keep_last=3)
+    assert ckpts.set_aside_after(2) == [tmp_path / "step_000006.superseded", tmp_path / "step_000004.superseded"]
+    assert ckpts.latest() == tmp_path / "step_000002"
+    assert verify(tmp_path / "step_000004.superseded") == ""  # kept whole
+
+
+def test_committing_a_step_again_replaces_it(tmp_path):
+    _make(tmp_path, 3, payload=b"first")
+    _make(tmp_path, 3, payload=b"second")
+    assert (tmp_path / "step_000003" / "policy_ds" / "part.pt").read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003"]
