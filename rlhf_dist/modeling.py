@@ -22,12 +22,12 @@ TINY = "tiny"
 TINY_ARITH = "tiny-arith"
 
 
-def resolve_model_path(path: str, cache_dir: str) -> str:
+def resolve_model_path(path: str, cache_dir: str, key: str = "model.path") -> str:
     """An embedded model name ("tiny", "tiny-arith") -> its directory, built and cached on first
     use; an existing local path (or one starting with / . ~) -> its absolute path, which must be a
     Hugging Face model directory; anything else is a hub id, whose config.json is fetched now (or
     found in the hub cache). A path that cannot be used raises FileNotFoundError: the commands
-    print it as one line, before any actor starts."""
+    print it as one line naming ``key`` (the config key the path came from), before any actor starts."""
     from rlhf_dist import tiny_model
 
     root = Path(cache_dir) if cache_dir else tiny_model.default_model_dir().parent
@@ -38,15 +38,15 @@ def resolve_model_path(path: str, cache_dir: str) -> str:
     local = Path(path).expanduser()
     if path.startswith(("/", ".", "~")) or local.exists():
         if not local.exists():
-            raise FileNotFoundError(f"model path {path!r} does not exist")
+            raise FileNotFoundError(f"{key}={path!r}: does not exist")
         if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"model path {path!r} is not a Hugging Face model directory (no config.json)")
+            raise FileNotFoundError(f"{key}={path!r}: not a Hugging Face model directory (no config.json)")
         return str(local.resolve())  # absolute: actors need not share the driver's working directory
-    _check_hub_id(path)
+    _check_hub_id(path, key)
     return path
 
 
-def _check_hub_id(path: str) -> None:
+def _check_hub_id(path: str, key: str) -> None:
     # Without this, a typo fails inside from_pretrained with a traceback, after a minute of retries offline.
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HFValidationError
@@ -54,10 +54,10 @@ def _check_hub_id(path: str) -> None:
     try:
         hf_hub_download(path, "config.json")
     except HFValidationError as e:
-        raise FileNotFoundError(f"model path {path!r} is neither a local path nor a hub id ({e})") from e
+        raise FileNotFoundError(f"{key}={path!r}: neither a local path nor a hub id ({e})") from e
     except OSError as e:  # not on the hub, gated, offline and not cached, no network
         raise FileNotFoundError(
-            f"model path {path!r} is not a local path, and the Hugging Face hub (or its cache) has no such "
+            f"{key}={path!r}: not a local path, and the Hugging Face hub (or its cache) has no such "
             f"model ({type(e).__name__})"
         ) from e
 

@@ -32,7 +32,8 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     from rlhf_dist.roles.reward import NORMALIZATION_FILE
     from rlhf_dist.run_logger import RunLogger
 
-    init = resolve_model_path(cfg.rm.init_path or cfg.model.path, cfg.cache_dir)
+    init = resolve_model_path(cfg.rm.init_path or cfg.model.path, cfg.cache_dir,
+                              "rm.init_path" if cfg.rm.init_path else "model.path")
     tokenizer = AutoTokenizer.from_pretrained(init)
     if tokenizer.pad_token_id is None:
         from rlhf_dist.config import ConfigError

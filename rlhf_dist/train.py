@@ -51,9 +51,11 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     if cfg.eval.gold_function:
         check_reward_function(cfg.eval.gold_function)
     if cfg.reward.model_weight:
-        resolve_model_path(cfg.reward.model_path, cfg.cache_dir)  # a missing directory fails here
+        resolve_model_path(cfg.reward.model_path, cfg.cache_dir, "reward.model_path")  # a missing directory fails here
     policy_path = resolve_model_path(cfg.model.path, cfg.cache_dir)
-    critic_path = resolve_model_path(cfg.model.critic_path, cfg.cache_dir) if cfg.model.critic_path else policy_path
+    critic_path = policy_path
+    if cfg.model.critic_path:
+        critic_path = resolve_model_path(cfg.model.critic_path, cfg.cache_dir, "model.critic_path")
     checkpoints = Checkpointer(cfg.checkpoint, out_dir)
     resume_from = checkpoints.dir.resolve(cfg.resume)
     state = read_state(resume_from) if resume_from else TrainState()

@@ -215,12 +215,12 @@ def test_unusable_local_model_paths(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     for path, problem in (
         (tmp_path / "missing", "does not exist"),
-        (tmp_path, "is not a Hugging Face model directory (no config.json)"),
-        (tmp_path / "weights.bin", "is not a Hugging Face model directory (no config.json)"),
+        (tmp_path, "not a Hugging Face model directory (no config.json)"),
+        (tmp_path / "weights.bin", "not a Hugging Face model directory (no config.json)"),
     ):
         with pytest.raises(FileNotFoundError) as excinfo:
             resolve_model_path(str(path), cache_dir="")
-        assert str(excinfo.value) == f"model path {str(path)!r} {problem}"
+        assert str(excinfo.value) == f"model.path={str(path)!r}: {problem}"
 
 
 def test_relative_model_directory_becomes_absolute(tmp_path, monkeypatch):
@@ -240,12 +240,12 @@ def test_unknown_hub_id_is_one_error_not_a_traceback(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in unit tests
     with pytest.raises(FileNotFoundError) as excinfo:
-        resolve_model_path("no-such-org/no-such-model", cache_dir="")
+        resolve_model_path("no-such-org/no-such-model", cache_dir="", key="rm.init_path")
     assert str(excinfo.value) == (
-        "model path 'no-such-org/no-such-model' is not a local path, and the Hugging Face hub (or its cache) has no "
+        "rm.init_path='no-such-org/no-such-model': not a local path, and the Hugging Face hub (or its cache) has no "
         "such model (LocalEntryNotFoundError)"
     )
-    with pytest.raises(FileNotFoundError, match=r"^model path 'a/b/c' is neither a local path nor a hub id \(Repo id"):
+    with pytest.raises(FileNotFoundError, match=r"^model.path='a/b/c': neither a local path nor a hub id \(Repo id"):
         resolve_model_path("a/b/c", cache_dir="")
 
 
@@ -257,7 +257,7 @@ def test_cli_missing_model_is_one_line_before_any_actor(tmp_path, key):
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [
-        f"rlhf_dist: error: model path '{missing}' does not exist"
+        f"rlhf_dist: error: {key}='{missing}': does not exist"
     ]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # the run logger, made before any actor, never was
     assert elapsed < 30.0  # imports only; starting the actors takes minutes
