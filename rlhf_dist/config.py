@@ -602,6 +602,11 @@ def validate_config(cfg: Config) -> RunPlan:
               "NCCL weight sync cannot join the trainer and an engine on one GPU; use placement=separate")
     if res.device == "cuda" and res.policy.gpus <= 0:
         _fail("resources.policy.gpus", res.policy.gpus, "must be > 0 when resources.device=cuda")
+    if res.device == "cuda" and res.generation.gpus != r.tensor_parallel_size:
+        # One engine is one actor on one placement bundle, and a bundle never spans nodes: its GPUs
+        # are exactly the engine's tensor-parallel group, on one node.
+        _fail("resources.generation.gpus", res.generation.gpus,
+              f"must equal rollout.tensor_parallel_size={r.tensor_parallel_size} (the GPUs of one engine)")
     if r.max_model_len < cfg.model.max_prompt_len + r.max_new_tokens:
         _fail(
             "rollout.max_model_len", r.max_model_len,

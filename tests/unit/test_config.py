@@ -118,6 +118,10 @@ BAD_VALUES = [
       "resources__policy__gpus": 0.5}, "resources.placement='colocated':", "placement=separate"),
     # device=cuda with every role still at 0 GPUs
     ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl"}, "resources.policy.gpus=0.0:", "cuda"),
+    # a tensor-parallel engine holds its TP GPUs in its one bundle (so on one node)
+    ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl", "resources__policy__gpus": 1,
+      "resources__generation__gpus": 1, "rollout__tensor_parallel_size": 2},
+     "resources.generation.gpus=1:", "must equal rollout.tensor_parallel_size=2"),
 ]
 
 
