@@ -95,33 +95,34 @@ def run_with_restarts(
     from rlhf_dist.controller import run_rl
     from rlhf_dist.worker_group import RoleError
 
-    restarts = engine_restarts = 0
-    while True:
-        started = time.perf_counter()
-        roles = start_roles(cfg, plan, *paths)
-        actors.append(roles)
-        roles.actors_file, roles.notify = logger.out_dir / "actors.json", logger.message
-        roles.write_processes()
-        logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s")
-        try:
-            state = checkpoints.restore(roles, resume_from) if resume_from else None
-            run_rl(cfg, roles, *data, logger, checkpoints, state)
-        except RoleError as e:
-            if not e.lost_actor or restarts >= cfg.max_restarts:
-                raise
-            restarts += 1
-            engine_restarts += roles.engine_restarts
-            logger.add_summary({"restarts/roles": restarts, "restarts/engines": engine_restarts})
-            resume_from = checkpoints.dir.latest()
-            logger.message(f"rlhf_dist: {e}; restarting every role from {resume_from or 'the first step'} "
-                           f"(restart {restarts}/{cfg.max_restarts})")
-            roles.kill()
-            actors.remove(roles)
-            shutdown_ray()
-            logger.rewind(read_state(resume_from).step if resume_from else 0)
-            continue
-        logger.add_summary({"restarts/roles": restarts, "restarts/engines": engine_restarts + roles.engine_restarts})
-        return roles
+    restarts, roles = 0, None
+    try:
+        while True:
+            started = time.perf_counter()
+            engine_restarts = roles.engine_restarts if roles else 0  # max_restarts bounds them over the run
+            roles = start_roles(cfg, plan, *paths)
+            actors.append(roles)
+            roles.actors_file, roles.notify = logger.out_dir / "actors.json", logger.message
+            roles.engine_restarts = engine_restarts
+            roles.write_processes()
+            logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s")
+            try:
+                state = checkpoints.restore(roles, resume_from) if resume_from else None
+                run_rl(cfg, roles, *data, logger, checkpoints, state)
+                return roles
+            except RoleError as e:
+                if not e.lost_actor or restarts >= cfg.max_restarts:
+                    raise
+                restarts += 1
+                resume_from = checkpoints.dir.latest()
+                logger.message(f"rlhf_dist: {e}; restarting every role from {resume_from or 'the first step'} "
+                               f"(restart {restarts}/{cfg.max_restarts})")
+                roles.kill()
+                actors.remove(roles)
+                shutdown_ray()
+                logger.rewind(read_state(resume_from).step if resume_from else 0)
+    finally:  # also in a failed run's summary
+        logger.add_summary({"restarts/roles": restarts, "restarts/engines": roles.engine_restarts if roles else 0})
 
 
 main = entry_point("train", run, validate_config, objective="reward/last_fifth_mean")
