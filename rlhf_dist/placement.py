@@ -27,16 +27,16 @@ class Slot:
 
 
 def init_ray(res: ResourcesConfig, actor_logs: bool) -> None:
-    """Start (or join) Ray. A local cluster gets node address 127.0.0.1 and no dashboard UI; Ray's
-    own servers still listen on every interface, and its token authentication (on by default in
-    Ray 2.60) keeps other hosts out (docs/reliability.md)."""
+    """Start (or join) Ray. A local cluster has no dashboard UI; Ray's own servers listen on every
+    interface (Ray resolves a loopback node address to the machine's), and its token authentication,
+    on by default in Ray 2.60, refuses any client without the token (docs/reliability.md)."""
     if ray.is_initialized():
         return
     common: dict[str, Any] = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=actor_logs)
     if res.ray_address:
         ray.init(address=res.ray_address, **common)
     else:
-        ray.init(num_cpus=res.num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **common)
+        ray.init(num_cpus=res.num_cpus or os.cpu_count(), **common)
 
 
 def _bundle(res: RoleResources) -> dict[str, float]:

@@ -1,5 +1,6 @@
-"""Security defaults (docs/reliability.md, "Security defaults"): a private local Ray cluster, weights
-as safetensors, the HTTP reward endpoint contacted only when enabled, and the W&B key never written."""
+"""Security defaults (docs/reliability.md, "Security defaults"): weights as safetensors, checkpoints
+loaded without unpickling code, the HTTP reward endpoint contacted only when enabled, and the W&B
+key never written. The local Ray cluster's defaults: tests/integration/test_ray_security.py."""
 
 from __future__ import annotations
 
@@ -15,27 +16,6 @@ from rlhf_dist.roles.reward import RewardError, RewardScorer
 from tests.conftest import compose_config
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}  # torch.load / pickle formats that can run code
-
-
-def test_local_ray_cluster_has_no_dashboard_and_a_loopback_node_address(monkeypatch):
-    # What init_ray passes to ray.init, captured instead of starting Ray.
-    import ray
-
-    from rlhf_dist.placement import init_ray
-
-    calls: list[dict] = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    res = compose_config([]).resources
-    init_ray(res, actor_logs=False)
-    (local,) = calls
-    assert local["include_dashboard"] is False
-    assert local["_node_ip_address"] == "127.0.0.1"
-    assert "address" not in local and "dashboard_host" not in local  # a new cluster, nothing exposed by choice
-
-    res.ray_address = "auto"  # joining a running cluster: its own settings decide its addresses
-    init_ray(res, actor_logs=False)
-    assert calls[1]["address"] == "auto" and calls[1]["include_dashboard"] is False
 
 
 def weight_files(model_dir: Path) -> tuple[list[str], list[str]]:
