@@ -9,6 +9,7 @@ A checkpoint is a directory ``<checkpoint.dir>/step_<N>`` (N = steps completed):
                              transformers and vLLM (``checkpoint.export_policy``)
     state.json               the controller's state: step, KL controller, summary so far,
                              W&B run id, Python RNG; controller_rng.safetensors: its torch RNG
+    config.json              the resolved config of the run (a resume is checked against it)
     manifest.json            size and SHA-256 of every other file; written last
 
 Everything is written into ``.tmp-step_<N>`` and renamed into place once the manifest is on
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 STATE = "state.json"
+CONFIG = "config.json"  # the resolved config of the run that wrote the checkpoint
 CONTROLLER_RNG = "controller_rng.safetensors"
 POLICY_DS, CRITIC_DS, POLICY_HF = "policy_ds", "critic_ds", "policy"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -98,8 +100,9 @@ def verify(root: Path) -> str:
         entries = json.loads((root / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError) as e:
         return f"no readable {MANIFEST} ({type(e).__name__})"
-    if STATE not in entries:
-        return f"{STATE} missing from the manifest"
+    for required in (STATE, CONFIG):
+        if required not in entries:
+            return f"{required} missing from the manifest"
     found = {str(p.relative_to(root)) for p in _files(root)}
     if missing := sorted(set(entries) - found):
         return f"missing files: {', '.join(missing[:3])}"
@@ -207,6 +210,37 @@ def restore_controller_rng(directory: Path) -> None:
     torch.set_rng_state(load_file(str(directory / CONTROLLER_RNG))["cpu"])
 
 
+# Keys a resumed run must share with its checkpoint: the trainer state is partitioned by them.
+MUST_MATCH = ("trainer.world_size", "trainer.zero_stage", "model.path", "model.critic_path", "model.dtype",
+              "algo.estimator")
+# Keys a resumed run may change without comment: they do not touch what is computed.
+MAY_CHANGE = ("total_steps", "resume", "max_restarts", "cache_dir", "timeouts.", "logger.", "checkpoint.",
+              "resources.")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs from the checkpoint's run, apart from
+    those that change nothing computed. Raises ``CheckpointError`` if one of ``MUST_MATCH`` differs."""
+    old, new = _flat(saved), _flat(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    for key in changed:
+        if key in MUST_MATCH:
+            raise CheckpointError(
+                f"{key}={new.get(key)!r}: the checkpoint was written with {key}={old.get(key)!r}; resume with that"
+            )
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed if not k.startswith(MAY_CHANGE)]
+
+
 def _python_rng_to_json(state: tuple) -> list:
     version, internal, gauss = state
     return [version, list(internal), gauss]
@@ -220,8 +254,10 @@ def _python_rng_from_json(state: list) -> tuple:
 class Checkpointer:
     """Saves and restores the whole run (trainer groups, exported policy, controller state)."""
 
-    def __init__(self, cfg: CheckpointConfig, out_dir: Path, warn: Callable[[str], None] | None = None) -> None:
-        self.cfg = cfg
+    def __init__(
+        self, cfg: CheckpointConfig, out_dir: Path, config: dict[str, Any], warn: Callable[[str], None] | None = None
+    ) -> None:
+        self.cfg, self.config = cfg, config
         root = Path(cfg.dir).expanduser() if cfg.dir else out_dir / "checkpoints"
         self.dir = CheckpointDir(root, cfg.keep_last, warn)
 
@@ -240,6 +276,7 @@ class Checkpointer:
             if self.cfg.export_policy:
                 roles.policy.save_async(str(tmp / POLICY_HF)).result()
             write_state(tmp, state)
+            (tmp / CONFIG).write_text(json.dumps(self.config, indent=1) + "\n")
             return self.dir.commit(tmp, state.step)
         except BaseException as e:
             free = shutil.disk_usage(self.dir.root).free / 2**20  # before the partial files go
@@ -252,6 +289,10 @@ class Checkpointer:
                     f"{self.dir.root}); {kept}"
                 ) from e
             raise
+
+    def check_config(self, path: Path) -> list[str]:
+        """The settings changed since ``path`` was written (see ``config_changes``)."""
+        return config_changes(json.loads((path / CONFIG).read_text()), self.config)
 
     def restore(self, roles: Roles, path: Path) -> TrainState:
         """Load the trainer groups from ``path``, give the engines the restored policy, and

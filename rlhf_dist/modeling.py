@@ -113,20 +113,26 @@ def pair_scores(model: nn.Module, pairs: PairBatch, pad: int) -> tuple[torch.Ten
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
-def write_model_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_model_dir(path: str | os.PathLike, write: Callable[[Path], None], replace: bool = False) -> Path:
     """Fill a temporary directory next to ``path`` with ``write`` and rename it into place, so
-    ``path`` either does not exist or is complete. An existing ``path`` is never overwritten."""
+    ``path`` either does not exist or is complete. An existing ``path`` is never overwritten,
+    unless ``replace``: then it is swapped out only once the new one is complete."""
     path = Path(path)
-    if path.exists():
+    if path.exists() and not replace:
         raise FileExistsError(f"{path} already exists: refusing to overwrite a saved model")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = path.parent / f".{path.name}.replaced"
     try:
         write(tmp)
         tmp.chmod(0o755)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
         os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -56,9 +56,13 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     critic_path = policy_path
     if cfg.model.critic_path:
         critic_path = resolve_model_path(cfg.model.critic_path, cfg.cache_dir, "model.critic_path")
-    checkpoints = Checkpointer(cfg.checkpoint, out_dir)
+    checkpoints = Checkpointer(cfg.checkpoint, out_dir, as_dict(cfg))
     resume_from = checkpoints.dir.resolve(cfg.resume)
     state = read_state(resume_from) if resume_from else TrainState()
+    if resume_from:
+        for change in checkpoints.check_config(resume_from):
+            print(f"rlhf_dist: warning: resumed with a changed setting (the run is no longer the one "
+                  f"checkpointed): {change}", file=sys.stderr)
     if cfg.resume:
         for path in checkpoints.dir.set_aside_after(state.step):
             print(f"rlhf_dist: warning: {path.name.removesuffix('.superseded')} is later than the step resumed "
@@ -77,7 +81,8 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     with stage_actors(logger) as actors:
         roles = run_with_restarts(cfg, plan, (policy_path, critic_path), (prompts, eval_prompts), logger,
                                   checkpoints, resume_from, actors)
-        exported = roles.policy.save_async(str(out_dir / POLICY_DIR)).result()
+        # A resumed run that goes on past an earlier end replaces that run's export.
+        exported = roles.policy.save_async(str(out_dir / POLICY_DIR), replace=bool(cfg.resume)).result()
         logger.add_summary({"policy_path": exported})
         logger.message(f"rlhf_dist: policy saved to {exported}")
     return logger.finish("completed")

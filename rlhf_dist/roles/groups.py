@@ -91,9 +91,12 @@ class TrainerGroup(WorkerGroup):
         """Every rank restores its partition; the result is the optimizer steps taken so far."""
         return self.call_async("load_checkpoint", directory, combine=lambda steps: steps[0])
 
-    def save_async(self, path: str, extra_files: dict[str, str] | None = None) -> Pending[str]:
-        """Write the model as a Hugging Face directory at ``path`` (rank 0 writes; all gather)."""
-        return self.call_async("save_model", path, extra_files, combine=lambda paths: paths[0])
+    def save_async(
+        self, path: str, extra_files: dict[str, str] | None = None, replace: bool = False
+    ) -> Pending[str]:
+        """Write the model as a Hugging Face directory at ``path`` (rank 0 writes; all gather);
+        ``replace`` swaps out an existing directory once the new one is complete."""
+        return self.call_async("save_model", path, extra_files, replace, combine=lambda paths: paths[0])
 
     def endpoint(self) -> tuple[str, int]:
         """Rank 0's node IP and a free port, for a rendezvous rank 0 hosts."""

@@ -188,10 +188,11 @@ class _DeepSpeedRank:
         out["lr"] = self.engine.get_lr()[0]
         return out
 
-    def save_model(self, path: str, extra_files: dict[str, str] | None = None) -> str:
+    def save_model(self, path: str, extra_files: dict[str, str] | None = None, replace: bool = False) -> str:
         """Write the trained model as a Hugging Face directory (safetensors + config + tokenizer,
-        plus ``extra_files``), atomically; ZeRO-3 parameters are gathered. All ranks must call
-        this (the gather is a collective); rank 0 writes and returns the path, the others ""."""
+        plus ``extra_files``), atomically (``replace``: swapping out an existing one); ZeRO-3
+        parameters are gathered. All ranks must call this (the gather is a collective); rank 0
+        writes and returns the path, the others ""."""
         import deepspeed
 
         module = self.engine.module
@@ -214,7 +215,7 @@ class _DeepSpeedRank:
             for file_name, text in (extra_files or {}).items():
                 (tmp / file_name).write_text(text)
 
-        return str(write_model_dir(path, write))
+        return str(write_model_dir(path, write, replace))
 
 
 class PolicyTrainer(_DeepSpeedRank):

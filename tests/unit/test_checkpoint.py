@@ -14,12 +14,13 @@ from rlhf_dist.checkpoint import (
     Checkpointer,
     CheckpointError,
     TrainState,
+    config_changes,
     read_state,
     restore_controller_rng,
     verify,
     write_state,
 )
-from rlhf_dist.config import CheckpointConfig, LoggerConfig
+from rlhf_dist.config import CheckpointConfig, LoggerConfig, as_dict
 from rlhf_dist.run_logger import RunLogger
 
 
@@ -30,6 +31,7 @@ def _make(root, step: int, payload: bytes = b"weights") -> None:
     (tmp / "policy_ds").mkdir()
     (tmp / "policy_ds" / "part.pt").write_bytes(payload)
     write_state(tmp, TrainState(step=step, kl_controller={"value": 0.05}))
+    (tmp / "config.json").write_text("{}")
     ckpts.commit(tmp, step)
 
 
@@ -38,7 +40,7 @@ def test_manifest_verifies_and_catches_damage(tmp_path):
     path = tmp_path / "step_000003"
     assert verify(path) == ""
     manifest = json.loads((path / "manifest.json").read_text())["files"]
-    assert set(manifest) == {"policy_ds/part.pt", "state.json", "controller_rng.safetensors"}
+    assert set(manifest) == {"policy_ds/part.pt", "state.json", "config.json", "controller_rng.safetensors"}
     assert manifest["policy_ds/part.pt"]["bytes"] == len(b"weights")
 
     (path / "policy_ds" / "part.pt").write_bytes(b"weightz")  # same size, other content
@@ -65,6 +67,7 @@ def test_commit_is_a_rename_and_keeps_the_last_ones(tmp_path):
         tmp = ckpts.begin(step)
         assert tmp.name == f".tmp-step_00000{step}" and not (tmp_path / f"step_00000{step}").exists()
         write_state(tmp, TrainState(step=step))
+        (tmp / "config.json").write_text("{}")
         assert ckpts.commit(tmp, step) == tmp_path / f"step_00000{step}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000003"]
     # A crash mid-write leaves a temporary directory: never taken for a checkpoint, removed by the next one.
@@ -101,9 +104,9 @@ def test_state_round_trip_restores_the_controller_rngs(tmp_path):
 
 
 def test_due_every_k_steps_and_at_the_end(tmp_path):
-    checkpointer = Checkpointer(CheckpointConfig(every_steps=2), tmp_path)
+    checkpointer = Checkpointer(CheckpointConfig(every_steps=2), tmp_path, {})
     assert [s for s in range(1, 6) if checkpointer.due(s, total_steps=5)] == [2, 4, 5]
-    assert not any(Checkpointer(CheckpointConfig(every_steps=0), tmp_path).due(s, 5) for s in range(1, 6))
+    assert not any(Checkpointer(CheckpointConfig(every_steps=0), tmp_path, {}).due(s, 5) for s in range(1, 6))
     assert checkpointer.dir.root == tmp_path / "checkpoints"
 
 
@@ -152,3 +155,39 @@ def test_committing_a_step_again_replaces_it(tmp_path):
     _make(tmp_path, 3, payload=b"second")
     assert (tmp_path / "step_000003" / "policy_ds" / "part.pt").read_bytes() == b"second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003"]
+
+
+def test_a_resume_is_checked_against_the_checkpointed_config():
+    from tests.conftest import compose_config
+
+    saved = as_dict(compose_config([]))
+    # Longer, with other timeouts, logger and checkpointing: nothing computed changes.
+    same = compose_config(["total_steps=40", "resume=auto", "timeouts.train_s=900", "logger=wandb",
+                           "checkpoint.every_steps=5", "resources.num_cpus=16"])
+    assert config_changes(saved, as_dict(same)) == []
+    # Another KL coefficient or seed: allowed, reported (the run is no longer the checkpointed one).
+    changed = compose_config(["algo.kl_coef=0.1", "seed=3"])
+    assert config_changes(saved, as_dict(changed)) == ["algo.kl_coef: 0.05 -> 0.1", "seed: 0 -> 3"]
+    # A different data-parallel layout cannot load the trainer's partitions.
+    with pytest.raises(CheckpointError, match=r"^trainer.zero_stage=3: the checkpoint was written with "
+                                              r"trainer.zero_stage=2; resume with that$"):
+        config_changes(saved, as_dict(compose_config(["trainer=zero3"])))
+
+
+def test_model_dir_is_replaced_only_when_asked_and_only_once_complete(tmp_path):
+    from rlhf_dist.modeling import write_model_dir
+
+    write_model_dir(tmp_path / "policy", lambda d: (d / "model.safetensors").write_text("v1"))
+    with pytest.raises(FileExistsError, match="refusing to overwrite a saved model"):
+        write_model_dir(tmp_path / "policy", lambda d: (d / "model.safetensors").write_text("v2"))
+
+    def fails(d):
+        (d / "model.safetensors").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_model_dir(tmp_path / "policy", fails, replace=True)
+    assert (tmp_path / "policy" / "model.safetensors").read_text() == "v1"  # the old one is untouched
+    write_model_dir(tmp_path / "policy", lambda d: (d / "model.safetensors").write_text("v2"), replace=True)
+    assert (tmp_path / "policy" / "model.safetensors").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
