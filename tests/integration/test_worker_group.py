@@ -41,3 +41,38 @@ def test_timeout_names_role_and_operation(group):
 def test_remote_exception_names_role_operation_rank_and_cause(group):
     with pytest.raises(RoleError, match=r"^reward\.fail failed on actor rank 0: ValueError: bad sample 3$"):
         group.call_async("fail").result()
+
+
+class _Ranked:
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def ping(self) -> int:
+        return self.rank
+
+    def work_or_fail(self, seconds: float) -> int:
+        if self.rank == 1:
+            raise ValueError("rank 1 broke")
+        time.sleep(seconds)  # rank 0: e.g. blocked in a collective with rank 1
+        return 7
+
+
+def test_first_failure_ends_the_wait_without_waiting_for_the_others(group):
+    actors = [ray.remote(_Ranked).options(num_cpus=0.25).remote(r) for r in range(2)]
+    ranked = WorkerGroup("policy", actors, timeout_s=30)
+    start = time.monotonic()
+    with pytest.raises(RoleError, match=r"^policy\.work_or_fail failed on actor rank 1: ValueError: rank 1 broke$"):
+        ranked.call_async("work_or_fail", 20.0).result()
+    assert time.monotonic() - start < 10  # not the 20 s of rank 0, nor the 30 s timeout
+    ranked.kill()
+
+
+def test_a_killed_actor_is_reported_as_lost(group):
+    actors = [ray.remote(_Ranked).options(num_cpus=0.25).remote(r) for r in range(2)]
+    ranked = WorkerGroup("reference", actors, timeout_s=30)
+    assert ranked.call_async("ping").result() == [0, 1]
+    ray.kill(actors[0], no_restart=True)
+    with pytest.raises(RoleError, match=r"^reference\.ping: actor rank 0 died \(") as excinfo:
+        ranked.call_async("ping").result()
+    assert excinfo.value.lost_actor and excinfo.value.role == "reference"
+    ranked.kill()
