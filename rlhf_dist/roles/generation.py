@@ -26,7 +26,7 @@ class GenerationEngine:
 
     def __init__(
         self, model_path: str, cfg: RolloutConfig, dtype: str, seed: int, weight_sync_backend: str, engine_index: int,
-        in_process: bool = False,
+        *, in_process: bool,
     ) -> None:
         from vllm import LLM
 
