@@ -81,7 +81,8 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     names = list(cfg.eval.policies)
     baseline = cfg.eval.baseline or names[0]
     paths = {
-        name: resolve_model_path(path, cfg.cache_dir, f"eval.policies.{name}") for name, path in cfg.eval.policies.items()
+        name: resolve_model_path(path, cfg.cache_dir, f"eval.policies.{name}")
+        for name, path in cfg.eval.policies.items()
     }
     tokenizer = AutoTokenizer.from_pretrained(paths[baseline])
     prompts = load_prompts(cfg.data.eval_prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed, split="test")
