@@ -106,6 +106,11 @@ class _DeepSpeedRank:
         )
         if self.device == "cuda":
             torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
+        # DeepSpeed's CPU shared-memory all-reduce serves only its inference kernels, never
+        # training. Loading it probes compilers and JIT-builds a C++ op under a file lock on every
+        # rank, and a rank killed while holding that lock (a run stopped during start-up) leaves
+        # every later run waiting on it until timeouts.actor_start_s.
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
         deepspeed.init_distributed(
             dist_backend="nccl" if self.device == "cuda" else "gloo",
             timeout=timedelta(seconds=self.collective_timeout_s),
