@@ -231,7 +231,8 @@ class RolloutConfig:
     temperature: float = 1.0
     # Nucleus sampling threshold.
     top_p: float = 1.0
-    # vLLM tensor-parallel size per engine (GPU only).
+    # vLLM tensor-parallel size per engine: its workers are the engine actor's subprocesses, on the
+    # GPUs of its placement bundle (on CPU, on its cores; needs resources.vllm_in_process=false).
     tensor_parallel_size: int = 1
     # vLLM memory fraction of GPU memory (on CPU: of the NUMA node's RAM); used when kv_cache_gib=0.
     gpu_memory_utilization: float = 0.5
@@ -241,6 +242,10 @@ class RolloutConfig:
     max_model_len: int = 256
     # Disable CUDA graphs / torch.compile in vLLM (faster start, slower decode).
     enforce_eager: bool = True
+    # GPU only: engines sleep after each rollout and wake for the weight update, freeing the GPU
+    # memory for the roles that share it (placement=colocated). 0: never; 1: weights offloaded to
+    # CPU memory, KV cache dropped; 2: weights and KV cache dropped (the weight update refills them).
+    sleep_level: int = 0
 
     def validate(self) -> None:
         _check_positive(
@@ -251,6 +256,8 @@ class RolloutConfig:
             _fail("rollout.top_p", self.top_p, "must be in (0, 1]")
         if self.kv_cache_gib < 0:
             _fail("rollout.kv_cache_gib", self.kv_cache_gib, "must be >= 0 (0 = size from gpu_memory_utilization)")
+        if self.sleep_level not in (0, 1, 2):
+            _fail("rollout.sleep_level", self.sleep_level, "must be 0 (never), 1 or 2")
         if not 0.0 < self.gpu_memory_utilization < 1.0:
             _fail("rollout.gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1)")
 
@@ -275,13 +282,15 @@ class TrainerConfig:
     warmup_steps: int = 0
     # Learning-rate schedule after warm-up: constant, linear or cosine.
     lr_schedule: str = "constant"
-    # Offload optimizer state to CPU under ZeRO-2/3 (GPU runs).
+    # Offload optimizer state (and its update) to CPU memory under ZeRO-2/3; meant for GPU runs.
     offload_optimizer: bool = False
 
     def validate(self) -> None:
         _check_positive("trainer", self, "world_size", "micro_batch_size", "lr", "critic_lr")
         if self.zero_stage not in (0, 1, 2, 3):
             _fail("trainer.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        if self.offload_optimizer and self.zero_stage < 2:
+            _fail("trainer.offload_optimizer", True, f"needs trainer.zero_stage 2 or 3 (got {self.zero_stage})")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             _fail("trainer.lr_schedule", self.lr_schedule, "use constant, linear or cosine")
         if self.grad_clip < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
@@ -368,7 +377,8 @@ class ResourcesConfig:
     # separate: one placement group per role; colocated: trainer, critic, reference,
     # reward and engines share the bundles of one placement group.
     placement: str = "separate"
-    # Weight-sync transport from the trainer to the engines: gloo (CPU) or nccl (GPU).
+    # Weight-sync transport from the trainer to the engines: gloo (CPU), nccl (GPU), or ipc
+    # (GPU, colocated: CUDA IPC handles, for an engine sharing its GPU with a trainer rank).
     weight_sync_backend: str = "gloo"
     # Torch threads per actor process (CPU runs; keeps actors from oversubscribing cores).
     threads_per_actor: int = 1
@@ -391,8 +401,8 @@ class ResourcesConfig:
             _fail("resources.device", self.device, "use cpu or cuda")
         if self.placement not in ("separate", "colocated"):
             _fail("resources.placement", self.placement, "use separate or colocated")
-        if self.weight_sync_backend not in ("gloo", "nccl"):
-            _fail("resources.weight_sync_backend", self.weight_sync_backend, "use gloo or nccl")
+        if self.weight_sync_backend not in ("gloo", "nccl", "ipc"):
+            _fail("resources.weight_sync_backend", self.weight_sync_backend, "use gloo, nccl or ipc")
         if self.num_cpus < 0:
             _fail("resources.num_cpus", self.num_cpus, "must be >= 0 (0 = number of cores)")
         _check_positive("resources", self, "threads_per_actor")
@@ -590,23 +600,43 @@ def validate_config(cfg: Config) -> RunPlan:
     ):
         if count > r.batch_size:  # every actor must get at least one prompt
             _fail(key, count, f"must be <= rollout.batch_size={r.batch_size}")
-    if res.device == "cpu" and res.weight_sync_backend == "nccl":
-        _fail("resources.weight_sync_backend", "nccl", "nccl needs resources.device=cuda; use gloo on CPU")
+    if res.device == "cpu" and res.weight_sync_backend in ("nccl", "ipc"):
+        _fail("resources.weight_sync_backend", res.weight_sync_backend,
+              f"{res.weight_sync_backend} needs resources.device=cuda; use gloo on CPU")
     if res.vllm_in_process and r.tensor_parallel_size > 1:
         _fail("resources.vllm_in_process", True,
               f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs vLLM's worker processes; set it to false")
-    if res.device == "cpu" and r.tensor_parallel_size > 1:
-        _fail("rollout.tensor_parallel_size", r.tensor_parallel_size, "must be 1 when resources.device=cpu")
+    if res.device == "cpu" and r.sleep_level:
+        _fail("rollout.sleep_level", r.sleep_level, "needs resources.device=cuda (vLLM has no sleep mode on CPU)")
     if res.placement == "colocated" and res.weight_sync_backend == "nccl":
-        _fail("resources.placement", "colocated",
-              "NCCL weight sync cannot join the trainer and an engine on one GPU; use placement=separate")
+        _fail("resources.weight_sync_backend", "nccl",
+              "NCCL cannot join a trainer and an engine on one GPU; use ipc with placement=colocated")
     if res.device == "cuda" and res.policy.gpus <= 0:
         _fail("resources.policy.gpus", res.policy.gpus, "must be > 0 when resources.device=cuda")
-    if res.device == "cuda" and res.generation.gpus != r.tensor_parallel_size:
+    if res.placement == "colocated" and res.device == "cuda":
+        # Bundle i holds actor i of every role; with TP 1 and at most one GPU per bundle, engine i
+        # shares trainer rank i's GPU.
+        if r.tensor_parallel_size > 1:
+            _fail("rollout.tensor_parallel_size", r.tensor_parallel_size,
+                  "must be 1 with resources.placement=colocated")
+        shared = sum(g.gpus for g in res.roles().values())
+        if shared > 1.0:
+            _fail("resources.*.gpus", shared, "colocated roles share one GPU per bundle: their gpus must sum to <= 1")
+    elif res.device == "cuda" and res.generation.gpus != r.tensor_parallel_size:
         # One engine is one actor on one placement bundle, and a bundle never spans nodes: its GPUs
         # are exactly the engine's tensor-parallel group, on one node.
         _fail("resources.generation.gpus", res.generation.gpus,
               f"must equal rollout.tensor_parallel_size={r.tensor_parallel_size} (the GPUs of one engine)")
+    if res.weight_sync_backend == "ipc":
+        if res.placement != "colocated":
+            _fail("resources.weight_sync_backend", "ipc",
+                  "CUDA IPC needs each engine on its trainer rank's GPU: set resources.placement=colocated")
+        if not res.vllm_in_process:
+            # Handles hold Python objects that vLLM's engine-core channel would only pass by pickle.
+            _fail("resources.vllm_in_process", False, "weight_sync_backend=ipc needs it true")
+        if r.num_engines > t.world_size:
+            _fail("rollout.num_engines", r.num_engines,
+                  f"must be <= trainer.world_size={t.world_size} with ipc (engine i shares trainer rank i's GPU)")
     if r.max_model_len < cfg.model.max_prompt_len + r.max_new_tokens:
         _fail(
             "rollout.max_model_len", r.max_model_len,

@@ -98,6 +98,9 @@ def rl_step(
 
     with timer("generate"):
         gens = roles.generate(prompt_ids, sample_seeds(cfg.seed, step, len(rows)))
+    if cfg.rollout.sleep_level:  # colocated GPUs: the engines' memory goes to the roles sharing them
+        with timer("engine_sleep"):
+            roles.generation.sleep()  # until the weight update wakes them
     exp = collate(prompt_ids, [g.response_ids for g in gens], pad_id=0)
     mask = exp.response_mask
     engine_logprobs = pad_right([g.response_logprobs for g in gens], mask.shape[1])

@@ -1,10 +1,15 @@
 """Weight transport from the policy trainer to the vLLM engines.
 
-Both transports ride vLLM's weight-transfer API (``init_weight_transfer_engine``
+Every transport rides vLLM's weight-transfer API (``init_weight_transfer_engine``
 -> ``start_weight_update`` -> ``update_weights`` -> ``finish_weight_update``):
 
 - ``nccl`` (GPU): vLLM's built-in NCCL backend; the trainer side opens the
   communicator with ``vllm.distributed.weight_transfer.nccl_common.trainer_init``.
+- ``ipc`` (GPU, colocated): vLLM's built-in CUDA-IPC backend. Each trainer rank
+  exports CUDA IPC handles of the full weights on its own GPU; the controller
+  merges them (``merge_ipc_handles``) so every engine finds a handle on its GPU,
+  and no data moves between devices. NCCL cannot be used there: it refuses two
+  ranks of one communicator on one GPU.
 - ``gloo`` (CPU): ``GlooWeightTransferEngine`` below, registered in every vLLM
   process through the ``vllm.general_plugins`` entry point declared in
   ``pyproject.toml`` (the engine core runs in a spawned subprocess, so
@@ -30,7 +35,7 @@ GLOO_BACKEND = "rlhf_gloo"
 
 def vllm_backend_name(transport: str) -> str:
     """The vLLM ``WeightTransferConfig.backend`` for a transport name from config."""
-    return {"gloo": GLOO_BACKEND, "nccl": "nccl"}[transport]
+    return {"gloo": GLOO_BACKEND, "nccl": "nccl", "ipc": "ipc"}[transport]
 
 
 @dataclass(frozen=True)
@@ -51,12 +56,29 @@ def update_info(specs: list[ParamSpec]) -> dict:
 
 def engine_init_info(transport: str, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> dict:
     """``init_weight_transfer_engine`` payload for one engine joining the group."""
+    if transport == "ipc":
+        return {"packed": False}  # no group to join: handles come with every update
     info = {"master_address": host, "master_port": port, "rank_offset": rank_offset, "world_size": world_size}
     if transport == "gloo":
         info["timeout_s"] = timeout_s
     else:
         info["packed"] = False
     return info
+
+
+def merge_ipc_handles(per_rank: list[list[dict[str, tuple]]]) -> list[dict[str, tuple]]:
+    """One ``{gpu_uuid: handle}`` dict per parameter from every trainer rank's list of them.
+
+    Rank ``r`` exported the full parameters on its own GPU; an engine picks the handle of the GPU
+    it runs on, so merged dicts let every engine colocated with some trainer rank find its own."""
+    counts = {len(handles) for handles in per_rank}
+    if len(counts) != 1:
+        raise ValueError(f"trainer ranks exported different parameter counts: {[len(h) for h in per_rank]}")
+    merged: list[dict[str, tuple]] = [{} for _ in per_rank[0]]
+    for handles in per_rank:
+        for param, handle in zip(merged, handles):
+            param.update(handle)
+    return merged
 
 
 # ----------------------------------------------------------------------------- trainer side
@@ -105,6 +127,35 @@ class NcclWeightSender:
 
     def close(self) -> None:
         self._comm = None
+
+
+class IpcWeightExporter:
+    """A trainer rank's CUDA IPC handles of the full weights, each a copy on this rank's GPU.
+
+    The copies must outlive the engines' ``update_weights`` (an IPC handle does not keep its
+    storage alive), so they are held until ``release``, which the controller calls after
+    ``finish_weight_update``."""
+
+    def __init__(self) -> None:
+        self._copies: list[torch.Tensor] = []
+
+    def export(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[dict[str, tuple]]:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        self.release()
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        handles = []
+        for _, tensor in named_tensors:
+            copy = tensor.detach().clone()  # ZeRO-3 frees a gathered parameter when its context exits
+            self._copies.append(copy)
+            handles.append({uuid: reduce_tensor(copy)[1]})
+        torch.cuda.synchronize()
+        return handles
+
+    def release(self) -> None:
+        if self._copies:
+            self._copies = []
+            torch.cuda.ipc_collect()
 
 
 def make_sender(transport: str, host: str, port: int, world_size: int, timeout_s: float) -> WeightSender:

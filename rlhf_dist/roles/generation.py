@@ -21,6 +21,19 @@ class Generation:
     finish_reason: str
 
 
+def executor_backend(tensor_parallel_size: int, in_process: bool) -> str | None:
+    """vLLM's executor for one engine actor.
+
+    In process (resources.vllm_in_process): the worker runs in this process too, and the engine
+    core's process is switched off by the actor's environment (placement.actor_env). Tensor
+    parallel: the workers are this actor's subprocesses (``mp``) on the GPUs of its bundle. Left to
+    vLLM inside a Ray actor, it would pick its Ray executor, which refuses a bundle holding more than
+    one GPU, schedules its workers outside this actor's bundle, and does not run on CPU at all."""
+    if in_process:
+        return "uni"
+    return "mp" if tensor_parallel_size > 1 else None
+
+
 class GenerationEngine:
     """A vLLM ``LLM`` behind a small interface; created as a Ray actor by ``placement``."""
 
@@ -46,9 +59,10 @@ class GenerationEngine:
             # Logprobs after temperature/top-p, i.e. of the distribution actually sampled.
             logprobs_mode="processed_logprobs",
             weight_transfer_config={"backend": vllm_backend_name(weight_sync_backend)},
-            # In process: the worker runs in this process too (resources.vllm_in_process; the
-            # engine core's process is switched off by the actor's environment, placement.actor_env).
-            distributed_executor_backend="uni" if in_process else None,
+            distributed_executor_backend=executor_backend(cfg.tensor_parallel_size, in_process),
+            # rollout.sleep_level > 0 (GPU): the engine frees its GPU memory while the trainer
+            # sharing the GPU trains (colocated placement).
+            enable_sleep_mode=cfg.sleep_level > 0,
         )
 
     def pid(self) -> int:
@@ -90,6 +104,15 @@ class GenerationEngine:
             [step[token].logprob for step, token in zip(out.prompt_logprobs[1:], ids[1:])]
             for ids, out in zip(token_ids, outputs)
         ]
+
+    def sleep(self) -> None:
+        """Free GPU memory until ``wake_up`` (level 1: weights to CPU memory and KV cache dropped;
+        level 2: both dropped, the next weight update refills the weights)."""
+        self.llm.sleep(level=self.cfg.sleep_level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Reallocate ``tags`` (``weights``, ``kv_cache``; all if None)."""
+        self.llm.wake_up(tags)
 
     # Weight transfer: thin wrappers over vLLM's RL API so the controller can call them by role.
     def init_weight_transfer(self, init_info: dict) -> None:

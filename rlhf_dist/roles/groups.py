@@ -14,7 +14,7 @@ import torch
 from rlhf_dist.config import AlgoConfig
 from rlhf_dist.experience import Experience, PairBatch, concat, split_sizes
 from rlhf_dist.roles.generation import Generation
-from rlhf_dist.weight_sync import ParamSpec, engine_init_info, update_info
+from rlhf_dist.weight_sync import ParamSpec, engine_init_info, merge_ipc_handles, update_info
 from rlhf_dist.worker_group import Pending, RoleError, WorkerGroup, wait_all
 
 
@@ -40,6 +40,18 @@ class GenerationGroup(WorkerGroup):
     ) -> None:
         super().__init__(role, actors, timeout_s)
         self.spawn_one = spawn_one  # rank -> a new engine actor in that rank's placement slot
+        self.asleep = False
+
+    def sleep(self) -> None:
+        """Every engine frees its GPU memory (``rollout.sleep_level``) until ``wake``."""
+        self.call_async("sleep").result()
+        self.asleep = True
+
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Reallocate ``tags`` on every sleeping engine (all memory if None); a no-op when awake."""
+        if self.asleep:
+            self.call_async("wake_up", tags).result()
+            self.asleep = tags is not None
 
     def respawn_lost(self, start_timeout_s: float) -> list[int]:
         """Replace every engine whose process is gone by a fresh one; returns their ranks."""
@@ -207,10 +219,23 @@ class WeightSync:
         self.sync(self.version)
 
     def sync(self, version: int) -> None:
-        """Broadcast the current policy weights; on return every engine serves them."""
+        """Send the current policy weights; on return every engine serves them (and is awake)."""
+        self.engines.wake(["weights"])  # sleeping engines need their weight memory back first
         self.engines.call_async("start_weight_update", timeout_s=self.timeout_s).result()
-        receiving = self.engines.call_async("update_weights", self.info, timeout_s=self.timeout_s)
-        sending = self.policy.call_async("broadcast_weights", timeout_s=self.timeout_s)
-        wait_all(sending, receiving)
+        if self.transport == "ipc":
+            self._send_ipc()
+        else:
+            receiving = self.engines.call_async("update_weights", self.info, timeout_s=self.timeout_s)
+            sending = self.policy.call_async("broadcast_weights", timeout_s=self.timeout_s)
+            wait_all(sending, receiving)
         self.engines.call_async("finish_weight_update", version, timeout_s=self.timeout_s).result()
+        if self.transport == "ipc":
+            self.policy.call_async("release_ipc_handles", timeout_s=self.timeout_s).result()
+        self.engines.wake()
         self.version = version
+
+    def _send_ipc(self) -> None:
+        """Every trainer rank exports handles on its GPU; every engine loads from the one on its own."""
+        per_rank = self.policy.call_async("export_ipc_handles", timeout_s=self.timeout_s).result()
+        info = {**self.info, "ipc_handles": merge_ipc_handles(per_rank)}
+        self.engines.call_async("update_weights", info, timeout_s=self.timeout_s).result()

@@ -229,7 +229,8 @@ class PolicyTrainer(_DeepSpeedRank):
     def __init__(self, *args, temperature: float, max_new_tokens: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
-        self.sender = None
+        self.sender = None  # rank 0's end of a gloo/nccl weight-transfer group
+        self.ipc_exporter = None  # every rank's CUDA IPC copies (ipc transport)
 
     @property
     def lr(self) -> float:
@@ -290,31 +291,46 @@ class PolicyTrainer(_DeepSpeedRank):
         return specs
 
     def init_weight_sender(self, transport: str, host: str, port: int, world_size: int, timeout_s: float) -> None:
-        """Rank 0 opens the trainer end of the weight-transfer group; other ranks have no part in it."""
-        if self.rank == 0:
+        """Rank 0 opens the trainer end of the weight-transfer group; other ranks have no part in it
+        (``ipc`` has no group: every rank exports handles, ``export_ipc_handles``)."""
+        if self.rank == 0 and transport != "ipc":
             from rlhf_dist.weight_sync import make_sender
 
             if self.sender is not None:  # a new group after an engine restart replaces the old one
                 self.sender.close()
             self.sender = make_sender(transport, host, port, world_size, timeout_s)
 
-    def broadcast_weights(self) -> None:
-        """Send every parameter (full, ZeRO-3 gathered) from rank 0; all ranks must call this."""
+    def _full_params(self):
+        """(name, full tensor) in checkpoint naming; under ZeRO-3 each gather is a collective on every rank."""
         import deepspeed
 
-        def full_params():
-            for name, p in self._hf_module().named_parameters():
-                if hasattr(p, "ds_id"):  # ZeRO-3 partitioned: gather (a collective on every rank)
-                    with deepspeed.zero.GatheredParameters([p]):
-                        yield name, p.data
-                else:
+        for name, p in self._hf_module().named_parameters():
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p]):
                     yield name, p.data
+            else:
+                yield name, p.data
 
+    def broadcast_weights(self) -> None:
+        """Send every parameter (full, ZeRO-3 gathered) from rank 0; all ranks must call this."""
         if self.sender is not None:
-            self.sender.send(full_params())
+            self.sender.send(self._full_params())
         else:
-            for _ in full_params():
+            for _ in self._full_params():
                 pass
+
+    def export_ipc_handles(self) -> list[dict[str, tuple]]:
+        """CUDA IPC handles of the full weights on this rank's GPU (``ipc`` transport); all ranks call it."""
+        from rlhf_dist.weight_sync import IpcWeightExporter
+
+        if self.ipc_exporter is None:
+            self.ipc_exporter = IpcWeightExporter()
+        return self.ipc_exporter.export(self._full_params())
+
+    def release_ipc_handles(self) -> None:
+        """Free the copies behind the last exported handles (the engines have loaded them)."""
+        if self.ipc_exporter is not None:
+            self.ipc_exporter.release()
 
 
 class _SupervisedRank(_DeepSpeedRank):

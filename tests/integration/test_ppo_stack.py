@@ -1,7 +1,7 @@
 """PPO through the real stack on CPU: Ray actors, vLLM engines, DeepSpeed ZeRO, transformers.
 
-Each case starts every role (2 vLLM engines, 2 policy + 2 critic ZeRO ranks, reference,
-reward), runs two PPO steps, then checks that the engines serve exactly the trainer's
+Each case starts every role (2 vLLM engines, or 1 tensor-parallel engine with 2 workers; 2 policy
++ 2 critic ZeRO ranks, reference, reward), runs two PPO steps, then checks that the engines serve exactly the trainer's
 weights: vLLM's logprobs of fixed sequences equal the trainer's Hugging Face forward.
 """
 
@@ -35,19 +35,21 @@ PROBE_TEXTS = ["review : the pasta was", "my opinion of the book : it was great"
 LOGPROB_ATOL = 1e-4
 
 
-def _small_run(zero_stage: int, extra: list[str]) -> list[str]:
+def _small_run(zero_stage: int, extra: list[str], engines: int = 2) -> list[str]:
     return [
-        f"trainer=zero{zero_stage}", "total_steps=2", "rollout.num_engines=2", "rollout.batch_size=16",
+        f"trainer=zero{zero_stage}", "total_steps=2", f"rollout.num_engines={engines}", "rollout.batch_size=16",
         "algo.minibatch_size=8", "trainer.micro_batch_size=4", "logger.progress_bar=false", *extra,
     ]
 
 
 @pytest.mark.parametrize(
-    ("zero_stage", "reward_kind"),
-    [(2, "model"), (3, "function")],
-    ids=["zero2-colocated-reward_model", "zero3-separate-rule_reward"],
+    ("zero_stage", "reward_kind", "tensor_parallel"),
+    [(2, "model", 1), (3, "function", 1), (1, "function", 2)],
+    ids=["zero2-colocated-reward_model", "zero3-separate-rule_reward", "zero1-tensor_parallel_engine"],
 )
-def test_ppo_steps_then_engines_match_trainer(zero_stage, reward_kind, tiny_policy, tiny_reward_model, tmp_path):
+def test_ppo_steps_then_engines_match_trainer(
+    zero_stage, reward_kind, tensor_parallel, tiny_policy, tiny_reward_model, tmp_path
+):
     from transformers import AutoTokenizer
 
     # The ZeRO-2 case also covers colocated placement (one placement group shared by all roles).
@@ -55,7 +57,12 @@ def test_ppo_steps_then_engines_match_trainer(zero_stage, reward_kind, tiny_poli
         ["reward=model", f"reward.model_path={tiny_reward_model}", "resources.placement=colocated"]
         if reward_kind == "model" else []
     )
-    cfg = compose_config(_small_run(zero_stage, extra))
+    engines = 2
+    if tensor_parallel > 1:
+        # One engine whose TP workers each load their shard of every broadcast tensor.
+        extra += [f"rollout.tensor_parallel_size={tensor_parallel}", "resources.vllm_in_process=false"]
+        engines = 1
+    cfg = compose_config(_small_run(zero_stage, extra, engines))
     plan = validate_config(cfg)
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
     probe = [tokenizer(t)["input_ids"] for t in PROBE_TEXTS + PROBE_TEXTS[:1]]  # 4: even split over 2 ranks
@@ -83,7 +90,7 @@ def test_ppo_steps_then_engines_match_trainer(zero_stage, reward_kind, tiny_poli
     # Engine and trainer agree on the sampled tokens' logprobs before each update.
     assert all(r["logprob_gap/mean"] < 1e-3 for r in rows)
 
-    assert len(after) == 2  # one list per engine
+    assert len(after) == engines  # one list per engine
     for engine_lp in after:
         for i, seq in enumerate(engine_lp):
             torch.testing.assert_close(

@@ -113,9 +113,24 @@ BAD_VALUES = [
     ({"seed": -1}, "seed=-1:", ">= 0"),
     ({"model__dtype": "float16"}, "model.dtype='float16':", "float32 or bfloat16"),
     ({"data__on_bad_row": "drop"}, "data.on_bad_row='drop':", "skip or error"),
-    ({"rollout__tensor_parallel_size": 2}, "rollout.tensor_parallel_size=2:", "resources.device=cpu"),
+    ({"rollout__tensor_parallel_size": 2, "resources__vllm_in_process": True}, "resources.vllm_in_process=True:",
+     "needs vLLM's worker processes"),
     ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl", "resources__placement": "colocated",
-      "resources__policy__gpus": 0.5}, "resources.placement='colocated':", "placement=separate"),
+      "resources__policy__gpus": 0.5}, "resources.weight_sync_backend='nccl':", "use ipc with placement=colocated"),
+    ({"resources__weight_sync_backend": "ipc"}, "resources.weight_sync_backend='ipc':", "use gloo on CPU"),
+    ({"resources__device": "cuda", "resources__weight_sync_backend": "ipc", "resources__policy__gpus": 1,
+      "resources__generation__gpus": 1}, "resources.weight_sync_backend='ipc':", "placement=colocated"),
+    ({"resources__device": "cuda", "resources__weight_sync_backend": "ipc", "resources__placement": "colocated",
+      "resources__policy__gpus": 0.5, "resources__generation__gpus": 0.5},
+     "resources.vllm_in_process=False:", "ipc needs it true"),
+    ({"resources__device": "cuda", "resources__weight_sync_backend": "ipc", "resources__placement": "colocated",
+      "resources__vllm_in_process": True, "resources__policy__gpus": 0.5, "resources__generation__gpus": 0.5,
+      "rollout__num_engines": 3}, "rollout.num_engines=3:", "trainer.world_size=2"),
+    ({"resources__device": "cuda", "resources__weight_sync_backend": "ipc", "resources__placement": "colocated",
+      "resources__policy__gpus": 0.6, "resources__generation__gpus": 0.6}, "resources.*.gpus=1.2:", "sum to <= 1"),
+    ({"rollout__sleep_level": 1}, "rollout.sleep_level=1:", "no sleep mode on CPU"),
+    ({"rollout__sleep_level": 3}, "rollout.sleep_level=3:", "0 (never), 1 or 2"),
+    ({"trainer__offload_optimizer": True, "trainer__zero_stage": 1}, "trainer.offload_optimizer=True:", "2 or 3"),
     # device=cuda with every role still at 0 GPUs
     ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl"}, "resources.policy.gpus=0.0:", "cuda"),
     # a tensor-parallel engine holds its TP GPUs in its one bundle (so on one node)
@@ -256,3 +271,14 @@ def test_held_out_sources_resolve_auto():
     chosen = DataConfig(sft="/d/sft.jsonl", eval_sft="/d/held.jsonl", eval_preferences="")
     assert (chosen.held_out("sft"), chosen.held_out("preferences")) == ("/d/held.jsonl", "")
     DataConfig(eval_sft="auto", eval_preferences="auto").validate()
+
+
+def test_colocated_gpu_preset_shares_each_gpu_and_sleeps_its_engines(compose):
+    cfg = to_config(compose(
+        ["resources=gpu_colocated", "trainer.world_size=8", "rollout.num_engines=8", "trainer.micro_batch_size=4"]
+    ))
+    validate_config(cfg)
+    res = cfg.resources
+    assert (res.placement, res.weight_sync_backend, res.vllm_in_process) == ("colocated", "ipc", True)
+    assert cfg.rollout.sleep_level == 1
+    assert sum(r.gpus for r in res.roles().values()) <= 1.0  # bundle 0 holds one actor of every role

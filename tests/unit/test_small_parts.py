@@ -10,7 +10,7 @@ from rlhf_dist.config import LoggerConfig
 from rlhf_dist.controller import sample_seeds
 from rlhf_dist.roles.reward import import_function
 from rlhf_dist.run_logger import RunLogger, summarize
-from rlhf_dist.weight_sync import ParamSpec, engine_init_info, update_info
+from rlhf_dist.weight_sync import ParamSpec, engine_init_info, merge_ipc_handles, update_info
 
 
 def test_import_function_both_spellings():
@@ -62,6 +62,18 @@ def test_weight_sync_payloads():
     assert gloo == {"master_address": "127.0.0.1", "master_port": 1234, "rank_offset": 3, "world_size": 5, "timeout_s": 60.0}
     nccl = engine_init_info("nccl", "127.0.0.1", 1234, 3, 5, 60.0)
     assert nccl["packed"] is False and "timeout_s" not in nccl
+    assert engine_init_info("ipc", "127.0.0.1", 1234, 3, 5, 60.0) == {"packed": False}
+
+
+def test_merge_ipc_handles_gives_every_gpu_its_handle_per_parameter():
+    rank0 = [{"GPU-a": ("embed", 0)}, {"GPU-a": ("head", 0)}]
+    rank1 = [{"GPU-b": ("embed", 1)}, {"GPU-b": ("head", 1)}]
+    assert merge_ipc_handles([rank0, rank1]) == [
+        {"GPU-a": ("embed", 0), "GPU-b": ("embed", 1)},
+        {"GPU-a": ("head", 0), "GPU-b": ("head", 1)},
+    ]
+    with pytest.raises(ValueError, match=r"different parameter counts: \[2, 1\]"):
+        merge_ipc_handles([rank0, rank1[:1]])
 
 
 def test_sample_seeds_distinct_and_reproducible():
