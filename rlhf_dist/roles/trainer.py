@@ -118,7 +118,15 @@ class _DeepSpeedRank:
         torch.manual_seed(self.seed)  # freshly initialised heads are identical on every rank
         model = self.build_model()
         torch.manual_seed(self.seed + self.rank)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
+        if self.cfg.offload_optimizer:
+            # The optimizer step runs on CPU: DeepSpeed's vectorised AdamW (JIT-built C++ op).
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(
+                model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay, adamw_mode=True
+            )
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda s: A.lr_multiplier(s, self.cfg.warmup_steps, self.plan.optimizer_steps, self.cfg.lr_schedule),

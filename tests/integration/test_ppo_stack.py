@@ -45,7 +45,7 @@ def _small_run(zero_stage: int, extra: list[str], engines: int = 2) -> list[str]
 @pytest.mark.parametrize(
     ("zero_stage", "reward_kind", "tensor_parallel"),
     [(2, "model", 1), (3, "function", 1), (1, "function", 2)],
-    ids=["zero2-colocated-reward_model", "zero3-separate-rule_reward", "zero1-tensor_parallel_engine"],
+    ids=["zero2-colocated-reward_model", "zero3-offload-separate-rule_reward", "zero1-tensor_parallel_engine"],
 )
 def test_ppo_steps_then_engines_match_trainer(
     zero_stage, reward_kind, tensor_parallel, tiny_policy, tiny_reward_model, tmp_path
@@ -57,6 +57,8 @@ def test_ppo_steps_then_engines_match_trainer(
         ["reward=model", f"reward.model_path={tiny_reward_model}", "resources.placement=colocated"]
         if reward_kind == "model" else []
     )
+    if zero_stage == 3:
+        extra += ["trainer.offload_optimizer=true"]  # optimizer state and step on CPU (DeepSpeedCPUAdam)
     engines = 2
     if tensor_parallel > 1:
         # One engine whose TP workers each load their shard of every broadcast tensor.
