@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+
 import pytest
 
 from tests.conftest import REPO
