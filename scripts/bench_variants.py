@@ -15,7 +15,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 VARIANTS = {
@@ -26,20 +25,19 @@ VARIANTS = {
 }
 
 
-def run(out: Path, steps: int, overrides: list[str]) -> tuple[list[dict], float, float]:
+def run(out: Path, steps: int, overrides: list[str]) -> tuple[list[dict], float]:
+    """The run's metrics rows and how long its roles took to start."""
     shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf_dist.train", f"hydra.run.dir={out}", f"total_steps={steps}",
          "logger.progress_bar=false", "checkpoint.every_steps=0", *overrides],
         capture_output=True, text=True, check=False,
     )
-    wall = time.perf_counter() - started
     if proc.returncode:
         sys.exit(f"bench_variants: {overrides} failed:\n{proc.stderr[-2000:]}")
     roles_s = float(re.search(r"roles started in (\d+)s", proc.stderr + proc.stdout).group(1))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows, roles_s, wall
+    return rows, roles_s
 
 
 def main() -> None:
@@ -51,7 +49,7 @@ def main() -> None:
           f"{'train s':>7} {'sync s':>6} {'step ratio':>10}")
     base_step = None
     for i, (name, overrides) in enumerate(VARIANTS.items()):
-        rows, roles_s, _ = run(args.out / f"v{i}", args.steps, overrides)
+        rows, roles_s = run(args.out / f"v{i}", args.steps, overrides)
         later = rows[1:] or rows
 
         def mean(key: str, later=later) -> float:
