@@ -3,7 +3,9 @@ Dr. GRPO, RLOO, REINFORCE++), clipped losses and their aggregation, LR schedule.
 
 Pure functions over tensors and floats. Per-token tensors are ``(B, T)`` over *response*
 positions; ``mask`` is ``(B, T)`` (float or bool), 1 on real response tokens and 0 on the
-right padding after the response ends. Every row has at least one valid token.
+right padding after the response ends. Every row must have at least one valid token
+(``experience.collate`` guarantees it); ``token_rewards`` and the ``seq_mean_*`` aggregations,
+which would otherwise write onto padding or return NaN, raise ValueError naming the empty rows.
 Group estimators take ``scores`` ``(B,)`` laid out as ``B = num_prompts * n`` with the ``n``
 samples of prompt ``g`` contiguous, in rows ``[g * n, (g + 1) * n)``.
 """
@@ -69,33 +71,63 @@ def masked_whiten(
     return whitened if shift_mean else whitened + mean
 
 
-def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate k1 (Schulman), unbiased but can be negative.
+# Every estimator reads d = log pi - log ref clamped to [-20, 20] (as veRL): a token the
+# reference all but rules out (ref logprob -100 in float32) would otherwise give k3 = e^100 = inf
+# and NaN gradients. e^20 = 4.9e8 is already far past any ratio that carries information.
+KL_LOG_RATIO_CLAMP = 20.0
+# k2 and k3 (both >= 0) are capped at 10 nats per token (veRL's low_var_kl bound; OpenRLHF clamps
+# to [-10, 10]). Unclamped, d = -15 gives k3 = e^15 = 3.3e6, so with the KL in the reward one token
+# outweighs every score of the batch once the returns are whitened; at the cap a token costs at
+# most kl_coef * 10 (0.5 at the default 0.05), while ordinary tokens (k3 well under 1) are untouched.
+# A token at the cap gets no gradient from a KL loss term.
+KL_VALUE_CLAMP = 10.0
 
+
+def _clamped_log_ratio(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    # Tokens past the clamp get no gradient (torch.clamp passes none outside its range).
+    return torch.clamp(logprobs - ref_logprobs, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate k1 (Schulman): the log-ratio, unbiased but can be negative.
+
+    d = log pi - log ref is clamped to [-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP] = [-20, 20].
+    As a loss term it is useless: with the token sampled from pi, E[grad k1] = E[grad log pi] = 0,
+    so only its sampling noise reaches the update (``AlgoConfig.validate`` refuses k1 with
+    kl_in=loss). Put it in the reward instead, where the policy gradient carries it.
     Shape: (B, T), (B, T) -> (B, T).
     """
-    # k1_t = log pi(a_t) - log ref(a_t)
-    return logprobs - ref_logprobs
+    # k1_t = clamp(log pi(a_t) - log ref(a_t), -20, 20)
+    return _clamped_log_ratio(logprobs, ref_logprobs)
 
 
 def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi || ref) estimate k2 (Schulman): biased, non-negative, low variance.
 
+    d is clamped to [-20, 20] and k2 to at most KL_VALUE_CLAMP = 10 (|d| > sqrt(20) = 4.47).
+    As a loss term, at each state s with the token sampled from pi:
+    E[grad k2] = E[d grad log pi] = grad KL(pi(.|s) || ref(.|s)), the reverse KL's gradient.
     Shape: (B, T), (B, T) -> (B, T).
     """
-    # d = log pi - log ref;  k2_t = 0.5 * d^2
-    return 0.5 * (logprobs - ref_logprobs) ** 2
+    # d = clamp(log pi - log ref, -20, 20);  k2_t = min(0.5 * d^2, 10)
+    log_ratio = _clamped_log_ratio(logprobs, ref_logprobs)
+    return torch.clamp(0.5 * log_ratio**2, max=KL_VALUE_CLAMP)
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi || ref) estimate k3 (Schulman): unbiased and non-negative.
 
+    d is clamped to [-20, 20] and k3 to at most KL_VALUE_CLAMP = 10 (d < -2.611 or d > 10.99998).
+    As a loss term (GRPO's), at each state s with the token sampled from pi:
+    E[grad k3] = E[(1 - ref/pi) grad log pi] = -E_ref[grad log pi] = grad KL(ref(.|s) || pi(.|s)),
+    the forward KL's gradient, not that of the KL(pi || ref) its value estimates.
     Shape: (B, T), (B, T) -> (B, T).
     """
-    # d = log pi - log ref, r = ref / pi = e^-d;  k3_t = r - 1 - log r = e^-d - 1 + d
+    # d = clamp(log pi - log ref, -20, 20), r = ref / pi = e^-d
+    # k3_t = min(r - 1 - log r, 10) = min(e^-d - 1 + d, 10)
     # expm1 keeps e^-d - 1 accurate when d is near 0, where most tokens are.
-    log_ratio = logprobs - ref_logprobs
-    return torch.expm1(-log_ratio) + log_ratio
+    log_ratio = _clamped_log_ratio(logprobs, ref_logprobs)
+    return torch.clamp(torch.expm1(-log_ratio) + log_ratio, max=KL_VALUE_CLAMP)
 
 
 _KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
@@ -104,6 +136,8 @@ _KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token KL(pi || ref) with the estimator named by ``kind`` ("k1", "k2" or "k3").
 
+    All clamp the log-ratio to [-20, 20]; k2 and k3 are capped at 10. Expected gradient as a
+    loss, per state with the token sampled from pi: k1 0, k2 grad KL(pi || ref), k3 grad KL(ref || pi).
     Shape: (B, T), (B, T) -> (B, T).
     """
     if kind not in _KL_ESTIMATORS:
@@ -113,14 +147,31 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -
     return _KL_ESTIMATORS[kind](logprobs, ref_logprobs)
 
 
+def _check_response_tokens(mask: torch.Tensor, caller: str, every_row: bool = True) -> None:
+    """Raise ValueError naming the rows of ``mask`` (B, T) with no valid token: if any row has
+    none (``every_row``), else only if no row has one. Reads the mask on the host (a sync point)."""
+    has_token = mask.bool().any(dim=1)
+    ok = has_token.all() if every_row else has_token.any()
+    if ok:
+        return
+    rows = (~has_token).nonzero().flatten().tolist()
+    raise ValueError(
+        f"{caller}: rows {rows} of the batch have no response token (their mask is all 0); every "
+        "row needs at least one (experience.collate keeps one pad token for an empty response)"
+    )
+
+
 def token_rewards(
     scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
 ) -> torch.Tensor:
     """Per-token rewards: the KL penalty on every valid token, the score on the last one.
 
+    Every row needs a valid token (ValueError naming the rows otherwise): an empty row's "last
+    valid index" would be -1, the last padding column.
     Shape: scores (B,), kl (B, T), mask (B, T) -> (B, T); 0 on padding.
     """
     # r_t = -kl_coef * kl_t * m_t  +  score * [t == last valid index]
+    _check_response_tokens(mask, "token_rewards")
     mask = mask.to(kl.dtype)
     rewards = -kl_coef * kl * mask
     # Responses are right-padded, so the last valid index is (number of valid tokens - 1).
@@ -185,16 +236,24 @@ def _groups(scores: torch.Tensor, n: int, caller: str) -> torch.Tensor:
     return scores.reshape(-1, n)
 
 
-def grpo_advantages(scores: torch.Tensor, n: int, eps: float = 1e-6) -> torch.Tensor:
+# Floor of the group std in GRPO. With 1e-6, scores that differ only by float noise (1e-6)
+# were scaled up to advantages of -0.17 / +0.5; 1e-4 is TRL's epsilon. It is a floor, max(std,
+# eps), rather than TRL's std + eps, so that a group whose std is above it is standardised exactly.
+GROUP_STD_EPS = 1e-4
+
+
+def grpo_advantages(scores: torch.Tensor, n: int, eps: float = GROUP_STD_EPS) -> torch.Tensor:
     """GRPO (DeepSeekMath) advantages: scores standardised within each prompt's group.
 
-    A group whose scores are all equal gets 0. Shape: (B,) -> (B,).
+    The std is floored at ``eps`` (GROUP_STD_EPS = 1e-4), so a group whose scores differ by less
+    than about eps gets advantages of at most |r_i - mean_g| / eps, and an all-equal group gets 0.
+    Shape: (B,) -> (B,).
     """
-    # A_i = (r_i - mean_g) / (std_g + eps), std_g unbiased (divides by n - 1)
+    # A_i = (r_i - mean_g) / max(std_g, eps), std_g unbiased (divides by n - 1)
     grouped = _groups(scores, n, "grpo_advantages")
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True, unbiased=True)
-    return ((grouped - mean) / (std + eps)).reshape(-1)
+    return ((grouped - mean) / torch.clamp(std, min=eps)).reshape(-1)
 
 
 def dr_grpo_advantages(scores: torch.Tensor, n: int) -> torch.Tensor:
@@ -261,6 +320,9 @@ def aggregate_loss(
     "seq_mean_token_sum_norm" (Dr. GRPO): divide by the constant ``B * max_len``, e.g.
     ``max_len`` = the generation budget, so no length normalisation biases the gradient;
     ``max_len`` is read only by this mode.
+    The seq_mean modes need a valid token in every row (an empty row's token mean is 0 / 0 = NaN;
+    sum_norm would count it in B with nothing in it), token_mean in at least one (else 0 / 0);
+    otherwise ValueError naming the empty rows.
     Also for the entropy bonus:
     ``loss = pg_loss - entropy_coef * aggregate_loss(entropy_from_logits(logits), mask, agg)``.
     Shape: per_token, mask (B, T) -> scalar.
@@ -268,6 +330,8 @@ def aggregate_loss(
     # token_mean:              sum_{b,t} m x / sum_{b,t} m
     # seq_mean_token_mean:     1/B sum_b ( sum_t m x / sum_t m )
     # seq_mean_token_sum_norm: sum_{b,t} m x / (B * max_len)
+    if agg in _LOSS_AGGS:
+        _check_response_tokens(mask, f"aggregate_loss(agg={agg!r})", every_row=agg != "token_mean")
     if agg == "token_mean":
         return masked_mean(per_token, mask)
     if agg == "seq_mean_token_mean":

@@ -178,7 +178,9 @@ class AlgoConfig:
     value_clip_eps: float = 0.2
     # KL coefficient beta (the initial value when kl_controller=adaptive).
     kl_coef: float = 0.05
-    # KL estimator of Schulman (2020): k1 (log-ratio), k2 (squared), k3 (unbiased, low variance).
+    # KL estimator of Schulman (2020) on d = log pi - log ref clamped to [-20, 20]: k1 = d, k2 = d^2 / 2,
+    # k3 = e^-d - 1 + d (unbiased, low variance); k2 and k3 capped at 10 per token. As a loss term
+    # (kl_in=loss) the expected gradient is 0 for k1 (refused), grad KL(pi||ref) for k2, grad KL(ref||pi) for k3.
     kl_estimator: str = "k1"
     # Where the KL penalty goes: "reward" (per token, folded into the reward) or "loss" (a loss term, as GRPO).
     kl_in: str = "reward"
@@ -215,6 +217,11 @@ class AlgoConfig:
         if self.kl_coef < 0 or self.entropy_coef < 0:
             bad = "kl_coef" if self.kl_coef < 0 else "entropy_coef"
             _fail(f"algo.{bad}", getattr(self, bad), "must be >= 0")
+        # E[grad k1] = E[grad log pi] = 0 for tokens sampled from pi: as a loss k1 adds only noise.
+        if self.kl_in == "loss" and self.kl_estimator == "k1" and self.kl_coef > 0:
+            _fail("algo.kl_estimator", self.kl_estimator,
+                  f"with algo.kl_in=loss and algo.kl_coef={self.kl_coef} the k1 loss has zero expected "
+                  "gradient, so the KL term does nothing; use algo.kl_estimator=k3 (or k2), or algo.kl_in=reward")
 
 
 @dataclass

@@ -82,7 +82,8 @@ def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: 
 
     An empty response (the engine stopped at once) keeps one pad token so that every
     row has a valid position; its mask is set to 1 there so the row still carries
-    the sequence reward.
+    the sequence reward. (``algorithms.token_rewards`` and the ``seq_mean_*`` loss
+    aggregations refuse a row with no valid position, naming it.)
     """
     if len(prompt_ids) != len(response_ids) or not prompt_ids:
         raise ValueError(f"need equal, non-zero numbers of prompts and responses: {len(prompt_ids)} vs {len(response_ids)}")

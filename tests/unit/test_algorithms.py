@@ -78,6 +78,16 @@ def test_token_rewards_puts_score_at_last_valid_token():
     assert_close(alg.token_rewards(scores, kl, mask.bool(), kl_coef=0.5), rewards, **TOL)
 
 
+def test_token_rewards_refuses_rows_without_a_response_token():
+    # row 1's "last valid index" would be 0 - 1 = -1: its score would land on the last padding column
+    kl = t64([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    mask = t64([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    with pytest.raises(ValueError, match=r"^token_rewards: rows \[1\] of the batch have no response token"):
+        alg.token_rewards(t64([1.0, 2.0, 3.0]), kl, mask, kl_coef=0.5)
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        alg.token_rewards(t64([1.0, 2.0, 3.0]), kl, mask.bool(), kl_coef=0.5)
+
+
 def test_whiten_scores():
     # s = (1, 2, 3, 6); mean 3; deviations (-2, -1, 0, 3); squares sum 14; unbiased std sqrt(14/3)
     std = math.sqrt(14.0 / 3.0)

@@ -52,6 +52,86 @@ def test_kl_estimate_unknown_kind_names_it():
         alg.kl_estimate(LOGP, REF, "k4")
 
 
+# d = logp - ref over ref = 0: far below the reference, moderately off, and far above it
+EXTREME_D = [-100.0, -15.0, -1.0, 0.5, 15.0, 25.0]
+
+
+def test_kl_estimators_clamp_the_log_ratio_and_the_value():
+    d = t64([EXTREME_D])
+    ref = torch.zeros_like(d)
+    # k1 = clamp(d, -20, 20): (-20, -15, -1, 0.5, 15, 20)
+    assert_close(alg.kl_k1(d, ref), t64([[-20.0, -15.0, -1.0, 0.5, 15.0, 20.0]]), **TOL)
+    # k2 = min(0.5 * clamp(d)^2, 10): 0.5 * 400 = 200 -> 10; 0.5 * 225 = 112.5 -> 10; 0.5; 0.125;
+    #   112.5 -> 10; 200 -> 10
+    assert_close(alg.kl_k2(d, ref), t64([[10.0, 10.0, 0.5, 0.125, 10.0, 10.0]]), **TOL)
+    # k3 = min(e^-d - 1 + d, 10) on clamped d:
+    #   d = -20: e^20 - 21 = 4.9e8 -> 10;  d = -15: e^15 - 16 = 3.3e6 -> 10 (unclamped it is 3.3e6)
+    #   d = -1: e - 2;  d = 0.5: e^-0.5 - 0.5
+    #   d = 15: e^-15 + 14 = 14.0000003 -> 10;  d = 25 -> 20: e^-20 + 19 -> 10
+    expected = t64([[10.0, 10.0, math.e - 2.0, math.exp(-0.5) - 0.5, 10.0, 10.0]])
+    assert_close(alg.kl_k3(d, ref), expected, **TOL)
+    assert alg.KL_LOG_RATIO_CLAMP == 20.0 and alg.KL_VALUE_CLAMP == 10.0
+
+
+def test_kl_estimators_are_finite_with_finite_gradients_in_float32():
+    # d = -100 in float32: unclamped, k3 = e^100 - 101 overflows to inf (float32 max 3.4e38) and
+    # its gradient 1 - e^100 is -inf; with the clamps every value and gradient is finite.
+    logprobs = torch.tensor([EXTREME_D], requires_grad=True)
+    ref = torch.zeros(1, len(EXTREME_D))
+    # gradients d k / d logp where no clamp is active, 0 where one is:
+    #   k1: 1 for |d| < 20, so (0, 1, 1, 1, 1, 0)
+    #   k2: d for |d| < sqrt(20) = 4.47 (value below the cap), so (0, 0, -1, 0.5, 0, 0)
+    #   k3: 1 - e^-d below the cap (d = -1: 1 - e = -1.7182818; d = 0.5: 1 - e^-0.5 = 0.3934693)
+    expected_grads = {
+        "k1": [0.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+        "k2": [0.0, 0.0, -1.0, 0.5, 0.0, 0.0],
+        "k3": [0.0, 0.0, 1.0 - math.e, 1.0 - math.exp(-0.5), 0.0, 0.0],
+    }
+    for kind, grad in expected_grads.items():
+        logprobs.grad = None
+        kl = alg.kl_estimate(logprobs, ref, kind)
+        assert torch.isfinite(kl).all(), kind
+        kl.sum().backward()
+        assert torch.isfinite(logprobs.grad).all(), kind
+        assert_close(logprobs.grad, torch.tensor([grad]), **TOL)
+
+
+def test_k3_outlier_token_is_a_bounded_reward_penalty():
+    # row 0: d = (-100, 0), score 1, kl_coef 0.05, float32; k3 = (10 [capped], 0)
+    # rewards = (-0.05 * 10, -0.05 * 0 + 1) = (-0.5, 1.0)  (unclamped: (-inf, 1.0))
+    kl = alg.kl_k3(torch.tensor([[-100.0, 0.0]]), torch.zeros(1, 2))
+    rewards = alg.token_rewards(torch.tensor([1.0]), kl, torch.ones(1, 2), kl_coef=0.05)
+    assert_close(rewards, torch.tensor([[-0.5, 1.0]]), **TOL)
+
+
+def test_kl_estimator_expected_gradients_as_a_loss():
+    # Exact expectations over a 3-token vocabulary, pi = softmax(theta), theta = (0, ln 2, ln 3):
+    # pi = (1, 2, 3) / 6, ref = (1/2, 1/4, 1/4). E_pi[grad k] = sum_a pi_a * grad_theta k(a).
+    theta = t64([0.0, math.log(2.0), math.log(3.0)]).requires_grad_(True)
+    ref = t64([0.5, 0.25, 0.25]).log()
+
+    def expected_grad(kind):
+        logpi = torch.log_softmax(theta, dim=0)
+        pi = logpi.exp().detach()
+        (grads,) = torch.autograd.grad((pi * alg.kl_estimate(logpi, ref, kind)).sum(), theta)
+        return grads
+
+    def grad_of(kl_fn):
+        (grads,) = torch.autograd.grad(kl_fn(torch.log_softmax(theta, dim=0)), theta)
+        return grads
+
+    # k1: E_pi[grad log pi] = sum_a grad pi_a = grad 1 = 0
+    assert_close(expected_grad("k1"), t64([0.0, 0.0, 0.0]), **TOL)
+    # k2: E_pi[d grad log pi] = grad KL(pi || ref) = grad sum_a pi_a (log pi_a - log ref_a)
+    assert_close(expected_grad("k2"), grad_of(lambda lp: (lp.exp() * (lp - ref)).sum()), **TOL)
+    # k3: E_pi[(1 - ref/pi) grad log pi] = -E_ref[grad log pi] = grad KL(ref || pi)
+    #   = grad sum_a ref_a (log ref_a - log pi_a)
+    assert_close(expected_grad("k3"), grad_of(lambda lp: (ref.exp() * (ref - lp)).sum()), **TOL)
+    # by hand for k3: grad_theta log pi_a = e_a - pi, so -E_ref[e_a - pi] = pi - ref
+    #   = (1/6 - 1/2, 2/6 - 1/4, 3/6 - 1/4) = (-1/3, 1/12, 1/4)
+    assert_close(expected_grad("k3"), t64([-1.0 / 3.0, 1.0 / 12.0, 0.25]), **TOL)
+
+
 # ---------------------------------------------------------------- group advantages
 
 # two prompts, n = 3 contiguous samples each: group 0 = (1, 2, 3), group 1 = (0, 0, 4)
@@ -71,21 +151,41 @@ def test_grpo_advantages():
         t64([-1.0, 0.0, 1.0, -1.0 / s3, -1.0 / s3, 2.0 / s3]),
         **TOL,
     )
-    # default eps = 1e-6 sits in the denominator
+    # default eps = GROUP_STD_EPS = 1e-4 is a floor, max(std, eps): both stds (1 and 4/sqrt(3))
+    # are above it, so the default gives exactly the eps = 0 numbers
     std1 = 4.0 / s3
-    expected = t64(
-        [-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6), (-4 / 3) / (std1 + 1e-6), (-4 / 3) / (std1 + 1e-6),
-         (8 / 3) / (std1 + 1e-6)]
-    )
+    expected = t64([-1.0, 0.0, 1.0, (-4 / 3) / std1, (-4 / 3) / std1, (8 / 3) / std1])
     assert_close(alg.grpo_advantages(SCORES, n=3), expected, **TOL)
 
 
 def test_grpo_advantages_equal_scores_give_zero_not_nan():
-    # group 0 = (5, 5): deviations 0, std 0 -> 0 / (0 + 1e-6) = 0
-    # group 1 = (1, 3): mean 2, deviations (-1, 1), unbiased var 2 / 1 = 2 -> (-1, 1) / (sqrt(2) + 1e-6)
+    # group 0 = (5, 5): deviations 0, std 0 -> 0 / max(0, 1e-4) = 0
+    # group 1 = (1, 3): mean 2, deviations (-1, 1), unbiased var 2 / 1 = 2 -> (-1, 1) / max(sqrt(2), 1e-4)
     out = alg.grpo_advantages(t64([5.0, 5.0, 1.0, 3.0]), n=2)
-    d = math.sqrt(2.0) + 1e-6
+    d = math.sqrt(2.0)
     assert_close(out, t64([0.0, 0.0, -1.0 / d, 1.0 / d]), **TOL)
+
+
+def test_grpo_advantages_do_not_amplify_float_noise():
+    # group (0, 0, 0, 1e-6): mean 2.5e-7, deviations (-2.5e-7 x 3, 7.5e-7),
+    #   squares 3 * 6.25e-14 + 5.625e-13 = 7.5e-13, unbiased var 7.5e-13 / 3 = 2.5e-13, std 5e-7
+    #   std floored at 1e-4: (-2.5e-7, 7.5e-7) / 1e-4 = (-0.0025, 0.0075)
+    #   (the old std + 1e-6 gave -2.5e-7 / 1.5e-6 = -0.1667 and 7.5e-7 / 1.5e-6 = +0.5)
+    out = alg.grpo_advantages(t64([0.0, 0.0, 0.0, 1e-6]), n=4)
+    assert_close(out, t64([-0.0025, -0.0025, -0.0025, 0.0075]), **TOL)
+    # the same in float32 around 0.5, where 0.5 + 1e-6 is itself rounded: all |A| < 0.01
+    out32 = alg.grpo_advantages(torch.tensor([0.5, 0.5, 0.5, 0.5 + 1e-6]), n=4)
+    assert out32.abs().max().item() < 0.01, out32
+
+
+def test_grpo_std_floor_only_acts_below_it():
+    # group 0 = (0, 1e-4): mean 5e-5, deviations (-5e-5, 5e-5), std sqrt(2 * 2.5e-9 / 1) = 7.07e-5
+    #   < 1e-4, so floored: (-5e-5, 5e-5) / 1e-4 = (-0.5, 0.5)
+    # group 1 = (0, 1): mean 0.5, std sqrt(0.5) > 1e-4: (-0.5, 0.5) / sqrt(0.5) = (-1/sqrt(2), 1/sqrt(2))
+    out = alg.grpo_advantages(t64([0.0, 1e-4, 0.0, 1.0]), n=2)
+    a = 1.0 / math.sqrt(2.0)
+    assert_close(out, t64([-0.5, 0.5, -a, a]), **TOL)
+    assert alg.GROUP_STD_EPS == 1e-4
 
 
 def test_group_estimators_validate_n():
@@ -163,6 +263,33 @@ def test_aggregate_loss_errors():
         alg.aggregate_loss(AGG_X, AGG_MASK, "sum")
     with pytest.raises(ValueError, match="needs max_len"):
         alg.aggregate_loss(AGG_X, AGG_MASK, "seq_mean_token_sum_norm")
+
+
+# rows 1 and 3 have no response token
+EMPTY_ROWS_MASK = t64([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+EMPTY_ROWS_X = t64([[1.0, 2.0, 100.0], [5.0, 6.0, 7.0], [4.0, 9.0, 9.0], [8.0, 8.0, 8.0]])
+
+
+def test_seq_mean_aggregations_refuse_rows_without_a_response_token():
+    # seq_mean_token_mean: row 1's mean would be 0 / 0 = NaN and make the whole loss NaN
+    for agg, max_len in (("seq_mean_token_mean", None), ("seq_mean_token_sum_norm", 4)):
+        with pytest.raises(ValueError, match=r"rows \[1, 3\] of the batch have no response token") as excinfo:
+            alg.aggregate_loss(EMPTY_ROWS_X, EMPTY_ROWS_MASK, agg, max_len)
+        assert f"aggregate_loss(agg='{agg}')" in str(excinfo.value)
+    # token_mean is well defined while some row has a token: (1 + 2 + 4) / 3 = 7/3
+    out = alg.aggregate_loss(EMPTY_ROWS_X, EMPTY_ROWS_MASK, "token_mean")
+    assert_close(out, t64(7.0 / 3.0), **TOL)
+    # ... and refused when none has (0 / 0)
+    with pytest.raises(ValueError, match=r"rows \[0, 1\] of the batch have no response token"):
+        alg.aggregate_loss(AGG_X, torch.zeros_like(AGG_MASK), "token_mean")
+
+
+def test_policy_loss_refuses_rows_without_a_response_token():
+    logprobs, old, advantages, mask = _policy_inputs()
+    mask = mask.clone()
+    mask[1] = 0.0  # row 1 has no response token
+    with pytest.raises(ValueError, match=r"rows \[1\] of the batch have no response token"):
+        alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg="seq_mean_token_mean")
 
 
 # ---------------------------------------------------------------- policy loss options

@@ -282,3 +282,28 @@ def test_colocated_gpu_preset_shares_each_gpu_and_sleeps_its_engines(compose):
     assert (res.placement, res.weight_sync_backend, res.vllm_in_process) == ("colocated", "ipc", True)
     assert cfg.rollout.sleep_level == 1
     assert sum(r.gpus for r in res.roles().values()) <= 1.0  # bundle 0 holds one actor of every role
+
+
+def test_kl_in_loss_refuses_k1_with_a_nonzero_coefficient():
+    # E[grad k1] = E[grad log pi] = 0: a k1 loss term does nothing but add noise
+    with pytest.raises(ConfigError) as excinfo:
+        validate_config(config_with(algo__kl_in="loss", algo__kl_estimator="k1", algo__kl_coef=0.05))
+    assert str(excinfo.value) == (
+        "algo.kl_estimator='k1': with algo.kl_in=loss and algo.kl_coef=0.05 the k1 loss has zero expected "
+        "gradient, so the KL term does nothing; use algo.kl_estimator=k3 (or k2), or algo.kl_in=reward"
+    )
+    assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("kl_in", "kl_estimator", "kl_coef"),
+    [("loss", "k3", 0.05), ("loss", "k2", 0.05), ("reward", "k1", 0.05), ("loss", "k1", 0.0)],
+)
+def test_kl_placements_that_have_a_gradient_or_no_term_validate(kl_in, kl_estimator, kl_coef):
+    AlgoConfig(kl_in=kl_in, kl_estimator=kl_estimator, kl_coef=kl_coef).validate()
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "algo").glob("*.yaml")))
+def test_every_algo_preset_validates(compose, preset):
+    # no preset may combine kl_in=loss with k1 (or any other refused setting)
+    validate_config(to_config(compose([f"algo={preset}"])))
