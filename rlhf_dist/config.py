@@ -471,6 +471,39 @@ class TimeoutConfig:
         _check_positive("timeouts", self, "actor_start_s", "generate_s", "inference_s", "train_s", "weight_sync_s")
 
 
+# Default tolerances of the engine/trainer logprob comparisons, by model.dtype: in float32 a correct
+# sync measures ~1e-7 on CPU (kernels differ only in summation order); in bfloat16 vLLM's and
+# transformers' kernels round differently, so only a mismatch well above that noise is flagged.
+LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 1e-1}
+
+
+@dataclass
+class WeightSyncConfig:
+    # Check every this many weight syncs that each engine serves the trainer's policy: logprobs of a
+    # few fixed sequences on every engine against the trainer's; a gap over verify_tol fails the run
+    # with one line naming the engine, the probe sequence and the gap. 0 is off; also run at start.
+    verify_every: int = 1
+    # Mean absolute logprob gap per probe sequence that fails verification; 0 = by model.dtype
+    # (LOGPROB_TOLERANCE: float32 1e-3, bfloat16 1e-1).
+    verify_tol: float = 0.0
+    # logprob_gap/mean (sampled tokens, engine vs trainer) above which the run warns once; 0 = by
+    # model.dtype, as verify_tol. summary.json records the largest gap as logprob_gap/max.
+    gap_warn: float = 0.0
+
+    def validate(self) -> None:
+        if self.verify_every < 0:
+            _fail("weight_sync.verify_every", self.verify_every, "must be >= 0 (0 = off)")
+        for name in ("verify_tol", "gap_warn"):
+            if not getattr(self, name) >= 0:
+                _fail(f"weight_sync.{name}", getattr(self, name), "must be >= 0 (0 = by model.dtype)")
+
+    def tolerance(self, dtype: str) -> float:
+        return self.verify_tol or LOGPROB_TOLERANCE[dtype]
+
+    def gap_threshold(self, dtype: str) -> float:
+        return self.gap_warn or LOGPROB_TOLERANCE[dtype]
+
+
 @dataclass
 class CheckpointConfig:
     # Save a checkpoint every this many PPO steps and after the last one; 0 is off.
@@ -550,6 +583,7 @@ class Config:
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
@@ -567,7 +601,7 @@ class RunPlan:
 
 GROUPS = (
     "model", "data", "eval", "algo", "rollout", "trainer", "reward", "reference", "sft", "rm", "resources", "timeouts",
-    "checkpoint", "logger",
+    "weight_sync", "checkpoint", "logger",
 )
 
 

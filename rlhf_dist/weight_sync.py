@@ -3,17 +3,20 @@
 Every transport rides vLLM's weight-transfer API (``init_weight_transfer_engine``
 -> ``start_weight_update`` -> ``update_weights`` -> ``finish_weight_update``):
 
-- ``nccl`` (GPU): vLLM's built-in NCCL backend; the trainer side opens the
+- ``nccl`` (GPU): vLLM's NCCL engine; the trainer side opens the
   communicator with ``vllm.distributed.weight_transfer.nccl_common.trainer_init``.
-- ``ipc`` (GPU, colocated): vLLM's built-in CUDA-IPC backend. Each trainer rank
+- ``ipc`` (GPU, colocated): vLLM's CUDA-IPC engine. Each trainer rank
   exports CUDA IPC handles of the full weights on its own GPU; the controller
   merges them (``merge_ipc_handles``) so every engine finds a handle on its GPU,
   and no data moves between devices. NCCL cannot be used there: it refuses two
   ranks of one communicator on one GPU.
-- ``gloo`` (CPU): ``GlooWeightTransferEngine`` below, registered in every vLLM
-  process through the ``vllm.general_plugins`` entry point declared in
-  ``pyproject.toml`` (the engine core runs in a spawned subprocess, so
-  registering it in the caller's process would not be enough).
+- ``gloo`` (CPU): our ``GlooWeightTransferEngine`` and ``GlooWeightSender`` below.
+
+On the engine side every transport is one of ``rlhf_dist.vllm_engines`` (vLLM's NCCL and IPC
+engines, and the gloo one, each behind the same reload lifecycle, which also re-processes tied
+output heads), registered in every vLLM process through the ``vllm.general_plugins`` entry point
+declared in ``pyproject.toml`` (the engine core may run in a spawned subprocess, so registering
+them in the caller's process would not be enough).
 
 Weights travel in checkpoint (Hugging Face) naming, one broadcast per tensor,
 from trainer rank 0 (group rank 0) to engine workers (ranks 1..N). The metadata
@@ -23,6 +26,7 @@ go through RPC arguments (vLLM's msgpack transport turns them into lists).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,12 +34,17 @@ from typing import Protocol
 
 import torch
 
-GLOO_BACKEND = "rlhf_gloo"
+# transport (resources.weight_sync_backend) -> (vLLM backend name, engine class in rlhf_dist.vllm_engines)
+VLLM_ENGINES = {
+    "gloo": ("rlhf_gloo", "GlooWeightTransferEngine"),
+    "nccl": ("rlhf_nccl", "NcclEngine"),
+    "ipc": ("rlhf_ipc", "IpcEngine"),
+}
 
 
 def vllm_backend_name(transport: str) -> str:
     """The vLLM ``WeightTransferConfig.backend`` for a transport name from config."""
-    return {"gloo": GLOO_BACKEND, "nccl": "nccl", "ipc": "ipc"}[transport]
+    return VLLM_ENGINES[transport][0]
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,41 @@ def merge_ipc_handles(per_rank: list[list[dict[str, tuple]]]) -> list[dict[str, 
         for param, handle in zip(merged, handles):
             param.update(handle)
     return merged
+
+
+# ----------------------------------------------------------------------------- verification
+
+PROBE_LENGTH = 24  # tokens per probe sequence
+
+
+def probe_sequences(vocab_size: int, count: int, seed: int, length: int = PROBE_LENGTH) -> list[list[int]]:
+    """``count`` fixed sequences of token ids drawn uniformly from ``[0, vocab_size)``: a probe
+    that touches the embedding rows and output logits of many tokens, whatever the task."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (count, length), generator=generator).tolist()
+
+
+@dataclass(frozen=True)
+class ProbeGap:
+    """The worst (engine, probe sequence) pair: mean |engine - trainer| logprob over its tokens."""
+
+    engine: int
+    sequence: int
+    gap: float
+
+
+def worst_probe_gap(engine_logprobs: list[list[list[float]]], trainer_logprobs: torch.Tensor) -> ProbeGap:
+    """``engine_logprobs[e][s]``: engine ``e``'s logprobs of tokens 1.. of probe sequence ``s``;
+    ``trainer_logprobs``: (S, T) the trainer's of the same tokens (T >= every sequence's length)."""
+    worst = ProbeGap(-1, -1, -1.0)
+    for e, per_sequence in enumerate(engine_logprobs):
+        for s, lps in enumerate(per_sequence):
+            gap = float((torch.tensor(lps, dtype=torch.float64) - trainer_logprobs[s, : len(lps)].double()).abs().mean())
+            if math.isnan(gap):  # worse than any number
+                return ProbeGap(e, s, gap)
+            if gap > worst.gap:
+                worst = ProbeGap(e, s, gap)
+    return worst
 
 
 # ----------------------------------------------------------------------------- trainer side
@@ -167,8 +211,10 @@ def make_sender(transport: str, host: str, port: int, world_size: int, timeout_s
 
 
 def register_vllm_plugin() -> None:
-    """Entry point (``vllm.general_plugins``): register the gloo backend in this process."""
+    """Entry point (``vllm.general_plugins``): register our engines in this process (lazily: the
+    module is imported when an engine is created)."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-    if GLOO_BACKEND not in WeightTransferEngineFactory._registry:
-        WeightTransferEngineFactory.register_engine(GLOO_BACKEND, "rlhf_dist.vllm_gloo", "GlooWeightTransferEngine")
+    for backend, class_name in VLLM_ENGINES.values():
+        if backend not in WeightTransferEngineFactory._registry:
+            WeightTransferEngineFactory.register_engine(backend, "rlhf_dist.vllm_engines", class_name)

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from rlhf_dist.config import AlgoConfig
-from rlhf_dist.experience import Experience, PairBatch, concat, split_sizes
+from rlhf_dist.experience import Experience, PairBatch, collate, concat, split_sizes
 from rlhf_dist.roles.generation import Generation
-from rlhf_dist.weight_sync import ParamSpec, engine_init_info, merge_ipc_handles, update_info
+from rlhf_dist.weight_sync import ParamSpec, engine_init_info, merge_ipc_handles, update_info, worst_probe_gap
 from rlhf_dist.worker_group import Pending, RoleError, WorkerGroup, wait_all
 
 
@@ -120,10 +120,13 @@ class TrainerGroup(WorkerGroup):
 
 
 class PolicyGroup(TrainerGroup):
-    def logprobs_async(self, exp: Experience) -> Pending[tuple[torch.Tensor, torch.Tensor]]:
-        """(logprobs, entropy) of the whole batch, computed data-parallel."""
+    def logprobs_async(
+        self, exp: Experience, temperature: float | None = None
+    ) -> Pending[tuple[torch.Tensor, torch.Tensor]]:
+        """(logprobs, entropy) of the whole batch, computed data-parallel; at the rollout
+        temperature unless ``temperature`` is given."""
         return self.scatter_async(
-            "logprobs", exp.split(len(self)),
+            "logprobs", exp.split(len(self)), temperature=temperature,
             combine=lambda outs: (concat([o[0] for o in outs]), concat([o[1] for o in outs])),
         )
 
@@ -186,13 +189,16 @@ class RewardGroup(WorkerGroup):
 
 
 class WeightSync:
-    """Trainer rank 0 -> every engine worker, through vLLM's weight-transfer API."""
+    """Trainer rank 0 -> every engine worker, through vLLM's weight-transfer API; every
+    ``verify_every`` syncs, a check that every engine serves the trainer's policy."""
 
     def __init__(
-        self, policy: PolicyGroup, engines: GenerationGroup, transport: str, workers_per_engine: int, timeout_s: float
+        self, policy: PolicyGroup, engines: GenerationGroup, transport: str, workers_per_engine: int, timeout_s: float,
+        *, probe: list[list[int]], verify_every: int, tolerance: float,
     ) -> None:
         self.policy, self.engines, self.timeout_s = policy, engines, timeout_s
         self.transport, self.workers_per_engine = transport, workers_per_engine
+        self.probe, self.verify_every, self.tolerance = probe, verify_every, tolerance
         self.version = 0  # the policy version the engines serve (0: the initial weights)
         self._connect()
         self.info = update_info(policy.weight_specs())
@@ -233,6 +239,24 @@ class WeightSync:
             self.policy.call_async("release_ipc_handles", timeout_s=self.timeout_s).result()
         self.engines.wake()
         self.version = version
+        if self.verify_every and version % self.verify_every == 0:
+            self.verify()
+
+    def verify(self) -> float:
+        """Every engine's logprobs of the probe sequences against the trainer's (temperature 1,
+        as vLLM's prompt logprobs); raises one line naming the worst engine if its gap exceeds the
+        tolerance. Returns the worst gap (mean |difference| over a sequence's tokens)."""
+        engine_lps = self.engines.sequence_logprobs_async(self.probe).result()
+        exp = collate([p[:1] for p in self.probe], [p[1:] for p in self.probe], pad_id=0)
+        trainer_lps, _ = self.policy.logprobs_async(exp, temperature=1.0).result()
+        worst = worst_probe_gap(engine_lps, trainer_lps)
+        if not worst.gap <= self.tolerance:
+            raise RoleError(
+                f"weight_sync.verify: engine {worst.engine} does not serve the trainer's policy after weight "
+                f"version {self.version}: probe sequence {worst.sequence} mean |logprob gap| {worst.gap:.3g} > "
+                f"{self.tolerance:g} (weight_sync.verify_tol)", "generation", "weight_sync.verify",
+            )
+        return worst.gap
 
     def _send_ipc(self) -> None:
         """Every trainer rank exports handles on its GPU; every engine loads from the one on its own."""

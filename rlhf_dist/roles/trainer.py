@@ -248,14 +248,15 @@ class PolicyTrainer(_DeepSpeedRank):
         return load_causal_lm(self.model_path, self.model_cfg.dtype)
 
     @torch.no_grad()
-    def logprobs(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logprobs, entropy), each (b, T), of this rank's shard under the current policy."""
+    def logprobs(self, exp: Experience, temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs, entropy), each (b, T), of this rank's shard under the current policy, at the
+        rollout temperature unless ``temperature`` is given."""
         self.engine.eval()
         exp = self._to_device(exp)
         lps, ents = [], []
         for i in range(0, len(exp), self.cfg.micro_batch_size):
             micro = exp.select(slice(i, i + self.cfg.micro_batch_size))
-            lp, ent = response_logprobs(self.engine, micro, self.temperature, with_entropy=True)
+            lp, ent = response_logprobs(self.engine, micro, temperature or self.temperature, with_entropy=True)
             lps.append(lp)
             ents.append(ent)
         return torch.cat(lps).cpu(), torch.cat(ents).cpu()

@@ -34,7 +34,7 @@ KL = torch.tensor([[0.1, 0.2], [0.3, 9.0], [0.0, 0.0], [0.5, 0.5]])  # 9.0 sits 
 def test_grpo_with_kl_in_loss_ignores_kl():
     # scores [1, 3 | 2, 2], n=2: group means 2 and 2, unbiased stds sqrt(2) and 0.
     # advantages (1-2)/sqrt(2) = -0.7071068, +0.7071068, then 0, 0; broadcast over valid tokens.
-    algo = AlgoConfig(estimator="grpo", kl_in="loss")
+    algo = AlgoConfig(estimator="grpo", kl_in="loss", kl_estimator="k3")
     adv, returns = estimate_advantages(algo, torch.tensor([1.0, 3.0, 2.0, 2.0]), KL, MASK, None, 2, kl_coef=0.5)
     a = 1 / math.sqrt(2)
     expected = torch.tensor([[-a, -a], [a, 0.0], [0.0, 0.0], [0.0, 0.0]])

@@ -1,0 +1,147 @@
+"""vLLM worker-side weight-transfer engines: every transport loads through one reload lifecycle.
+
+Loaded lazily by vLLM's ``WeightTransferEngineFactory`` inside the engine's worker process once
+``rlhf_dist.weight_sync.register_vllm_plugin`` has registered them. Each transport is vLLM's own
+engine (NCCL, CUDA IPC) or ours (gloo, CPU) with ``CheckpointReload`` in front of it, so the
+load lifecycle, and its fix for tied weights, lives in one place for all of them.
+
+Why tied weights need a fix: vLLM's layerwise reload runs a layer's
+``quant_method.process_weights_after_loading`` only for layers that received a tensor. A model
+with ``tie_word_embeddings`` (Llama 3.2, Qwen2.5, Qwen3, Gemma) never receives ``lm_head.weight``
+(``load_weights`` skips it; the head shares the embedding's Parameter), so the head is put back
+with its parameter updated in place but its processed form untouched. On CPU that processed form
+is a packed copy of the weight (``dispatch_cpu_unquantized_gemm``: oneDNN / sgl-kernel), and the
+head kept computing logits from the initial embedding after every sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+
+def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules with a processing step that hold a Parameter object another module also holds
+    (an output head tied to the input embedding), in ``model.modules()`` order."""
+    holders: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append(module)
+    tied: dict[int, torch.nn.Module] = {}
+    for modules in holders.values():
+        if len(modules) > 1:
+            tied.update((id(m), m) for m in modules if getattr(m, "quant_method", None) is not None)
+    return list(tied.values())
+
+
+class CheckpointReload:
+    """Checkpoint-format (Hugging Face named, full) tensors loaded inside vLLM's layerwise-reload
+    lifecycle, then every tied module re-processed from its updated parameter.
+
+    Goes first in the bases, before a ``WeightTransferEngine``: it replaces the engine's
+    ``start_weight_update`` / ``finish_weight_update``."""
+
+    model: torch.nn.Module
+    model_config: Any
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        # Found before the reload swaps parameters for meta tensors, which breaks the sharing.
+        self._tied = tied_modules(self.model)
+        # A bare load_weights on a loaded CPU model fails ("'Parameter' object has no attribute
+        # 'weight_loader'"): checkpoint-format weights load inside this lifecycle.
+        initialize_layerwise_reload(self.model)
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+        for module in self._tied:
+            module.quant_method.process_weights_after_loading(module)
+
+
+class NcclEngine(CheckpointReload, NCCLWeightTransferEngine):
+    """vLLM's NCCL engine (GPU), loading through ``CheckpointReload``."""
+
+
+class IpcEngine(CheckpointReload, IPCWeightTransferEngine):
+    """vLLM's CUDA-IPC engine (colocated GPUs), loading through ``CheckpointReload``."""
+
+
+# ----------------------------------------------------------------------------- gloo (CPU)
+
+
+@dataclass
+class GlooInitInfo(WeightTransferInitInfo):
+    master_address: str
+    master_port: int
+    rank_offset: int  # group rank of this engine's worker 0 (the trainer is rank 0)
+    world_size: int  # trainer + every engine worker
+    timeout_s: float
+
+
+@dataclass
+class GlooUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+
+    def __post_init__(self) -> None:
+        if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+            raise ValueError(
+                f"gloo update_info lists differ in length: names={len(self.names)} "
+                f"dtype_names={len(self.dtype_names)} shapes={len(self.shapes)}"
+            )
+
+
+class GlooWeightTransferEngine(CheckpointReload, WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
+    """Receives full checkpoint-format tensors by broadcast over a gloo group (the trainer side is
+    ``rlhf_dist.weight_sync.GlooWeightSender``)."""
+
+    init_info_cls = GlooInitInfo
+    update_info_cls = GlooUpdateInfo
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._group = None
+
+    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        pc = self.parallel_config
+        rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
+        self._group = stateless_init_torch_distributed_process_group(
+            init_info.master_address,
+            init_info.master_port,
+            rank,
+            init_info.world_size,
+            backend="gloo",
+            timeout=timedelta(seconds=init_info.timeout_s),
+        )
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        # The base class ends with torch.accelerator.synchronize(), which has nothing
+        # to do on CPU; gloo's broadcast is synchronous once wait() returns.
+        self.receive_weights(self.parse_update_info(update_info))
+
+    def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+        if self._group is None:
+            raise RuntimeError("gloo weight transfer not initialized: call init_weight_transfer_engine first")
+        for name, dtype_name, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
+            weight = torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.device)
+            self._group.broadcast(weight, 0).wait()
+            self.model.load_weights([(name, weight)])
+
+    def shutdown(self) -> None:
+        self._group = None
