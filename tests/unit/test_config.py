@@ -92,6 +92,8 @@ BAD_VALUES = [
     ({"rollout__top_p": 0.0}, "rollout.top_p=0.0:", "(0, 1]"),
     ({"algo__kl_coef": -0.1}, "algo.kl_coef=-0.1:", ">= 0"),
     ({"total_steps": 0}, "total_steps=0:", "> 0"),
+    ({"weight_sync__verify_every": -1}, "weight_sync.verify_every=-1:", ">= 0 (0 = off)"),
+    ({"weight_sync__verify_tol": -1e-3}, "weight_sync.verify_tol=-0.001:", "0 = by model.dtype"),
     ({"resources__generation__gpus": 0.5}, "resources.generation.gpus=0.5:", "resources.device=cpu"),
     ({"resources__weight_sync_backend": "nccl"}, "resources.weight_sync_backend='nccl':", "use gloo on CPU"),
     ({"reward__model_weight": 1.0}, "reward.model_path='':", "reward.model_weight=1.0"),
