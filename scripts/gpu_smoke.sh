@@ -5,6 +5,8 @@
 #
 #   bash scripts/gpu_smoke.sh                 # set-up (GPU stack) if needed, then the run
 #   RLHF_SMOKE_STEPS=8 bash scripts/gpu_smoke.sh extra.key=value ...
+#   RLHF_SMOKE_FAMILY=llama-tied bash scripts/gpu_smoke.sh   # a tiny random-init model of a family
+#                                   # (rlhf_dist.tiny_model.FAMILIES: llama-tied, qwen2, qwen3, gemma3, ...)
 #
 # Two or more GPUs: the engine has a GPU to itself and the weights go over vLLM's NCCL
 # weight-transfer backend (trainer and engine on different GPUs). One GPU: everything colocated
@@ -24,6 +26,9 @@ common=(
     "hydra.run.dir=$out" "total_steps=${RLHF_SMOKE_STEPS:-4}" trainer=zero2 model.dtype=bfloat16
     trainer.world_size=1 rollout.num_engines=1 logger.progress_bar=false checkpoint.every_steps=0
 )
+if [ -n "${RLHF_SMOKE_FAMILY:-}" ]; then
+    common+=("model.path=$(.venv/bin/python -m rlhf_dist.tiny_model --family "$RLHF_SMOKE_FAMILY" | tail -n 1)")
+fi
 if [ "$gpus" -ge 2 ]; then
     layout="separate placement, NCCL weight transfer, $gpus GPUs"
     # The engine takes a whole GPU; the four other actors share another one.
@@ -52,4 +57,6 @@ print(f"{'step':>4} {'reward':>8} {'logprob_gap':>11} {'gen s':>6} {'train s':>7
 for r in rows:
     print(f"{r['step']:>4} {r['reward/mean']:>8.3f} {r['logprob_gap/mean']:>11.4f} {r['time/generate']:>6.2f} "
           f"{r['time/train']:>7.2f} {r['time/weight_sync']:>6.2f} {r['time/step']:>6.2f}")
+summary = json.loads((out / "summary.json").read_text())
+print(f"status {summary['status']}, logprob_gap/max {summary.get('logprob_gap/max')}")
 PY

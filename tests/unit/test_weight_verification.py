@@ -78,3 +78,21 @@ def test_gap_watch_warns_once_and_keeps_the_largest_gap(tmp_path, capsys):
     assert out.count("warning") == 1
     assert "step 1: logprob_gap/mean 0.024 > 0.001" in out
     assert summary["logprob_gap/max"] == 3.1e-2
+
+
+def test_every_transport_resolves_to_an_engine_behind_the_one_reload_lifecycle():
+    # What vLLM's factory does inside every engine process: look the backend up, load the class.
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+    from rlhf_dist.vllm_engines import CheckpointReload
+    from rlhf_dist.weight_sync import register_vllm_plugin, vllm_backend_name
+
+    register_vllm_plugin()
+    bases = {"gloo": object, "nccl": NCCLWeightTransferEngine, "ipc": IPCWeightTransferEngine}
+    for transport, base in bases.items():
+        engine = WeightTransferEngineFactory._registry[vllm_backend_name(transport)]()
+        assert issubclass(engine, base) and issubclass(engine, CheckpointReload)
+        assert engine.start_weight_update is CheckpointReload.start_weight_update
+        assert engine.finish_weight_update is CheckpointReload.finish_weight_update
