@@ -261,9 +261,11 @@ class Checkpointer:
         root = Path(cfg.dir).expanduser() if cfg.dir else out_dir / "checkpoints"
         self.dir = CheckpointDir(root, cfg.keep_last, warn)
 
-    def due(self, steps_done: int, total_steps: int) -> bool:
+    def due(self, steps_done: int, total_steps: int, stopping: bool = False) -> bool:
+        """Checkpoint after ``steps_done`` steps? Every ``every_steps``, after the last step, and
+        when the run stops early (``stopping``: a signal), unless checkpoints are off (0)."""
         every = self.cfg.every_steps
-        return bool(every) and (steps_done % every == 0 or steps_done == total_steps)
+        return bool(every) and (steps_done % every == 0 or steps_done == total_steps or stopping)
 
     def save(self, roles: Roles, state: TrainState) -> Path:
         """Write the checkpoint of ``state.step``; on any failure (a full disk, a lost actor) the

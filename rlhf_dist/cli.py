@@ -1,11 +1,13 @@
 """What every stage's command shares: Hydra composition, validation before anything heavy,
-one-line errors with exit codes, and the run's output directory and W&B group.
+one-line errors with exit codes, stopping on SIGTERM/SIGINT, and the run's output directory and
+W&B group.
 
 A stage is ``run(cfg, out_dir, group) -> summary``; ``entry_point`` turns it into a Hydra main.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlhf_dist.config import Config, ConfigError, register_configs, to_config
+from rlhf_dist.preemption import PREEMPTION, Interrupted
 
 register_configs()
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -24,8 +27,23 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 Stage = Callable[[Config, Path, str], dict[str, Any]]
 
 
-def run_guarded(run: Stage, cfg: Config, out_dir: Path, group: str) -> dict[str, Any]:
-    """Run a stage; the errors a user can fix end the process with one line and exit code 1."""
+def resume_command(module: str, overrides: list[str], out_dir: Path, resume: str | None,
+                   config_name: str = "") -> str:
+    """How to continue an interrupted run: the same command with its overrides (an earlier
+    ``resume=`` dropped), then ``resume`` (e.g. "resume=auto"; "" for a command that continues
+    by itself) and ``hydra.run.dir``. ``resume=None``: the stage keeps no checkpoints."""
+    if resume is None:
+        return f"{module} keeps no checkpoints: run it again (in a new hydra.run.dir) to start over"
+    args = [sys.executable, "-m", module, *(["--config-name", config_name] if config_name else [])]
+    args += [o for o in overrides if not o.startswith("resume=")]
+    args += [*([resume] if resume else []), f"hydra.run.dir={out_dir}"]
+    return "resume with: " + shlex.join(args)
+
+
+def run_guarded(run: Stage, cfg: Config, out_dir: Path, group: str, how_to_resume: str = "") -> dict[str, Any]:
+    """Run a stage; the errors a user can fix end the process with one line and exit code 1; a
+    run stopped by a signal (``Interrupted``) ends with one line, ``how_to_resume``, and exit
+    code 128 + the signal number."""
     from rlhf_dist.checkpoint import CheckpointError
     from rlhf_dist.data import DataError
     from rlhf_dist.worker_group import RoleError
@@ -35,14 +53,19 @@ def run_guarded(run: Stage, cfg: Config, out_dir: Path, group: str) -> dict[str,
     except (ConfigError, RoleError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"rlhf_dist: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as e:
+        print(f"rlhf_dist: {e}; {how_to_resume}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 def entry_point(
-    name: str, run: Stage, validate: Callable[[Config], Any], objective: str, config_name: str = "config"
+    name: str, run: Stage, validate: Callable[[Config], Any], objective: str, config_name: str = "config",
+    resume: str | None = None,
 ) -> Callable[[], Any]:
     """The Hydra main of ``python -m rlhf_dist.<name>`` on ``conf/<config_name>.yaml``: ``validate``
     runs first (a bad value exits 2 in about a second); the return value, ``summary[objective]``,
-    is what a sweeper optimises."""
+    is what a sweeper optimises. SIGTERM/SIGINT stop the run between steps (``preemption``);
+    ``resume`` is the override that continues it (see ``resume_command``)."""
 
     def main(raw: DictConfig) -> float | None:
         try:
@@ -53,7 +76,12 @@ def entry_point(
             sys.exit(2)
         hydra_cfg = HydraConfig.get()
         group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else ""
-        summary = run_guarded(run, cfg, Path(hydra_cfg.runtime.output_dir), group)
+        out_dir = Path(hydra_cfg.runtime.output_dir)
+        used_config = hydra_cfg.job.config_name
+        how_to_resume = resume_command(f"rlhf_dist.{name}", list(hydra_cfg.overrides.task), out_dir, resume,
+                                       used_config if used_config != config_name else "")
+        PREEMPTION.install()
+        summary = run_guarded(run, cfg, out_dir, group, how_to_resume)
         return summary.get(objective)
 
     main.__module__ = f"rlhf_dist.{name}"  # Hydra names the job (and its log file) after this module
