@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import ray
 
 from rlhf_dist.config import Config, RunPlan
 from rlhf_dist.placement import actor_env, init_ray, place, spawn
+from rlhf_dist.preemption import PREEMPTION, Interrupted
 from rlhf_dist.roles.generation import Generation, GenerationEngine
 from rlhf_dist.roles.groups import (
     CriticGroup,
@@ -90,6 +92,7 @@ def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) 
     """Place and start all actors, join the trainer groups and the weight-transfer group."""
     res, t, to = cfg.resources, cfg.trainer, cfg.timeouts
     init_ray(res, cfg.logger.actor_logs)
+    PREEMPTION.rearm()  # ray.init replaced the SIGTERM handler
     counts = {
         "generation": cfg.rollout.num_engines, "policy": t.world_size,
         "reference": cfg.reference.num_actors, "reward": cfg.reward.num_actors,
@@ -154,6 +157,7 @@ def start_trainer_group(
     res, t, to = cfg.resources, cfg.trainer, cfg.timeouts
     started = time.perf_counter()
     init_ray(res, cfg.logger.actor_logs)
+    PREEMPTION.rearm()  # ray.init replaced the SIGTERM handler
     slots = place(res, {"policy": t.world_size}, to.actor_start_s)["policy"]
     group = group_cls(role, spawn(
         cls, slots, res.policy, actor_env(res),
@@ -174,10 +178,15 @@ def shutdown_ray() -> None:
 def stage_actors(logger: RunLogger) -> Iterator[list]:
     """The lifetime of one stage's actors: append each group (anything with ``kill()``) to the
     yielded list. However the block ends, the groups are killed and Ray is shut down; if it
-    raises, summary.json records the failure first (so nothing logged is lost)."""
+    raises, summary.json records the failure first (so nothing logged is lost), or
+    ``status: interrupted`` for a run stopped by a signal between steps."""
     groups: list = []
     try:
         yield groups
+    except Interrupted as e:
+        logger.add_summary({"interrupted_by": signal.Signals(e.signum).name})
+        logger.finish("interrupted", error=str(e))
+        raise
     except BaseException as e:
         logger.finish("failed", error=f"{type(e).__name__}: {e}")
         raise

@@ -19,6 +19,7 @@ from rlhf_dist.cluster import Roles
 from rlhf_dist.config import AlgoConfig, Config
 from rlhf_dist.data import PromptSampler, PromptSet
 from rlhf_dist.experience import collate, pad_right
+from rlhf_dist.preemption import Preemption
 from rlhf_dist.roles.reward import import_function
 from rlhf_dist.run_logger import RunLogger
 
@@ -200,12 +201,13 @@ def _eval_summary(when: str, metrics: dict[str, float]) -> dict[str, float]:
 
 def run_rl(
     cfg: Config, roles: Roles, prompts: PromptSet, eval_prompts: PromptSet | None, logger: RunLogger,
-    checkpoints: Checkpointer | None = None, start: TrainState | None = None,
+    checkpoints: Checkpointer | None = None, start: TrainState | None = None, preemption: Preemption | None = None,
 ) -> None:
     """Iterations from ``start.step`` (0 for a new run) to ``cfg.total_steps``, each logged as it
     finishes and checkpointed when ``checkpoints`` says it is due. With held-out prompts, evaluate
     before training (summary ``eval/initial_reward_mean``) and after every ``eval.every_steps``
-    steps and the last one (``eval/reward_mean`` in that step's row)."""
+    steps and the last one (``eval/reward_mean`` in that step's row). Once ``preemption`` has
+    seen a signal, the step in progress is finished, checkpointed, and ``Interrupted`` raised."""
     start = start or TrainState()
     sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.seed)
     kl_ctl = make_kl_controller(cfg.algo)
@@ -226,6 +228,9 @@ def run_rl(
             logger.add_summary(_eval_summary("final", metrics))
             logger.table("eval/samples", EVAL_COLUMNS, [[step + 1, *row] for row in samples], step=step)
         logger.log(step, metrics)
-        if checkpoints is not None and checkpoints.due(step + 1, cfg.total_steps):
+        stopping = preemption is not None and preemption.requested and step + 1 < cfg.total_steps
+        if checkpoints is not None and checkpoints.due(step + 1, cfg.total_steps, stopping):
             state = TrainState(step + 1, kl_ctl.state_dict(), logger.extra_summary, logger.wandb_id)
             logger.message(f"rlhf_dist: checkpoint {checkpoints.save(roles, state)}")
+        if stopping:
+            preemption.check(f"{step + 1} of {cfg.total_steps} steps done")

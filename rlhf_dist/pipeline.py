@@ -24,6 +24,7 @@ from typing import Any
 
 from rlhf_dist.cli import entry_point
 from rlhf_dist.config import Config, ConfigError, supervised_plan, validate_config
+from rlhf_dist.preemption import PREEMPTION
 
 STAGES = ("sft", "reward_model", "ppo", "evaluate")
 PENDING = "<output of an earlier stage>"  # placeholder path while validating up front
@@ -74,6 +75,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     paths = {"sft": PENDING, "reward_model": PENDING, "ppo": PENDING}
     started = time.perf_counter()
     for stage in STAGES:
+        PREEMPTION.check(f"stages done: {', '.join(results) or 'none'}")  # a signal late in the previous stage
         stage_dir = out_dir / stage
         summary = _completed(stage_dir)
         if summary is None:
@@ -116,7 +118,8 @@ def pipeline_report(cfg: Config, results: dict[str, dict], paths: dict[str, str]
     return report
 
 
-main = entry_point("pipeline", run, validate, objective="eval/ppo/win_rate", config_name="pipeline")
+# The same command again continues an unfinished pipeline: nothing to add to resume it.
+main = entry_point("pipeline", run, validate, objective="eval/ppo/win_rate", config_name="pipeline", resume="")
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ import torch
 
 from rlhf_dist.cli import entry_point
 from rlhf_dist.config import Config, as_dict, supervised_plan
+from rlhf_dist.preemption import PREEMPTION
 from rlhf_dist.sft import MODEL_DIR, batches
 
 
@@ -58,6 +59,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     with stage_actors(logger) as actors:
         rm = start_trainer_group(cfg, plan, "reward_model", init, actors, logger, lr=cfg.rm.lr)
         for step, rows in enumerate(steps):
+            PREEMPTION.check(f"{step} of {len(steps)} steps done")  # a signal: stop between steps
             stats = rm.train_async(as_batch(train, rows)).result()
             logger.log(step, {"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"], "rm/margin": stats["margin"],
                               "rm/lr": stats["lr"]})

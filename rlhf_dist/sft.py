@@ -15,6 +15,7 @@ import torch
 
 from rlhf_dist.cli import entry_point
 from rlhf_dist.config import Config, as_dict, supervised_plan
+from rlhf_dist.preemption import PREEMPTION
 
 MODEL_DIR = "model"
 
@@ -62,6 +63,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
             held_batch = as_batch(held_out, range(len(held_out)))
             logger.add_summary({"sft/initial_eval_loss": sft.eval_loss_async(held_batch).result()})
         for step, rows in enumerate(steps):
+            PREEMPTION.check(f"{step} of {len(steps)} steps done")  # a signal: stop between steps
             stats = sft.train_async(as_batch(train, rows)).result()
             logger.log(step, {"sft/loss": stats["loss"], "sft/perplexity": math.exp(stats["loss"]), "sft/lr": stats["lr"]})
         if held_out is not None:

@@ -94,10 +94,13 @@ def run_with_restarts(
 ) -> Roles:
     """Start every role and run PPO from ``resume_from`` (None: step 0). When a trainer, reference
     or reward actor is lost, stop every role, start them again and continue from the newest
-    checkpoint, at most ``max_restarts`` times; any other failure ends the run. Returns the roles."""
+    checkpoint, at most ``max_restarts`` times; any other failure ends the run. Returns the roles.
+    A SIGTERM/SIGINT while the roles start stops the run once they have started (``Interrupted``),
+    and so does an actor lost after one (the signal reached the actors too)."""
     from rlhf_dist.checkpoint import read_state
     from rlhf_dist.cluster import shutdown_ray, start_roles
     from rlhf_dist.controller import run_rl
+    from rlhf_dist.preemption import PREEMPTION, Interrupted
     from rlhf_dist.worker_group import RoleError
 
     restarts, roles = 0, None
@@ -107,15 +110,21 @@ def run_with_restarts(
             engine_restarts = roles.engine_restarts if roles else 0  # max_restarts bounds them over the run
             roles = start_roles(cfg, plan, *paths)
             actors.append(roles)
+            PREEMPTION.check(f"{read_state(resume_from).step if resume_from else 0} of {cfg.total_steps} steps done")
             roles.actors_file, roles.notify = logger.out_dir / "actors.json", logger.message
             roles.engine_restarts = engine_restarts
             roles.write_processes()
             logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s")
             try:
                 state = checkpoints.restore(roles, resume_from) if resume_from else None
-                run_rl(cfg, roles, *data, logger, checkpoints, state)
+                run_rl(cfg, roles, *data, logger, checkpoints, state, PREEMPTION)
                 return roles
             except RoleError as e:
+                if e.lost_actor and PREEMPTION.requested:  # the signal stopped the actors too (a whole job signalled)
+                    latest = checkpoints.dir.latest()
+                    done = read_state(latest).step if latest else 0
+                    raise Interrupted(PREEMPTION.signum, f"{done} of {cfg.total_steps} steps checkpointed; "
+                                                         f"the actors were stopped too ({e})") from e
                 if not e.lost_actor or restarts >= cfg.max_restarts:
                     raise
                 restarts += 1
@@ -130,7 +139,7 @@ def run_with_restarts(
         logger.add_summary({"restarts/roles": restarts, "restarts/engines": roles.engine_restarts if roles else 0})
 
 
-main = entry_point("train", run, validate_config, objective="reward/last_fifth_mean")
+main = entry_point("train", run, validate_config, objective="reward/last_fifth_mean", resume="resume=auto")
 
 if __name__ == "__main__":
     main()
