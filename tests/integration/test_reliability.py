@@ -1,8 +1,9 @@
 """Checkpoints, exact resume and actor failures, on the real stack, driven from outside.
 
 Each run is ``python -m rlhf_dist.train`` in a subprocess. Failures are injected as a user or
-the system would cause them: SIGKILL of the driver, SIGKILL of an actor process (pids from the
-run's actors.json), SIGSTOP of an actor (a hang), and a full filesystem under the checkpoints.
+the system would cause them: SIGTERM (a scheduler's preemption) and SIGKILL of the driver, SIGKILL
+of an actor process (pids from the run's actors.json), SIGSTOP of an actor (a hang), and a full
+filesystem under the checkpoints.
 
 On CPU with a fixed seed a resumed or recovered run is expected to reproduce the uninterrupted
 run's metrics exactly (tolerance 0): prompts and engine sampling seeds are keyed on the step,
@@ -13,8 +14,10 @@ Only wall-clock figures (time/*, throughput/*) differ.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -36,8 +39,8 @@ RUN = [
 RUN_TIMEOUT_S = 600
 
 
-def launch(out: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rlhf_dist.train", f"hydra.run.dir={out}", *RUN, *overrides]
+def launch(out: Path, *overrides: str, command: list[str] | None = None) -> subprocess.Popen:
+    cmd = command or [sys.executable, "-m", "rlhf_dist.train", f"hydra.run.dir={out}", *RUN, *overrides]
     console = (out.parent / f"{out.name}.console").open("a")  # what a user sees: stdout and stderr in order
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=REPO, stdout=console, stderr=subprocess.STDOUT, env=env)
@@ -82,6 +85,13 @@ def checkpoint(root: Path, step: int) -> Path:
     return root / f"step_{step:06d}"
 
 
+def alive(process: int) -> bool:
+    try:
+        return Path(f"/proc/{process}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie is gone
+    except FileNotFoundError:
+        return False
+
+
 def deterministic(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}
 
@@ -100,7 +110,7 @@ def uninterrupted(tiny_policy, tmp_path_factory) -> list[dict]:
     return rows(out)
 
 
-def test_hang_then_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
+def test_hang_then_sigterm_then_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     wandb = ("logger=wandb", "logger.mode=offline")
 
@@ -116,13 +126,46 @@ def test_hang_then_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterr
     assert verify(checkpoint(ckpts, 1)) == ""
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
 
-    # 2. Resumed, then the driver is SIGKILLed once step 3's checkpoint is complete.
-    proc = launch(out, *wandb, "resume=auto")
+    # 2. Resumed with checkpoints due only after the last step; the driver gets SIGTERM (a
+    #    scheduler's preemption) while step 1 waits on the reward actor, stopped until the handler
+    #    has run. The step finishes, is checkpointed (none was due), the actors stop, and the run
+    #    ends with one line saying how to resume, exit 128 + 15.
+    before = len(console_of(out))
+    stale = pid(out, "reward")
+    proc = launch(out, *wandb, "resume=auto", "checkpoint.every_steps=4")
+    wait_until(proc, lambda: pid(out, "reward") != stale, "the resumed run's actors")
+    actors = json.loads((out / "actors.json").read_text())
+    os.kill(pid(out, "reward"), signal.SIGSTOP)  # step 1 cannot end before the signal is handled
+    try:
+        proc.send_signal(signal.SIGTERM)
+        wait_until(proc, lambda: "rlhf_dist: SIGTERM received" in console_of(out)[before:], "the handler's line")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid(out, "reward"), signal.SIGCONT)
+    assert finish(proc) == 143
+    console = console_of(out)[before:]
+    assert "Traceback" not in console and "*** SIGTERM received" not in console  # nor Ray's stack dump
+    (line,) = [line for line in console.splitlines() if line.startswith("rlhf_dist: interrupted")]
+    assert line.startswith("rlhf_dist: interrupted by SIGTERM with 2 of 4 steps done; resume with: ")
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command == [sys.executable, "-m", "rlhf_dist.train", *RUN, *wandb, "checkpoint.every_steps=4",
+                       "resume=auto", f"hydra.run.dir={out}"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 2 and summary["interrupted_by"] == "SIGTERM"
+    assert [r["step"] for r in rows(out)] == [0, 1] and verify(checkpoint(ckpts, 2)) == ""
+    deadline = time.monotonic() + 30
+    while any(alive(p) for pids in actors.values() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for pids in actors.values() for p in pids if alive(p)], "actor processes left running"
+
+    # 3. The command it printed resumes (here checkpointing every step again); the driver is
+    #    SIGKILLed once step 3's checkpoint is complete.
+    proc = launch(out, command=[*command, "checkpoint.every_steps=1"])
     wait_until(proc, lambda: checkpoint(ckpts, 3).exists(), "the checkpoint of step 3")
     proc.send_signal(signal.SIGKILL)
     assert finish(proc) == -signal.SIGKILL
 
-    # 3. Resumed again: it continues from step 3 and the whole run equals the uninterrupted one.
+    # 4. Resumed again: it continues from step 3 and the whole run equals the uninterrupted one.
     proc = launch(out, *wandb, "resume=auto")
     assert finish(proc) == 0, console_of(out)[-3000:]
     assert_same_run(rows(out), uninterrupted)
@@ -133,7 +176,7 @@ def test_hang_then_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterr
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000004"]
     # Every attempt logged into the same W&B run.
     run_ids = {p.name.rsplit("-", 1)[-1] for p in (out / "wandb").glob("offline-run-*")}
-    assert len(list((out / "wandb").glob("offline-run-*"))) == 3 and len(run_ids) == 1
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 4 and len(run_ids) == 1
 
     # The checkpoint's exported policy is the final policy, and vLLM serves it like transformers.
     last_export, final = checkpoint(ckpts, STEPS) / "policy", out / "policy"
