@@ -15,6 +15,7 @@ from pathlib import Path
 import ray
 
 from rlhf_dist.config import Config, RunPlan
+from rlhf_dist.modeling import token_vocab_size
 from rlhf_dist.placement import actor_env, init_ray, place, spawn
 from rlhf_dist.preemption import PREEMPTION, Interrupted
 from rlhf_dist.roles.generation import Generation, GenerationEngine
@@ -33,6 +34,7 @@ from rlhf_dist.roles.reference import ReferenceModel
 from rlhf_dist.roles.reward import RewardScorer
 from rlhf_dist.roles.trainer import CriticTrainer, PolicyTrainer, RewardModelTrainer, SFTTrainer
 from rlhf_dist.run_logger import RunLogger
+from rlhf_dist.weight_sync import probe_sequences
 from rlhf_dist.worker_group import RoleError, WorkerGroup, wait_all
 
 
@@ -142,8 +144,13 @@ def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) 
         *(group.setup_async(to.actor_start_s) for group in (policy, critic) if group is not None),
         *(group.call_async("pid", timeout_s=to.actor_start_s) for group in (generation, reference, reward)),
     )
+    ws = cfg.weight_sync
+    # Two probe sequences per trainer rank: every ZeRO rank runs the same number of forward passes.
+    probe = probe_sequences(token_vocab_size(policy_path), 2 * t.world_size, cfg.seed)
     weights = WeightSync(policy, generation, res.weight_sync_backend, cfg.rollout.tensor_parallel_size,
-                         to.weight_sync_s)
+                         to.weight_sync_s, probe=probe, verify_every=ws.verify_every, tolerance=ws.tolerance(dtype))
+    if ws.verify_every:
+        weights.verify()  # the engines loaded the same checkpoint as the trainer: they must agree now
     return Roles(generation, policy, critic, reference, reward, weights, cfg.max_restarts, to.actor_start_s)
 
 

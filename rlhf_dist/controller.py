@@ -83,6 +83,24 @@ def neutralise_dropped(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torc
     return filled, kept
 
 
+class GapWatch:
+    """Warns once when ``logprob_gap/mean`` (engine vs trainer logprobs of the sampled tokens)
+    exceeds ``threshold``, and keeps the largest gap for summary.json (``logprob_gap/max``)."""
+
+    def __init__(self, threshold: float, logger: RunLogger) -> None:
+        self.threshold, self.logger, self.warned = threshold, logger, False
+
+    def observe(self, step: int, gap: float) -> None:
+        if not self.warned and not gap <= self.threshold:
+            self.warned = True
+            self.logger.message(
+                f"rlhf_dist: warning: step {step}: logprob_gap/mean {gap:.3g} > {self.threshold:g}: the engines "
+                f"sample from another policy than the trainer's (weight_sync.gap_warn)"
+            )
+        largest = self.logger.extra_summary.get("logprob_gap/max", 0.0)
+        self.logger.add_summary({"logprob_gap/max": gap if math.isnan(gap) else max(largest, gap)})
+
+
 ROLLOUT_COLUMNS = ["step", "prompt", "response", "reward", "kl"]
 
 
@@ -213,6 +231,7 @@ def run_rl(
     kl_ctl = make_kl_controller(cfg.algo)
     if start.kl_controller:
         kl_ctl.load_state_dict(start.kl_controller)
+    gap_watch = GapWatch(cfg.weight_sync.gap_threshold(cfg.model.dtype), logger)
     every = cfg.eval.every_steps if eval_prompts is not None else 0
     if every and start.step == 0:
         initial, samples = evaluate(cfg, roles, eval_prompts)
@@ -220,6 +239,7 @@ def run_rl(
         logger.table("eval/samples", EVAL_COLUMNS, [[0, *row] for row in samples], step=0)
     for step in range(start.step, cfg.total_steps):
         metrics, rollouts = rl_step(step, cfg, roles, prompts, sampler, kl_ctl)
+        gap_watch.observe(step, metrics["logprob_gap/mean"])
         if cfg.logger.samples_every_steps and step % cfg.logger.samples_every_steps == 0:
             logger.table("rollout/samples", ROLLOUT_COLUMNS, rollouts, step=step)
         if every and ((step + 1) % every == 0 or step + 1 == cfg.total_steps):
