@@ -17,7 +17,7 @@ import ray
 from rlhf_dist.config import Config, RunPlan
 from rlhf_dist.modeling import token_vocab_size
 from rlhf_dist.placement import actor_env, init_ray, place, spawn
-from rlhf_dist.preemption import PREEMPTION, Interrupted
+from rlhf_dist.preemption import Interrupted
 from rlhf_dist.roles.generation import Generation, GenerationEngine
 from rlhf_dist.roles.groups import (
     CriticGroup,
@@ -94,7 +94,6 @@ def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) 
     """Place and start all actors, join the trainer groups and the weight-transfer group."""
     res, t, to = cfg.resources, cfg.trainer, cfg.timeouts
     init_ray(res, cfg.logger.actor_logs)
-    PREEMPTION.rearm()  # ray.init replaced the SIGTERM handler
     counts = {
         "generation": cfg.rollout.num_engines, "policy": t.world_size,
         "reference": cfg.reference.num_actors, "reward": cfg.reward.num_actors,
@@ -164,7 +163,6 @@ def start_trainer_group(
     res, t, to = cfg.resources, cfg.trainer, cfg.timeouts
     started = time.perf_counter()
     init_ray(res, cfg.logger.actor_logs)
-    PREEMPTION.rearm()  # ray.init replaced the SIGTERM handler
     slots = place(res, {"policy": t.world_size}, to.actor_start_s)["policy"]
     group = group_cls(role, spawn(
         cls, slots, res.policy, actor_env(res),

@@ -64,6 +64,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     from rlhf_dist.data import load_prompts
     from rlhf_dist.modeling import resolve_model_path
     from rlhf_dist.placement import actor_env, init_ray, place, spawn
+    from rlhf_dist.preemption import PREEMPTION
     from rlhf_dist.roles.generation import GenerationEngine
     from rlhf_dist.roles.groups import GenerationGroup, RewardGroup
     from rlhf_dist.roles.reward import RewardScorer, import_function
@@ -110,12 +111,14 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
         ), to.inference_s)
         actors.extend([*engines.values(), reward])
         wait_all(*(g.call_async("pid", timeout_s=to.actor_start_s) for g in (*engines.values(), reward)))
+        PREEMPTION.check("no evaluation written")  # a signal while the engines started
 
         pending = {name: g.generate_async(prompt_ids, seeds, greedy=cfg.eval.greedy) for name, g in engines.items()}
         gens = {name: p.result() for name, p in pending.items()}
         responses = {name: [g.text for g in gens[name]] for name in names}
         rewards = {name: reward.score_async(texts, responses[name], metadata).result() for name in names}
         gold = {name: [gold_fn(p, r) for p, r in zip(texts, responses[name])] for name in names} if gold_fn else None
+        PREEMPTION.check("no evaluation written")
 
         def logprobs(engine: str, policy: str) -> list[list[float]]:
             # Raw (temperature 1) logprobs of `policy`'s responses under `engine`'s model.

@@ -17,6 +17,7 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_dist.config import ResourcesConfig, RoleResources
+from rlhf_dist.preemption import PREEMPTION
 from rlhf_dist.worker_group import RoleError
 
 
@@ -37,6 +38,7 @@ def init_ray(res: ResourcesConfig, actor_logs: bool) -> None:
         ray.init(address=res.ray_address, **common)
     else:
         ray.init(num_cpus=res.num_cpus or os.cpu_count(), **common)
+    PREEMPTION.rearm()  # ray.init replaced the driver's SIGTERM handler with its own
 
 
 def _bundle(res: RoleResources) -> dict[str, float]:
