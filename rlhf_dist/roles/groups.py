@@ -188,6 +188,34 @@ class RewardGroup(WorkerGroup):
         )
 
 
+class Broadcast:
+    """gloo / nccl: trainer rank 0 broadcasts every full tensor to every engine worker."""
+
+    def __init__(self, policy: PolicyGroup, engines: GenerationGroup, info: dict, timeout_s: float) -> None:
+        self.policy, self.engines, self.info, self.timeout_s = policy, engines, info, timeout_s
+
+    def send(self) -> None:
+        receiving = self.engines.call_async("update_weights", self.info, timeout_s=self.timeout_s)
+        sending = self.policy.call_async("broadcast_weights", timeout_s=self.timeout_s)
+        wait_all(sending, receiving)  # a rendezvous: both ends at once
+
+    def release(self) -> None:
+        """Nothing outlives a broadcast."""
+
+
+class IpcHandles(Broadcast):
+    """ipc (colocated GPUs): every trainer rank exports CUDA IPC handles of full copies on its GPU;
+    every engine loads from the one on its own GPU. The copies are freed once the engines finished."""
+
+    def send(self) -> None:
+        per_rank = self.policy.call_async("export_ipc_handles", timeout_s=self.timeout_s).result()
+        info = {**self.info, "ipc_handles": merge_ipc_handles(per_rank)}
+        self.engines.call_async("update_weights", info, timeout_s=self.timeout_s).result()
+
+    def release(self) -> None:
+        self.policy.call_async("release_ipc_handles", timeout_s=self.timeout_s).result()
+
+
 class WeightSync:
     """Trainer rank 0 -> every engine worker, through vLLM's weight-transfer API; every
     ``verify_every`` syncs, a check that every engine serves the trainer's policy."""
@@ -201,7 +229,8 @@ class WeightSync:
         self.probe, self.verify_every, self.tolerance = probe, verify_every, tolerance
         self.version = 0  # the policy version the engines serve (0: the initial weights)
         self._connect()
-        self.info = update_info(policy.weight_specs())
+        sender = IpcHandles if transport == "ipc" else Broadcast
+        self.sender = sender(policy, engines, update_info(policy.weight_specs()), timeout_s)
 
     def _connect(self) -> None:
         host, port = self.policy.endpoint()
@@ -228,15 +257,9 @@ class WeightSync:
         """Send the current policy weights; on return every engine serves them (and is awake)."""
         self.engines.wake(["weights"])  # sleeping engines need their weight memory back first
         self.engines.call_async("start_weight_update", timeout_s=self.timeout_s).result()
-        if self.transport == "ipc":
-            self._send_ipc()
-        else:
-            receiving = self.engines.call_async("update_weights", self.info, timeout_s=self.timeout_s)
-            sending = self.policy.call_async("broadcast_weights", timeout_s=self.timeout_s)
-            wait_all(sending, receiving)
+        self.sender.send()
         self.engines.call_async("finish_weight_update", version, timeout_s=self.timeout_s).result()
-        if self.transport == "ipc":
-            self.policy.call_async("release_ipc_handles", timeout_s=self.timeout_s).result()
+        self.sender.release()
         self.engines.wake()
         self.version = version
         if self.verify_every and version % self.verify_every == 0:
@@ -258,8 +281,3 @@ class WeightSync:
             )
         return worst.gap
 
-    def _send_ipc(self) -> None:
-        """Every trainer rank exports handles on its GPU; every engine loads from the one on its own."""
-        per_rank = self.policy.call_async("export_ipc_handles", timeout_s=self.timeout_s).result()
-        info = {**self.info, "ipc_handles": merge_ipc_handles(per_rank)}
-        self.engines.call_async("update_weights", info, timeout_s=self.timeout_s).result()
