@@ -1,0 +1,67 @@
+"""Sizes derived from a validated config, in frozen plans: computed once, never written back.
+
+The DeepSpeed trainer group reads the three fields of ``TrainerPlan`` (its batch arithmetic and
+its LR schedule), whichever stage it trains for; each stage's plan adds the sizes that stage
+counts in: PPO's ``RunPlan`` samples and minibatches, the supervised stages' ``SupervisedPlan``
+rows of demonstrations or preference pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_dist.config.schema import Config
+
+
+@dataclass(frozen=True)
+class TrainerPlan:
+    """What the trainer group reads: the sizes of one optimizer step and the schedule length."""
+
+    per_rank_minibatch: int  # samples (or rows) per rank per optimizer step
+    grad_accum_steps: int  # micro-batches per rank per optimizer step
+    optimizer_steps: int  # optimizer steps over the whole run (for the LR schedule)
+
+
+@dataclass(frozen=True)
+class RunPlan(TrainerPlan):
+    """The PPO stage: sizes of a step's rollout batch and of its passes over it."""
+
+    rollout_batch: int  # samples per PPO step (rollout.batch_size x rollout.n)
+    minibatches_per_epoch: int  # optimizer steps per PPO epoch
+
+
+@dataclass(frozen=True)
+class SupervisedPlan(TrainerPlan):
+    """The SFT or reward-model stage: one optimizer step per ``<stage>.batch_size`` rows."""
+
+    rows_per_step: int  # demonstrations (sft) or preference pairs (rm) per optimizer step, all ranks
+    steps_per_epoch: int  # optimizer steps per pass over the rows (the last partial batch dropped)
+
+
+def derive_run_plan(cfg: Config) -> RunPlan:
+    """The PPO plan of a config that passed ``validate_config``."""
+    a, t = cfg.algo, cfg.trainer
+    samples = cfg.rollout.batch_size * cfg.rollout.n
+    minibatches = samples // a.minibatch_size
+    per_rank = a.minibatch_size // t.world_size
+    return RunPlan(
+        rollout_batch=samples,
+        minibatches_per_epoch=minibatches,
+        per_rank_minibatch=per_rank,
+        grad_accum_steps=per_rank // t.micro_batch_size,
+        optimizer_steps=cfg.total_steps * a.ppo_epochs * minibatches,
+    )
+
+
+def derive_supervised_plan(cfg: Config, stage: str, num_rows: int) -> SupervisedPlan:
+    """The plan of stage "sft" or "rm" over ``num_rows`` rows, once its checks passed."""
+    t, st = cfg.trainer, getattr(cfg, stage)
+    per_rank = st.batch_size // t.world_size
+    steps_per_epoch = num_rows // st.batch_size
+    return SupervisedPlan(
+        rows_per_step=st.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        per_rank_minibatch=per_rank,
+        grad_accum_steps=per_rank // t.micro_batch_size,
+        optimizer_steps=st.epochs * steps_per_epoch,
+    )

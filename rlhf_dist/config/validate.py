@@ -1,0 +1,161 @@
+"""The checks across groups, one function per concern, and the entry points of each stage:
+``validate_config`` (PPO) and ``supervised_plan`` (SFT, reward model). Each validates the groups
+its stage uses, then their constraints on one another, and returns the stage's frozen plan."""
+
+from __future__ import annotations
+
+from rlhf_dist.config.errors import _fail
+from rlhf_dist.config.groups import GROUP_ESTIMATORS
+from rlhf_dist.config.plan import RunPlan, SupervisedPlan, derive_run_plan, derive_supervised_plan
+from rlhf_dist.config.runtime import ResourcesConfig
+from rlhf_dist.config.schema import GROUPS, Config
+
+# What the supervised stages read besides their own group (sft or rm): no rollout, algo, reward,
+# reference or eval, so a PPO-only value cannot stop them.
+SUPERVISED_GROUPS = ("model", "data", "trainer", "resources", "timeouts", "logger")
+SUPERVISED_STAGES = ("sft", "rm")
+
+
+def validate_config(cfg: Config) -> RunPlan:
+    """Validate every group, then the cross-group constraints of a PPO run; return its plan."""
+    if cfg.total_steps <= 0:
+        _fail("total_steps", cfg.total_steps, "must be > 0")
+    _check_seed(cfg)
+    if cfg.max_restarts < 0:
+        _fail("max_restarts", cfg.max_restarts, "must be >= 0 (0 = a lost actor ends the run)")
+    for group in GROUPS:
+        getattr(cfg, group).validate()
+    _check_batching(cfg)
+    _check_device(cfg)
+    _check_placement(cfg)
+    _check_ipc_sync(cfg)
+    _check_lengths(cfg)
+    return derive_run_plan(cfg)
+
+
+def supervised_plan(cfg: Config, stage: str, num_rows: int | None = None) -> SupervisedPlan:
+    """Validate what the SFT ("sft") or reward-model ("rm") stage uses; return its plan. One
+    optimizer step per ``<stage>.batch_size`` rows; ``num_rows`` (once the data is loaded) sets
+    the schedule length, before that one step per epoch."""
+    if stage not in SUPERVISED_STAGES:
+        raise ValueError(f"stage {stage!r}: use one of {', '.join(SUPERVISED_STAGES)}")
+    _check_seed(cfg)
+    for group in (*SUPERVISED_GROUPS, stage):
+        getattr(cfg, group).validate()
+    _check_trainer_gpus(cfg.resources)
+    t, st = cfg.trainer, getattr(cfg, stage)
+    if st.batch_size % t.world_size:
+        _fail(f"{stage}.batch_size", st.batch_size, f"must be divisible by trainer.world_size={t.world_size}")
+    per_rank = st.batch_size // t.world_size
+    if per_rank % t.micro_batch_size:
+        _fail("trainer.micro_batch_size", t.micro_batch_size,
+              f"must divide {stage}.batch_size / trainer.world_size = {per_rank}")
+    rows = st.batch_size if num_rows is None else num_rows
+    if rows < st.batch_size:
+        _fail(f"{stage}.batch_size", st.batch_size, f"must be <= the {rows} usable rows of the data")
+    return derive_supervised_plan(cfg, stage, rows)
+
+
+def _check_seed(cfg: Config) -> None:
+    if cfg.seed < 0:
+        _fail("seed", cfg.seed, "must be >= 0")
+
+
+def _check_batching(cfg: Config) -> None:
+    """Rollout batch -> minibatches -> ranks -> micro-batches divide evenly; every actor gets a prompt."""
+    t, a, r = cfg.trainer, cfg.algo, cfg.rollout
+    samples = r.batch_size * r.n
+    if a.estimator in GROUP_ESTIMATORS and r.n < 2:
+        _fail("rollout.n", r.n, f"algo.estimator={a.estimator} compares samples of a prompt: set rollout.n >= 2")
+    if a.minibatch_size > samples:
+        _fail("algo.minibatch_size", a.minibatch_size, f"must be <= rollout.batch_size x rollout.n = {samples}")
+    if samples % a.minibatch_size:
+        _fail("rollout.batch_size", r.batch_size,
+              f"rollout.batch_size x rollout.n = {samples} must be divisible by algo.minibatch_size={a.minibatch_size}")
+    if a.minibatch_size % t.world_size:
+        _fail("algo.minibatch_size", a.minibatch_size, f"must be divisible by trainer.world_size={t.world_size}")
+    per_rank = a.minibatch_size // t.world_size
+    if t.micro_batch_size > per_rank:
+        _fail(
+            "trainer.micro_batch_size", t.micro_batch_size,
+            f"must be <= algo.minibatch_size / trainer.world_size = {per_rank}",
+        )
+    if per_rank % t.micro_batch_size:
+        _fail("trainer.micro_batch_size", t.micro_batch_size, f"must divide the per-rank minibatch {per_rank}")
+    for key, count in (
+        ("rollout.num_engines", r.num_engines),
+        ("reference.num_actors", cfg.reference.num_actors),
+        ("reward.num_actors", cfg.reward.num_actors),
+    ):
+        if count > r.batch_size:  # every actor must get at least one prompt
+            _fail(key, count, f"must be <= rollout.batch_size={r.batch_size}")
+
+
+def _check_device(cfg: Config) -> None:
+    """What resources.device and vLLM's process layout support: transports, TP workers, sleep mode."""
+    res, r = cfg.resources, cfg.rollout
+    if res.device == "cpu" and res.weight_sync_backend in ("nccl", "ipc"):
+        _fail("resources.weight_sync_backend", res.weight_sync_backend,
+              f"{res.weight_sync_backend} needs resources.device=cuda; use gloo on CPU")
+    if res.vllm_in_process and r.tensor_parallel_size > 1:
+        _fail("resources.vllm_in_process", True,
+              f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs vLLM's worker processes; set it to false")
+    if res.device == "cpu" and r.sleep_level:
+        _fail("rollout.sleep_level", r.sleep_level, "needs resources.device=cuda (vLLM has no sleep mode on CPU)")
+
+
+def _check_trainer_gpus(res: ResourcesConfig) -> None:
+    if res.device == "cuda" and res.policy.gpus <= 0:
+        _fail("resources.policy.gpus", res.policy.gpus, "must be > 0 when resources.device=cuda")
+
+
+def _check_placement(cfg: Config) -> None:
+    """GPUs per bundle: colocated roles share one GPU (so no NCCL between them); apart, an engine's
+    bundle holds exactly its tensor-parallel group."""
+    res, r = cfg.resources, cfg.rollout
+    if res.placement == "colocated" and res.weight_sync_backend == "nccl":
+        _fail("resources.weight_sync_backend", "nccl",
+              "NCCL cannot join a trainer and an engine on one GPU; use ipc with placement=colocated")
+    _check_trainer_gpus(res)
+    if res.placement == "colocated" and res.device == "cuda":
+        # Bundle i holds actor i of every role; with TP 1 and at most one GPU per bundle, engine i
+        # shares trainer rank i's GPU.
+        if r.tensor_parallel_size > 1:
+            _fail("rollout.tensor_parallel_size", r.tensor_parallel_size,
+                  "must be 1 with resources.placement=colocated")
+        shared = sum(g.gpus for g in res.roles().values())
+        if shared > 1.0:
+            _fail("resources.*.gpus", shared, "colocated roles share one GPU per bundle: their gpus must sum to <= 1")
+    elif res.device == "cuda" and res.generation.gpus != r.tensor_parallel_size:
+        # One engine is one actor on one placement bundle, and a bundle never spans nodes: its GPUs
+        # are exactly the engine's tensor-parallel group, on one node.
+        _fail("resources.generation.gpus", res.generation.gpus,
+              f"must equal rollout.tensor_parallel_size={r.tensor_parallel_size} (the GPUs of one engine)")
+
+
+def _check_ipc_sync(cfg: Config) -> None:
+    """Weight sync over CUDA IPC: each engine on its trainer rank's GPU, inside the actor's process."""
+    res, r = cfg.resources, cfg.rollout
+    if res.weight_sync_backend != "ipc":
+        return
+    if res.placement != "colocated":
+        _fail("resources.weight_sync_backend", "ipc",
+              "CUDA IPC needs each engine on its trainer rank's GPU: set resources.placement=colocated")
+    if not res.vllm_in_process:
+        # Handles hold Python objects that vLLM's engine-core channel would only pass by pickle.
+        _fail("resources.vllm_in_process", False, "weight_sync_backend=ipc needs it true")
+    if r.num_engines > cfg.trainer.world_size:
+        _fail("rollout.num_engines", r.num_engines, f"must be <= trainer.world_size={cfg.trainer.world_size} "
+              "with ipc (engine i shares trainer rank i's GPU)")
+
+
+def _check_lengths(cfg: Config) -> None:
+    """A prompt and its response fit the engine; periodic evaluation has prompts to score."""
+    r = cfg.rollout
+    if r.max_model_len < cfg.model.max_prompt_len + r.max_new_tokens:
+        _fail(
+            "rollout.max_model_len", r.max_model_len,
+            f"must be >= model.max_prompt_len + rollout.max_new_tokens = {cfg.model.max_prompt_len + r.max_new_tokens}",
+        )
+    if cfg.eval.every_steps and not cfg.data.eval_prompts:
+        _fail("data.eval_prompts", "", f"eval.every_steps={cfg.eval.every_steps} needs held-out prompts")
