@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import ray
 
-from rlhf_dist.config import Config, RunPlan
+from rlhf_dist.config import Config, RoleResources, RunPlan
 from rlhf_dist.modeling import token_vocab_size
-from rlhf_dist.placement import actor_env, init_ray, place, spawn
+from rlhf_dist.placement import Slot, actor_env, init_ray, place, spawn
 from rlhf_dist.preemption import Interrupted
+from rlhf_dist.recovery import EngineRecovery, Restarts
 from rlhf_dist.roles.generation import Generation, GenerationEngine
 from rlhf_dist.roles.groups import (
     CriticGroup,
@@ -32,6 +29,7 @@ from rlhf_dist.roles.groups import (
 )
 from rlhf_dist.roles.reference import ReferenceModel
 from rlhf_dist.roles.reward import RewardScorer
+from rlhf_dist.roles.spec import RankSpec
 from rlhf_dist.roles.trainer import CriticTrainer, PolicyTrainer, RewardModelTrainer, SFTTrainer
 from rlhf_dist.run_logger import RunLogger
 from rlhf_dist.weight_sync import probe_sequences
@@ -40,17 +38,15 @@ from rlhf_dist.worker_group import RoleError, WorkerGroup, wait_all
 
 @dataclass
 class Roles:
+    """The role-named groups of one start of the actors, and the weight sync between them."""
+
     generation: GenerationGroup
     policy: PolicyGroup
     critic: CriticGroup | None  # only estimators that need values (gae) have one
     reference: ReferenceGroup
     reward: RewardGroup
     weights: WeightSync
-    max_engine_restarts: int  # lost engines replaced during the run, at most
-    start_timeout_s: float
-    actors_file: Path | None = None  # where ``processes()`` is written after every (re)start
-    notify: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
-    engine_restarts: int = 0
+    recovery: EngineRecovery  # replaces lost engines; made once per run, it outlives these roles
 
     def groups(self) -> list[WorkerGroup]:
         return [g for g in (self.generation, self.policy, self.critic, self.reference, self.reward) if g is not None]
@@ -66,110 +62,139 @@ class Roles:
         try:
             return self.generation.generate_async(prompt_ids, seeds, greedy=greedy).result()
         except RoleError as e:
-            if not e.lost_actor or self.engine_restarts >= self.max_engine_restarts:
+            if not self.recovery.replace_lost_engines(self, e):
                 raise
-            self.engine_restarts += 1
-            started = time.perf_counter()
-            lost = self.generation.respawn_lost(self.start_timeout_s)
-            self.weights.reconnect()
-            self.write_processes()
-            self.notify(f"rlhf_dist: {e}; replaced engine ranks {lost} and re-synced weights version "
-                        f"{self.weights.version} in {time.perf_counter() - started:.0f}s "
-                        f"(restart {self.engine_restarts}/{self.max_engine_restarts}), retrying")
         return self.generation.generate_async(prompt_ids, seeds, greedy=greedy).result()
 
-    def processes(self) -> dict[str, list[int]]:
+    def processes(self, timeout_s: float) -> dict[str, list[int]]:
         """The process id of every actor, by role and rank (what to look at, or kill, from outside)."""
-        pending = [g.call_async("pid", timeout_s=self.start_timeout_s) for g in self.groups()]
+        pending = [g.call_async("pid", timeout_s=timeout_s) for g in self.groups()]
         return {g.role: pids for g, pids in zip(self.groups(), wait_all(*pending))}
 
-    def write_processes(self) -> None:
-        if self.actors_file is not None:
-            tmp = self.actors_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.processes(), indent=1) + "\n")
-            os.replace(tmp, self.actors_file)
+
+def rank_spec(cfg: Config, rank: int, world_size: int, model_path: str) -> RankSpec:
+    """The spec of one actor: rank ``rank`` of ``world_size``, loading ``model_path``."""
+    return RankSpec(rank=rank, world_size=world_size, device=cfg.resources.device, seed=cfg.seed,
+                    timeout_s=cfg.timeouts.weight_sync_s, model_path=model_path)
 
 
-def start_roles(cfg: Config, plan: RunPlan, policy_path: str, critic_path: str) -> Roles:
-    """Place and start all actors, join the trainer groups and the weight-transfer group."""
+def place_roles(cfg: Config, counts: dict[str, int]) -> dict[str, list[Slot]]:
+    """Start (or join) Ray and reserve a placement slot for every actor: ``counts`` by role."""
+    init_ray(cfg.resources, cfg.logger.actor_logs)
+    return place(cfg.resources, counts, cfg.timeouts.actor_start_s)
+
+
+def wait_started(cfg: Config, groups: list[WorkerGroup], trainers: tuple[TrainerGroup, ...] = ()) -> None:
+    """Wait until every actor of ``groups`` has started and every trainer group has set up (joined
+    its process group): the trainers join while the engines and inference actors load."""
+    timeout_s = cfg.timeouts.actor_start_s
+    wait_all(*(g.setup_async(timeout_s) for g in trainers), *(g.call_async("pid", timeout_s=timeout_s) for g in groups))
+
+
+def start_engines(cfg: Config, role: str, model_path: str, slots: list[Slot]) -> GenerationGroup:
+    """One vLLM engine of ``model_path`` per slot (rank ``i`` in slot ``i``); a lost engine is
+    respawned in its own slot."""
+    res, env = cfg.resources, actor_env(cfg.resources)
+
+    def kwargs(rank: int) -> dict[str, object]:
+        return {"spec": rank_spec(cfg, rank, len(slots), model_path), "cfg": cfg.rollout, "dtype": cfg.model.dtype,
+                "weight_sync_backend": res.weight_sync_backend, "in_process": res.vllm_in_process}
+
+    def spawn_one(rank: int):
+        return spawn(GenerationEngine, slots[rank : rank + 1], res.generation, env, lambda _: kwargs(rank))[0]
+
+    actors = spawn(GenerationEngine, slots, res.generation, env, kwargs)
+    return GenerationGroup(role, actors, cfg.timeouts.generate_s, spawn_one=spawn_one)
+
+
+def start_reward(cfg: Config, slots: list[Slot]) -> RewardGroup:
+    """The reward actors: one ``RewardScorer`` of the configured sources per slot."""
+    def kwargs(rank: int) -> dict[str, object]:
+        return {"spec": rank_spec(cfg, rank, len(slots), cfg.reward.model_path), "cfg": cfg.reward,
+                "dtype": cfg.model.dtype, "chat_template": cfg.data.chat_template}
+
+    actors = spawn(RewardScorer, slots, cfg.resources.reward, actor_env(cfg.resources), kwargs)
+    return RewardGroup("reward", actors, cfg.timeouts.inference_s)
+
+
+def start_reference(cfg: Config, model_path: str, slots: list[Slot]) -> ReferenceGroup:
+    """The reference actors: the frozen ``model_path`` in each slot."""
+    def kwargs(rank: int) -> dict[str, object]:
+        return {"spec": rank_spec(cfg, rank, len(slots), model_path), "dtype": cfg.model.dtype,
+                "batch_size": cfg.reference.batch_size, "temperature": cfg.rollout.temperature}
+
+    actors = spawn(ReferenceModel, slots, cfg.resources.reference, actor_env(cfg.resources), kwargs)
+    return ReferenceGroup("reference", actors, cfg.timeouts.inference_s)
+
+
+def spawn_trainers(
+    cfg: Config, plan: RunPlan, cls: type, resources: RoleResources, model_path: str, slots: list[Slot],
+    extra: dict[str, object],
+) -> list:
+    """One DeepSpeed rank of ``cls`` per slot; ``extra`` are that trainer class's own keyword arguments."""
+    return spawn(cls, slots, resources, actor_env(cfg.resources), lambda rank: {
+        "spec": rank_spec(cfg, rank, len(slots), model_path), "cfg": cfg.trainer, "model_cfg": cfg.model,
+        "plan": plan, **extra,
+    })
+
+
+def connect_weights(cfg: Config, policy: PolicyGroup, generation: GenerationGroup, policy_path: str) -> WeightSync:
+    """The weight-transfer group from the policy's rank 0 to every engine; verified at once when
+    ``weight_sync.verify_every`` is set (the engines loaded the trainer's checkpoint: they must agree)."""
+    res, ws, dtype = cfg.resources, cfg.weight_sync, cfg.model.dtype
+    # Two probe sequences per trainer rank: every ZeRO rank runs the same number of forward passes.
+    probe = probe_sequences(token_vocab_size(policy_path), 2 * cfg.trainer.world_size, cfg.seed)
+    weights = WeightSync(policy, generation, res.weight_sync_backend, cfg.rollout.tensor_parallel_size,
+                         cfg.timeouts.weight_sync_s, probe=probe, verify_every=ws.verify_every,
+                         tolerance=ws.tolerance(dtype))
+    if ws.verify_every:
+        weights.verify()
+    return weights
+
+
+def start_roles(
+    cfg: Config, plan: RunPlan, policy_path: str, critic_path: str, recovery: EngineRecovery | None = None
+) -> Roles:
+    """Place and start all actors, join the trainer groups and the weight-transfer group.
+    ``recovery`` replaces lost engines (default: up to ``max_restarts``, reported on stderr, no actors file)."""
     res, t, to = cfg.resources, cfg.trainer, cfg.timeouts
-    init_ray(res, cfg.logger.actor_logs)
     counts = {
         "generation": cfg.rollout.num_engines, "policy": t.world_size,
         "reference": cfg.reference.num_actors, "reward": cfg.reward.num_actors,
     }
     if cfg.algo.needs_critic:
         counts["critic"] = t.world_size
-    slots = place(res, counts, to.actor_start_s)
-    env = actor_env(res)
-    dtype, device = cfg.model.dtype, res.device
-
-    def trainer_args(path: str, rank: int) -> tuple:
-        return (t, cfg.model, plan, path, rank, device, cfg.seed, to.weight_sync_s)
-
-    def engine_args(i: int) -> tuple:
-        args = (policy_path, cfg.rollout, dtype, cfg.seed, res.weight_sync_backend, i)
-        return args, {"in_process": res.vllm_in_process}
-
-    def spawn_engine(i: int):
-        return spawn(GenerationEngine, slots["generation"][i : i + 1], res.generation, env, lambda _: engine_args(i))[0]
-
-    generation = GenerationGroup(
-        "generation", spawn(GenerationEngine, slots["generation"], res.generation, env, engine_args), to.generate_s,
-        spawn_one=spawn_engine,
-    )
-    policy = PolicyGroup("policy", spawn(
-        PolicyTrainer, slots["policy"], res.policy, env,
-        lambda r: (trainer_args(policy_path, r),
-                   {"temperature": cfg.rollout.temperature, "max_new_tokens": cfg.rollout.max_new_tokens}),
-    ), to.train_s)
+    slots = place_roles(cfg, counts)
+    generation = start_engines(cfg, "generation", policy_path, slots["generation"])
+    sampling = {"temperature": cfg.rollout.temperature, "max_new_tokens": cfg.rollout.max_new_tokens}
+    policy_ranks = spawn_trainers(cfg, plan, PolicyTrainer, res.policy, policy_path, slots["policy"], sampling)
+    policy = PolicyGroup("policy", policy_ranks, to.train_s)
     critic = None
     if cfg.algo.needs_critic:
-        critic = CriticGroup("critic", spawn(
-            CriticTrainer, slots["critic"], res.critic, env,
-            lambda r: (trainer_args(critic_path, r), {"value_clip_eps": cfg.algo.value_clip_eps}),
-        ), to.train_s)
-    reference = ReferenceGroup("reference", spawn(
-        ReferenceModel, slots["reference"], res.reference, env,
-        lambda i: ((policy_path, dtype, device, cfg.reference.batch_size, cfg.rollout.temperature), {}),
-    ), to.inference_s)
-    reward = RewardGroup("reward", spawn(
-        RewardScorer, slots["reward"], res.reward, env,
-        lambda i: ((cfg.reward, dtype, device), {"chat_template": cfg.data.chat_template}),
-    ), to.inference_s)
-
-    # Trainer groups join their process groups while the engines and inference actors load.
-    wait_all(
-        *(group.setup_async(to.actor_start_s) for group in (policy, critic) if group is not None),
-        *(group.call_async("pid", timeout_s=to.actor_start_s) for group in (generation, reference, reward)),
-    )
-    ws = cfg.weight_sync
-    # Two probe sequences per trainer rank: every ZeRO rank runs the same number of forward passes.
-    probe = probe_sequences(token_vocab_size(policy_path), 2 * t.world_size, cfg.seed)
-    weights = WeightSync(policy, generation, res.weight_sync_backend, cfg.rollout.tensor_parallel_size,
-                         to.weight_sync_s, probe=probe, verify_every=ws.verify_every, tolerance=ws.tolerance(dtype))
-    if ws.verify_every:
-        weights.verify()  # the engines loaded the same checkpoint as the trainer: they must agree now
-    return Roles(generation, policy, critic, reference, reward, weights, cfg.max_restarts, to.actor_start_s)
+        clip = {"value_clip_eps": cfg.algo.value_clip_eps}
+        critic_ranks = spawn_trainers(cfg, plan, CriticTrainer, res.critic, critic_path, slots["critic"], clip)
+        critic = CriticGroup("critic", critic_ranks, to.train_s)
+    reference = start_reference(cfg, policy_path, slots["reference"])
+    reward = start_reward(cfg, slots["reward"])
+    wait_started(cfg, [generation, reference, reward], trainers=tuple(g for g in (policy, critic) if g is not None))
+    weights = connect_weights(cfg, policy, generation, policy_path)
+    recovery = recovery or EngineRecovery(Restarts(cfg.max_restarts), to.actor_start_s)
+    return Roles(generation, policy, critic, reference, reward, weights, recovery)
 
 
 def start_trainer_group(
-    cfg: Config, plan: RunPlan, role: str, model_path: str, actors: list, logger: RunLogger, **kwargs
+    cfg: Config, plan: RunPlan, role: str, model_path: str, actors: list, logger: RunLogger, lr: float
 ) -> TrainerGroup:
     """One DeepSpeed data-parallel group on its own, for the supervised stages: ``role`` is
-    "sft" or "reward_model"; ``kwargs`` go to the trainer class. Uses the policy's resources.
-    The group joins ``actors`` (``stage_actors``) before it sets up, so a failed start is cleaned up."""
+    "sft" or "reward_model", trained at ``lr``. Uses the policy's resources. The group joins
+    ``actors`` (``stage_actors``) before it sets up, so a failed start is cleaned up."""
     cls, group_cls = {"sft": (SFTTrainer, SFTGroup), "reward_model": (RewardModelTrainer, RewardModelGroup)}[role]
-    res, t, to = cfg.resources, cfg.trainer, cfg.timeouts
     started = time.perf_counter()
-    init_ray(res, cfg.logger.actor_logs)
-    slots = place(res, {"policy": t.world_size}, to.actor_start_s)["policy"]
-    group = group_cls(role, spawn(
-        cls, slots, res.policy, actor_env(res),
-        lambda r: ((t, cfg.model, plan, model_path, r, res.device, cfg.seed, to.weight_sync_s), kwargs),
-    ), to.train_s)
+    slots = place_roles(cfg, {"policy": cfg.trainer.world_size})["policy"]
+    ranks = spawn_trainers(cfg, plan, cls, cfg.resources.policy, model_path, slots, {"lr": lr})
+    group = group_cls(role, ranks, cfg.timeouts.train_s)
     actors.append(group)
-    group.setup_async(to.actor_start_s).result()
+    group.setup_async(cfg.timeouts.actor_start_s).result()
     logger.message(f"rlhf_dist {role}: trainer group started in {time.perf_counter() - started:.0f}s")
     return group
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,7 @@ from rlhf_dist.config import AlgoConfig, Config
 from rlhf_dist.data import PromptSampler, PromptSet
 from rlhf_dist.experience import collate, pad_right
 from rlhf_dist.preemption import Preemption
+from rlhf_dist.roles.groups import RewardGroup
 from rlhf_dist.roles.reward import import_function
 from rlhf_dist.run_logger import RunLogger
 
@@ -188,26 +190,50 @@ EVAL_SAMPLES_SHOWN = 8  # held-out responses kept per evaluation (W&B table, eva
 EVAL_COLUMNS = ["after_steps", "prompt", "response", "reward", "gold"]
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The first ``eval.num_prompts`` held-out prompts and the engine seed of each: every
+    evaluation, and every policy evaluated, samples its responses with the same seeds."""
+
+    token_ids: list[list[int]]
+    texts: list[str]
+    metadata: list[dict]
+    seeds: list[int]  # all 0 for greedy decoding (eval.greedy)
+
+
+def held_out(cfg: Config, prompts: PromptSet) -> HeldOut:
+    count = min(cfg.eval.num_prompts, len(prompts))
+    seeds = [0] * count if cfg.eval.greedy else sample_seeds(cfg.seed, EVAL_SEED_STEP, count)
+    return HeldOut(prompts.token_ids[:count], prompts.texts[:count], prompts.metadata[:count], seeds)
+
+
+def score_held_out(
+    held: HeldOut, responses: list[str], reward: RewardGroup, gold_fn: Callable[[str, str], float] | None
+) -> tuple[list[float], list[float] | None]:
+    """The reward actors' score of each response (NaN: dropped, reward.on_invalid=drop) and, with a
+    gold function (``eval.gold_function``), its gold score (None without one)."""
+    scores = reward.score_async(held.texts, responses, held.metadata).result()
+    gold = [gold_fn(p, r) for p, r in zip(held.texts, responses)] if gold_fn else None
+    return scores, gold
+
+
 def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> tuple[dict[str, float], list[list]]:
     """Responses to the held-out prompts (greedy, or sampled with fixed seeds: ``eval.greedy``),
     scored by the reward actors (for an exact-match reward, ``eval/reward_mean`` is the held-out
     accuracy) and, when ``eval.gold_function`` is set, by that gold metric (``eval/gold_mean``),
     which is only reported, never optimised. Returns the metrics and the first responses as rows
     of (prompt, response, reward, gold or None)."""
-    count = min(cfg.eval.num_prompts, len(eval_prompts))
-    texts, metadata = eval_prompts.texts[:count], eval_prompts.metadata[:count]
-    seeds = [0] * count if cfg.eval.greedy else sample_seeds(cfg.seed, EVAL_SEED_STEP, count)
-    gens = roles.generate(eval_prompts.token_ids[:count], seeds, greedy=cfg.eval.greedy)
-    responses = [g.text for g in gens]
-    scores = roles.reward.score_async(texts, responses, metadata).result()
+    held = held_out(cfg, eval_prompts)
+    count = len(held.texts)
+    responses = [g.text for g in roles.generate(held.token_ids, held.seeds, greedy=cfg.eval.greedy)]
+    gold_fn = import_function(cfg.eval.gold_function) if cfg.eval.gold_function else None
+    scores, gold = score_held_out(held, responses, roles.reward, gold_fn)
     finite = [s for s in scores if math.isfinite(s)]
     metrics = {"eval/reward_mean": sum(finite) / max(len(finite), 1), "eval/num_prompts": float(count)}
-    gold: list[float | None] = [None] * count
-    if cfg.eval.gold_function:
-        gold_fn = import_function(cfg.eval.gold_function)
-        gold = [gold_fn(p, r) for p, r in zip(texts, responses)]
+    if gold is not None:
         metrics["eval/gold_mean"] = sum(gold) / count
-    rows = [[texts[i], responses[i], scores[i], gold[i]] for i in range(min(EVAL_SAMPLES_SHOWN, count))]
+    shown = gold or [None] * count
+    rows = [[held.texts[i], responses[i], scores[i], shown[i]] for i in range(min(EVAL_SAMPLES_SHOWN, count))]
     return metrics, rows
 
 

@@ -23,12 +23,21 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhf_dist import algorithms as A
 from rlhf_dist.cli import entry_point
 from rlhf_dist.config import Config, ConfigError, as_dict, validate_config
 
+if TYPE_CHECKING:  # the heavy modules load only once the config is valid
+    from rlhf_dist.controller import HeldOut
+    from rlhf_dist.roles.generation import Generation
+    from rlhf_dist.roles.groups import GenerationGroup
+    from rlhf_dist.run_logger import RunLogger
+
+# Samples kept in eval.json (training keeps controller.EVAL_SAMPLES_SHOWN per evaluation in its table).
 NUM_SAMPLES_SHOWN = 16
 
 
@@ -56,98 +65,107 @@ def summarize_policy(
     return out
 
 
-def run(cfg: Config, out_dir: Path, group: str) -> dict:
-    from transformers import AutoTokenizer
-
-    from rlhf_dist.cluster import stage_actors
-    from rlhf_dist.controller import EVAL_SEED_STEP, sample_seeds
-    from rlhf_dist.data import load_prompts
-    from rlhf_dist.modeling import resolve_model_path
-    from rlhf_dist.placement import actor_env, init_ray, place, spawn
-    from rlhf_dist.preemption import PREEMPTION
-    from rlhf_dist.roles.generation import GenerationEngine
-    from rlhf_dist.roles.groups import GenerationGroup, RewardGroup
-    from rlhf_dist.roles.reward import RewardScorer, import_function
-    from rlhf_dist.run_logger import RunLogger
+def gold_function(cfg: Config) -> Callable[[str, str], float] | None:
+    """The gold metric (``eval.gold_function``), its signature checked, and the reward function's
+    checked too: both fail in a second, before any actor starts."""
+    from rlhf_dist.roles.reward import import_function
     from rlhf_dist.train import check_reward_function
-    from rlhf_dist.worker_group import wait_all
 
-    validate(cfg)
     if cfg.reward.function_weight:
         check_reward_function(cfg.reward.function)
-    gold_fn = None
-    if cfg.eval.gold_function:
-        check_reward_function(cfg.eval.gold_function)
-        gold_fn = import_function(cfg.eval.gold_function)
+    if not cfg.eval.gold_function:
+        return None
+    check_reward_function(cfg.eval.gold_function)
+    return import_function(cfg.eval.gold_function)
+
+
+def load_held_out(cfg: Config, tokenizer_path: str) -> HeldOut:
+    """The held-out prompts, tokenized with the baseline's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from rlhf_dist.controller import held_out
+    from rlhf_dist.data import load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    prompts = load_prompts(cfg.data.eval_prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed, split="test")
+    return held_out(cfg, prompts)
+
+
+def response_logprobs(engine: GenerationGroup, gens: list[Generation]) -> list[list[float]]:
+    """Raw (temperature 1) logprobs of the response tokens of ``gens`` under ``engine``'s model."""
+    full = engine.sequence_logprobs_async([g.prompt_ids + g.response_ids for g in gens]).result()[0]
+    return [lp[len(lp) - len(g.response_ids):] if g.response_ids else [] for lp, g in zip(full, gens)]
+
+
+def write_report(
+    cfg: Config, logger: RunLogger, held: HeldOut, baseline: str, paths: dict[str, str],
+    results: dict[str, dict[str, float]], scored: dict[str, tuple[list[str], list[float], list[float] | None]],
+) -> None:
+    """``eval.json`` (results and the first samples), the W&B table and summary, one line per policy.
+    ``scored``: each policy's (responses, rewards, gold scores or None)."""
+    names, count = list(results), len(held.texts)
+    samples = [
+        {"prompt": held.texts[i], **{name: {"response": responses[i], "reward": rewards[i],
+                                            **({"gold": gold[i]} if gold else {})}
+                                     for name, (responses, rewards, gold) in scored.items()}}
+        for i in range(min(NUM_SAMPLES_SHOWN, count))
+    ]
+    report = {"baseline": baseline, "num_prompts": count, "greedy": cfg.eval.greedy,
+              "gold_function": cfg.eval.gold_function, "policies": results, "paths": paths, "samples": samples}
+    (logger.out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.log(0, {f"eval/{name}/{k}": v for name in names for k, v in results[name].items()})
+    logger.table("eval/samples", ["prompt", "policy", "response", "reward", "gold"], step=0, rows=[
+        [s["prompt"], name, s[name]["response"], s[name]["reward"], s[name].get("gold")]
+        for s in samples for name in names
+    ])
+    logger.log_summary({f"eval/{name}/{k}": v for name in names for k, v in results[name].items()})
+    for name in names:
+        logger.message(f"rlhf_dist evaluate: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()))
+
+
+def run(cfg: Config, out_dir: Path, group: str) -> dict:
+    from rlhf_dist.cluster import place_roles, stage_actors, start_engines, start_reward, wait_started
+    from rlhf_dist.controller import score_held_out
+    from rlhf_dist.modeling import resolve_model_path
+    from rlhf_dist.preemption import PREEMPTION
+    from rlhf_dist.run_logger import RunLogger
+
+    validate(cfg)
+    gold_fn = gold_function(cfg)
     names = list(cfg.eval.policies)
     baseline = cfg.eval.baseline or names[0]
     paths = {
         name: resolve_model_path(path, cfg.cache_dir, f"eval.policies.{name}")
         for name, path in cfg.eval.policies.items()
     }
-    tokenizer = AutoTokenizer.from_pretrained(paths[baseline])
-    prompts = load_prompts(cfg.data.eval_prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed, split="test")
-    count = min(cfg.eval.num_prompts, len(prompts))
-    prompt_ids, texts, metadata = prompts.token_ids[:count], prompts.texts[:count], prompts.metadata[:count]
-    seeds = [0] * count if cfg.eval.greedy else sample_seeds(cfg.seed, EVAL_SEED_STEP, count)
-
+    held = load_held_out(cfg, paths[baseline])
     logger = RunLogger(cfg.logger, out_dir, as_dict(cfg), 1, group, desc="evaluate", headline="", postfix=())
-    logger.message(f"rlhf_dist evaluate: {', '.join(names)} on {count} held-out prompts, baseline {baseline}")
-    engines: dict[str, GenerationGroup] = {}
-    res, to = cfg.resources, cfg.timeouts
+    logger.message(f"rlhf_dist evaluate: {', '.join(names)} on {len(held.texts)} held-out prompts, baseline {baseline}")
     with stage_actors(logger) as actors:
-        init_ray(res, cfg.logger.actor_logs)
-        slots = place(res, {"generation": len(names), "reward": cfg.reward.num_actors}, to.actor_start_s)
-        env = actor_env(res)
-        for i, name in enumerate(names):
-            args = (paths[name], cfg.rollout, cfg.model.dtype, cfg.seed, res.weight_sync_backend, 0)
-            engines[name] = GenerationGroup(f"generation[{name}]", spawn(
-                GenerationEngine, slots["generation"][i : i + 1], res.generation, env,
-                lambda _, a=args: (a, {"in_process": res.vllm_in_process}),
-            ), to.generate_s)
-        reward = RewardGroup("reward", spawn(
-            RewardScorer, slots["reward"], res.reward, env,
-            lambda _: ((cfg.reward, cfg.model.dtype, res.device), {"chat_template": cfg.data.chat_template}),
-        ), to.inference_s)
+        slots = place_roles(cfg, {"generation": len(names), "reward": cfg.reward.num_actors})
+        # One engine per policy, each alone in its group: rank 0 of 1, so all sample with the same seeds.
+        engines = {name: start_engines(cfg, f"generation[{name}]", paths[name], slots["generation"][i : i + 1])
+                   for i, name in enumerate(names)}
+        reward = start_reward(cfg, slots["reward"])
         actors.extend([*engines.values(), reward])
-        wait_all(*(g.call_async("pid", timeout_s=to.actor_start_s) for g in (*engines.values(), reward)))
+        wait_started(cfg, [*engines.values(), reward])
         PREEMPTION.check("no evaluation written")  # a signal while the engines started
 
-        pending = {name: g.generate_async(prompt_ids, seeds, greedy=cfg.eval.greedy) for name, g in engines.items()}
+        greedy = cfg.eval.greedy
+        pending = {name: e.generate_async(held.token_ids, held.seeds, greedy=greedy) for name, e in engines.items()}
         gens = {name: p.result() for name, p in pending.items()}
         responses = {name: [g.text for g in gens[name]] for name in names}
-        rewards = {name: reward.score_async(texts, responses[name], metadata).result() for name in names}
-        gold = {name: [gold_fn(p, r) for p, r in zip(texts, responses[name])] for name in names} if gold_fn else None
+        scored = {name: (responses[name], *score_held_out(held, responses[name], reward, gold_fn)) for name in names}
         PREEMPTION.check("no evaluation written")
-
-        def logprobs(engine: str, policy: str) -> list[list[float]]:
-            # Raw (temperature 1) logprobs of `policy`'s responses under `engine`'s model.
-            seqs = [g.prompt_ids + g.response_ids for g in gens[policy]]
-            full = engines[engine].sequence_logprobs_async(seqs).result()[0]
-            return [lp[len(lp) - len(g.response_ids):] if g.response_ids else [] for lp, g in zip(full, gens[policy])]
 
         results = {}
         for name in names:
+            _, rewards, gold = scored[name]
             results[name] = summarize_policy(
-                gold[name] if gold else None, gold[baseline] if gold else None, rewards[name],
-                logprobs(name, name), logprobs(baseline, name), [len(g.response_ids) for g in gens[name]],
+                gold, scored[baseline][2], rewards, response_logprobs(engines[name], gens[name]),
+                response_logprobs(engines[baseline], gens[name]), [len(g.response_ids) for g in gens[name]],
             )
-        samples = [
-            {"prompt": texts[i], **{name: {"response": responses[name][i], "reward": rewards[name][i],
-                                           **({"gold": gold[name][i]} if gold else {})} for name in names}}
-            for i in range(min(NUM_SAMPLES_SHOWN, count))
-        ]
-        report = {"baseline": baseline, "num_prompts": count, "greedy": cfg.eval.greedy,
-                  "gold_function": cfg.eval.gold_function, "policies": results, "paths": paths, "samples": samples}
-        (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-        logger.log(0, {f"eval/{name}/{k}": v for name in names for k, v in results[name].items()})
-        logger.table("eval/samples", ["prompt", "policy", "response", "reward", "gold"], step=0, rows=[
-            [s["prompt"], name, s[name]["response"], s[name]["reward"], s[name].get("gold")]
-            for s in samples for name in names
-        ])
-        logger.log_summary({f"eval/{name}/{k}": v for name in names for k, v in results[name].items()})
-        for name in names:
-            logger.message(f"rlhf_dist evaluate: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()))
+        write_report(cfg, logger, held, baseline, paths, results, scored)
     return logger.finish("completed")
 
 

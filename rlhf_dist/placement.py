@@ -9,6 +9,7 @@ reward and engines share a GPU (fractional ``gpus`` per role).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,8 @@ def init_ray(res: ResourcesConfig, actor_logs: bool) -> None:
     PREEMPTION.rearm()  # ray.init replaced the driver's SIGTERM handler with its own
 
 
-def _bundle(res: RoleResources) -> dict[str, float]:
+def role_bundle(res: RoleResources) -> dict[str, float]:
+    """The Ray resources of one actor of a role (no GPU key for a CPU-only role)."""
     bundle = {"CPU": res.cpus}
     if res.gpus:
         bundle["GPU"] = res.gpus
@@ -52,32 +54,43 @@ def _add(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in set(a) | set(b)}
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where every actor goes, decided before any placement group exists (pure arithmetic)."""
+
+    groups: dict[str, list[dict[str, float]]]  # placement group name -> resources of each of its bundles
+    slots: dict[str, list[tuple[str, int]]]  # role -> (placement group name, bundle index) of each actor
+
+
+def layout(placement: str, per_role: dict[str, RoleResources], counts: dict[str, int]) -> Layout:
+    """``separate``: a placement group per role with one bundle per actor. ``colocated``: one group
+    ``colocated`` whose bundle ``i`` holds the summed resources of actor ``i`` of every role."""
+    if placement == "separate":
+        return Layout(
+            {role: [role_bundle(per_role[role])] * n for role, n in counts.items()},
+            {role: [(role, i) for i in range(n)] for role, n in counts.items()},
+        )
+    bundles: list[dict[str, float]] = [{} for _ in range(max(counts.values()))]
+    for role, n in counts.items():
+        for i in range(n):
+            bundles[i] = _add(bundles[i], role_bundle(per_role[role]))
+    return Layout({"colocated": bundles}, {role: [("colocated", i) for i in range(n)] for role, n in counts.items()})
+
+
 def place(res: ResourcesConfig, counts: dict[str, int], timeout_s: float) -> dict[str, list[Slot]]:
-    """Create the placement groups and return the slot of every actor, by role."""
-    per_role = res.roles()
-    groups: list[tuple[str, PlacementGroup]] = []
-    if res.placement == "separate":
-        slots = {}
-        for role, n in counts.items():
-            pg = placement_group([_bundle(per_role[role])] * n, strategy="PACK", name=f"rlhf_dist/{role}")
-            groups.append((role, pg))
-            slots[role] = [Slot(pg, i) for i in range(n)]
-    else:
-        width = max(counts.values())
-        bundles = [{} for _ in range(width)]
-        for role, n in counts.items():
-            for i in range(n):
-                bundles[i] = _add(bundles[i], _bundle(per_role[role]))
-        pg = placement_group(bundles, strategy="PACK", name="rlhf_dist/colocated")
-        groups.append(("colocated", pg))
-        slots = {role: [Slot(pg, i) for i in range(n)] for role, n in counts.items()}
-    for name, pg in groups:
+    """Create the placement groups of ``layout`` and return the slot of every actor, by role."""
+    plan = layout(res.placement, res.roles(), counts)
+    groups = {
+        name: placement_group(bundles, strategy="PACK", name=f"rlhf_dist/{name}")
+        for name, bundles in plan.groups.items()
+    }
+    for name, pg in groups.items():
         if not pg.wait(timeout_seconds=int(timeout_s)):
             raise RoleError(
                 f"placement.{name}: placement group {pg.bundle_specs} could not be scheduled in {timeout_s:.0f}s; "
                 f"cluster has {ray.cluster_resources()} (lower resources.* or raise resources.num_cpus)"
             )
-    return slots
+    return {role: [Slot(groups[name], i) for name, i in slots] for role, slots in plan.slots.items()}
 
 
 def actor_env(res: ResourcesConfig) -> dict[str, str]:
@@ -94,19 +107,19 @@ def actor_env(res: ResourcesConfig) -> dict[str, str]:
     return env
 
 
-def spawn(cls: type, slots: list[Slot], res: RoleResources, env: dict[str, str], make_args) -> list:
-    """One actor of ``cls`` per slot; ``make_args(i)`` returns its (args, kwargs)."""
+def spawn(
+    cls: type, slots: list[Slot], res: RoleResources, env: dict[str, str],
+    make_kwargs: Callable[[int], dict[str, object]],
+) -> list:
+    """One actor of ``cls`` per slot, built with the keyword arguments ``make_kwargs(i)``."""
     remote_cls = ray.remote(cls)
-    actors = []
-    for i, slot in enumerate(slots):
-        args, kwargs = make_args(i)
-        actors.append(
-            remote_cls.options(
-                num_cpus=res.cpus,
-                num_gpus=res.gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(slot.pg, placement_group_bundle_index=slot.bundle),
-                runtime_env={"env_vars": env},
-                max_concurrency=1,
-            ).remote(*args, **kwargs)
-        )
-    return actors
+    return [
+        remote_cls.options(
+            num_cpus=res.cpus,
+            num_gpus=res.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(slot.pg, placement_group_bundle_index=slot.bundle),
+            runtime_env={"env_vars": env},
+            max_concurrency=1,
+        ).remote(**make_kwargs(i))
+        for i, slot in enumerate(slots)
+    ]

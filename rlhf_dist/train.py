@@ -95,25 +95,27 @@ def run_with_restarts(
     """Start every role and run PPO from ``resume_from`` (None: step 0). When a trainer, reference
     or reward actor is lost, stop every role, start them again and continue from the newest
     checkpoint, at most ``max_restarts`` times; any other failure ends the run. Returns the roles.
+    A lost engine is replaced in place instead (``recovery.EngineRecovery``, its own budget).
     A SIGTERM/SIGINT while the roles start stops the run once they have started (``Interrupted``),
     and so does an actor lost after one (the signal reached the actors too)."""
     from rlhf_dist.checkpoint import read_state
     from rlhf_dist.cluster import shutdown_ray, start_roles
     from rlhf_dist.controller import run_rl
     from rlhf_dist.preemption import PREEMPTION, Interrupted
+    from rlhf_dist.recovery import EngineRecovery, Restarts
     from rlhf_dist.worker_group import RoleError
 
-    restarts, roles = 0, None
+    # One budget each for the whole run: a restart of every role keeps the engines' count.
+    restarts = Restarts(cfg.max_restarts)
+    engines = EngineRecovery(Restarts(cfg.max_restarts), cfg.timeouts.actor_start_s, notify=logger.message,
+                             actors_file=logger.out_dir / "actors.json")
     try:
         while True:
             started = time.perf_counter()
-            engine_restarts = roles.engine_restarts if roles else 0  # max_restarts bounds them over the run
-            roles = start_roles(cfg, plan, *paths)
+            roles = start_roles(cfg, plan, *paths, recovery=engines)
             actors.append(roles)
             PREEMPTION.check(f"{read_state(resume_from).step if resume_from else 0} of {cfg.total_steps} steps done")
-            roles.actors_file, roles.notify = logger.out_dir / "actors.json", logger.message
-            roles.engine_restarts = engine_restarts
-            roles.write_processes()
+            engines.record(roles)
             logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s")
             try:
                 state = checkpoints.restore(roles, resume_from) if resume_from else None
@@ -125,18 +127,17 @@ def run_with_restarts(
                     done = read_state(latest).step if latest else 0
                     raise Interrupted(PREEMPTION.signum, f"{done} of {cfg.total_steps} steps checkpointed; "
                                                          f"the actors were stopped too ({e})") from e
-                if not e.lost_actor or restarts >= cfg.max_restarts:
+                if not e.lost_actor or not restarts.take():
                     raise
-                restarts += 1
                 resume_from = checkpoints.dir.latest()
                 logger.message(f"rlhf_dist: {e}; restarting every role from {resume_from or 'the first step'} "
-                               f"(restart {restarts}/{cfg.max_restarts})")
+                               f"(restart {restarts.count}/{restarts.limit})")
                 roles.kill()
                 actors.remove(roles)
                 shutdown_ray()
                 logger.rewind(read_state(resume_from).step if resume_from else 0)
     finally:  # also in a failed run's summary
-        logger.add_summary({"restarts/roles": restarts, "restarts/engines": roles.engine_restarts if roles else 0})
+        logger.add_summary({"restarts/roles": restarts.count, "restarts/engines": engines.restarts.count})
 
 
 main = entry_point("train", run, validate_config, objective="reward/last_fifth_mean", resume="resume=auto")

@@ -59,3 +59,12 @@ def send_json(handler: BaseHTTPRequestHandler, payload: bytes) -> None:
     handler.send_header("Content-Length", str(len(payload)))
     handler.end_headers()
     handler.wfile.write(payload)
+
+
+def local_scorer(cfg):
+    """A ``RewardScorer`` of ``cfg`` in this process, as the one reward actor of a CPU run."""
+    from rlhf_dist.roles.reward import RewardScorer
+    from rlhf_dist.roles.spec import RankSpec
+
+    spec = RankSpec(rank=0, world_size=1, device="cpu", seed=0, timeout_s=60.0, model_path=cfg.model_path)
+    return RewardScorer(spec=spec, cfg=cfg, dtype="float32", chat_template=True)

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from rlhf_dist.config import RolloutConfig
+from rlhf_dist.roles.spec import RankSpec
 
 
 @dataclass
@@ -38,19 +39,17 @@ class GenerationEngine:
     """A vLLM ``LLM`` behind a small interface; created as a Ray actor by ``placement``."""
 
     def __init__(
-        self, model_path: str, cfg: RolloutConfig, dtype: str, seed: int, weight_sync_backend: str, engine_index: int,
-        *, in_process: bool,
+        self, *, spec: RankSpec, cfg: RolloutConfig, dtype: str, weight_sync_backend: str, in_process: bool
     ) -> None:
         from vllm import LLM
 
         from rlhf_dist.weight_sync import vllm_backend_name
 
         self.cfg = cfg
-        self.engine_index = engine_index
         self.llm = LLM(
-            model=model_path,
+            model=spec.model_path,
             dtype=dtype,
-            seed=seed + engine_index,
+            seed=spec.seed + spec.rank,
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30) or None,

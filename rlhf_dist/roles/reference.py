@@ -8,14 +8,15 @@ import torch
 
 from rlhf_dist.experience import Experience
 from rlhf_dist.modeling import in_chunks, load_causal_lm, response_logprobs
+from rlhf_dist.roles.spec import RankSpec
 
 
 class ReferenceModel:
     """A plain transformers model in eval mode; never updated."""
 
-    def __init__(self, model_path: str, dtype: str, device: str, batch_size: int, temperature: float) -> None:
-        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        self.model = load_causal_lm(model_path, dtype).to(self.device).eval().requires_grad_(False)
+    def __init__(self, *, spec: RankSpec, dtype: str, batch_size: int, temperature: float) -> None:
+        self.device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device("cpu")
+        self.model = load_causal_lm(spec.model_path, dtype).to(self.device).eval().requires_grad_(False)
         self.batch_size, self.temperature = batch_size, temperature
 
     def pid(self) -> int:

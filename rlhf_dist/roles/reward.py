@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from rlhf_dist.config import RewardConfig
+from rlhf_dist.roles.spec import RankSpec
 
 
 class RewardError(ValueError):
@@ -90,9 +91,11 @@ def read_normalization(model_path: str) -> tuple[float, float] | None:
 class RewardScorer:
     """Hosts the configured reward sources and returns one weighted score per sample."""
 
-    def __init__(self, cfg: RewardConfig, dtype: str, device: str, chat_template: bool = True) -> None:
+    def __init__(self, *, spec: RankSpec, cfg: RewardConfig, dtype: str, chat_template: bool) -> None:
+        # The sources are the reward group's: its model is cfg.model_path (the same as spec.model_path),
+        # named in errors by its key reward.model_path.
         self.cfg, self.chat_template = cfg, chat_template
-        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        self.device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device("cpu")
         if cfg.function_weight:
             self.fn = import_function(cfg.function)
             self.fn_takes_metadata = takes_metadata(self.fn, cfg.function)

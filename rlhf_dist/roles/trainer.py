@@ -28,6 +28,7 @@ from rlhf_dist.modeling import (
     response_values,
     write_model_dir,
 )
+from rlhf_dist.roles.spec import RankSpec
 
 
 def node_endpoint() -> tuple[str, int]:
@@ -84,13 +85,10 @@ def deepspeed_config(cfg: TrainerConfig, plan: RunPlan, dtype: str) -> dict:
 class _DeepSpeedRank:
     """Shared set-up of one ZeRO data-parallel rank; subclasses own the model and loss."""
 
-    def __init__(
-        self, cfg: TrainerConfig, model_cfg: ModelConfig, plan: RunPlan, model_path: str,
-        rank: int, device: str, seed: int, collective_timeout_s: float,
-    ) -> None:
+    def __init__(self, *, spec: RankSpec, cfg: TrainerConfig, model_cfg: ModelConfig, plan: RunPlan) -> None:
         self.cfg, self.model_cfg, self.plan = cfg, model_cfg, plan
-        self.model_path, self.rank, self.device = model_path, rank, device
-        self.seed, self.collective_timeout_s = seed, collective_timeout_s
+        self.model_path, self.rank, self.device = spec.model_path, spec.rank, spec.device
+        self.seed, self.collective_timeout_s = spec.seed, spec.timeout_s
         self.engine = None
 
     def endpoint(self) -> tuple[str, int]:
@@ -234,8 +232,11 @@ class _DeepSpeedRank:
 class PolicyTrainer(_DeepSpeedRank):
     """The policy: PPO-clip updates, logprobs, and the weight broadcast to the engines."""
 
-    def __init__(self, *args, temperature: float, max_new_tokens: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, *, spec: RankSpec, cfg: TrainerConfig, model_cfg: ModelConfig, plan: RunPlan,
+        temperature: float, max_new_tokens: int,
+    ) -> None:
+        super().__init__(spec=spec, cfg=cfg, model_cfg=model_cfg, plan=plan)
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.sender = None  # rank 0's end of a gloo/nccl weight-transfer group
         self.ipc_exporter = None  # every rank's CUDA IPC copies (ipc transport)
@@ -345,8 +346,8 @@ class PolicyTrainer(_DeepSpeedRank):
 class _SupervisedRank(_DeepSpeedRank):
     """A rank of a supervised stage (SFT, reward model): its learning rate comes from the stage's config."""
 
-    def __init__(self, *args, lr: float, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, spec: RankSpec, cfg: TrainerConfig, model_cfg: ModelConfig, plan: RunPlan, lr: float) -> None:
+        super().__init__(spec=spec, cfg=cfg, model_cfg=model_cfg, plan=plan)
         self._lr = lr
 
     @property
@@ -418,8 +419,10 @@ class RewardModelTrainer(_SupervisedRank):
 class CriticTrainer(_DeepSpeedRank):
     """The critic: clipped value-loss updates and the values of the rollout states."""
 
-    def __init__(self, *args, value_clip_eps: float, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, *, spec: RankSpec, cfg: TrainerConfig, model_cfg: ModelConfig, plan: RunPlan, value_clip_eps: float
+    ) -> None:
+        super().__init__(spec=spec, cfg=cfg, model_cfg=model_cfg, plan=plan)
         self.value_clip_eps = value_clip_eps
 
     @property

@@ -21,8 +21,8 @@ import torch
 
 from rlhf_dist.config import ConfigError, DataConfig, RewardConfig, supervised_plan, validate_config
 from rlhf_dist.data import DataError, load_preferences, load_prompts, load_sft
-from rlhf_dist.roles.reward import RewardError, RewardScorer
-from tests.conftest import REPO, compose_config, local_http_server, send_json
+from rlhf_dist.roles.reward import RewardError
+from tests.conftest import REPO, compose_config, local_http_server, local_scorer, send_json
 
 
 @pytest.fixture(scope="module")
@@ -165,15 +165,14 @@ HINT = " (reward.on_invalid=drop skips such samples)"
 )
 def test_invalid_reward_fails_the_step_naming_function_and_sample(fn, problem):
     path = f"{__name__}:{fn}"
-    s = RewardScorer(RewardConfig(function=path), dtype="float32", device="cpu")
+    s = local_scorer(RewardConfig(function=path))
     with pytest.raises(RewardError) as excinfo:
         s.score(["p"], ["r"], [{}])
     assert str(excinfo.value) == f"reward.function={path!r}{problem}{HINT}"
 
 
 def test_invalid_rewards_are_dropped_and_the_rest_kept():
-    s = RewardScorer(RewardConfig(function=f"{__name__}:scored_unless_bad", function_weight=2.0, on_invalid="drop"),
-                     dtype="float32", device="cpu")
+    s = local_scorer(RewardConfig(function=f"{__name__}:scored_unless_bad", function_weight=2.0, on_invalid="drop"))
     out = s.score(["a", "b", "c"], ["ok", "nan", "none"], [{}, {}, {}])
     # 2.0 x 0.25 = 0.5; NaN marks a dropped sample (counted in reward/dropped by the controller)
     assert out[0] == 0.5 and math.isnan(out[1]) and math.isnan(out[2])
@@ -197,11 +196,11 @@ def bad_score_server():
 def test_http_endpoint_nan_or_null_score(bad_score_server):
     fields = {"function_weight": 0.0, "http_weight": 1.0, "http_url": bad_score_server, "http_retries": 0}
     prompts, responses, meta = ["a", "b", "c"], ["x", "y", "z"], [{}, {}, {}]
-    s = RewardScorer(RewardConfig(**fields), dtype="float32", device="cpu")
+    s = local_scorer(RewardConfig(**fields))
     with pytest.raises(RewardError) as excinfo:
         s.score(prompts, responses, meta)
     assert str(excinfo.value) == f"reward.http_url={bad_score_server!r}: reward for sample 1 (prompt 'b') is nan{HINT}"
-    dropped = RewardScorer(RewardConfig(**fields, on_invalid="drop"), dtype="float32", device="cpu")
+    dropped = local_scorer(RewardConfig(**fields, on_invalid="drop"))
     out = dropped.score(prompts, responses, meta)
     assert out[0] == 0.5 and math.isnan(out[1]) and math.isnan(out[2])
 
@@ -322,7 +321,7 @@ def test_reward_model_pads_with_the_config_pad_id(tiny_reward_model, tmp_path):
     def scores(path: Path, batch_size: int = 32) -> list[float]:
         cfg = RewardConfig(function_weight=0.0, model_weight=1.0, model_path=str(path), batch_size=batch_size,
                            normalize=False)
-        return RewardScorer(cfg, dtype="float32", device="cpu").score(prompts, responses, meta)
+        return local_scorer(cfg).score(prompts, responses, meta)
 
     unpadded = scores(tiny_reward_model, batch_size=1)
     assert scores(tiny_reward_model) == pytest.approx(unpadded, abs=1e-5)

@@ -11,7 +11,7 @@ import pytest
 
 from rlhf_dist.config import RewardConfig
 from rlhf_dist.roles.reward import RewardError, RewardScorer
-from tests.conftest import local_http_server, send_json
+from tests.conftest import local_http_server, local_scorer, send_json
 
 
 def length_reward(prompt: str, response: str) -> float:
@@ -33,7 +33,7 @@ def two_required_args_only(prompt: str) -> float:
 
 
 def scorer(**fields) -> RewardScorer:
-    return RewardScorer(RewardConfig(**fields), dtype="float32", device="cpu")
+    return local_scorer(RewardConfig(**fields))
 
 
 def test_function_with_metadata():

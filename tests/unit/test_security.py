@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rlhf_dist.config import ConfigError, LoggerConfig, RewardConfig, as_dict, validate_config
-from rlhf_dist.roles.reward import RewardError, RewardScorer
-from tests.conftest import compose_config
+from rlhf_dist.roles.reward import RewardError
+from tests.conftest import compose_config, local_scorer
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}  # torch.load / pickle formats that can run code
 
@@ -63,14 +63,13 @@ def test_http_endpoint_is_contacted_only_when_its_weight_is_not_zero():
         listener.listen(4)
         listener.setblocking(False)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/score"
-        off = RewardScorer(RewardConfig(http_weight=0.0, http_url=url), dtype="float32", device="cpu")
+        off = local_scorer(RewardConfig(http_weight=0.0, http_url=url))
         # the default function alone: words great, soup, and, bread; 2 x 1 positive / 4 words = 0.5
         assert off.score(["the soup was"], [" great soup and bread"], [{}]) == [0.5]
         with pytest.raises(BlockingIOError):
             listener.accept()
         # The probe sees a contact: with weight 1 the scorer connects, then times out waiting for an answer.
-        on = RewardScorer(RewardConfig(http_weight=1.0, http_url=url, http_timeout_s=0.2, http_retries=0),
-                          dtype="float32", device="cpu")
+        on = local_scorer(RewardConfig(http_weight=1.0, http_url=url, http_timeout_s=0.2, http_retries=0))
         with pytest.raises(RewardError, match="failed after 1 attempts"):
             on.score(["p"], ["r"], [{}])
         conn, _ = listener.accept()

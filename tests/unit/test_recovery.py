@@ -1,0 +1,100 @@
+"""Engine recovery and the restart budget, on stand-in groups (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf_dist.cluster import Roles
+from rlhf_dist.recovery import EngineRecovery, Restarts
+from rlhf_dist.worker_group import RoleError
+
+LOST = RoleError("generation.generate: actor rank 1 died", "generation", "generate", lost_actor=True)
+
+
+def test_restarts_count_up_to_their_limit():
+    budget = Restarts(limit=2)
+    assert [budget.take() for _ in range(3)] == [True, True, False]
+    assert budget.count == 2  # a refused restart is not counted
+    assert not Restarts(limit=0).take()
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _Engines:
+    """Fails the first ``failures`` generate calls with ``error``; respawns rank 1."""
+
+    def __init__(self, failures: int, error: RoleError = LOST) -> None:
+        self.failures, self.error, self.calls, self.respawned = failures, error, 0, 0
+
+    def generate(self, prompt_ids, seeds, greedy=False, sleep_after=False):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return [f"{p}:{s}" for p, s in zip(prompt_ids, seeds)]
+
+    def generate_async(self, prompt_ids, seeds, greedy=False):
+        return _Done(self.generate(prompt_ids, seeds, greedy))
+
+    def respawn_lost(self, start_timeout_s):
+        self.respawned += 1
+        return [1]
+
+
+class _Weights:
+    version, reconnects = 3, 0
+
+    def reconnect(self):
+        self.reconnects += 1
+
+
+def _roles(engines: _Engines, recovery: EngineRecovery) -> Roles:
+    return Roles(engines, None, None, None, None, _Weights(), recovery)  # type: ignore[arg-type]
+
+
+def test_a_lost_engine_is_replaced_and_the_call_retried_within_the_budget():
+    notes: list[str] = []
+    recovery = EngineRecovery(Restarts(limit=1), start_timeout_s=5.0, notify=notes.append)
+    roles = _roles(_Engines(failures=1), recovery)
+    assert roles.generate(["a", "b"], [1, 2]) == ["a:1", "b:2"]
+    assert (roles.generation.respawned, roles.weights.reconnects, recovery.restarts.count) == (1, 1, 1)
+    assert notes[0].startswith("rlhf_dist: generation.generate: actor rank 1 died; replaced engine ranks [1] and "
+                               "re-synced weights version 3 in ")
+    assert notes[0].endswith("s (restart 1/1), retrying")
+    # The budget is the recovery's, not the roles': new roles with the same recovery have none left.
+    again = _roles(_Engines(failures=1), recovery)
+    with pytest.raises(RoleError) as lost_again:  # the second loss exceeds max_restarts=1
+        again.generate(["a"], [1])
+    assert lost_again.value is LOST
+    assert again.generation.respawned == 0 and recovery.restarts.count == 1
+
+
+def test_an_error_that_is_not_a_lost_actor_is_not_recovered():
+    timeout = RoleError("generation.generate: timed out after 5s", "generation", "generate")
+    recovery = EngineRecovery(Restarts(limit=3), start_timeout_s=5.0, notify=lambda _: None)
+    roles = _roles(_Engines(failures=1, error=timeout), recovery)
+    with pytest.raises(RoleError) as raised:
+        roles.generate(["a"], [1])
+    assert raised.value is timeout
+    assert recovery.restarts.count == 0 and roles.generation.respawned == 0
+
+
+class _Running:
+    def processes(self, timeout_s):
+        assert timeout_s == 5.0
+        return {"generation": [11, 12], "policy": [13]}
+
+
+def test_record_writes_the_actors_file(tmp_path):
+    path, running = tmp_path / "actors.json", _Running()
+    EngineRecovery(Restarts(limit=1), start_timeout_s=5.0, actors_file=path).record(running)  # type: ignore[arg-type]
+    assert json.loads(path.read_text()) == {"generation": [11, 12], "policy": [13]}
+    assert not path.with_suffix(".tmp").exists()
+    EngineRecovery(Restarts(limit=1), start_timeout_s=5.0).record(running)  # type: ignore[arg-type]  # no file
