@@ -34,9 +34,10 @@ class ResourcesConfig:
     # Torch threads per actor process (CPU runs; keeps actors from oversubscribing cores).
     threads_per_actor: int = 1
     # Run each vLLM engine (engine core and its worker) inside its Ray actor's process instead of
-    # two more processes: an engine starts in ~10 s instead of ~27 s on CPU. Needs
-    # rollout.tensor_parallel_size=1. GPU presets keep vLLM's separate engine-core process, which
-    # overlaps scheduling with the forward passes.
+    # two more processes. false, the schema default, is vLLM's own layout, which gpu_node and
+    # gpu_2x8 keep: the engine-core process overlaps scheduling with the forward passes, and
+    # rollout.tensor_parallel_size > 1 needs it. true is a preset's choice: local_cpu's (an engine
+    # starts in ~10 s instead of ~27 s on CPU) and gpu_colocated's (weight_sync_backend=ipc needs it).
     vllm_in_process: bool = False
     generation: RoleResources = field(default_factory=RoleResources)
     policy: RoleResources = field(default_factory=RoleResources)
