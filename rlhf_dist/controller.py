@@ -226,7 +226,7 @@ def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> tuple[dict[s
     held = held_out(cfg, eval_prompts)
     count = len(held.texts)
     responses = [g.text for g in roles.generate(held.token_ids, held.seeds, greedy=cfg.eval.greedy)]
-    gold_fn = import_function(cfg.eval.gold_function) if cfg.eval.gold_function else None
+    gold_fn = import_function(cfg.eval.gold_function, "eval.gold_function") if cfg.eval.gold_function else None
     scores, gold = score_held_out(held, responses, roles.reward, gold_fn)
     finite = [s for s in scores if math.isfinite(s)]
     metrics = {"eval/reward_mean": sum(finite) / max(len(finite), 1), "eval/num_prompts": float(count)}

@@ -75,8 +75,8 @@ def gold_function(cfg: Config) -> Callable[[str, str], float] | None:
         check_reward_function(cfg.reward.function)
     if not cfg.eval.gold_function:
         return None
-    check_reward_function(cfg.eval.gold_function)
-    return import_function(cfg.eval.gold_function)
+    check_reward_function(cfg.eval.gold_function, "eval.gold_function")
+    return import_function(cfg.eval.gold_function, "eval.gold_function")
 
 
 def load_held_out(cfg: Config, tokenizer_path: str) -> HeldOut:

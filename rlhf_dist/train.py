@@ -24,12 +24,12 @@ if TYPE_CHECKING:  # the heavy modules load only once the config is valid
 POLICY_DIR = "policy"
 
 
-def check_reward_function(path: str) -> None:
+def check_reward_function(path: str, key: str = "reward.function") -> None:
     """Import the reward function and bind its signature: fails in a second, not after the actors start."""
     from rlhf_dist.roles.reward import import_function, takes_metadata
 
     try:
-        takes_metadata(import_function(path), path)
+        takes_metadata(import_function(path, key), path, key)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -49,7 +49,7 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     if cfg.reward.function_weight:
         check_reward_function(cfg.reward.function)
     if cfg.eval.gold_function:
-        check_reward_function(cfg.eval.gold_function)
+        check_reward_function(cfg.eval.gold_function, "eval.gold_function")
     if cfg.reward.model_weight:
         resolve_model_path(cfg.reward.model_path, cfg.cache_dir, "reward.model_path")  # a missing directory fails here
     policy_path = resolve_model_path(cfg.model.path, cfg.cache_dir)

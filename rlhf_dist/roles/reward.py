@@ -29,19 +29,20 @@ class RewardError(ValueError):
     """A reward source failed or returned a non-finite score; the message names the sample."""
 
 
-def import_function(path: str) -> Callable[..., float]:
-    """Resolve ``"package.module:function"`` (or ``"package.module.function"``)."""
+def import_function(path: str, key: str = "reward.function") -> Callable[..., float]:
+    """Resolve ``"package.module:function"`` (or ``"package.module.function"``); an error names
+    ``key``, the config key that gave ``path``."""
     module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"reward.function={path!r}: cannot import it ({e})") from e
+        raise ValueError(f"{key}={path!r}: cannot import it ({e})") from e
     if not callable(fn):
-        raise ValueError(f"reward.function={path!r}: {type(fn).__name__} is not callable")
+        raise ValueError(f"{key}={path!r}: {type(fn).__name__} is not callable")
     return fn
 
 
-def takes_metadata(fn: Callable[..., float], path: str) -> bool:
+def takes_metadata(fn: Callable[..., float], path: str, key: str = "reward.function") -> bool:
     """Whether ``fn`` is called as fn(prompt, response, metadata) or fn(prompt, response)."""
     sig = inspect.signature(fn)
     for args, with_metadata in ((("p", "r", {}), True), (("p", "r"), False)):
@@ -50,7 +51,7 @@ def takes_metadata(fn: Callable[..., float], path: str) -> bool:
             return with_metadata
         except TypeError:
             continue
-    raise ValueError(f"reward.function={path!r}: signature {sig} must accept (prompt, response[, metadata])")
+    raise ValueError(f"{key}={path!r}: signature {sig} must accept (prompt, response[, metadata])")
 
 
 def post_scores(cfg: RewardConfig, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:

@@ -262,6 +262,36 @@ def test_cli_missing_model_is_one_line_before_any_actor(tmp_path, key):
     assert elapsed < 30.0  # imports only; starting the actors takes minutes
 
 
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("rlhf_dist.config:nope", "cannot import it (module 'rlhf_dist.config' has no attribute 'nope')"),
+        ("rlhf_dist.config:GROUPS", "tuple is not callable"),
+        ("rlhf_dist.config:as_dict",
+         "signature (cfg: 'Config') -> 'dict[str, Any]' must accept (prompt, response[, metadata])"),
+    ],
+    ids=["missing", "not-callable", "signature"],
+)
+def test_bad_gold_function_is_named_by_its_own_key(path, problem):
+    # eval.gold_function is imported and bound like reward.function, but reported as itself
+    from rlhf_dist.evaluate import gold_function
+
+    with pytest.raises(ConfigError) as excinfo:
+        gold_function(compose_config([f"eval.gold_function={path}"]))
+    assert str(excinfo.value) == f"eval.gold_function={path!r}: {problem}"
+
+
+def test_cli_bad_gold_function_is_one_line_before_any_actor(tmp_path):
+    proc, _ = run_cli("rlhf_dist.train", "eval.gold_function=rlhf_dist.config:nope", run_dir=tmp_path / "run")
+    assert proc.returncode == 1, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("rlhf_dist:")] == [
+        "rlhf_dist: error: eval.gold_function='rlhf_dist.config:nope': cannot import it "
+        "(module 'rlhf_dist.config' has no attribute 'nope')"
+    ]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # --- tokenizers without a pad token -----------------------------------------------------------
 
 
