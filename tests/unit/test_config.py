@@ -1,8 +1,10 @@
-"""rlhf_dist.config: defaults, the derived RunPlan, one error per bad value, the Hydra path and the CLI.
+"""rlhf_dist.config: defaults, the derived RunPlan and SupervisedPlan, one error per bad value, the Hydra path
+and the CLI.
 
 Every ConfigError must start with ``<dotted key>=<value repr>:`` so a user sees which override to change.
 """
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -11,15 +13,20 @@ from pathlib import Path
 import hydra
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from rlhf_dist.config import (
     AlgoConfig,
     Config,
+    GROUPS,
     ConfigError,
+    ResourcesConfig,
     RunPlan,
+    SupervisedPlan,
     TrainerConfig,
     register_configs,
+    supervised_plan,
     to_config,
     validate_config,
 )
@@ -74,6 +81,71 @@ def test_plan_follows_the_config():
     assert validate_config(cfg) == RunPlan(
         rollout_batch=96, minibatches_per_epoch=4, per_rank_minibatch=8, grad_accum_steps=2, optimizer_steps=20
     )
+
+
+
+def test_supervised_plan_counts_rows():
+    # sft defaults: batch_size=32, epochs=2; trainer.world_size=2, micro_batch_size=8; 1000 rows:
+    #   per rank 32 / 2 = 16, accum 16 / 8 = 2, steps per epoch 1000 // 32 = 31 (8 rows dropped),
+    #   optimizer steps 2 epochs x 31 = 62
+    assert supervised_plan(Config(), "sft", 1000) == SupervisedPlan(
+        rows_per_step=32, steps_per_epoch=31, per_rank_minibatch=16, grad_accum_steps=2, optimizer_steps=62
+    )
+    # rm.batch_size=24 over 3 ranks, micro 4: per rank 8, accum 2; before the data is loaded
+    # (no row count) the plan assumes one batch: 1 step per epoch x rm.epochs=2
+    cfg = config_with(rm__batch_size=24, trainer__world_size=3, trainer__micro_batch_size=4)
+    assert supervised_plan(cfg, "rm") == SupervisedPlan(
+        rows_per_step=24, steps_per_epoch=1, per_rank_minibatch=8, grad_accum_steps=2, optimizer_steps=2
+    )
+
+
+def test_supervised_stages_check_only_the_groups_they_use():
+    # PPO-only values (rollout, algo, reward, eval, total_steps) cannot stop SFT or the reward model...
+    ppo_only = config_with(algo__minibatch_size=33, rollout__n=0, reward__model_weight=1.0, eval__every_steps=5,
+                           total_steps=0)
+    for stage in ("sft", "rm"):
+        supervised_plan(ppo_only, stage)
+    with pytest.raises(ConfigError, match=r"^total_steps=0:"):  # the first of the PPO stage's errors
+        validate_config(ppo_only)
+    # ...but what the trainer group reads still fails, under its own key
+    with pytest.raises(ConfigError, match=r"^trainer\.zero_stage=7:"):
+        supervised_plan(config_with(trainer__zero_stage=7), "sft")
+    with pytest.raises(ConfigError, match=r"^resources\.policy\.gpus=0\.0: must be > 0 when resources\.device=cuda"):
+        supervised_plan(config_with(resources__device="cuda"), "rm")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+GROUP_FILES = sorted(p for p in CONF_DIR.glob("*/*.yaml") if p.parent.name in GROUPS)
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=[f"{p.parent.name}/{p.stem}" for p in GROUP_FILES])
+def test_group_files_only_override_the_dataclass_defaults(path):
+    # A default lives on the dataclass alone. A _global_ file (algo/grpo, task/arithmetic) may write
+    # other groups after their presets, so a value equal to the default there can still override.
+    if path.read_text().startswith("# @package _global_"):
+        values, defaults = _flat(OmegaConf.to_container(OmegaConf.load(path))), _flat(dataclasses.asdict(Config()))
+        values = {k: v for k, v in values.items() if k.startswith(f"{path.parent.name}.")}
+    else:
+        values = _flat(OmegaConf.to_container(OmegaConf.load(path)) or {})
+        defaults = _flat(dataclasses.asdict(getattr(Config(), path.parent.name)))
+    assert {k: v for k, v in values.items() if k in defaults and defaults[k] == v} == {}
+
+
+@pytest.mark.parametrize(
+    ("preset", "in_process"),
+    [("local_cpu", True), ("gpu_colocated", True), ("gpu_node", False), ("gpu_2x8", False)],
+)
+def test_vllm_in_process_is_a_preset_choice(compose, preset, in_process):
+    # false is the schema's (vLLM's engine-core process, which TP > 1 needs); local_cpu sets true for
+    # start-up time, gpu_colocated because ipc needs it; the other GPU presets keep the default
+    assert ResourcesConfig().vllm_in_process is False
+    assert to_config(compose([f"resources={preset}"])).resources.vllm_in_process is in_process
 
 
 # (overrides, exact message prefix, a fragment of the fix the message must also name)
