@@ -1,5 +1,6 @@
 """RLHF math: masked statistics, KL estimators and controllers, advantages (GAE, GRPO,
-Dr. GRPO, RLOO, REINFORCE++), clipped losses and their aggregation, LR schedule.
+Dr. GRPO, RLOO, REINFORCE++, chosen by name), dropped-sample scores, clipped losses and their
+aggregation, LR schedule.
 
 Pure functions over tensors and floats. Per-token tensors are ``(B, T)`` over *response*
 positions; ``mask`` is ``(B, T)`` (float or bool), 1 on real response tokens and 0 on the
@@ -305,6 +306,73 @@ def reinforce_pp_advantages(
         returns.append(next_return)
     returns = torch.stack(returns[::-1], dim=1)
     return masked_whiten(returns, mask) * mask
+
+
+def _gae_whitened(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # PPO: GAE advantages whitened over the batch's valid tokens (0 on padding), and the returns.
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    return masked_whiten(advantages, mask) * mask, returns
+
+
+def _reinforce_pp(
+    rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, None]:
+    return reinforce_pp_advantages(rewards, mask, gamma), None
+
+
+# Estimators on per-token rewards (score on the last token, KL penalty on each):
+# (rewards, values, mask, gamma, lam) -> (advantages (B, T), returns (B, T) or None).
+TOKEN_ESTIMATORS = {"gae": _gae_whitened, "reinforce_pp": _reinforce_pp}
+# Estimators on one reward per sequence, baselined within each prompt's group: (scores (B,), n) -> (B,).
+GROUP_ESTIMATORS = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
+
+
+def estimate_advantages(
+    estimator: str, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
+    n: int, kl_coef: float, gamma: float, lam: float, whiten_rewards: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Advantages (B, T), and the returns (B, T) for ``gae`` (None otherwise), by the estimator
+    named ``estimator`` (a key of TOKEN_ESTIMATORS or GROUP_ESTIMATORS).
+
+    ``kl_coef`` weighs the KL penalty in the reward: pass 0 when the KL is a loss term instead.
+    Token estimators shape ``token_rewards(scores, kl, mask, kl_coef)`` (scores whitened over the
+    batch first if ``whiten_rewards``); ``values`` (B, T) is read by ``gae`` only, ``lam`` too.
+    Group estimators take one reward per sequence, with ``n`` samples per prompt, and put it on
+    every valid token. Shape: scores (B,), kl, mask (B, T) -> (B, T), (B, T) or None.
+    """
+    # token:  r_t = -kl_coef * kl_t + score * [t == last];  A = estimator(r)
+    # group:  r = score - kl_coef * sum_t m_t kl_t;  A_{b,t} = estimator(r, n)_b * m_{b,t}
+    if estimator in TOKEN_ESTIMATORS:
+        shaped = token_rewards(whiten_scores(scores) if whiten_rewards else scores, kl, mask, kl_coef)
+        return TOKEN_ESTIMATORS[estimator](shaped, values, mask, gamma, lam)
+    if estimator in GROUP_ESTIMATORS:
+        sequence_rewards = scores - kl_coef * masked_sum(kl, mask, dim=-1)
+        return broadcast_to_tokens(GROUP_ESTIMATORS[estimator](sequence_rewards, n), mask), None
+    raise ValueError(
+        f"unknown advantage estimator {estimator!r}; expected one of {(*TOKEN_ESTIMATORS, *GROUP_ESTIMATORS)}"
+    )
+
+
+def neutralise_dropped(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill in the NaN scores of dropped samples so that baselines ignore them.
+
+    Each NaN becomes the mean of its group's valid scores (the ``n`` contiguous samples of its
+    prompt), or the batch's valid mean when the whole group was dropped; ValueError if every
+    score is NaN. Returns (filled scores, mask of the kept samples).
+    Shape: (B,) -> (B,), (B,) bool.
+    """
+    # kept_i = not isnan(s_i);  s_i <- mean_{j in g, kept_j} s_j  (or mean_{kept} s) where not kept_i
+    kept = ~torch.isnan(scores)
+    if not kept.any():
+        raise ValueError("reward: every sample of the step was dropped as invalid")
+    fill = scores[kept].mean()
+    filled = scores.clone()
+    for g in range(0, len(scores), n):
+        group_kept = kept[g : g + n]
+        filled[g : g + n][~group_kept] = scores[g : g + n][group_kept].mean() if group_kept.any() else fill
+    return filled, kept
 
 
 _LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")

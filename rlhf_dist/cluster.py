@@ -55,16 +55,19 @@ class Roles:
         for group in self.groups():
             group.kill()
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
-        """Responses from the engines. An engine process lost during the call is replaced, joined
-        to a new weight-transfer group, given the current policy weights, and the call retried:
-        per-sample seeds make the retried responses the ones the lost engine would have produced."""
+    def generate(
+        self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False, sleep_after: bool = False
+    ) -> list[Generation]:
+        """Responses from the engines (then asleep with ``sleep_after``: ``GenerationGroup.generate``).
+        An engine process lost during the call is replaced, joined to a new weight-transfer group,
+        given the current policy weights, and the call retried: per-sample seeds make the retried
+        responses the ones the lost engine would have produced."""
         try:
-            return self.generation.generate_async(prompt_ids, seeds, greedy=greedy).result()
+            return self.generation.generate(prompt_ids, seeds, greedy=greedy, sleep_after=sleep_after)
         except RoleError as e:
             if not self.recovery.replace_lost_engines(self, e):
                 raise
-        return self.generation.generate_async(prompt_ids, seeds, greedy=greedy).result()
+        return self.generation.generate(prompt_ids, seeds, greedy=greedy, sleep_after=sleep_after)
 
     def processes(self, timeout_s: float) -> dict[str, list[int]]:
         """The process id of every actor, by role and rank (what to look at, or kill, from outside)."""

@@ -24,6 +24,7 @@ from rlhf_dist.preemption import Preemption
 from rlhf_dist.roles.groups import RewardGroup
 from rlhf_dist.roles.reward import import_function
 from rlhf_dist.run_logger import RunLogger
+from rlhf_dist.worker_group import Pending, wait_all
 
 
 class Timer:
@@ -35,6 +36,12 @@ class Timer:
         start = time.perf_counter()
         yield
         self.times[f"time/{name}"] = time.perf_counter() - start
+
+    def take_out(self, name: str, part: str, seconds: float | None) -> None:
+        """Report ``seconds`` of ``time/<name>`` as ``time/<part>``, a phase a role timed itself (None: none)."""
+        if seconds is not None:
+            self.times[f"time/{name}"] -= seconds
+            self.times[f"time/{part}"] = seconds
 
 
 EVAL_SEED_STEP = 2**20  # evaluation samples draw seeds no training step uses
@@ -51,38 +58,22 @@ def make_kl_controller(algo: AlgoConfig) -> A.FixedKLController | A.AdaptiveKLCo
     return A.FixedKLController(algo.kl_coef)
 
 
-def estimate_advantages(
+def advantages_for(
     algo: AlgoConfig, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
     values: torch.Tensor | None, n: int, kl_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(advantages (B, T), returns (B, T) or None) for the configured estimator.
-
-    The KL penalty enters here only when ``algo.kl_in == "reward"``; otherwise it is a loss term.
-    """
+    """``algorithms.estimate_advantages`` with ``algo``'s estimator; the KL penalty enters the
+    reward only when ``algo.kl_in == "reward"`` (otherwise it is a loss term)."""
     beta = kl_coef if algo.kl_in == "reward" else 0.0
-    if algo.estimator in ("gae", "reinforce_pp"):
-        shaped = A.token_rewards(A.whiten_scores(scores) if algo.whiten_rewards else scores, kl, mask, beta)
-        if algo.estimator == "reinforce_pp":
-            return A.reinforce_pp_advantages(shaped, mask, algo.gamma), None
-        advantages, returns = A.gae(shaped, values, mask, algo.gamma, algo.lam)
-        return A.masked_whiten(advantages, mask) * mask, returns
-    group = {"grpo": A.grpo_advantages, "dr_grpo": A.dr_grpo_advantages, "rloo": A.rloo_advantages}
-    sequence_rewards = scores - beta * A.masked_sum(kl, mask, dim=-1)
-    return A.broadcast_to_tokens(group[algo.estimator](sequence_rewards, n), mask), None
+    return A.estimate_advantages(
+        algo.estimator, scores, kl, mask, values, n, beta, algo.gamma, algo.lam, algo.whiten_rewards
+    )
 
 
-def neutralise_dropped(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """NaN scores (reward.on_invalid=drop) -> (scores with each NaN replaced by its group's
-    valid mean, or the batch's, so baselines ignore it; (B,) bool mask of the kept samples)."""
-    kept = ~torch.isnan(scores)
-    if not kept.any():
-        raise ValueError("reward: every sample of the step was dropped as invalid")
-    fill = scores[kept].mean()
-    filled = scores.clone()
-    for g in range(0, len(scores), n):
-        group_kept = kept[g : g + n]
-        filled[g : g + n][~group_kept] = scores[g : g + n][group_kept].mean() if group_kept.any() else fill
-    return filled, kept
+def together(*pending: Pending | None) -> list:
+    """The results of calls issued together (``wait_all``); None stands for a role the run lacks."""
+    done = iter(wait_all(*(p for p in pending if p is not None)))
+    return [None if p is None else next(done) for p in pending]
 
 
 class GapWatch:
@@ -106,57 +97,15 @@ class GapWatch:
 ROLLOUT_COLUMNS = ["step", "prompt", "response", "reward", "kl"]
 
 
-def rl_step(
-    step: int, cfg: Config, roles: Roles, prompts: PromptSet, sampler: PromptSampler,
-    kl_ctl: A.FixedKLController | A.AdaptiveKLController,
-) -> tuple[dict[str, float], list[list]]:
-    """One iteration; returns its metrics and its first ``logger.num_samples`` rollouts as rows
-    of ``ROLLOUT_COLUMNS`` (reward as scored, KL summed over the response's tokens)."""
-    algo, n, timer = cfg.algo, cfg.rollout.n, Timer()
-    step_start = time.perf_counter()
-    rows = [i for i in sampler.indices(step) for _ in range(n)]  # the n samples of a prompt are contiguous
-    prompt_ids = [prompts.token_ids[i] for i in rows]
-
-    with timer("generate"):
-        gens = roles.generate(prompt_ids, sample_seeds(cfg.seed, step, len(rows)))
-    if cfg.rollout.sleep_level:  # colocated GPUs: the engines' memory goes to the roles sharing them
-        with timer("engine_sleep"):
-            roles.generation.sleep()  # until the weight update wakes them
-    exp = collate(prompt_ids, [g.response_ids for g in gens], pad_id=0)
-    mask = exp.response_mask
-    engine_logprobs = pad_right([g.response_logprobs for g in gens], mask.shape[1])
-
-    with timer("reward"):
-        raw_scores = torch.tensor(roles.reward.score_async(
-            [prompts.texts[i] for i in rows], [g.text for g in gens], [prompts.metadata[i] for i in rows],
-        ).result())
-    scores, kept = neutralise_dropped(raw_scores, n)
-    with timer("reference"):
-        ref_logprobs = roles.reference.logprobs_async(exp).result()
-    with timer("values"):
-        # Old policy logprobs and critic values come from different groups: run them together.
-        old_pending = roles.policy.logprobs_async(exp)
-        values = roles.critic.values_async(exp).result() if roles.critic else None
-        old_logprobs, entropy = old_pending.result()
-
-    kl = A.kl_estimate(old_logprobs, ref_logprobs, algo.kl_estimator)
-    kl_coef = kl_ctl.value
-    advantages, returns = estimate_advantages(algo, scores, kl, mask, values, n, kl_coef)
-    advantages = advantages * kept[:, None]  # a dropped sample carries no policy gradient
-    exp = exp.with_fields(
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
-        old_values=values, returns=returns,
-    )
-
-    with timer("train"):
-        policy_pending = roles.policy.train_async(exp, algo.ppo_epochs, algo, kl_coef)
-        critic_stats = roles.critic.train_async(exp, algo.ppo_epochs).result() if roles.critic else {}
-        policy_stats = policy_pending.result()
-    with timer("weight_sync"):
-        roles.weights.sync(version=step + 1)
-
-    sequence_kl = A.masked_sum(kl, mask, dim=-1)
-    kl_ctl.update(sequence_kl.mean().item(), len(rows))
+def step_metrics(
+    raw_scores: torch.Tensor, kept: torch.Tensor, kl: torch.Tensor, sequence_kl: torch.Tensor, mask: torch.Tensor,
+    entropy: torch.Tensor, engine_logprobs: torch.Tensor, old_logprobs: torch.Tensor, kl_coef: float,
+    policy_stats: dict[str, float], critic_stats: dict[str, float] | None, times: dict[str, float], step_s: float,
+) -> dict[str, float]:
+    """One iteration's logged metrics. ``raw_scores`` (B,) as scored (NaN where dropped), ``kept``
+    (B,) bool, ``sequence_kl`` (B,) the per-token ``kl`` (B, T) summed over each response; ``entropy``,
+    ``engine_logprobs`` and ``old_logprobs`` (B, T); ``times`` the ``time/*`` phases, ``step_s``
+    the whole iteration; the trainer groups' stats (``critic_stats`` None or empty without a critic)."""
     valid = raw_scores[kept]
     metrics = {
         "reward/mean": valid.mean().item(),
@@ -172,18 +121,68 @@ def rl_step(
         "entropy/mean": A.masked_mean(entropy, mask).item(),
         "response_length/mean": mask.sum(-1).mean().item(),
         "logprob_gap/mean": A.masked_mean((engine_logprobs - old_logprobs).abs(), mask).item(),
-        **timer.times,
-        "time/step": time.perf_counter() - step_start,
-        "throughput/gen_tokens_per_s": float(mask.sum()) / max(timer.times["time/generate"], 1e-9),
+        **times,
+        "time/step": step_s,
+        "throughput/gen_tokens_per_s": float(mask.sum()) / max(times["time/generate"], 1e-9),
     }
     if "kl_loss" in policy_stats:
         metrics["loss/kl"] = policy_stats["kl_loss"]
     if critic_stats:
         metrics["loss/value"] = critic_stats["value_loss"]
         metrics["ppo/value_clipfrac"] = critic_stats["value_clipfrac"]
+    return metrics
+
+
+def rl_step(
+    step: int, cfg: Config, roles: Roles, prompts: PromptSet, sampler: PromptSampler,
+    kl_ctl: A.FixedKLController | A.AdaptiveKLController,
+) -> tuple[dict[str, float], list[list]]:
+    """One iteration; returns its metrics and its first ``logger.num_samples`` rollouts as rows
+    of ``ROLLOUT_COLUMNS`` (reward as scored, KL summed over the response's tokens)."""
+    algo, n, timer, step_start = cfg.algo, cfg.rollout.n, Timer(), time.perf_counter()
+    rows = [i for i in sampler.indices(step) for _ in range(n)]  # the n samples of a prompt are contiguous
+    columns = (prompts.token_ids, prompts.texts, prompts.metadata)
+    prompt_ids, texts, metadata = ([column[i] for i in rows] for column in columns)
+    seeds = sample_seeds(cfg.seed, step, len(rows))
+
+    with timer("generate"):  # with rollout.sleep_level (colocated GPUs) the engines then sleep until the sync
+        gens = roles.generate(prompt_ids, seeds, sleep_after=cfg.rollout.sleep_level > 0)
+    timer.take_out("generate", "engine_sleep", roles.generation.slept_s)
+    exp = collate(prompt_ids, [g.response_ids for g in gens], pad_id=0)
+    mask = exp.response_mask
+    engine_logprobs = pad_right([g.response_logprobs for g in gens], mask.shape[1])
+
+    with timer("reward"):
+        raw_scores = torch.tensor(roles.reward.score_async(texts, [g.text for g in gens], metadata).result())
+    scores, kept = A.neutralise_dropped(raw_scores, n)
+    with timer("reference"):
+        ref_logprobs = roles.reference.logprobs_async(exp).result()
+    with timer("values"):  # old policy logprobs and critic values come from different groups: run them together
+        (old_logprobs, entropy), values = together(
+            roles.policy.logprobs_async(exp), roles.critic.values_async(exp) if roles.critic else None
+        )
+    kl = A.kl_estimate(old_logprobs, ref_logprobs, algo.kl_estimator)
+    kl_coef = kl_ctl.value
+    advantages, returns = advantages_for(algo, scores, kl, mask, values, n, kl_coef)
+    exp = exp.with_fields(  # a dropped sample carries no policy gradient
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages * kept[:, None],
+        old_values=values, returns=returns,
+    )
+    with timer("train"):
+        policy_stats, critic_stats = together(
+            roles.policy.train_async(exp, algo.ppo_epochs, algo, kl_coef),
+            roles.critic.train_async(exp, algo.ppo_epochs) if roles.critic else None,
+        )
+    with timer("weight_sync"):
+        roles.weights.sync(version=step + 1)
+    sequence_kl = A.masked_sum(kl, mask, dim=-1)
+    kl_ctl.update(sequence_kl.mean().item(), len(rows))
+    metrics = step_metrics(
+        raw_scores, kept, kl, sequence_kl, mask, entropy, engine_logprobs, old_logprobs, kl_coef,
+        policy_stats, critic_stats, timer.times, time.perf_counter() - step_start,
+    )
     shown = range(min(cfg.logger.num_samples, len(rows)))
-    samples = [[step, prompts.texts[rows[i]], gens[i].text, raw_scores[i].item(), sequence_kl[i].item()] for i in shown]
-    return metrics, samples
+    return metrics, [[step, texts[i], gens[i].text, raw_scores[i].item(), sequence_kl[i].item()] for i in shown]
 
 
 EVAL_SAMPLES_SHOWN = 8  # held-out responses kept per evaluation (W&B table, eval_samples.jsonl)

@@ -6,6 +6,7 @@ The controller only talks to these: it never sees DeepSpeed, vLLM or process gro
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ class GenerationGroup(WorkerGroup):
         super().__init__(role, actors, timeout_s)
         self.spawn_one = spawn_one  # rank -> a new engine actor in that rank's placement slot
         self.asleep = False
+        self.slept_s: float | None = None  # how long the last ``generate(sleep_after=True)``'s sleep took
 
     def sleep(self) -> None:
         """Every engine frees its GPU memory (``rollout.sleep_level``) until ``wake``."""
@@ -68,6 +70,20 @@ class GenerationGroup(WorkerGroup):
                 self.actors[rank] = self.spawn_one(rank)
         self.call_async("pid", timeout_s=start_timeout_s).result()
         return lost
+
+    def generate(
+        self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False, sleep_after: bool = False
+    ) -> list[Generation]:
+        """``generate_async``'s responses. With ``sleep_after`` (``rollout.sleep_level``: the engines share
+        their GPUs with other roles) every engine then frees its memory until the weight update wakes
+        it, and ``slept_s`` holds how long that took (None after a call that did not sleep)."""
+        self.slept_s = None
+        generations = self.generate_async(prompt_ids, seeds, greedy=greedy).result()
+        if sleep_after:
+            started = time.perf_counter()
+            self.sleep()
+            self.slept_s = time.perf_counter() - started
+        return generations
 
     def generate_async(
         self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False

@@ -7,9 +7,11 @@ import torch
 from torch.testing import assert_close
 
 from rlhf_dist import algorithms as alg
+from rlhf_dist.config import ESTIMATORS, GROUP_ESTIMATORS
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
 F64 = torch.float64
+NAN = math.nan
 
 
 def t64(data):
@@ -119,6 +121,94 @@ def test_gae_with_padding():
     advantages, returns = alg.gae(rewards, values, mask, gamma=gamma, lam=lam)
     assert_close(advantages, t64([[0.5575, 0.35, -1.0], [0.49, 1.8, 0.0]]), **TOL)
     assert_close(returns, t64([[1.0575, 1.35, 1.0], [1.49, 2.0, 0.0]]), **TOL)
+
+
+# ---------------------------------------------------------------- the estimator table and dropped samples
+
+
+def test_dropped_scores_take_their_group_mean():
+    # n=2: group [1, nan] -> nan becomes 1 (mean of the kept 1); group [nan, nan] -> batch mean of
+    # kept scores (1 + 3 + 5) / 3 = 3; group [3, 5] untouched.
+    filled, kept = alg.neutralise_dropped(torch.tensor([1.0, NAN, NAN, NAN, 3.0, 5.0]), n=2)
+    assert_close(filled, torch.tensor([1.0, 1.0, 3.0, 3.0, 3.0, 5.0]), **TOL)
+    assert kept.tolist() == [True, False, False, False, True, True]
+
+
+def test_all_dropped_is_an_error():
+    with pytest.raises(ValueError, match="every sample of the step was dropped"):
+        alg.neutralise_dropped(torch.tensor([NAN, NAN]), n=1)
+
+
+EST_MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+EST_KL = torch.tensor([[0.1, 0.2], [0.3, 9.0], [0.0, 0.0], [0.5, 0.5]])  # 9.0 sits on padding
+EST_SCORES = torch.tensor([1.0, 3.0, 2.0, 2.0])
+
+
+def estimate(estimator, kl_coef, values=None, gamma=1.0, lam=0.95):
+    # EST_SCORES as 2 prompts x n=2 samples, scores not whitened
+    return alg.estimate_advantages(estimator, EST_SCORES, EST_KL, EST_MASK, values, 2, kl_coef, gamma, lam, False)
+
+
+def test_grpo_with_kl_coef_zero_ignores_kl():
+    # scores [1, 3 | 2, 2], n=2: group means 2 and 2, unbiased stds sqrt(2) and 0.
+    # advantages (1-2)/sqrt(2) = -0.7071068, +0.7071068, then 0, 0; broadcast over valid tokens.
+    adv, returns = estimate("grpo", kl_coef=0.0)
+    a = 1 / math.sqrt(2)
+    expected = torch.tensor([[-a, -a], [a, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    assert_close(adv, expected, **TOL)
+    assert returns is None
+
+
+def test_rloo_with_kl_coef_uses_sequence_kl():
+    # kl_coef 0.5; sequence KL (valid tokens only) = [0.3, 0.3, 0.0, 1.0]
+    # shaped = scores - 0.5 * kl = [1 - 0.15, 3 - 0.15, 2 - 0, 2 - 0.5] = [0.85, 2.85, 2.0, 1.5]
+    # rloo, n=2: r_i - r_other -> [0.85 - 2.85, 2.85 - 0.85, 2.0 - 1.5, 1.5 - 2.0] = [-2, 2, 0.5, -0.5]
+    adv, _ = estimate("rloo", kl_coef=0.5)
+    expected = torch.tensor([[-2.0, -2.0], [2.0, 0.0], [0.5, 0.5], [-0.5, -0.5]])
+    assert_close(adv, expected, **TOL)
+
+
+def test_gae_returns_and_whitened_advantages_on_valid_tokens():
+    values = torch.zeros(4, 2)
+    # kl_coef 0: token rewards are the scores [1, 3, 2, 2] at each row's last valid token.
+    # gamma = lam = 1 and values 0: returns = reward-to-go = [[1, 1], [3, 0], [2, 2], [2, 2]].
+    adv, returns = estimate("gae", kl_coef=0.0, values=values, gamma=1.0, lam=1.0)
+    assert_close(returns, torch.tensor([[1.0, 1.0], [3.0, 0.0], [2.0, 2.0], [2.0, 2.0]]), **TOL)
+    # valid advantages [1, 1, 3, 2, 2, 2, 2]: mean 13/7, whitened; padding stays 0
+    assert adv[1, 1] == 0.0
+    valid = adv[EST_MASK.bool()]
+    assert abs(valid.mean().item()) < 1e-6 and abs(valid.std().item() - 1.0) < 1e-5
+    # deviations (-6/7, -6/7, 8/7, 1/7 x 4), squares (36 + 36 + 64 + 4) / 49 = 20/7,
+    # unbiased var 20/7 / 6 = 10/21; each divided by sqrt(10/21 + 1e-8)
+    std = math.sqrt(10 / 21 + 1e-8)
+    expected = torch.tensor([[-6 / 7, -6 / 7], [8 / 7, 0.0], [1 / 7, 1 / 7], [1 / 7, 1 / 7]]) / std
+    assert_close(adv, expected, **TOL)
+
+
+def test_reinforce_pp_with_whitened_scores():
+    # scores (1, 3) whitened: mean 2, unbiased std sqrt(2) -> (-a, a), a = 1/sqrt(2) (eps 1e-8 aside)
+    # kl_coef 0, so token rewards: row 0 [0, -a] (2 valid tokens), row 1 [a, pad]
+    # gamma 1 reward-to-go: row 0 [-a, -a], row 1 [a, pad]; valid (-a, -a, a): mean -a/3,
+    # deviations (-2a/3, -2a/3, 4a/3), squares 24a^2/9 = 4/3, unbiased var 2/3, std sqrt(2/3)
+    # whitened: (-2a/3) / sqrt(2/3) = -1/sqrt(3), (4a/3) / sqrt(2/3) = 2/sqrt(3); padding 0
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv, returns = alg.estimate_advantages(
+        "reinforce_pp", torch.tensor([1.0, 3.0]), torch.zeros(2, 2), mask, None, 2, 0.0, 1.0, 0.95, True
+    )
+    r = 1 / math.sqrt(3)
+    assert_close(adv, torch.tensor([[-r, -r], [2 * r, 0.0]]), **TOL)
+    assert returns is None
+
+
+def test_unknown_estimator_names_it():
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        estimate("ppo", kl_coef=0.0)
+
+
+def test_estimator_table_holds_the_config_names():
+    # rlhf_dist.config (no torch) validates algo.estimator against its own tuples: they must agree
+    assert set(ESTIMATORS) == set(alg.TOKEN_ESTIMATORS) | set(alg.GROUP_ESTIMATORS)
+    assert set(GROUP_ESTIMATORS) == set(alg.GROUP_ESTIMATORS)
 
 
 def _policy_inputs():
