@@ -1,4 +1,6 @@
-"""Hand-derived checks for rlhf_dist.algorithms; each expected number is worked out in a comment."""
+"""Hand-derived checks for rlhf_dist.algorithms (KL estimators and controllers: test_kl.py): masked
+statistics, rewards and advantages, the estimator table, losses and their options, LR schedule; each
+expected number is worked out in a comment."""
 
 import math
 
@@ -62,12 +64,6 @@ def test_masked_whiten():
     assert_close(out * mask, t64([[2.0, 4.0, 0.0], [3.0, 0.0, 0.0]]), **TOL)
 
 
-def test_kl_k1():
-    # k1 = logp - ref: (-1 - -1.5, -2 - -1) = (0.5, -1)
-    kl = alg.kl_k1(t64([[-1.0, -2.0]]), t64([[-1.5, -1.0]]))
-    assert_close(kl, t64([[0.5, -1.0]]), **TOL)
-
-
 def test_token_rewards_puts_score_at_last_valid_token():
     scores = t64([2.0, -1.0])
     kl = t64([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
@@ -121,6 +117,113 @@ def test_gae_with_padding():
     advantages, returns = alg.gae(rewards, values, mask, gamma=gamma, lam=lam)
     assert_close(advantages, t64([[0.5575, 0.35, -1.0], [0.49, 1.8, 0.0]]), **TOL)
     assert_close(returns, t64([[1.0575, 1.35, 1.0], [1.49, 2.0, 0.0]]), **TOL)
+
+
+# ---------------------------------------------------------------- group advantages
+
+# two prompts, n = 3 contiguous samples each: group 0 = (1, 2, 3), group 1 = (0, 0, 4)
+SCORES = t64([1.0, 2.0, 3.0, 0.0, 0.0, 4.0])
+
+
+def test_grpo_advantages():
+    # group 0: mean 2, deviations (-1, 0, 1), unbiased var (1 + 0 + 1) / 2 = 1, std 1
+    #   -> (-1, 0, 1) / (1 + eps)
+    # group 1: mean 4/3, deviations (-4/3, -4/3, 8/3), squares 16/9 + 16/9 + 64/9 = 96/9,
+    #   unbiased var 96/9 / 2 = 16/3, std 4/sqrt(3)
+    #   -> (-4/3, -4/3, 8/3) / (4/sqrt(3) + eps) = (-1/sqrt(3), -1/sqrt(3), 2/sqrt(3)) at eps = 0
+    # (an interleaved layout would group (1, 3, 0) and (2, 0, 4) and give other numbers)
+    s3 = math.sqrt(3.0)
+    assert_close(
+        alg.grpo_advantages(SCORES, n=3, eps=0.0),
+        t64([-1.0, 0.0, 1.0, -1.0 / s3, -1.0 / s3, 2.0 / s3]),
+        **TOL,
+    )
+    # default eps = GROUP_STD_EPS = 1e-4 is a floor, max(std, eps): both stds (1 and 4/sqrt(3))
+    # are above it, so the default gives exactly the eps = 0 numbers
+    std1 = 4.0 / s3
+    expected = t64([-1.0, 0.0, 1.0, (-4 / 3) / std1, (-4 / 3) / std1, (8 / 3) / std1])
+    assert_close(alg.grpo_advantages(SCORES, n=3), expected, **TOL)
+
+
+def test_grpo_advantages_equal_scores_give_zero_not_nan():
+    # group 0 = (5, 5): deviations 0, std 0 -> 0 / max(0, 1e-4) = 0
+    # group 1 = (1, 3): mean 2, deviations (-1, 1), unbiased var 2 / 1 = 2 -> (-1, 1) / max(sqrt(2), 1e-4)
+    out = alg.grpo_advantages(t64([5.0, 5.0, 1.0, 3.0]), n=2)
+    d = math.sqrt(2.0)
+    assert_close(out, t64([0.0, 0.0, -1.0 / d, 1.0 / d]), **TOL)
+
+
+def test_grpo_advantages_do_not_amplify_float_noise():
+    # group (0, 0, 0, 1e-6): mean 2.5e-7, deviations (-2.5e-7 x 3, 7.5e-7),
+    #   squares 3 * 6.25e-14 + 5.625e-13 = 7.5e-13, unbiased var 7.5e-13 / 3 = 2.5e-13, std 5e-7
+    #   std floored at 1e-4: (-2.5e-7, 7.5e-7) / 1e-4 = (-0.0025, 0.0075)
+    #   (the old std + 1e-6 gave -2.5e-7 / 1.5e-6 = -0.1667 and 7.5e-7 / 1.5e-6 = +0.5)
+    out = alg.grpo_advantages(t64([0.0, 0.0, 0.0, 1e-6]), n=4)
+    assert_close(out, t64([-0.0025, -0.0025, -0.0025, 0.0075]), **TOL)
+    # the same in float32 around 0.5, where 0.5 + 1e-6 is itself rounded: all |A| < 0.01
+    out32 = alg.grpo_advantages(torch.tensor([0.5, 0.5, 0.5, 0.5 + 1e-6]), n=4)
+    assert out32.abs().max().item() < 0.01, out32
+
+
+def test_grpo_std_floor_only_acts_below_it():
+    # group 0 = (0, 1e-4): mean 5e-5, deviations (-5e-5, 5e-5), std sqrt(2 * 2.5e-9 / 1) = 7.07e-5
+    #   < 1e-4, so floored: (-5e-5, 5e-5) / 1e-4 = (-0.5, 0.5)
+    # group 1 = (0, 1): mean 0.5, std sqrt(0.5) > 1e-4: (-0.5, 0.5) / sqrt(0.5) = (-1/sqrt(2), 1/sqrt(2))
+    out = alg.grpo_advantages(t64([0.0, 1e-4, 0.0, 1.0]), n=2)
+    a = 1.0 / math.sqrt(2.0)
+    assert_close(out, t64([-0.5, 0.5, -a, a]), **TOL)
+    assert alg.GROUP_STD_EPS == 1e-4
+
+
+def test_group_estimators_validate_n():
+    for fn in (alg.grpo_advantages, alg.dr_grpo_advantages, alg.rloo_advantages):
+        # one sample per prompt has no group baseline
+        with pytest.raises(ValueError, match="n=1"):
+            fn(SCORES, n=1)
+        # B = 6 is not a multiple of 4
+        with pytest.raises(ValueError, match="B=6 .* n=4"):
+            fn(SCORES, n=4)
+
+
+def test_dr_grpo_advantages():
+    # r - mean_g, no std: group 0 mean 2 -> (-1, 0, 1); group 1 mean 4/3 -> (-4/3, -4/3, 8/3)
+    out = alg.dr_grpo_advantages(SCORES, n=3)
+    assert_close(out, t64([-1.0, 0.0, 1.0, -4.0 / 3.0, -4.0 / 3.0, 8.0 / 3.0]), **TOL)
+
+
+def test_rloo_advantages():
+    # r_i - mean of the other two:
+    # group 0: 1 - (2+3)/2 = -1.5;  2 - (1+3)/2 = 0;  3 - (1+2)/2 = 1.5
+    # group 1: 0 - (0+4)/2 = -2;    0 - (0+4)/2 = -2; 4 - (0+0)/2 = 4
+    # (check: n/(n-1) * (r - mean_g) = 1.5 * (-1, 0, 1) and 1.5 * (-4/3, -4/3, 8/3))
+    out = alg.rloo_advantages(SCORES, n=3)
+    assert_close(out, t64([-1.5, 0.0, 1.5, -2.0, -2.0, 4.0]), **TOL)
+
+
+def test_broadcast_to_tokens():
+    mask = t64([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # row 0 gets 2 on its two valid tokens, row 1 gets -3 on its one; padding 0
+    expected = t64([[2.0, 2.0, 0.0], [-3.0, 0.0, 0.0]])
+    assert_close(alg.broadcast_to_tokens(t64([2.0, -3.0]), mask), expected, **TOL)
+    assert_close(alg.broadcast_to_tokens(t64([2.0, -3.0]), mask.bool()), expected, **TOL)
+
+
+def test_reinforce_pp_advantages_with_padding():
+    gamma = 0.5
+    # row 1 is padded at t=2; its padding reward 9 must not leak into the returns or the stats
+    rewards = t64([[0.0, 0.0, 1.0], [1.0, 2.0, 9.0]])
+    mask = t64([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # reward-to-go G_t = r_t + 0.5 * G_{t+1}:
+    #   row 0: G_2 = 1, G_1 = 0 + 0.5*1 = 0.5, G_0 = 0 + 0.5*0.5 = 0.25
+    #   row 1: G_2 = padding; G_1 = 2 (episode ends), G_0 = 1 + 0.5*2 = 2
+    # valid G: 0.25, 0.5, 1, 2, 2; sum 5.75, mean 1.15
+    # deviations -0.9, -0.65, -0.15, 0.85, 0.85; squares 0.81 + 0.4225 + 0.0225 + 0.7225 + 0.7225 = 2.7
+    # unbiased var 2.7 / 4 = 0.675; masked_whiten divides by sqrt(0.675 + 1e-8); padding -> 0
+    std = math.sqrt(0.675 + 1e-8)
+    expected = t64([[-0.9 / std, -0.65 / std, -0.15 / std], [0.85 / std, 0.85 / std, 0.0]])
+    out = alg.reinforce_pp_advantages(rewards, mask, gamma=gamma)
+    assert_close(out, expected, **TOL)
+    assert_close(alg.reinforce_pp_advantages(rewards, mask.bool(), gamma=gamma), expected, **TOL)
 
 
 # ---------------------------------------------------------------- the estimator table and dropped samples
@@ -267,6 +370,173 @@ def test_value_loss_clipping():
     assert_close(loss, t64(0.975), **TOL)
     assert isinstance(stats["clipfrac"], float)
     assert_close(stats["clipfrac"], 0.4, **TOL)
+
+
+# ---------------------------------------------------------------- loss aggregation
+
+AGG_X = t64([[1.0, 2.0, 100.0], [4.0, 6.0, 8.0]])  # 100 is padding
+AGG_MASK = t64([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+
+
+def test_aggregate_loss_modes():
+    # valid: row 0 (1, 2), row 1 (4, 6, 8); total 21 over 5 tokens
+    # token_mean: 21 / 5 = 4.2
+    assert_close(alg.aggregate_loss(AGG_X, AGG_MASK, "token_mean"), t64(4.2), **TOL)
+    # seq_mean_token_mean: row means 3/2 = 1.5 and 18/3 = 6 -> (1.5 + 6) / 2 = 3.75
+    assert_close(alg.aggregate_loss(AGG_X, AGG_MASK, "seq_mean_token_mean"), t64(3.75), **TOL)
+    # seq_mean_token_sum_norm, max_len 4: 21 / (B * max_len) = 21 / 8 = 2.625
+    out = alg.aggregate_loss(AGG_X, AGG_MASK, "seq_mean_token_sum_norm", max_len=4)
+    assert_close(out, t64(2.625), **TOL)
+    # a bool mask selects the same tokens
+    assert_close(alg.aggregate_loss(AGG_X, AGG_MASK.bool(), "seq_mean_token_mean"), t64(3.75), **TOL)
+
+
+def test_aggregate_loss_errors():
+    with pytest.raises(ValueError, match="unknown loss agg 'sum'"):
+        alg.aggregate_loss(AGG_X, AGG_MASK, "sum")
+    with pytest.raises(ValueError, match="needs max_len"):
+        alg.aggregate_loss(AGG_X, AGG_MASK, "seq_mean_token_sum_norm")
+
+
+# rows 1 and 3 have no response token
+EMPTY_ROWS_MASK = t64([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+EMPTY_ROWS_X = t64([[1.0, 2.0, 100.0], [5.0, 6.0, 7.0], [4.0, 9.0, 9.0], [8.0, 8.0, 8.0]])
+
+
+def test_seq_mean_aggregations_refuse_rows_without_a_response_token():
+    # seq_mean_token_mean: row 1's mean would be 0 / 0 = NaN and make the whole loss NaN
+    for agg, max_len in (("seq_mean_token_mean", None), ("seq_mean_token_sum_norm", 4)):
+        with pytest.raises(ValueError, match=r"rows \[1, 3\] of the batch have no response token") as excinfo:
+            alg.aggregate_loss(EMPTY_ROWS_X, EMPTY_ROWS_MASK, agg, max_len)
+        assert f"aggregate_loss(agg='{agg}')" in str(excinfo.value)
+    # token_mean is well defined while some row has a token: (1 + 2 + 4) / 3 = 7/3
+    out = alg.aggregate_loss(EMPTY_ROWS_X, EMPTY_ROWS_MASK, "token_mean")
+    assert_close(out, t64(7.0 / 3.0), **TOL)
+    # ... and refused when none has (0 / 0)
+    with pytest.raises(ValueError, match=r"rows \[0, 1\] of the batch have no response token"):
+        alg.aggregate_loss(AGG_X, torch.zeros_like(AGG_MASK), "token_mean")
+
+
+def test_policy_loss_refuses_rows_without_a_response_token():
+    logprobs, old, advantages, mask = _policy_inputs()
+    mask = mask.clone()
+    mask[1] = 0.0  # row 1 has no response token
+    with pytest.raises(ValueError, match=r"rows \[1\] of the batch have no response token"):
+        alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg="seq_mean_token_mean")
+
+
+# ---------------------------------------------------------------- policy loss options
+
+# per-token losses at eps = 0.2 (derived in test_policy_loss_clipping_and_stats):
+# row 0: (-e^0.1, -1.2 [clipped], -e^-0.5); row 1: (2e^0.3, 1.6 [clipped], padding)
+ROW0 = [-math.exp(0.1), -1.2, -math.exp(-0.5)]
+ROW1 = [2 * math.exp(0.3), 1.6]
+
+
+def test_policy_loss_explicit_defaults_match_old_numbers():
+    logprobs, old, advantages, mask = _policy_inputs()
+    # old behaviour: token mean of the 5 valid per-token losses; clipfrac 2/5; approx_kl 0.069
+    expected = (sum(ROW0) + sum(ROW1)) / 5
+    for kwargs in (
+        {},
+        {"clip_eps_high": None, "dual_clip": None, "agg": "token_mean", "max_len": None},
+        # an upper bound equal to clip_eps, and a cap no token reaches (largest loss 2e^0.3 = 2.70
+        # < -A * c = 2 * 100), change nothing -- but dual_clip adds its stat
+        {"clip_eps_high": 0.2, "dual_clip": 100.0},
+    ):
+        loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, **kwargs)
+        assert_close(loss, t64(expected), **TOL)
+        assert_close(stats["clipfrac"], 0.4, **TOL)
+        assert_close(stats["approx_kl"], 0.069, **TOL)
+        assert ("dual_clipfrac" in stats) == (kwargs.get("dual_clip") is not None)
+
+
+def test_policy_loss_clip_higher_changes_which_tokens_clip():
+    logprobs, old, advantages, mask = _policy_inputs()
+    # clip range [1 - 0.2, 1 + 0.4] = [0.8, 1.4]
+    # (0,1) A=1, ratio e^0.3 = 1.3499 is now inside -> -e^0.3, no longer clipped
+    # (1,1) A=-2, ratio e^-0.5 = 0.6065 -> 0.8 (low side unchanged): 2e^-0.5 = 1.2131 vs 1.6 -> 1.6, clipped
+    #   (were the high eps used on the low side too, [0.6, 1.4] would leave it unclipped at 1.2131)
+    # others as with eps = 0.2: -e^0.1, -e^-0.5, 2e^0.3
+    # loss = (-e^0.1 - e^0.3 - e^-0.5 + 2e^0.3 + 1.6) / 5; clipfrac = 1/5
+    expected = (-math.exp(0.1) - math.exp(0.3) - math.exp(-0.5) + 2 * math.exp(0.3) + 1.6) / 5
+    loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, clip_eps_high=0.4)
+    assert_close(loss, t64(expected), **TOL)
+    assert_close(stats["clipfrac"], 0.2, **TOL)
+    loss.backward()
+    # gradient -A * ratio / 5 on unclipped tokens; (0,1) now carries -e^0.3/5, (1,1) and padding 0
+    grad = t64(
+        [[-math.exp(0.1) / 5, -math.exp(0.3) / 5, -math.exp(-0.5) / 5], [2 * math.exp(0.3) / 5, 0.0, 0.0]]
+    )
+    assert_close(logprobs.grad, grad, **TOL)
+
+
+def _dual_clip_inputs():
+    # log ratios d, advantages A; row 1 t=2 is padding (A=-5, ratio e^3 would be capped if counted)
+    d = t64([[2.0, 0.1, 2.0], [1.5, 0.5, 3.0]])
+    old = t64([[-3.0, -1.0, -4.0], [-2.5, -1.0, -4.0]])
+    logprobs = (old + d).requires_grad_(True)
+    advantages = t64([[-1.0, -1.0, 1.0], [-2.0, -2.0, -5.0]])
+    mask = t64([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    return logprobs, old, advantages, mask
+
+
+def test_policy_loss_dual_clip_caps_negative_advantage_tokens():
+    logprobs, old, advantages, mask = _dual_clip_inputs()
+    # eps = 0.2 (clip range [0.8, 1.2]), c = 3; cap = -A * 3 applies only where A < 0
+    # (0,0) A=-1, ratio e^2 = 7.389: max(e^2, 1.2) = e^2 > cap 3      -> 3, capped
+    # (0,1) A=-1, ratio e^0.1 in range: e^0.1 = 1.105 < 3              -> e^0.1
+    # (0,2) A=+1, ratio e^2: max(-e^2, -1.2) = -1.2, PPO-clipped; no cap for A > 0
+    #       (a cap there would give min(-1.2, -3) = -3)                -> -1.2
+    # (1,0) A=-2, ratio e^1.5 = 4.482: max(2e^1.5, 2.4) = 8.963 > cap 6 -> 6, capped
+    # (1,1) A=-2, ratio e^0.5 = 1.649: max(2e^0.5, 2.4) = 3.297 < cap 6 -> 2e^0.5
+    # loss = (3 + e^0.1 - 1.2 + 6 + 2e^0.5) / 5; dual_clipfrac = 2/5; clipfrac = 1/5 ((0,2))
+    # approx_kl = 0.5 * (4 + 0.01 + 4 + 2.25 + 0.25) / 5 = 0.5 * 10.51 / 5 = 1.051
+    expected = (3.0 + math.exp(0.1) - 1.2 + 6.0 + 2 * math.exp(0.5)) / 5
+    loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, dual_clip=3.0)
+    assert_close(loss, t64(expected), **TOL)
+    assert isinstance(stats["dual_clipfrac"], float)
+    assert_close(stats["dual_clipfrac"], 0.4, **TOL)
+    assert_close(stats["clipfrac"], 0.2, **TOL)
+    assert_close(stats["approx_kl"], 1.051, **TOL)
+    loss.backward()
+    # capped and clipped tokens get no gradient; (0,1): -A * e^0.1 / 5 = e^0.1/5; (1,1): 2e^0.5/5
+    grad = t64([[0.0, math.exp(0.1) / 5, 0.0], [0.0, 2 * math.exp(0.5) / 5, 0.0]])
+    assert_close(logprobs.grad, grad, **TOL)
+
+
+def test_policy_loss_without_dual_clip_leaves_large_ratio_uncapped():
+    logprobs, old, advantages, mask = _dual_clip_inputs()
+    # same tokens without the cap: (0,0) e^2 and (1,0) 2e^1.5 stay
+    expected = (math.exp(2.0) + math.exp(0.1) - 1.2 + 2 * math.exp(1.5) + 2 * math.exp(0.5)) / 5
+    loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2)
+    assert_close(loss, t64(expected), **TOL)
+    assert "dual_clipfrac" not in stats
+
+
+def test_policy_loss_dual_clip_must_exceed_one():
+    logprobs, old, advantages, mask = _dual_clip_inputs()
+    for c in (1.0, 0.5):
+        with pytest.raises(ValueError, match="dual_clip must be > 1"):
+            alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, dual_clip=c)
+
+
+def test_policy_loss_agg_modes():
+    logprobs, old, advantages, mask = _policy_inputs()
+    # seq_mean_token_mean: (mean(row 0 over 3) + mean(row 1 over 2)) / 2
+    expected = (sum(ROW0) / 3 + sum(ROW1) / 2) / 2
+    loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg="seq_mean_token_mean")
+    assert_close(loss, t64(expected), **TOL)
+    # stats stay token means over valid tokens whatever the agg
+    assert_close(stats["clipfrac"], 0.4, **TOL)
+    # seq_mean_token_sum_norm with max_len 4: sum of the 5 losses / (2 * 4)
+    expected = (sum(ROW0) + sum(ROW1)) / 8
+    loss, _ = alg.policy_loss(
+        logprobs, old, advantages, mask, clip_eps=0.2, agg="seq_mean_token_sum_norm", max_len=4
+    )
+    assert_close(loss, t64(expected), **TOL)
+    with pytest.raises(ValueError, match="unknown loss agg 'mean'"):
+        alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg="mean")
 
 
 def test_entropy_from_logits():
