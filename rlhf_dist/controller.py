@@ -24,6 +24,7 @@ from rlhf_dist.preemption import Preemption
 from rlhf_dist.roles.groups import RewardGroup
 from rlhf_dist.roles.reward import import_function
 from rlhf_dist.run_logger import RunLogger
+from rlhf_dist.seeds import ENGINE_SAMPLE, derive_seed
 from rlhf_dist.worker_group import Pending, wait_all
 
 
@@ -49,7 +50,7 @@ EVAL_SEED_STEP = 2**20  # evaluation samples draw seeds no training step uses
 
 def sample_seeds(seed: int, step: int, n: int) -> list[int]:
     """Per-sample engine seeds: a run is reproducible whatever the engine count."""
-    return [(seed * 1_000_003 + step * 65_537 + i) % 2**31 for i in range(n)]
+    return [derive_seed(ENGINE_SAMPLE, seed, step, i) for i in range(n)]
 
 
 def make_kl_controller(algo: AlgoConfig) -> A.FixedKLController | A.AdaptiveKLController:

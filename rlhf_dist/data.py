@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from rlhf_dist.config import DataConfig
+from rlhf_dist.seeds import EPOCH_ORDER, REVIEW_PROMPTS, derive_seed, split_index
 
 
 class DataError(ValueError):
@@ -89,7 +90,7 @@ def builtin_rows(name: str, num: int, seed: int, split: str) -> list[dict]:
     if name == "builtin:reviews":
         from rlhf_dist.tasks import make_prompts
 
-        return [{"prompt": p} for p in make_prompts(num, seed + (0 if split == "train" else 1_000_003))]
+        return [{"prompt": p} for p in make_prompts(num, derive_seed(REVIEW_PROMPTS, seed, split_index(split)))]
     if name == "builtin:arithmetic":
         from rlhf_dist.arithmetic import make_problems
 
@@ -259,7 +260,7 @@ class PromptSampler:
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            gen = torch.Generator().manual_seed(derive_seed(EPOCH_ORDER, self.seed, epoch))
             self._perms = {epoch: torch.randperm(self.n, generator=gen)}
         return self._perms[epoch]
 

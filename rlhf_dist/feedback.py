@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 
 from rlhf_dist import tasks
+from rlhf_dist.seeds import FEEDBACK, derive_seed, split_index
 
 _NOUN_DOMAIN = {noun: nouns for nouns, _ in tasks._DOMAINS.values() for noun in nouns}
 _ALL_NOUNS = tuple(sorted(_NOUN_DOMAIN))
@@ -88,14 +89,10 @@ def sample_response(prompt: str, rng: random.Random) -> str:
     return template.format(a=a, b=b, m=m, i=i, d=d, d2=d2)
 
 
-def _split_seed(seed: int, split: str) -> int:
-    return seed * 7_919 + {"train": 0, "test": 1_000_003}[split]
-
-
 def sft_rows(num: int, seed: int, split: str = "train") -> list[dict]:
     """``{"prompt", "response"}`` demonstrations."""
-    rng = random.Random(_split_seed(seed, split) + 11)
-    prompts = tasks.make_prompts(num, _split_seed(seed, split) + 12)
+    rng = random.Random(derive_seed(FEEDBACK, seed, split_index(split), 11))
+    prompts = tasks.make_prompts(num, derive_seed(FEEDBACK, seed, split_index(split), 12))
     return [{"prompt": p, "response": sample_response(p, rng)} for p in prompts]
 
 
@@ -104,8 +101,8 @@ def preference_rows(num: int, seed: int, noise: float, split: str = "train") -> 
     probability ``noise`` the label is flipped. Ties are skipped, so exactly ``num`` rows."""
     if not 0.0 <= noise < 0.5:
         raise ValueError(f"noise={noise}: must be in [0, 0.5) (at 0.5 the labels carry no signal)")
-    rng = random.Random(_split_seed(seed, split) + 21)
-    prompt_rng = random.Random(_split_seed(seed, split) + 22)
+    rng = random.Random(derive_seed(FEEDBACK, seed, split_index(split), 21))
+    prompt_rng = random.Random(derive_seed(FEEDBACK, seed, split_index(split), 22))
     rows: list[dict] = []
     while len(rows) < num:
         prompt = tasks.make_prompts(1, prompt_rng.randrange(2**31))[0]

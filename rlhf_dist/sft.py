@@ -16,6 +16,7 @@ import torch
 from rlhf_dist.cli import entry_point
 from rlhf_dist.config import Config, as_dict, supervised_plan
 from rlhf_dist.preemption import PREEMPTION
+from rlhf_dist.seeds import EPOCH_ORDER, derive_seed
 
 MODEL_DIR = "model"
 
@@ -25,7 +26,8 @@ def batches(num_rows: int, batch_size: int, epochs: int, seed: int) -> list[list
     (the last partial batch of an epoch is dropped so every step has the same size)."""
     out = []
     for epoch in range(epochs):
-        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        generator = torch.Generator().manual_seed(derive_seed(EPOCH_ORDER, seed, epoch))
+        order = torch.randperm(num_rows, generator=generator).tolist()
         out.extend(order[i : i + batch_size] for i in range(0, num_rows - batch_size + 1, batch_size))
     return out
 

@@ -29,6 +29,7 @@ from rlhf_dist.modeling import (
     write_model_dir,
 )
 from rlhf_dist.roles.spec import RankSpec
+from rlhf_dist.seeds import MINIBATCH_ORDER, derive_seed
 
 
 def node_endpoint() -> tuple[str, int]:
@@ -174,7 +175,7 @@ class _DeepSpeedRank:
     def _minibatches(self, exp: Experience, epoch: int) -> list[Experience]:
         """Per-rank minibatches of this epoch, shuffled by a generator keyed on (seed, optimizer
         steps so far, epoch, rank): a different order every step, reproducible from the state."""
-        key = (self.seed * 1_000_003 + self.engine.global_steps * 7919 + epoch * 1009 + self.rank) % 2**63
+        key = derive_seed(MINIBATCH_ORDER, self.seed, self.engine.global_steps, epoch, self.rank)
         gen = torch.Generator().manual_seed(key)
         order = torch.randperm(len(exp), generator=gen)
         size = self.plan.per_rank_minibatch

@@ -1,0 +1,49 @@
+"""rlhf_dist.seeds: every derived seed, computed by hand. These numbers pin the multipliers: a
+change here changes the prompts, samples and minibatch orders of every run (see the module)."""
+
+import pytest
+
+from rlhf_dist.seeds import (
+    ENGINE_SAMPLE,
+    EPOCH_ORDER,
+    FEEDBACK,
+    MINIBATCH_ORDER,
+    REVIEW_PROMPTS,
+    derive_seed,
+    split_index,
+)
+
+
+def test_engine_sample_seed():
+    # 1_000_003 * 1 + 65_537 * 2 + 3 = 1_000_003 + 131_074 + 3 = 1_131_080 (< 2**31)
+    assert derive_seed(ENGINE_SAMPLE, 1, 2, 3) == 1_131_080
+    # 2**31 * 1_000_003 is a multiple of 2**31, so only the index is left
+    assert derive_seed(ENGINE_SAMPLE, 2**31, 0, 5) == 5
+
+
+def test_minibatch_order_seed():
+    # 1_000_003 * 2 + 7919 * 3 + 1009 * 4 + 5 = 2_000_006 + 23_757 + 4_036 + 5 = 2_027_804
+    assert derive_seed(MINIBATCH_ORDER, 2, 3, 4, 5) == 2_027_804
+    # 2**63 * 1_000_003 is a multiple of 2**63: rank 1 is left
+    assert derive_seed(MINIBATCH_ORDER, 2**63, 0, 0, 1) == 1
+
+
+def test_epoch_order_seed():
+    # 7919 * 3 + 2 = 23_759
+    assert derive_seed(EPOCH_ORDER, 3, 2) == 23_759
+
+
+def test_split_seeds():
+    assert (split_index("train"), split_index("test")) == (0, 1)
+    # reviews: 5 + 1_000_003 * split
+    assert derive_seed(REVIEW_PROMPTS, 5, split_index("train")) == 5
+    assert derive_seed(REVIEW_PROMPTS, 5, split_index("test")) == 1_000_008
+    # feedback: 7919 * 1 + 1_000_003 * 1 + 11 = 1_007_933
+    assert derive_seed(FEEDBACK, 1, split_index("test"), 11) == 1_007_933
+
+
+def test_wrong_coordinates_and_split_are_errors():
+    with pytest.raises(TypeError, match=r"\('step', 'index'\)"):
+        derive_seed(ENGINE_SAMPLE, 0, 1)
+    with pytest.raises(ValueError, match="split='eval'"):
+        split_index("eval")
