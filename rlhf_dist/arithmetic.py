@@ -1,6 +1,6 @@
 """A verifiable task, "arithmetic": two-operand sums and differences with an exact-match reward.
 
-Pure Python (no torch), like `tasks.py`. A problem is "a op b" with operands 0..MAX_OPERAND,
+Pure Python (no torch), like `reviews.py`. A problem is "a op b" with operands 0..MAX_OPERAND,
 op in {+, -} and a non-negative result, so every answer is a canonical decimal string
 (no sign, no leading zeros). Prompts read "12 + 7 =" and the expected response " 19".
 

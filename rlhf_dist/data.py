@@ -85,10 +85,10 @@ def read_prompt_rows(path: Path, on_bad_row: str) -> tuple[list[dict], int]:
     return read_rows(path, on_bad_row)
 
 
-def builtin_rows(name: str, num: int, seed: int, split: str) -> list[dict]:
-    """Rows of a builtin prompt set (``builtin:reviews`` or ``builtin:arithmetic``)."""
+def builtin_prompt_rows(name: str, num: int, seed: int, split: str) -> list[dict]:
+    """Prompt rows of a builtin prompt set (``builtin:reviews`` or ``builtin:arithmetic``)."""
     if name == "builtin:reviews":
-        from rlhf_dist.tasks import make_prompts
+        from rlhf_dist.reviews import make_prompts
 
         return [{"prompt": p} for p in make_prompts(num, derive_seed(REVIEW_PROMPTS, seed, split_index(split)))]
     if name == "builtin:arithmetic":
@@ -126,12 +126,12 @@ def conversation_text(tokenizer, prompt: str, response: str, use_template: bool)
 def _rows(source: str, key: str, kind: str, cfg: DataConfig, seed: int, split: str) -> tuple[list[dict], int]:
     """Rows of an SFT or preference source: builtin:reviews (the embedded task) or a file."""
     if source.startswith("builtin:"):
-        from rlhf_dist.feedback import builtin_rows as feedback_rows
+        from rlhf_dist.feedback import supervised_rows
 
         num = cfg.num_builtin_sft if kind == "sft" else cfg.num_builtin_pairs
         if split == "test":
             num = max(1, num // 8)
-        return feedback_rows(kind, num, seed, split, cfg.annotator_noise), 0
+        return supervised_rows(kind, num, seed, split, cfg.annotator_noise), 0
     text_keys = ("prompt", "response") if kind == "sft" else ("prompt", "chosen", "rejected")
     return read_rows(Path(source).expanduser(), cfg.on_bad_row, text_keys, key)
 
@@ -225,7 +225,7 @@ def load_prompts(
     over-long prompts are skipped or rejected per ``data.on_bad_row``."""
     key = "data.prompts" if split == "train" else "data.eval_prompts"  # the caller passes the matching source
     if source.startswith("builtin:"):
-        rows, skipped = builtin_rows(source, cfg.num_builtin_prompts, seed, split), 0
+        rows, skipped = builtin_prompt_rows(source, cfg.num_builtin_prompts, seed, split), 0
     else:
         rows, skipped = read_rows(Path(source).expanduser(), cfg.on_bad_row, key=key)
     texts, ids_list, metadata = [], [], []

@@ -1,7 +1,7 @@
 """Builds the tiny default models from scratch, since nothing can be downloaded at run time.
 
 The policy is a 2-layer Llama (hidden 128, byte-level BPE vocab 512) pretrained for a few
-seconds on `tasks.make_corpus`, so it writes review-like text with a mix of positive and
+seconds on `reviews.make_corpus`, so it writes review-like text with a mix of positive and
 negative words: a starting point the "positive reviews" reward can move. The arithmetic
 policy is the same recipe, smaller (hidden 64), with one token per digit, pretrained for
 ~25 s on `arithmetic.make_corpus` (a quarter of its answers wrong): it samples the right
@@ -37,7 +37,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlhf_dist import arithmetic, tasks
+from rlhf_dist import arithmetic, reviews
 
 CACHE_ENV = "RLHF_DIST_CACHE"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
@@ -86,7 +86,7 @@ def default_model_dir(name: str = MODEL_NAME) -> pathlib.Path:
 
 def build_tiny_policy(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     """Build (or reuse, if `path/.complete` exists) the tokenizer + pretrained tiny Llama policy."""
-    return build_tiny_lm(path, tasks.make_corpus(REVIEWS.corpus_lines, seed), REVIEWS, seed)
+    return build_tiny_lm(path, reviews.make_corpus(REVIEWS.corpus_lines, seed), REVIEWS, seed)
 
 
 def build_tiny_arith_policy(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:

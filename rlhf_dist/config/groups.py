@@ -279,7 +279,7 @@ class RewardConfig:
     # Weight of the Python function named by `function`.
     function_weight: float = 1.0
     # Import path "module:function", called as fn(prompt, response) or fn(prompt, response, metadata) -> float.
-    function: str = "rlhf_dist.tasks:positive_sentiment_reward"
+    function: str = "rlhf_dist.reviews:positive_sentiment_reward"
     # Weight of the AutoModelForSequenceClassification reward model at `model_path`.
     model_weight: float = 0.0
     # Directory or hub id of the reward model.

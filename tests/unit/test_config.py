@@ -301,14 +301,14 @@ def test_hf_model_preset_requires_a_path(compose):
 def test_cli_bad_reward_function_fails_before_any_actor(tmp_path):
     # The import path is resolved and its signature bound in the driver, before Ray starts.
     proc = subprocess.run(
-        [sys.executable, "-m", "rlhf_dist.train", "reward.function=rlhf_dist.tasks:nope", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "rlhf_dist.train", "reward.function=rlhf_dist.reviews:nope", f"hydra.run.dir={tmp_path}"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=False, timeout=120,
     )
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("rlhf_dist:")]
     assert errors == [
-        "rlhf_dist: error: reward.function='rlhf_dist.tasks:nope': cannot import it "
-        "(module 'rlhf_dist.tasks' has no attribute 'nope')"
+        "rlhf_dist: error: reward.function='rlhf_dist.reviews:nope': cannot import it "
+        "(module 'rlhf_dist.reviews' has no attribute 'nope')"
     ]
     assert not (tmp_path / "metrics.jsonl").exists()
 

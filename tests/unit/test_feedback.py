@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from rlhf_dist import feedback, tasks
+from rlhf_dist import feedback, reviews
 from rlhf_dist.feedback import annotator_score
 
 
@@ -30,7 +30,7 @@ def test_annotator_score_by_hand(response, expected):
 
 def test_sample_response_uses_the_prompts_domain_and_ends_with_a_full_stop():
     rng = random.Random(0)
-    food = set(tasks._DOMAINS["food"][0])
+    food = set(reviews.DOMAINS["food"][0])
     others = set(feedback._ALL_NOUNS) - food
     for _ in range(200):
         response = feedback.sample_response("review : the pasta was", rng)

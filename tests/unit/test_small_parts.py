@@ -14,13 +14,13 @@ from rlhf_dist.weight_sync import ParamSpec, engine_init_info, merge_ipc_handles
 
 
 def test_import_function_both_spellings():
-    from rlhf_dist.tasks import positive_sentiment_reward
+    from rlhf_dist.reviews import positive_sentiment_reward
 
-    assert import_function("rlhf_dist.tasks:positive_sentiment_reward") is positive_sentiment_reward
-    assert import_function("rlhf_dist.tasks.positive_sentiment_reward") is positive_sentiment_reward
+    assert import_function("rlhf_dist.reviews:positive_sentiment_reward") is positive_sentiment_reward
+    assert import_function("rlhf_dist.reviews.positive_sentiment_reward") is positive_sentiment_reward
 
 
-@pytest.mark.parametrize("path", ["rlhf_dist.tasks:nope", "no_such_module:f", "rlhf_dist.tasks:POSITIVE_WORDS"])
+@pytest.mark.parametrize("path", ["rlhf_dist.reviews:nope", "no_such_module:f", "rlhf_dist.reviews:POSITIVE_WORDS"])
 def test_import_function_errors_name_the_key(path):
     with pytest.raises(ValueError, match=rf"^reward\.function='{path}'"):
         import_function(path)

@@ -1,6 +1,6 @@
 import pytest
 
-from rlhf_dist.tasks import (
+from rlhf_dist.reviews import (
     NEGATIVE_WORDS,
     NEUTRAL_WORDS,
     POSITIVE_WORDS,

@@ -3,7 +3,9 @@
 Pure Python (no torch) so that the reward can run anywhere, cheaply and deterministically.
 Text is lowercase, space-separated words with punctuation as separate tokens
 ("the film was wonderful and the acting was great ."), which keeps the tiny model's
-tokenizer and the reward's word matching trivially aligned.
+tokenizer and the reward's word matching trivially aligned. The vocabulary (word lists,
+domains, descriptors, intensifiers) and ``words`` are public: the embedded InstructGPT task
+(``feedback.py``) writes its demonstrations and judges them with the same ones.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ NEGATIVE_WORDS: tuple[str, ...] = (
 
 # Each domain pairs nouns with the verbs that make sense for them ("read the novel", not
 # "ate the novel"); a sentence draws all its slots from one domain.
-_DOMAINS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+DOMAINS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "film": (("film", "movie", "acting", "plot", "ending", "soundtrack", "script", "show", "episode"), ("watched", "saw")),
     "food": (("pasta", "soup", "pizza", "dessert", "bread", "coffee", "salad", "cake", "curry", "tea"), ("ate", "ordered", "tried")),
     "book": (("book", "novel", "story", "chapter", "prose", "poem", "hero"), ("read", "finished")),
@@ -37,15 +39,15 @@ _DOMAINS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }  # fmt: skip
 
 # Descriptors with no sentiment, for the neutral sentences in the mixed/neutral third.
-_NEUTRAL_DESCRIPTORS: tuple[str, ...] = ("long", "short", "new", "old", "quiet", "simple", "small", "big")
+NEUTRAL_DESCRIPTORS: tuple[str, ...] = ("long", "short", "new", "old", "quiet", "simple", "small", "big")
 
 NEUTRAL_WORDS: tuple[str, ...] = tuple(
     dict.fromkeys(
-        [word for nouns, verbs in _DOMAINS.values() for word in (*nouns, *verbs)] + list(_NEUTRAL_DESCRIPTORS)
+        [word for nouns, verbs in DOMAINS.values() for word in (*nouns, *verbs)] + list(NEUTRAL_DESCRIPTORS)
     )
 )
 
-_INTENSIFIERS: tuple[str, ...] = ("really", "very", "quite", "so", "truly")
+INTENSIFIERS: tuple[str, ...] = ("really", "very", "quite", "so", "truly")
 _TIMES: tuple[str, ...] = ("last night", "last week", "yesterday", "on sunday", "this morning")
 
 # Slots: {n}, {m} nouns and {v} a verb from one domain; {a}, {b} adjectives; {i} intensifier;
@@ -94,11 +96,11 @@ _PROMPT_TEMPLATES: tuple[str, ...] = (
 
 
 def _fill(template: str, rng: random.Random, a: str = "", b: str = "") -> str:
-    nouns, verbs = _DOMAINS[rng.choice(sorted(_DOMAINS))]
+    nouns, verbs = DOMAINS[rng.choice(sorted(DOMAINS))]
     n, m = rng.sample(nouns, 2)
-    d, d2 = rng.sample(_NEUTRAL_DESCRIPTORS, 2)
+    d, d2 = rng.sample(NEUTRAL_DESCRIPTORS, 2)
     return template.format(
-        n=n, m=m, v=rng.choice(verbs), a=a, b=b, d=d, d2=d2, i=rng.choice(_INTENSIFIERS), t=rng.choice(_TIMES)
+        n=n, m=m, v=rng.choice(verbs), a=a, b=b, d=d, d2=d2, i=rng.choice(INTENSIFIERS), t=rng.choice(_TIMES)
     )
 
 
@@ -145,6 +147,13 @@ def make_prompts(num: int, seed: int) -> list[str]:
 _POSITIVE = frozenset(POSITIVE_WORDS)
 _NEGATIVE = frozenset(NEGATIVE_WORDS)
 _WORD_RE = re.compile(r"[a-z]+")
+
+
+def words(text: str) -> list[str]:
+    """The words a reward counts: runs of letters of ``text.lower()`` (punctuation is not a word)."""
+    return _WORD_RE.findall(text.lower())
+
+
 REWARD_SCALE = 2.0  # a 9-word sentence with 2 positive words scores 2 * 2 / 9 = 0.44
 
 
@@ -158,6 +167,6 @@ def positive_sentiment_reward(prompt: str, response: str) -> float:
     No negation handling ("not good" counts as positive): the task is a toy with a known optimum.
     """
     del prompt  # part of the reward-function interface; this rule ignores it
-    words = _WORD_RE.findall(response.lower())
-    score = sum(w in _POSITIVE for w in words) - sum(w in _NEGATIVE for w in words)
-    return max(-1.0, min(1.0, REWARD_SCALE * score / max(1, len(words))))
+    found = words(response)
+    score = sum(w in _POSITIVE for w in found) - sum(w in _NEGATIVE for w in found)
+    return max(-1.0, min(1.0, REWARD_SCALE * score / max(1, len(found))))
