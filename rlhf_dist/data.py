@@ -80,11 +80,6 @@ def read_rows(
     return rows, skipped
 
 
-def read_prompt_rows(path: Path, on_bad_row: str) -> tuple[list[dict], int]:
-    """Rows of a JSONL file (or datasets directory) that have a non-empty string ``prompt``."""
-    return read_rows(path, on_bad_row)
-
-
 def builtin_prompt_rows(name: str, num: int, seed: int, split: str) -> list[dict]:
     """Prompt rows of a builtin prompt set (``builtin:reviews`` or ``builtin:arithmetic``)."""
     if name == "builtin:reviews":

@@ -19,7 +19,6 @@ class Generation:
     response_ids: list[int]
     response_logprobs: list[float]  # engine's logprob of each sampled token
     text: str
-    finish_reason: str
 
 
 def executor_backend(tensor_parallel_size: int, in_process: bool) -> str | None:
@@ -90,7 +89,7 @@ class GenerationEngine:
             completion = out.outputs[0]
             ids = list(completion.token_ids)
             logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-            results.append(Generation(prompt, ids, logprobs, completion.text, str(completion.finish_reason)))
+            results.append(Generation(prompt, ids, logprobs, completion.text))
         return results
 
     def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:

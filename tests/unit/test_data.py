@@ -3,7 +3,7 @@
 import pytest
 
 from rlhf_dist.config import DataConfig
-from rlhf_dist.data import DataError, PromptSampler, load_prompts, read_prompt_rows
+from rlhf_dist.data import DataError, PromptSampler, load_prompts, read_rows
 from rlhf_dist.reviews import make_prompts
 
 
@@ -34,33 +34,33 @@ def write_rows(path, rows):
     return path
 
 
-def test_read_prompt_rows_skips_bad_rows(tmp_path):
+def test_read_rows_skips_bad_rows(tmp_path):
     rows = [b'{"prompt": "good one"}', b"", *[raw for raw, _ in BAD_ROWS], b"   ", b'{"prompt": "good two", "x": 1}']
     path = write_rows(tmp_path / "p.jsonl", rows)
-    kept, skipped = read_prompt_rows(path, "skip")
+    kept, skipped = read_rows(path, "skip")
     assert kept == [{"prompt": "good one"}, {"prompt": "good two", "x": 1}]
     # the 7 bad rows count; the empty and the whitespace-only line are ignored
     assert skipped == 7
 
 
 @pytest.mark.parametrize(("bad", "exc_name"), BAD_ROWS, ids=[name for _, name in BAD_ROWS])
-def test_read_prompt_rows_error_names_file_and_line(tmp_path, bad, exc_name):
+def test_read_rows_error_names_file_and_line(tmp_path, bad, exc_name):
     # line 1 good, line 2 blank (not a row, but still a line), line 3 the bad row, line 4 another bad one
     path = write_rows(tmp_path / "p.jsonl", [b'{"prompt": "good"}', b"", bad, b'{"prompt": ""}'])
     with pytest.raises(DataError) as excinfo:
-        read_prompt_rows(path, "error")
+        read_rows(path, "error")
     assert str(excinfo.value).startswith(f"{path}:3: bad row ({exc_name}")
 
 
-def test_read_prompt_rows_clean_file_in_error_mode(tmp_path):
+def test_read_rows_clean_file_in_error_mode(tmp_path):
     path = write_rows(tmp_path / "p.jsonl", [b'{"prompt": "a"}', b'{"prompt": "b c"}'])
-    assert read_prompt_rows(path, "error") == ([{"prompt": "a"}, {"prompt": "b c"}], 0)
+    assert read_rows(path, "error") == ([{"prompt": "a"}, {"prompt": "b c"}], 0)
 
 
-def test_read_prompt_rows_missing_file(tmp_path):
+def test_read_rows_missing_file(tmp_path):
     path = tmp_path / "missing.jsonl"
     with pytest.raises(DataError, match="file not found") as excinfo:
-        read_prompt_rows(path, "skip")
+        read_rows(path, "skip")
     assert str(excinfo.value).startswith(f"data.prompts={str(path)!r}")
 
 
