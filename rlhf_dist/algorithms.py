@@ -463,6 +463,51 @@ def policy_loss(
     return loss, stats
 
 
+def actor_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    *,
+    clip_eps_high: float | None,
+    dual_clip: float | None,
+    agg: str,
+    max_len: int | None,
+    entropy_coef: float,
+    kl_coef: float | None,
+    kl_estimator: str,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The PPO actor's loss: ``policy_loss`` minus the entropy bonus plus the KL loss term.
+
+    The options up to ``max_len`` are ``policy_loss``'s; the entropy bonus and the KL term are
+    reduced by the same ``aggregate_loss(agg, max_len)``. ``entropy_coef`` 0 adds no bonus;
+    ``kl_coef`` None adds no KL term (the KL penalty is in the rewards, or off), and only then may
+    ``ref_logprobs`` be None; ``kl_estimator`` names the per-token estimator (``kl_estimate``).
+    Shape: (B, T) each -> scalar loss. Stats: ``policy_loss``'s, ``policy_loss`` (the clipped
+    surrogate alone), ``kl_loss`` (the aggregated KL, with a KL term) and ``entropy`` (mean over
+    valid tokens whatever the agg).
+    """
+    # loss = policy_loss(logp, old, A)
+    #        - entropy_coef * aggregate_loss(entropy)                   if entropy_coef
+    #        + kl_coef * aggregate_loss(kl_estimate(logp, ref))         if kl_coef is not None
+    loss, stats = policy_loss(
+        logprobs, old_logprobs, advantages, mask, clip_eps,
+        clip_eps_high=clip_eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len,
+    )
+    stats["policy_loss"] = loss.item()
+    if entropy_coef:
+        loss = loss - entropy_coef * aggregate_loss(entropy, mask, agg, max_len)
+    if kl_coef is not None:
+        kl_loss = aggregate_loss(kl_estimate(logprobs, ref_logprobs, kl_estimator), mask, agg, max_len)
+        loss = loss + kl_coef * kl_loss
+        stats["kl_loss"] = kl_loss.item()
+    stats["entropy"] = masked_mean(entropy.detach(), mask).item()
+    return loss, stats
+
+
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,

@@ -539,6 +539,94 @@ def test_policy_loss_agg_modes():
         alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg="mean")
 
 
+# ---------------------------------------------------------------- the actor loss (policy + entropy + KL)
+
+# Entropy per token; padding (row 1 t=2) is 100 so a leak would show.
+ENTROPY = [[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]]
+# d = logp - ref per token; padding 30 (k2 would be capped at 10 there if counted).
+REF_GAP = [[1.0, 0.0, -1.0], [2.0, 0.0, 30.0]]
+ACTOR_OPTIONS = {"clip_eps_high": None, "dual_clip": None, "agg": "token_mean", "max_len": None}
+
+
+def _actor_inputs():
+    logprobs, old, advantages, mask = _policy_inputs()
+    ref = logprobs.detach() - t64(REF_GAP)
+    entropy = t64(ENTROPY).requires_grad_(True)
+    return logprobs, old, ref, advantages, entropy, mask
+
+
+def test_actor_loss_adds_entropy_bonus_and_kl_term():
+    logprobs, old, ref, advantages, entropy, mask = _actor_inputs()
+    # policy part (test_policy_loss_clipping_and_stats): P = (sum ROW0 + sum ROW1) / 5
+    # entropy token mean: (1 + 2 + 3 + 4 + 5) / 5 = 3;            bonus -0.01 * 3 = -0.03
+    # k2 = 0.5 d^2 = (0.5, 0, 0.5, 2, 0), token mean 3 / 5 = 0.6;  KL term 0.1 * 0.6 = +0.06
+    # loss = P - 0.03 + 0.06
+    policy = (sum(ROW0) + sum(ROW1)) / 5
+    loss, stats = alg.actor_loss(
+        logprobs, old, ref, advantages, entropy, mask, 0.2, **ACTOR_OPTIONS,
+        entropy_coef=0.01, kl_coef=0.1, kl_estimator="k2",
+    )
+    assert_close(loss, t64(policy - 0.03 + 0.06), **TOL)
+    assert list(stats) == ["clipfrac", "approx_kl", "policy_loss", "kl_loss", "entropy"]
+    assert_close(stats["policy_loss"], policy, **TOL)
+    assert_close(stats["kl_loss"], 0.6, **TOL)
+    assert_close(stats["entropy"], 3.0, **TOL)
+    assert_close(stats["clipfrac"], 0.4, **TOL)
+    loss.backward()
+    # d loss / d logp = policy part (test_policy_loss_gradient_is_zero_where_clipped)
+    #                   + 0.1 * d / 5 from the KL term (d k2 / d logp = d): (0.02, 0, -0.02 | 0.04, 0)
+    # d loss / d entropy = -0.01 / 5 = -0.002 on every valid token, 0 on padding
+    grad = t64([
+        [-math.exp(0.1) / 5 + 0.02, 0.0, -math.exp(-0.5) / 5 - 0.02],
+        [2 * math.exp(0.3) / 5 + 0.04, 0.0, 0.0],
+    ])
+    assert_close(logprobs.grad, grad, **TOL)
+    assert_close(entropy.grad, -0.002 * mask, **TOL)
+
+
+def test_actor_loss_without_bonus_or_kl_term_is_the_policy_loss():
+    logprobs, old, _, advantages, entropy, mask = _actor_inputs()
+    # entropy_coef 0 and kl_coef None: loss = P exactly; no reference logprobs needed; entropy is
+    # still reported (token mean 3) but gets no gradient
+    loss, stats = alg.actor_loss(
+        logprobs, old, None, advantages, entropy, mask, 0.2, **ACTOR_OPTIONS,
+        entropy_coef=0.0, kl_coef=None, kl_estimator="k3",
+    )
+    policy, _ = alg.policy_loss(logprobs, old, advantages, mask, 0.2)
+    assert torch.equal(loss, policy)
+    assert "kl_loss" not in stats
+    assert_close(stats["entropy"], 3.0, **TOL)
+    loss.backward()
+    assert entropy.grad is None
+
+
+def test_actor_loss_kl_coef_zero_still_reports_the_kl():
+    logprobs, old, ref, advantages, entropy, mask = _actor_inputs()
+    # kl_coef 0 (an adaptive controller may reach it): the term adds 0 * kl, kl_loss is still reported
+    # k3 = e^-d - 1 + d: (e^-1, 0, e - 2, e^-2 + 1, 0), token mean (e^-1 + e + e^-2 - 1) / 5
+    loss, stats = alg.actor_loss(
+        logprobs, old, ref, advantages, entropy, mask, 0.2, **ACTOR_OPTIONS,
+        entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3",
+    )
+    assert_close(loss, t64((sum(ROW0) + sum(ROW1)) / 5), **TOL)
+    assert_close(stats["kl_loss"], (math.exp(-1) + math.e + math.exp(-2) - 1) / 5, **TOL)
+
+
+def test_actor_loss_reduces_every_term_by_the_same_agg():
+    logprobs, old, ref, advantages, entropy, mask = _actor_inputs()
+    # seq_mean_token_mean: each term is (mean of row 0 over 3 + mean of row 1 over 2) / 2
+    # policy (ROW0 / 3 + ROW1 / 2) / 2; entropy (6/3 + 9/2) / 2 = 3.25; k2 (1/3 + 2/2) / 2 = 2/3
+    # loss = policy - 0.01 * 3.25 + 0.1 * 2/3; the reported entropy stays the token mean 3
+    policy = (sum(ROW0) / 3 + sum(ROW1) / 2) / 2
+    loss, stats = alg.actor_loss(
+        logprobs, old, ref, advantages, entropy, mask, 0.2, **{**ACTOR_OPTIONS, "agg": "seq_mean_token_mean"},
+        entropy_coef=0.01, kl_coef=0.1, kl_estimator="k2",
+    )
+    assert_close(loss, t64(policy - 0.0325 + 0.1 * 2 / 3), **TOL)
+    assert_close(stats["kl_loss"], 2 / 3, **TOL)
+    assert_close(stats["entropy"], 3.0, **TOL)
+
+
 def test_entropy_from_logits():
     logits = t64([[[5.0, 5.0, 5.0], [0.0, 0.0, math.log(2.0)]]])
     # (0,0) uniform over 3: H = ln 3 (the shift by 5 must not matter)
