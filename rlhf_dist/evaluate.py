@@ -118,7 +118,7 @@ def write_report(
         [s["prompt"], name, s[name]["response"], s[name]["reward"], s[name].get("gold")]
         for s in samples for name in names
     ])
-    logger.log_summary({f"eval/{name}/{k}": v for name in names for k, v in results[name].items()})
+    logger.add_summary({f"eval/{name}/{k}": v for name in names for k, v in results[name].items()})
     for name in names:
         logger.message(f"rlhf_dist evaluate: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()))
 

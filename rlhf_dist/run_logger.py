@@ -107,12 +107,6 @@ class RunLogger:
         self._bar.set_postfix({k.removesuffix("/mean").split("/")[-1]: f"{metrics[k]:.4g}" for k in self.postfix
                                if k in metrics})
 
-    def log_summary(self, values: dict[str, Any]) -> None:
-        """Values that belong to the run as a whole (summary.json, W&B summary), logged now."""
-        self.add_summary(values)
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update(values)
-
     def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:
         """A table (e.g. sample responses): a W&B table logged at ``step`` (the row of that step's
         metrics), and one JSON line per row appended to ``<key>.jsonl`` in the run dir
@@ -125,8 +119,9 @@ class RunLogger:
 
             self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
-    def add_summary(self, values: dict[str, float]) -> None:
-        """Values for summary.json that are not per-step metrics (e.g. the initial evaluation)."""
+    def add_summary(self, values: dict[str, Any]) -> None:
+        """Values of the run as a whole, not of a step (e.g. the initial evaluation, the saved
+        model's path): ``finish`` writes them to summary.json and the W&B summary."""
         self.extra_summary.update(values)
 
     def message(self, text: str) -> None:
