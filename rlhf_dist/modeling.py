@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from rlhf_dist.algorithms import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.experience import Experience, PairBatch
+from rlhf_dist.experience import Experience, PairBatch, TensorRows
 
 TINY = "tiny"
 TINY_ARITH = "tiny-arith"
@@ -195,6 +196,16 @@ def response_values(critic: nn.Module, exp: Experience) -> torch.Tensor:
     return _response_slice(exp, values)
 
 
-def in_chunks(fn: Callable[[Experience], torch.Tensor], exp: Experience, chunk: int) -> torch.Tensor:
-    """Apply ``fn`` to row chunks of ``exp`` and concatenate the (b, T) results."""
-    return torch.cat([fn(exp.select(slice(i, i + chunk))) for i in range(0, len(exp), chunk)], dim=0)
+Rows = TypeVar("Rows", bound=TensorRows)
+
+
+def micro_batches(rows: Rows, size: int) -> Iterator[Rows]:
+    """Consecutive row slices of ``rows`` (an Experience, a PairBatch), ``size`` rows each, in
+    order; the last may be shorter."""
+    for start in range(0, len(rows), size):
+        yield rows.select(slice(start, start + size))
+
+
+def in_chunks(fn: Callable[[Rows], torch.Tensor], rows: Rows, chunk: int) -> torch.Tensor:
+    """Apply ``fn`` to row chunks of ``rows`` (``micro_batches``) and concatenate the (b, ...) results."""
+    return torch.cat([fn(micro) for micro in micro_batches(rows, chunk)], dim=0)

@@ -17,12 +17,13 @@ import torch
 
 from rlhf_dist import algorithms as A
 from rlhf_dist.config import AlgoConfig, ModelConfig, RunPlan, TrainerConfig
-from rlhf_dist.experience import Experience, PairBatch
+from rlhf_dist.experience import Experience, PairBatch, TensorRows
 from rlhf_dist.modeling import (
     in_chunks,
     load_causal_lm,
     load_critic,
     load_reward_model,
+    micro_batches,
     pair_scores,
     response_logprobs,
     response_values,
@@ -169,8 +170,8 @@ class _DeepSpeedRank:
     def lr(self) -> float:
         raise NotImplementedError
 
-    def _to_device(self, exp: Experience) -> Experience:
-        return exp.map_tensors(lambda t: t.to(self.engine.device))
+    def _to_device(self, rows: TensorRows) -> TensorRows:
+        return rows.map_tensors(lambda t: t.to(self.engine.device))
 
     def _minibatches(self, exp: Experience, epoch: int) -> list[Experience]:
         """Per-rank minibatches of this epoch, shuffled by a generator keyed on (seed, optimizer
@@ -188,9 +189,8 @@ class _DeepSpeedRank:
         count = 0
         for epoch in range(epochs):
             for minibatch in self._minibatches(exp, epoch):
-                for start in range(0, len(minibatch), self.cfg.micro_batch_size):
-                    micro = self._to_device(minibatch.select(slice(start, start + self.cfg.micro_batch_size)))
-                    loss, stats = loss_fn(micro)
+                for micro in micro_batches(minibatch, self.cfg.micro_batch_size):
+                    loss, stats = loss_fn(self._to_device(micro))
                     self.engine.backward(loss)
                     self.engine.step()
                     for k, v in stats.items():
@@ -255,12 +255,10 @@ class PolicyTrainer(_DeepSpeedRank):
         rollout temperature unless ``temperature`` is given."""
         self.engine.eval()
         exp = self._to_device(exp)
-        lps, ents = [], []
-        for i in range(0, len(exp), self.cfg.micro_batch_size):
-            micro = exp.select(slice(i, i + self.cfg.micro_batch_size))
-            lp, ent = response_logprobs(self.engine, micro, temperature or self.temperature, with_entropy=True)
-            lps.append(lp)
-            ents.append(ent)
+        lps, ents = zip(*(
+            response_logprobs(self.engine, micro, temperature or self.temperature, with_entropy=True)
+            for micro in micro_batches(exp, self.cfg.micro_batch_size)
+        ))
         return torch.cat(lps).cpu(), torch.cat(ents).cpu()
 
     def train(self, exp: Experience, epochs: int, algo: AlgoConfig, kl_coef: float) -> dict[str, float]:
@@ -378,8 +376,7 @@ class SFTTrainer(_SupervisedRank):
         self.engine.eval()
         exp = self._to_device(exp)
         total, tokens = 0.0, 0.0
-        for i in range(0, len(exp), self.cfg.micro_batch_size):
-            micro = exp.select(slice(i, i + self.cfg.micro_batch_size))
+        for micro in micro_batches(exp, self.cfg.micro_batch_size):
             logprobs, _ = response_logprobs(self.engine, micro, temperature=1.0)
             total -= A.masked_sum(logprobs, micro.response_mask).item()
             tokens += micro.response_mask.sum().item()
@@ -406,15 +403,10 @@ class RewardModelTrainer(_SupervisedRank):
     def scores(self, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) scores, each (b,), of this rank's shard."""
         self.engine.eval()
-        pairs = pairs.map_tensors(lambda t: t.to(self.engine.device))
-        chosen, rejected = [], []
-        for i in range(0, len(pairs), self.cfg.micro_batch_size):
-            c, r = pair_scores(
-                self.engine, pairs.select(slice(i, i + self.cfg.micro_batch_size)), self.engine.module.config.pad_token_id
-            )
-            chosen.append(c.cpu())
-            rejected.append(r.cpu())
-        return torch.cat(chosen), torch.cat(rejected)
+        pairs = self._to_device(pairs)
+        pad = self.engine.module.config.pad_token_id
+        scored = [pair_scores(self.engine, micro, pad) for micro in micro_batches(pairs, self.cfg.micro_batch_size)]
+        return torch.cat([c.cpu() for c, _ in scored]), torch.cat([r.cpu() for _, r in scored])
 
 
 class CriticTrainer(_DeepSpeedRank):
