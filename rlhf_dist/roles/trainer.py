@@ -200,22 +200,30 @@ class _DeepSpeedRank:
         out["lr"] = self.engine.get_lr()[0]
         return out
 
+    def _full_params(self):
+        """(name, full tensor) of every parameter in checkpoint naming (``named_parameters``: a tied
+        tensor once, under its first name); under ZeRO-3 each gather is a collective on every rank,
+        and the tensor is full only until the generator moves on."""
+        import deepspeed
+
+        for name, p in self.engine.module.named_parameters():
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p]):
+                    yield name, p.data
+            else:
+                yield name, p.data
+
     def save_model(self, path: str, extra_files: dict[str, str] | None = None, replace: bool = False) -> str:
         """Write the trained model as a Hugging Face directory (safetensors + config + tokenizer,
         plus ``extra_files``), atomically (``replace``: swapping out an existing one); ZeRO-3
         parameters are gathered. All ranks must call this (the gather is a collective); rank 0
         writes and returns the path, the others ""."""
-        import deepspeed
-
         module = self.engine.module
         state: dict[str, torch.Tensor] = {}
-        for name, p in module.named_parameters():
-            if hasattr(p, "ds_id"):  # ZeRO-3 partitioned: gather it (every rank takes part)
-                with deepspeed.zero.GatheredParameters([p]):
-                    if self.rank == 0:
-                        state[name] = p.data.detach().cpu().clone()
-            elif self.rank == 0:
-                state[name] = p.data.detach().cpu().clone()
+        for name, full in self._full_params():  # every rank iterates: the ZeRO-3 gathers pair up
+            if self.rank == 0:
+                # A copy now: a ZeRO-3 parameter is partitioned again once the generator moves on.
+                state[name] = full.detach().cpu().clone()
         if self.rank != 0:
             return ""
 
@@ -287,14 +295,11 @@ class PolicyTrainer(_DeepSpeedRank):
         return self._train(exp, epochs, loss_fn)
 
     # ------------------------------------------------------------------ weight sync
-    def _hf_module(self) -> torch.nn.Module:
-        return self.engine.module
-
     def weight_specs(self) -> list:
         from rlhf_dist.weight_sync import ParamSpec
 
         specs = []
-        for name, p in self._hf_module().named_parameters():
+        for name, p in self.engine.module.named_parameters():
             shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
             specs.append(ParamSpec(name, str(p.dtype).removeprefix("torch."), shape))
         return specs
@@ -308,17 +313,6 @@ class PolicyTrainer(_DeepSpeedRank):
             if self.sender is not None:  # a new group after an engine restart replaces the old one
                 self.sender.close()
             self.sender = make_sender(transport, host, port, world_size, timeout_s)
-
-    def _full_params(self):
-        """(name, full tensor) in checkpoint naming; under ZeRO-3 each gather is a collective on every rank."""
-        import deepspeed
-
-        for name, p in self._hf_module().named_parameters():
-            if hasattr(p, "ds_id"):
-                with deepspeed.zero.GatheredParameters([p]):
-                    yield name, p.data
-            else:
-                yield name, p.data
 
     def broadcast_weights(self) -> None:
         """Send every parameter (full, ZeRO-3 gathered) from rank 0; all ranks must call this."""
