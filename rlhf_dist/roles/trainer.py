@@ -273,24 +273,16 @@ class PolicyTrainer(_DeepSpeedRank):
         """PPO-clip epochs with the loss options of ``algo``; ``kl_coef`` weighs the KL loss term
         when ``algo.kl_in == "loss"`` (the controller owns the coefficient and its schedule)."""
 
+        kl_loss_coef = kl_coef if algo.kl_in == "loss" else None
+
         def loss_fn(micro: Experience):
             logprobs, entropy = response_logprobs(self.engine, micro, self.temperature, with_entropy=True)
-            mask = micro.response_mask
-            loss, stats = A.policy_loss(
-                logprobs, micro.old_logprobs, micro.advantages, mask, algo.clip_eps,
-                clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip, agg=algo.loss_agg,
-                max_len=self.max_new_tokens,
+            return A.actor_loss(
+                logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, entropy, micro.response_mask,
+                algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip, agg=algo.loss_agg,
+                max_len=self.max_new_tokens, entropy_coef=algo.entropy_coef, kl_coef=kl_loss_coef,
+                kl_estimator=algo.kl_estimator,
             )
-            stats["policy_loss"] = loss.item()
-            if algo.entropy_coef:
-                loss = loss - algo.entropy_coef * A.aggregate_loss(entropy, mask, algo.loss_agg, self.max_new_tokens)
-            if algo.kl_in == "loss":
-                kl = A.kl_estimate(logprobs, micro.ref_logprobs, algo.kl_estimator)
-                kl_loss = A.aggregate_loss(kl, mask, algo.loss_agg, self.max_new_tokens)
-                loss = loss + kl_coef * kl_loss
-                stats["kl_loss"] = kl_loss.item()
-            stats["entropy"] = A.masked_mean(entropy.detach(), mask).item()
-            return loss, stats
 
         return self._train(exp, epochs, loss_fn)
 
