@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlhf_dist.config import AlgoConfig
-from rlhf_dist.controller import Timer, advantages_for, make_kl_controller, step_metrics
+from rlhf_dist.controller import Timer, advantages_for, make_kl_controller, sample_seeds, step_metrics
 
 NAN = math.nan
 TOL = {"atol": 1e-6, "rtol": 0.0}
@@ -117,3 +117,11 @@ def test_timer_takes_out_a_phase_a_role_timed():
     # 5 s of which the engines slept 1.5 s: generate 5 - 1.5 = 3.5, then engine_sleep 1.5
     timer.take_out("generate", "engine_sleep", 1.5)
     assert list(timer.times.items()) == [("time/generate", 3.5), ("time/engine_sleep", 1.5)]
+
+
+def test_sample_seeds_distinct_and_reproducible():
+    a = sample_seeds(seed=0, step=3, n=64)
+    assert a == sample_seeds(seed=0, step=3, n=64)
+    assert len(set(a)) == 64
+    assert not set(a) & set(sample_seeds(seed=0, step=4, n=64))
+    assert sample_seeds(seed=1, step=3, n=64) != a

@@ -1,5 +1,6 @@
 """The reward actor's sources, called directly (the actor class is plain Python): a function with
-or without metadata, a real HTTP endpoint on localhost, weighted sums, and invalid scores."""
+or without metadata (and its import path), a real HTTP endpoint on localhost, weighted sums, and
+invalid scores."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from rlhf_dist.config import RewardConfig
-from rlhf_dist.roles.reward import RewardError, RewardScorer
+from rlhf_dist.roles.reward import RewardError, RewardScorer, import_function
 from tests.conftest import local_http_server, local_scorer, send_json
 
 
@@ -121,3 +122,16 @@ def test_reward_model_scores_are_normalised_with_the_saved_statistics(tiny_rewar
     (model / NORMALIZATION_FILE).write_text(json.dumps({"mean": 0.5, "std": 0.0}))
     with pytest.raises(ValueError, match="invalid normalisation"):
         scorer(function_weight=0.0, model_weight=1.0, model_path=str(model))
+
+
+def test_import_function_both_spellings():
+    from rlhf_dist.reviews import positive_sentiment_reward
+
+    assert import_function("rlhf_dist.reviews:positive_sentiment_reward") is positive_sentiment_reward
+    assert import_function("rlhf_dist.reviews.positive_sentiment_reward") is positive_sentiment_reward
+
+
+@pytest.mark.parametrize("path", ["rlhf_dist.reviews:nope", "no_such_module:f", "rlhf_dist.reviews:POSITIVE_WORDS"])
+def test_import_function_errors_name_the_key(path):
+    with pytest.raises(ValueError, match=rf"^reward\.function='{path}'"):
+        import_function(path)
