@@ -1,6 +1,6 @@
-"""RLHF math: masked statistics, KL estimators and controllers, advantages (GAE, GRPO,
+"""RLHF math: masked statistics, advantages (GAE, GRPO,
 Dr. GRPO, RLOO, REINFORCE++, chosen by name), dropped-sample scores, clipped losses and their
-aggregation, LR schedule.
+aggregation, LR schedule. The KL estimators and controllers are in ``rlhf_dist.kl``.
 
 Pure functions over tensors and floats. Per-token tensors are ``(B, T)`` over *response*
 positions; ``mask`` is ``(B, T)`` (float or bool), 1 on real response tokens and 0 on the
@@ -14,6 +14,8 @@ samples of prompt ``g`` contiguous, in rows ``[g * n, (g + 1) * n)``.
 import math
 
 import torch
+
+from rlhf_dist.kl import kl_estimate
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -70,82 +72,6 @@ def masked_whiten(
     var = masked_var(x, mask, unbiased=True)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
-
-
-# Every estimator reads d = log pi - log ref clamped to [-20, 20] (as veRL): a token the
-# reference all but rules out (ref logprob -100 in float32) would otherwise give k3 = e^100 = inf
-# and NaN gradients. e^20 = 4.9e8 is already far past any ratio that carries information.
-KL_LOG_RATIO_CLAMP = 20.0
-# k2 and k3 (both >= 0) are capped at 10 nats per token (veRL's low_var_kl bound; OpenRLHF clamps
-# to [-10, 10]). Unclamped, d = -15 gives k3 = e^15 = 3.3e6, so with the KL in the reward one token
-# outweighs every score of the batch once the returns are whitened; at the cap a token costs at
-# most kl_coef * 10 (0.5 at the default 0.05), while ordinary tokens (k3 well under 1) are untouched.
-# A token at the cap gets no gradient from a KL loss term.
-KL_VALUE_CLAMP = 10.0
-
-
-def _clamped_log_ratio(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    # Tokens past the clamp get no gradient (torch.clamp passes none outside its range).
-    return torch.clamp(logprobs - ref_logprobs, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
-
-
-def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate k1 (Schulman): the log-ratio, unbiased but can be negative.
-
-    d = log pi - log ref is clamped to [-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP] = [-20, 20].
-    As a loss term it is useless: with the token sampled from pi, E[grad k1] = E[grad log pi] = 0,
-    so only its sampling noise reaches the update (``AlgoConfig.validate`` refuses k1 with
-    kl_in=loss). Put it in the reward instead, where the policy gradient carries it.
-    Shape: (B, T), (B, T) -> (B, T).
-    """
-    # k1_t = clamp(log pi(a_t) - log ref(a_t), -20, 20)
-    return _clamped_log_ratio(logprobs, ref_logprobs)
-
-
-def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate k2 (Schulman): biased, non-negative, low variance.
-
-    d is clamped to [-20, 20] and k2 to at most KL_VALUE_CLAMP = 10 (|d| > sqrt(20) = 4.47).
-    As a loss term, at each state s with the token sampled from pi:
-    E[grad k2] = E[d grad log pi] = grad KL(pi(.|s) || ref(.|s)), the reverse KL's gradient.
-    Shape: (B, T), (B, T) -> (B, T).
-    """
-    # d = clamp(log pi - log ref, -20, 20);  k2_t = min(0.5 * d^2, 10)
-    log_ratio = _clamped_log_ratio(logprobs, ref_logprobs)
-    return torch.clamp(0.5 * log_ratio**2, max=KL_VALUE_CLAMP)
-
-
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate k3 (Schulman): unbiased and non-negative.
-
-    d is clamped to [-20, 20] and k3 to at most KL_VALUE_CLAMP = 10 (d < -2.611 or d > 10.99998).
-    As a loss term (GRPO's), at each state s with the token sampled from pi:
-    E[grad k3] = E[(1 - ref/pi) grad log pi] = -E_ref[grad log pi] = grad KL(ref(.|s) || pi(.|s)),
-    the forward KL's gradient, not that of the KL(pi || ref) its value estimates.
-    Shape: (B, T), (B, T) -> (B, T).
-    """
-    # d = clamp(log pi - log ref, -20, 20), r = ref / pi = e^-d
-    # k3_t = min(r - 1 - log r, 10) = min(e^-d - 1 + d, 10)
-    # expm1 keeps e^-d - 1 accurate when d is near 0, where most tokens are.
-    log_ratio = _clamped_log_ratio(logprobs, ref_logprobs)
-    return torch.clamp(torch.expm1(-log_ratio) + log_ratio, max=KL_VALUE_CLAMP)
-
-
-_KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
-
-
-def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token KL(pi || ref) with the estimator named by ``kind`` ("k1", "k2" or "k3").
-
-    All clamp the log-ratio to [-20, 20]; k2 and k3 are capped at 10. Expected gradient as a
-    loss, per state with the token sampled from pi: k1 0, k2 grad KL(pi || ref), k3 grad KL(ref || pi).
-    Shape: (B, T), (B, T) -> (B, T).
-    """
-    if kind not in _KL_ESTIMATORS:
-        raise ValueError(
-            f"unknown KL estimator kind {kind!r}; expected one of {tuple(_KL_ESTIMATORS)}"
-        )
-    return _KL_ESTIMATORS[kind](logprobs, ref_logprobs)
 
 
 def _check_response_tokens(mask: torch.Tensor, caller: str, every_row: bool = True) -> None:
@@ -590,53 +516,6 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     # log p(y_t) = l_{t, y_t} - logsumexp(l_t)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     return log_probs.gather(dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)
-
-
-class FixedKLController:
-    """KL penalty coefficient that never changes."""
-
-    def __init__(self, value: float):
-        self.value = value
-
-    def update(self, current_kl: float, n_steps: int) -> float:
-        return self.value
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-
-
-class AdaptiveKLController:
-    """KL penalty coefficient steered toward a target KL (Ziegler et al. 2019).
-
-    ``current_kl`` is the measured KL(pi || ref) per sequence, ``n_steps`` the number of
-    samples (or steps) since the last update, ``horizon`` how many of them a full
-    proportional correction takes.
-    """
-
-    def __init__(self, init_value: float, target: float, horizon: float):
-        if target <= 0:
-            raise ValueError(f"AdaptiveKLController target must be > 0 (a KL), got {target}")
-        if horizon <= 0:
-            raise ValueError(f"AdaptiveKLController horizon must be > 0, got {horizon}")
-        self.value = init_value
-        self.target = target
-        self.horizon = horizon
-
-    def update(self, current_kl: float, n_steps: int) -> float:
-        # e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-        return self.value
-
-    def state_dict(self) -> dict[str, float]:
-        # target and horizon come from config; only the coefficient is training state.
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
 
 
 _SCHEDULES = ("constant", "linear", "cosine")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import ray
 
-from rlhf_dist.config import Config, RoleResources, RunPlan
+from rlhf_dist.config import Config, RoleResources, RunPlan, TrainerPlan
 from rlhf_dist.modeling import token_vocab_size
 from rlhf_dist.placement import Slot, actor_env, init_ray, place, spawn
 from rlhf_dist.preemption import Interrupted
@@ -131,7 +131,7 @@ def start_reference(cfg: Config, model_path: str, slots: list[Slot]) -> Referenc
 
 
 def spawn_trainers(
-    cfg: Config, plan: RunPlan, cls: type, resources: RoleResources, model_path: str, slots: list[Slot],
+    cfg: Config, plan: TrainerPlan, cls: type, resources: RoleResources, model_path: str, slots: list[Slot],
     extra: dict[str, object],
 ) -> list:
     """One DeepSpeed rank of ``cls`` per slot; ``extra`` are that trainer class's own keyword arguments."""
@@ -186,7 +186,7 @@ def start_roles(
 
 
 def start_trainer_group(
-    cfg: Config, plan: RunPlan, role: str, model_path: str, actors: list, logger: RunLogger, lr: float
+    cfg: Config, plan: TrainerPlan, role: str, model_path: str, actors: list, logger: RunLogger, lr: float
 ) -> TrainerGroup:
     """One DeepSpeed data-parallel group on its own, for the supervised stages: ``role`` is
     "sft" or "reward_model", trained at ``lr``. Uses the policy's resources. The group joins

@@ -20,6 +20,7 @@ from rlhf_dist.cluster import Roles
 from rlhf_dist.config import AlgoConfig, Config
 from rlhf_dist.data import PromptSampler, PromptSet
 from rlhf_dist.experience import collate, pad_right
+from rlhf_dist.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_dist.preemption import Preemption
 from rlhf_dist.roles.groups import RewardGroup
 from rlhf_dist.roles.reward import import_function
@@ -53,10 +54,10 @@ def sample_seeds(seed: int, step: int, n: int) -> list[int]:
     return [derive_seed(ENGINE_SAMPLE, seed, step, i) for i in range(n)]
 
 
-def make_kl_controller(algo: AlgoConfig) -> A.FixedKLController | A.AdaptiveKLController:
+def make_kl_controller(algo: AlgoConfig) -> FixedKLController | AdaptiveKLController:
     if algo.kl_controller == "adaptive":
-        return A.AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
-    return A.FixedKLController(algo.kl_coef)
+        return AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
+    return FixedKLController(algo.kl_coef)
 
 
 def advantages_for(
@@ -136,7 +137,7 @@ def step_metrics(
 
 def rl_step(
     step: int, cfg: Config, roles: Roles, prompts: PromptSet, sampler: PromptSampler,
-    kl_ctl: A.FixedKLController | A.AdaptiveKLController,
+    kl_ctl: FixedKLController | AdaptiveKLController,
 ) -> tuple[dict[str, float], list[list]]:
     """One iteration; returns its metrics and its first ``logger.num_samples`` rollouts as rows
     of ``ROLLOUT_COLUMNS`` (reward as scored, KL summed over the response's tokens)."""
@@ -162,7 +163,7 @@ def rl_step(
         (old_logprobs, entropy), values = together(
             roles.policy.logprobs_async(exp), roles.critic.values_async(exp) if roles.critic else None
         )
-    kl = A.kl_estimate(old_logprobs, ref_logprobs, algo.kl_estimator)
+    kl = kl_estimate(old_logprobs, ref_logprobs, algo.kl_estimator)
     kl_coef = kl_ctl.value
     advantages, returns = advantages_for(algo, scores, kl, mask, values, n, kl_coef)
     exp = exp.with_fields(  # a dropped sample carries no policy gradient

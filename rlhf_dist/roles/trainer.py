@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rlhf_dist import algorithms as A
-from rlhf_dist.config import AlgoConfig, ModelConfig, RunPlan, TrainerConfig
+from rlhf_dist.config import AlgoConfig, ModelConfig, RunPlan, TrainerConfig, TrainerPlan
 from rlhf_dist.experience import Experience, PairBatch, TensorRows
 from rlhf_dist.modeling import (
     in_chunks,
@@ -67,7 +67,7 @@ def safe_checkpoint_engine(ds_config):
     return SafeTorchCheckpointEngine(ds_config)
 
 
-def deepspeed_config(cfg: TrainerConfig, plan: RunPlan, dtype: str) -> dict:
+def deepspeed_config(cfg: TrainerConfig, plan: TrainerPlan, dtype: str) -> dict:
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer and cfg.zero_stage >= 2:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -87,7 +87,7 @@ def deepspeed_config(cfg: TrainerConfig, plan: RunPlan, dtype: str) -> dict:
 class _DeepSpeedRank:
     """Shared set-up of one ZeRO data-parallel rank; subclasses own the model and loss."""
 
-    def __init__(self, *, spec: RankSpec, cfg: TrainerConfig, model_cfg: ModelConfig, plan: RunPlan) -> None:
+    def __init__(self, *, spec: RankSpec, cfg: TrainerConfig, model_cfg: ModelConfig, plan: TrainerPlan) -> None:
         self.cfg, self.model_cfg, self.plan = cfg, model_cfg, plan
         self.model_path, self.rank, self.device = spec.model_path, spec.rank, spec.device
         self.seed, self.collective_timeout_s = spec.seed, spec.timeout_s
@@ -331,7 +331,9 @@ class PolicyTrainer(_DeepSpeedRank):
 class _SupervisedRank(_DeepSpeedRank):
     """A rank of a supervised stage (SFT, reward model): its learning rate comes from the stage's config."""
 
-    def __init__(self, *, spec: RankSpec, cfg: TrainerConfig, model_cfg: ModelConfig, plan: RunPlan, lr: float) -> None:
+    def __init__(
+        self, *, spec: RankSpec, cfg: TrainerConfig, model_cfg: ModelConfig, plan: TrainerPlan, lr: float
+    ) -> None:
         super().__init__(spec=spec, cfg=cfg, model_cfg=model_cfg, plan=plan)
         self._lr = lr
 

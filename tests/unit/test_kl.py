@@ -1,5 +1,5 @@
 """Hand-derived checks for the KL estimators (k1, k2, k3, their clamps and expected gradients) and
-the KL controllers in rlhf_dist.algorithms; each expected number is worked out in a comment."""
+the KL controllers in rlhf_dist.kl; each expected number is worked out in a comment."""
 
 import math
 
@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from rlhf_dist import algorithms as alg
+from rlhf_dist import kl as K
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
 F64 = torch.float64
@@ -22,7 +23,7 @@ def t64(data):
 
 def test_kl_k1():
     # k1 = logp - ref: (-1 - -1.5, -2 - -1) = (0.5, -1)
-    kl = alg.kl_k1(t64([[-1.0, -2.0]]), t64([[-1.5, -1.0]]))
+    kl = K.kl_k1(t64([[-1.0, -2.0]]), t64([[-1.5, -1.0]]))
     assert_close(kl, t64([[0.5, -1.0]]), **TOL)
 
 
@@ -33,7 +34,7 @@ REF = t64([[-1.5, -1.0, -0.3]])
 
 def test_kl_k2():
     # k2 = 0.5 d^2 = (0.5 * 0.25, 0.5 * 1, 0) = (0.125, 0.5, 0)
-    assert_close(alg.kl_k2(LOGP, REF), t64([[0.125, 0.5, 0.0]]), **TOL)
+    assert_close(K.kl_k2(LOGP, REF), t64([[0.125, 0.5, 0.0]]), **TOL)
 
 
 def test_kl_k3():
@@ -42,20 +43,20 @@ def test_kl_k3():
     #   d = -1:  e^1 - 1 - 1 = e - 2 = 0.7182818
     #   d = 0:   1 - 1 + 0 = 0
     expected = t64([[math.exp(-0.5) - 0.5, math.e - 2.0, 0.0]])
-    assert_close(alg.kl_k3(LOGP, REF), expected, **TOL)
+    assert_close(K.kl_k3(LOGP, REF), expected, **TOL)
 
 
 def test_kl_estimate_dispatches_by_kind():
     # same numbers as above, reached through the kind string
-    assert_close(alg.kl_estimate(LOGP, REF, "k1"), t64([[0.5, -1.0, 0.0]]), **TOL)
-    assert_close(alg.kl_estimate(LOGP, REF, "k2"), t64([[0.125, 0.5, 0.0]]), **TOL)
+    assert_close(K.kl_estimate(LOGP, REF, "k1"), t64([[0.5, -1.0, 0.0]]), **TOL)
+    assert_close(K.kl_estimate(LOGP, REF, "k2"), t64([[0.125, 0.5, 0.0]]), **TOL)
     expected_k3 = t64([[math.exp(-0.5) - 0.5, math.e - 2.0, 0.0]])
-    assert_close(alg.kl_estimate(LOGP, REF, "k3"), expected_k3, **TOL)
+    assert_close(K.kl_estimate(LOGP, REF, "k3"), expected_k3, **TOL)
 
 
 def test_kl_estimate_unknown_kind_names_it():
     with pytest.raises(ValueError, match="unknown KL estimator kind 'k4'"):
-        alg.kl_estimate(LOGP, REF, "k4")
+        K.kl_estimate(LOGP, REF, "k4")
 
 
 # d = logp - ref over ref = 0: far below the reference, moderately off, and far above it
@@ -66,17 +67,17 @@ def test_kl_estimators_clamp_the_log_ratio_and_the_value():
     d = t64([EXTREME_D])
     ref = torch.zeros_like(d)
     # k1 = clamp(d, -20, 20): (-20, -15, -1, 0.5, 15, 20)
-    assert_close(alg.kl_k1(d, ref), t64([[-20.0, -15.0, -1.0, 0.5, 15.0, 20.0]]), **TOL)
+    assert_close(K.kl_k1(d, ref), t64([[-20.0, -15.0, -1.0, 0.5, 15.0, 20.0]]), **TOL)
     # k2 = min(0.5 * clamp(d)^2, 10): 0.5 * 400 = 200 -> 10; 0.5 * 225 = 112.5 -> 10; 0.5; 0.125;
     #   112.5 -> 10; 200 -> 10
-    assert_close(alg.kl_k2(d, ref), t64([[10.0, 10.0, 0.5, 0.125, 10.0, 10.0]]), **TOL)
+    assert_close(K.kl_k2(d, ref), t64([[10.0, 10.0, 0.5, 0.125, 10.0, 10.0]]), **TOL)
     # k3 = min(e^-d - 1 + d, 10) on clamped d:
     #   d = -20: e^20 - 21 = 4.9e8 -> 10;  d = -15: e^15 - 16 = 3.3e6 -> 10 (unclamped it is 3.3e6)
     #   d = -1: e - 2;  d = 0.5: e^-0.5 - 0.5
     #   d = 15: e^-15 + 14 = 14.0000003 -> 10;  d = 25 -> 20: e^-20 + 19 -> 10
     expected = t64([[10.0, 10.0, math.e - 2.0, math.exp(-0.5) - 0.5, 10.0, 10.0]])
-    assert_close(alg.kl_k3(d, ref), expected, **TOL)
-    assert alg.KL_LOG_RATIO_CLAMP == 20.0 and alg.KL_VALUE_CLAMP == 10.0
+    assert_close(K.kl_k3(d, ref), expected, **TOL)
+    assert K.KL_LOG_RATIO_CLAMP == 20.0 and K.KL_VALUE_CLAMP == 10.0
 
 
 def test_kl_estimators_are_finite_with_finite_gradients_in_float32():
@@ -95,7 +96,7 @@ def test_kl_estimators_are_finite_with_finite_gradients_in_float32():
     }
     for kind, grad in expected_grads.items():
         logprobs.grad = None
-        kl = alg.kl_estimate(logprobs, ref, kind)
+        kl = K.kl_estimate(logprobs, ref, kind)
         assert torch.isfinite(kl).all(), kind
         kl.sum().backward()
         assert torch.isfinite(logprobs.grad).all(), kind
@@ -105,7 +106,7 @@ def test_kl_estimators_are_finite_with_finite_gradients_in_float32():
 def test_k3_outlier_token_is_a_bounded_reward_penalty():
     # row 0: d = (-100, 0), score 1, kl_coef 0.05, float32; k3 = (10 [capped], 0)
     # rewards = (-0.05 * 10, -0.05 * 0 + 1) = (-0.5, 1.0)  (unclamped: (-inf, 1.0))
-    kl = alg.kl_k3(torch.tensor([[-100.0, 0.0]]), torch.zeros(1, 2))
+    kl = K.kl_k3(torch.tensor([[-100.0, 0.0]]), torch.zeros(1, 2))
     rewards = alg.token_rewards(torch.tensor([1.0]), kl, torch.ones(1, 2), kl_coef=0.05)
     assert_close(rewards, torch.tensor([[-0.5, 1.0]]), **TOL)
 
@@ -119,7 +120,7 @@ def test_kl_estimator_expected_gradients_as_a_loss():
     def expected_grad(kind):
         logpi = torch.log_softmax(theta, dim=0)
         pi = logpi.exp().detach()
-        (grads,) = torch.autograd.grad((pi * alg.kl_estimate(logpi, ref, kind)).sum(), theta)
+        (grads,) = torch.autograd.grad((pi * K.kl_estimate(logpi, ref, kind)).sum(), theta)
         return grads
 
     def grad_of(kl_fn):
@@ -142,31 +143,31 @@ def test_kl_estimator_expected_gradients_as_a_loss():
 
 
 def test_fixed_kl_controller():
-    ctl = alg.FixedKLController(0.05)
+    ctl = K.FixedKLController(0.05)
     # never moves, whatever the measured KL
     assert ctl.update(current_kl=100.0, n_steps=64) == 0.05
     assert ctl.update(current_kl=0.0, n_steps=64) == 0.05
     assert ctl.value == 0.05
-    restored = alg.FixedKLController(1.0)
+    restored = K.FixedKLController(1.0)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == 0.05
 
 
 def test_adaptive_kl_controller_updates():
-    ctl = alg.AdaptiveKLController(init_value=0.1, target=6.0, horizon=100)
+    ctl = K.AdaptiveKLController(init_value=0.1, target=6.0, horizon=100)
     # KL 9: e = 9/6 - 1 = 0.5 -> clipped to 0.2; value = 0.1 * (1 + 0.2 * 10/100) = 0.1 * 1.02 = 0.102
     assert_close(ctl.update(current_kl=9.0, n_steps=10), 0.102, **TOL)
     # KL 5.4: e = 0.9 - 1 = -0.1 (inside the clip); value = 0.102 * (1 - 0.1 * 20/100) = 0.102 * 0.98 = 0.09996
     assert_close(ctl.update(current_kl=5.4, n_steps=20), 0.09996, **TOL)
     assert_close(ctl.value, 0.09996, **TOL)
     # state round-trip, then KL 0: e = -1 -> clipped to -0.2; value = 0.09996 * (1 - 0.2 * 50/100) = 0.089964
-    restored = alg.AdaptiveKLController(init_value=1.0, target=6.0, horizon=100)
+    restored = K.AdaptiveKLController(init_value=1.0, target=6.0, horizon=100)
     restored.load_state_dict(ctl.state_dict())
     assert_close(restored.update(current_kl=0.0, n_steps=50), 0.089964, **TOL)
 
 
 def test_adaptive_kl_controller_validates():
     with pytest.raises(ValueError, match="target must be > 0"):
-        alg.AdaptiveKLController(init_value=0.1, target=0.0, horizon=100)
+        K.AdaptiveKLController(init_value=0.1, target=0.0, horizon=100)
     with pytest.raises(ValueError, match="horizon must be > 0"):
-        alg.AdaptiveKLController(init_value=0.1, target=6.0, horizon=0)
+        K.AdaptiveKLController(init_value=0.1, target=6.0, horizon=0)
