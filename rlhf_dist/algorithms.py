@@ -1,6 +1,7 @@
 """RLHF math: masked statistics, advantages (GAE, GRPO,
 Dr. GRPO, RLOO, REINFORCE++, chosen by name), dropped-sample scores, clipped losses and their
-aggregation, LR schedule. The KL estimators and controllers are in ``rlhf_dist.kl``.
+aggregation, off-policy rollout correction, LR schedule. The KL estimators and controllers are in
+``rlhf_dist.kl``.
 
 Pure functions over tensors and floats. Per-token tensors are ``(B, T)`` over *response*
 positions; ``mask`` is ``(B, T)`` (float or bool), 1 on real response tokens and 0 on the
@@ -15,7 +16,7 @@ import math
 
 import torch
 
-from rlhf_dist.kl import kl_estimate
+from rlhf_dist.kl import kl_estimate, kl_k3
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -340,6 +341,63 @@ def aggregate_loss(
     raise ValueError(f"unknown loss agg {agg!r}; expected one of {_LOSS_AGGS}")
 
 
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+
+
+def rollout_correction(
+    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, mode: str, cap: float
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Per-token weights that correct the policy loss for tokens sampled by the engines
+    (pi_rollout: vLLM's numerics, perhaps a policy version behind) rather than by the trainer's
+    policy before the update (pi_old), and the mismatch statistics; ``cap`` > 1.
+
+    With rho_t = pi_old(y_t) / pi_rollout(y_t) = exp(old_logprobs - rollout_logprobs):
+    "none": no weights (None), the statistics only, so the mismatch is seen before it is corrected.
+    "tis", truncated IS (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"): w_t = min(rho_t, cap).
+    "mis", masked IS, the IcePop operator M(rho; 1/cap, cap) of Ring-1T (Ling Team 2025, "Every
+    step evolves", arXiv 2510.18855), the two-sided form of Yao et al.'s follow-up token-level MIS:
+    w_t = rho_t where 1/cap <= rho_t <= cap, else 0. A kept token keeps its IS weight (it is
+    corrected, not just let through); a dropped one contributes nothing.
+    The weights are constants, 0 on padding; ``policy_loss`` multiplies each token's PPO term by
+    them and leaves the denominators as they are: a dropped token still counts among token_mean's
+    tokens and in its row's length (IcePop's 1 / sum_i |y_i|), so dropping a token removes its
+    term without scaling up the others, and a micro-batch whose tokens are all dropped adds 0, not 0 / 0.
+    Stats, over valid tokens: ``rollout_corr/ratio_mean`` and ``ratio_max`` (rho before truncation),
+    ``mismatch_kl`` (k3 estimate of KL(pi_rollout || pi_old), mean per token, ``kl_k3``'s clamps),
+    and ``truncated_frac`` (tis: share with rho > cap) or ``masked_frac`` (mis: share with w = 0).
+    Shape: (B, T) each -> (B, T) or None, stats.
+    """
+    # rho = exp(old - rollout);  tis: w = min(rho, cap);  mis: w = rho * [1/cap <= rho <= cap]
+    # mismatch_kl = mean_valid(rho - 1 - log rho)  (k3, tokens sampled from pi_rollout)
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"unknown rollout correction {mode!r}; expected one of {ROLLOUT_CORRECTIONS}")
+    if cap <= 1.0:
+        raise ValueError(
+            f"rollout correction cap must be > 1 (tis truncates rho at it, mis keeps [1/cap, cap]), got {cap}"
+        )
+    _check_response_tokens(mask, "rollout_correction", every_row=False)
+    valid = mask.bool()
+    with torch.no_grad():
+        # Padding gets rho = 1 so that no overflow there can turn into NaN in the masked means.
+        ratio = torch.exp(torch.where(valid, old_logprobs - rollout_logprobs, 0.0))
+        stats = {
+            "rollout_corr/ratio_mean": masked_mean(ratio, mask).item(),
+            "rollout_corr/ratio_max": ratio[valid].max().item(),
+            "rollout_corr/mismatch_kl": masked_mean(kl_k3(rollout_logprobs, old_logprobs), mask).item(),
+        }
+        if mode == "none":
+            return None, stats
+        if mode == "tis":
+            weights = torch.clamp(ratio, max=cap)
+            stats["rollout_corr/truncated_frac"] = masked_mean((ratio > cap).to(ratio.dtype), mask).item()
+        else:
+            kept = (ratio >= 1.0 / cap) & (ratio <= cap)
+            weights = torch.where(kept, ratio, 0.0)  # where, not rho * kept: an overflowed rho is inf
+            stats["rollout_corr/masked_frac"] = masked_mean((~kept).to(ratio.dtype), mask).item()
+        return torch.where(valid, weights, 0.0), stats
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -351,12 +409,16 @@ def policy_loss(
     dual_clip: float | None = None,
     agg: str = "token_mean",
     max_len: int | None = None,
+    rollout_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate loss, reduced over valid tokens by ``aggregate_loss(agg, max_len)``.
 
     ``clip_eps_high`` (DAPO "clip-higher") sets the upper clip bound 1 + clip_eps_high
     (None: clip_eps). ``dual_clip`` = c > 1 (Ye et al. 2020) caps the loss of tokens with
     A < 0 at -A * c, so a huge ratio on a bad token cannot blow up the update.
+    ``rollout_weights`` (B, T), from ``rollout_correction`` (None: no correction), multiply each
+    token's term as constants (no gradient flows into them); the aggregation is unchanged, so a
+    token of weight 0 still counts in the denominator.
     Shape: (B, T) each -> scalar loss. Stats, always means over valid tokens: ``clipfrac``
     (the clipped term is strictly the larger), ``approx_kl`` (0.5 * (logp - old)^2) and, when
     ``dual_clip`` is set, ``dual_clipfrac`` (the cap is active).
@@ -364,6 +426,7 @@ def policy_loss(
     # ratio = exp(logp - old_logp)
     # l     = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))
     # l     = min(l, -A * c)   where A < 0, if dual_clip
+    # l     = w * l            if rollout_weights
     # loss  = aggregate_loss(l, mask, agg)
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (the cap is -A * dual_clip), got {dual_clip}")
@@ -378,6 +441,8 @@ def policy_loss(
         # The capped value does not depend on logprobs, so capped tokens get no gradient.
         capped = (advantages < 0) & (per_token > cap)
         per_token = torch.where(capped, cap, per_token)
+    if rollout_weights is not None:
+        per_token = per_token * rollout_weights.detach()
     loss = aggregate_loss(per_token, mask, agg, max_len)
     with torch.no_grad():
         stats = {
@@ -402,26 +467,29 @@ def actor_loss(
     dual_clip: float | None,
     agg: str,
     max_len: int | None,
+    rollout_weights: torch.Tensor | None,
     entropy_coef: float,
     kl_coef: float | None,
     kl_estimator: str,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The PPO actor's loss: ``policy_loss`` minus the entropy bonus plus the KL loss term.
 
-    The options up to ``max_len`` are ``policy_loss``'s; the entropy bonus and the KL term are
-    reduced by the same ``aggregate_loss(agg, max_len)``. ``entropy_coef`` 0 adds no bonus;
+    The options up to ``rollout_weights`` are ``policy_loss``'s (the rollout weights multiply the
+    clipped surrogate only, not the entropy bonus or the KL term); the entropy bonus and the KL term
+    are reduced by the same ``aggregate_loss(agg, max_len)``. ``entropy_coef`` 0 adds no bonus;
     ``kl_coef`` None adds no KL term (the KL penalty is in the rewards, or off), and only then may
     ``ref_logprobs`` be None; ``kl_estimator`` names the per-token estimator (``kl_estimate``).
     Shape: (B, T) each -> scalar loss. Stats: ``policy_loss``'s, ``policy_loss`` (the clipped
     surrogate alone), ``kl_loss`` (the aggregated KL, with a KL term) and ``entropy`` (mean over
     valid tokens whatever the agg).
     """
-    # loss = policy_loss(logp, old, A)
+    # loss = policy_loss(logp, old, A, rollout_weights)
     #        - entropy_coef * aggregate_loss(entropy)                   if entropy_coef
     #        + kl_coef * aggregate_loss(kl_estimate(logp, ref))         if kl_coef is not None
     loss, stats = policy_loss(
         logprobs, old_logprobs, advantages, mask, clip_eps,
         clip_eps_high=clip_eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len,
+        rollout_weights=rollout_weights,
     )
     stats["policy_loss"] = loss.item()
     if entropy_coef:

@@ -56,6 +56,7 @@ class Experience(TensorRows):
     old_values: torch.Tensor | None = None  # (B, T) critic values before the update
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T)
+    rollout_weights: torch.Tensor | None = None  # (B, T) float off-policy correction (algorithms.rollout_correction)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -118,6 +118,7 @@ class EvalConfig:
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # need rollout.n > 1 samples per prompt
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 
 
 @dataclass
@@ -164,6 +165,13 @@ class AlgoConfig:
     ppo_epochs: int = 2
     # Samples per optimizer step, summed over all data-parallel ranks.
     minibatch_size: int = 32
+    # Off-policy correction of the policy loss per token, rho = pi_old / pi_rollout (trainer before the
+    # update / engine that sampled): none; tis, weight min(rho, cap) (truncated IS, Yao et al. 2025, "Your
+    # efficient RL framework secretly brings you off-policy RL training"); mis, weight rho inside
+    # [1/cap, cap] and 0 outside (masked IS, IcePop: Ring-1T, arXiv 2510.18855). Loss denominators unchanged.
+    rollout_correction: str = "none"
+    # The cap C > 1 of rollout_correction: tis truncates rho at C, mis drops tokens with rho outside [1/C, C].
+    rollout_is_cap: float = 2.0
 
     @property
     def needs_critic(self) -> bool:
@@ -171,7 +179,8 @@ class AlgoConfig:
 
     def validate(self) -> None:
         choices = {"estimator": ESTIMATORS, "loss_agg": LOSS_AGGS, "kl_estimator": ("k1", "k2", "k3"),
-                   "kl_in": ("reward", "loss"), "kl_controller": ("fixed", "adaptive")}
+                   "kl_in": ("reward", "loss"), "kl_controller": ("fixed", "adaptive"),
+                   "rollout_correction": ROLLOUT_CORRECTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 _fail(f"algo.{name}", getattr(self, name), f"use one of {', '.join(allowed)}")
@@ -182,6 +191,9 @@ class AlgoConfig:
             _fail("algo.clip_eps_high", self.clip_eps_high, "must be > 0 (or null to use clip_eps)")
         if self.dual_clip is not None and self.dual_clip <= 1:
             _fail("algo.dual_clip", self.dual_clip, "must be > 1 (or null to disable)")
+        if self.rollout_is_cap <= 1:
+            _fail("algo.rollout_is_cap", self.rollout_is_cap,
+                  "must be > 1 (tis truncates the ratio at it, mis keeps ratios in [1/cap, cap])")
         if self.kl_coef < 0 or self.entropy_coef < 0:
             bad = "kl_coef" if self.kl_coef < 0 else "entropy_coef"
             _fail(f"algo.{bad}", getattr(self, bad), "must be >= 0")

@@ -545,7 +545,9 @@ def test_policy_loss_agg_modes():
 ENTROPY = [[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]]
 # d = logp - ref per token; padding 30 (k2 would be capped at 10 there if counted).
 REF_GAP = [[1.0, 0.0, -1.0], [2.0, 0.0, 30.0]]
-ACTOR_OPTIONS = {"clip_eps_high": None, "dual_clip": None, "agg": "token_mean", "max_len": None}
+ACTOR_OPTIONS = {
+    "clip_eps_high": None, "dual_clip": None, "agg": "token_mean", "max_len": None, "rollout_weights": None,
+}
 
 
 def _actor_inputs():

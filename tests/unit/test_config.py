@@ -176,6 +176,10 @@ BAD_VALUES = [
     ({"algo__estimator": "ppo2"}, "algo.estimator='ppo2':", "gae, grpo"),
     ({"algo__dual_clip": 1.0}, "algo.dual_clip=1.0:", "> 1"),
     ({"algo__kl_in": "both"}, "algo.kl_in='both':", "reward, loss"),
+    ({"algo__rollout_correction": "is"}, "algo.rollout_correction='is':", "none, tis, mis"),
+    # cap 1 would truncate every ratio above 1 (tis), or drop every token whose ratio is not exactly 1 (mis)
+    ({"algo__rollout_is_cap": 1.0}, "algo.rollout_is_cap=1.0:", "must be > 1"),
+    ({"algo__rollout_is_cap": 0.5}, "algo.rollout_is_cap=0.5:", "[1/cap, cap]"),
     # batch 64 x n 3 = 192 samples; 192 % 32 = 0 but 192 % 40 = 32
     ({"rollout__n": 3, "algo__minibatch_size": 40}, "rollout.batch_size=64:", "192"),
     ({"eval__every_steps": 5}, "data.eval_prompts='':", "needs held-out prompts"),
@@ -375,6 +379,11 @@ def test_kl_in_loss_refuses_k1_with_a_nonzero_coefficient():
 )
 def test_kl_placements_that_have_a_gradient_or_no_term_validate(kl_in, kl_estimator, kl_coef):
     AlgoConfig(kl_in=kl_in, kl_estimator=kl_estimator, kl_coef=kl_coef).validate()
+
+
+@pytest.mark.parametrize(("mode", "cap"), [("none", 2.0), ("tis", 2.0), ("mis", 1.5), ("tis", 5.0)])
+def test_rollout_corrections_with_a_cap_above_one_validate(mode, cap):
+    AlgoConfig(rollout_correction=mode, rollout_is_cap=cap).validate()
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "algo").glob("*.yaml")))

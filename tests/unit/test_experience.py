@@ -5,6 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from rlhf_dist.experience import Experience, collate, concat, pad_right, split_sizes
+from rlhf_dist.modeling import micro_batches
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
 
@@ -123,6 +124,25 @@ def test_select_with_index_tensor_keeps_other_fields():
     assert_close(picked.old_logprobs, torch.tensor([[6.0, 7.0], [0.0, 1.0]]), **TOL)
     assert_close(picked.advantages, torch.tensor([[-6.0, -7.0], [-0.0, -1.0]]), **TOL)
     assert isinstance(picked, Experience)
+
+
+def test_rollout_weights_travel_with_their_rows():
+    exp = five_rows()
+    assert exp.rollout_weights is None
+    # weights 10 * row + column, so each row's weights are recognisable
+    weights = torch.arange(5, dtype=torch.float32)[:, None] * 10 + torch.tensor([0.0, 1.0])
+    exp = exp.with_fields(rollout_weights=weights)
+    shards = exp.split(2)
+    assert torch.equal(concat([s.rollout_weights for s in shards]), weights)
+    # micro-batches of 2 rows (as the trainer forms them): rows 0-1, 2-3, 4
+    micros = list(micro_batches(exp, 2))
+    assert [m.rollout_weights.tolist() for m in micros] == [
+        [[0.0, 1.0], [10.0, 11.0]], [[20.0, 21.0], [30.0, 31.0]], [[40.0, 41.0]]
+    ]
+    # a shuffled selection keeps each row's weights beside its logprobs
+    picked = exp.select(torch.tensor([3, 0]))
+    assert torch.equal(picked.rollout_weights, weights[[3, 0]])
+    assert torch.equal(picked.old_logprobs, exp.old_logprobs[[3, 0]])
 
 
 def test_pad_right():
