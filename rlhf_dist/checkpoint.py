@@ -59,6 +59,8 @@ class TrainState:
     kl_controller: dict[str, float] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)  # run-level values logged so far
     wandb_id: str = ""
+    # Rollouts of the next steps already generated (rollout.max_staleness >= 1), as RolloutBatch.to_json
+    in_flight: list[dict] = field(default_factory=list)
 
 
 def step_dir_name(step: int) -> str:

@@ -55,19 +55,17 @@ class Roles:
         for group in self.groups():
             group.kill()
 
-    def generate(
-        self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False, sleep_after: bool = False
-    ) -> list[Generation]:
-        """Responses from the engines (then asleep with ``sleep_after``: ``GenerationGroup.generate``).
-        An engine process lost during the call is replaced, joined to a new weight-transfer group,
-        given the current policy weights, and the call retried: per-sample seeds make the retried
-        responses the ones the lost engine would have produced."""
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
+        """Responses from the engines (``GenerationGroup.generate``). An engine process lost during
+        the call is replaced, joined to a new weight-transfer group, given the current policy
+        weights, and the call retried: per-sample seeds make the retried responses the ones the lost
+        engine would have produced."""
         try:
-            return self.generation.generate(prompt_ids, seeds, greedy=greedy, sleep_after=sleep_after)
+            return self.generation.generate(prompt_ids, seeds, greedy=greedy)
         except RoleError as e:
             if not self.recovery.replace_lost_engines(self, e):
                 raise
-        return self.generation.generate(prompt_ids, seeds, greedy=greedy, sleep_after=sleep_after)
+        return self.generation.generate(prompt_ids, seeds, greedy=greedy)
 
     def processes(self, timeout_s: float) -> dict[str, list[int]]:
         """The process id of every actor, by role and rank (what to look at, or kill, from outside)."""
@@ -147,9 +145,10 @@ def connect_weights(cfg: Config, policy: PolicyGroup, generation: GenerationGrou
     res, ws, dtype = cfg.resources, cfg.weight_sync, cfg.model.dtype
     # Two probe sequences per trainer rank: every ZeRO rank runs the same number of forward passes.
     probe = probe_sequences(token_vocab_size(policy_path), 2 * cfg.trainer.world_size, cfg.seed)
+    # With rollouts more than one step ahead, a sync is queued behind a generation on the engines.
+    timeout_s = cfg.timeouts.weight_sync_s + (cfg.timeouts.generate_s if cfg.rollout.max_staleness > 1 else 0.0)
     weights = WeightSync(policy, generation, res.weight_sync_backend, cfg.rollout.tensor_parallel_size,
-                         cfg.timeouts.weight_sync_s, probe=probe, verify_every=ws.verify_every,
-                         tolerance=ws.tolerance(dtype))
+                         timeout_s, probe=probe, verify_every=ws.verify_every, tolerance=ws.tolerance(dtype))
     if ws.verify_every:
         weights.verify()
     return weights

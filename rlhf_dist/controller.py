@@ -18,40 +18,35 @@ from rlhf_dist import algorithms as A
 from rlhf_dist.checkpoint import Checkpointer, TrainState
 from rlhf_dist.cluster import Roles
 from rlhf_dist.config import AlgoConfig, Config
-from rlhf_dist.data import PromptSampler, PromptSet
+from rlhf_dist.data import PromptSet
 from rlhf_dist.experience import collate, pad_right
 from rlhf_dist.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_dist.preemption import Preemption
 from rlhf_dist.roles.groups import RewardGroup
 from rlhf_dist.roles.reward import import_function
 from rlhf_dist.run_logger import RunLogger
-from rlhf_dist.seeds import ENGINE_SAMPLE, derive_seed
+from rlhf_dist.rollout import RolloutBatch, RolloutQueue, sample_seeds
+from rlhf_dist.timeline import Timeline
 from rlhf_dist.worker_group import Pending, wait_all
 
 
 class Timer:
-    def __init__(self) -> None:
+    """``time/<name>`` of each phase of a step; with a timeline, also a span on the phase's track."""
+
+    def __init__(self, timeline: Timeline | None = None) -> None:
         self.times: dict[str, float] = {}
+        self.timeline = timeline
 
     @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+    def __call__(self, name: str, track: str = "controller") -> Iterator[None]:
+        start, wall = time.perf_counter(), time.time()
         yield
         self.times[f"time/{name}"] = time.perf_counter() - start
-
-    def take_out(self, name: str, part: str, seconds: float | None) -> None:
-        """Report ``seconds`` of ``time/<name>`` as ``time/<part>``, a phase a role timed itself (None: none)."""
-        if seconds is not None:
-            self.times[f"time/{name}"] -= seconds
-            self.times[f"time/{part}"] = seconds
+        if self.timeline is not None:
+            self.timeline.add(track, name, wall, time.time())
 
 
 EVAL_SEED_STEP = 2**20  # evaluation samples draw seeds no training step uses
-
-
-def sample_seeds(seed: int, step: int, n: int) -> list[int]:
-    """Per-sample engine seeds: a run is reproducible whatever the engine count."""
-    return [derive_seed(ENGINE_SAMPLE, seed, step, i) for i in range(n)]
 
 
 def make_kl_controller(algo: AlgoConfig) -> FixedKLController | AdaptiveKLController:
@@ -136,55 +131,55 @@ def step_metrics(
 
 
 def rl_step(
-    step: int, cfg: Config, roles: Roles, prompts: PromptSet, sampler: PromptSampler,
-    kl_ctl: FixedKLController | AdaptiveKLController,
+    step: int, cfg: Config, roles: Roles, batch: RolloutBatch, kl_ctl: FixedKLController | AdaptiveKLController,
+    timeline: Timeline, started: float | None = None,
 ) -> tuple[dict[str, float], list[list]]:
-    """One iteration; returns its metrics and its first ``logger.num_samples`` rollouts as rows
-    of ``ROLLOUT_COLUMNS`` (reward as scored, KL summed over the response's tokens)."""
-    algo, n, timer, step_start = cfg.algo, cfg.rollout.n, Timer(), time.perf_counter()
-    rows = [i for i in sampler.indices(step) for _ in range(n)]  # the n samples of a prompt are contiguous
-    columns = (prompts.token_ids, prompts.texts, prompts.metadata)
-    prompt_ids, texts, metadata = ([column[i] for i in rows] for column in columns)
-    seeds = sample_seeds(cfg.seed, step, len(rows))
-
-    with timer("generate"):  # with rollout.sleep_level (colocated GPUs) the engines then sleep until the sync
-        gens = roles.generate(prompt_ids, seeds, sleep_after=cfg.rollout.sleep_level > 0)
-    timer.take_out("generate", "engine_sleep", roles.generation.slept_s)
-    exp = collate(prompt_ids, [g.response_ids for g in gens], pad_id=0)
+    """Train on one step's scored rollout (``rollout.RolloutQueue.take``): reference and old
+    logprobs (and values) -> advantages -> policy (and critic) epochs. Returns the step's metrics
+    and its first ``logger.num_samples`` rollouts as rows of ``ROLLOUT_COLUMNS`` (reward as scored,
+    KL summed over the response's tokens). The weights reach the engines at the next take.
+    ``started``: when the step began (``time/step``; default: now), i.e. before its take."""
+    algo, n, timer, step_start = cfg.algo, cfg.rollout.n, Timer(timeline), started or time.perf_counter()
+    gens = batch.generations
+    exp = collate(batch.prompt_ids, [g.response_ids for g in gens], pad_id=0)
     mask = exp.response_mask
     engine_logprobs = pad_right([g.response_logprobs for g in gens], mask.shape[1])
-
-    with timer("reward"):
-        raw_scores = torch.tensor(roles.reward.score_async(texts, [g.text for g in gens], metadata).result())
+    raw_scores = torch.tensor(batch.scores)
     scores, kept = A.neutralise_dropped(raw_scores, n)
-    with timer("reference"):
+    with timer("reference", track="reference"):
         ref_logprobs = roles.reference.logprobs_async(exp).result()
-    with timer("values"):  # old policy logprobs and critic values come from different groups: run them together
+    with timer("values", track="policy"):  # old policy logprobs and critic values come from different groups
         (old_logprobs, entropy), values = together(
             roles.policy.logprobs_async(exp), roles.critic.values_async(exp) if roles.critic else None
         )
     kl = kl_estimate(old_logprobs, ref_logprobs, algo.kl_estimator)
     kl_coef = kl_ctl.value
     advantages, returns = advantages_for(algo, scores, kl, mask, values, n, kl_coef)
+    # samples of an older policy (rollout.max_staleness) are reweighted towards the one trained
+    weights, correction = A.rollout_correction(
+        old_logprobs, engine_logprobs, mask, algo.rollout_correction, algo.rollout_is_cap
+    )
     exp = exp.with_fields(  # a dropped sample carries no policy gradient
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages * kept[:, None],
-        old_values=values, returns=returns,
+        old_values=values, returns=returns, rollout_weights=weights,
     )
-    with timer("train"):
+    with timer("train", track="policy"):
         policy_stats, critic_stats = together(
             roles.policy.train_async(exp, algo.ppo_epochs, algo, kl_coef),
             roles.critic.train_async(exp, algo.ppo_epochs) if roles.critic else None,
         )
-    with timer("weight_sync"):
-        roles.weights.sync(version=step + 1)
     sequence_kl = A.masked_sum(kl, mask, dim=-1)
-    kl_ctl.update(sequence_kl.mean().item(), len(rows))
+    kl_ctl.update(sequence_kl.mean().item(), len(gens))
     metrics = step_metrics(
         raw_scores, kept, kl, sequence_kl, mask, entropy, engine_logprobs, old_logprobs, kl_coef,
-        policy_stats, critic_stats, timer.times, time.perf_counter() - step_start,
+        policy_stats, critic_stats, {**batch.times, **timer.times}, time.perf_counter() - step_start,
     )
-    shown = range(min(cfg.logger.num_samples, len(rows)))
-    return metrics, [[step, texts[i], gens[i].text, raw_scores[i].item(), sequence_kl[i].item()] for i in shown]
+    staleness = [step - g.version for g in gens]  # policy updates between sampling and this step
+    metrics.update(correction)
+    metrics["rollout/staleness_mean"] = sum(staleness) / len(staleness)
+    metrics["rollout/staleness_max"] = float(max(staleness))
+    shown = range(min(cfg.logger.num_samples, len(gens)))
+    return metrics, [[step, batch.texts[i], gens[i].text, batch.scores[i], sequence_kl[i].item()] for i in shown]
 
 
 EVAL_SAMPLES_SHOWN = 8  # held-out responses kept per evaluation (W&B table, eval_samples.jsonl)
@@ -249,12 +244,16 @@ def run_rl(
     checkpoints: Checkpointer | None = None, start: TrainState | None = None, preemption: Preemption | None = None,
 ) -> None:
     """Iterations from ``start.step`` (0 for a new run) to ``cfg.total_steps``, each logged as it
-    finishes and checkpointed when ``checkpoints`` says it is due. With held-out prompts, evaluate
-    before training (summary ``eval/initial_reward_mean``) and after every ``eval.every_steps``
-    steps and the last one (``eval/reward_mean`` in that step's row). Once ``preemption`` has
-    seen a signal, the step in progress is finished, checkpointed, and ``Interrupted`` raised."""
+    finishes and checkpointed when ``checkpoints`` says it is due. Each step takes its rollout from
+    a queue that generates ``rollout.max_staleness`` steps ahead (``rollout.RolloutQueue``). With
+    held-out prompts, evaluate before training (summary ``eval/initial_reward_mean``) and after
+    every ``eval.every_steps`` steps and the last one (``eval/reward_mean`` in that step's row).
+    Once ``preemption`` has seen a signal, the step in progress is finished, checkpointed, and
+    ``Interrupted`` raised. On return the engines serve the final policy."""
     start = start or TrainState()
-    sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.seed)
+    timeline = Timeline(enabled=cfg.logger.timeline)
+    restored = [RolloutBatch.from_json(row) for row in start.in_flight]
+    rollouts = RolloutQueue(cfg, roles, prompts, timeline, restored)
     kl_ctl = make_kl_controller(cfg.algo)
     if start.kl_controller:
         kl_ctl.load_state_dict(start.kl_controller)
@@ -265,11 +264,15 @@ def run_rl(
         logger.add_summary(_eval_summary("initial", initial))
         logger.table("eval/samples", EVAL_COLUMNS, [[0, *row] for row in samples], step=0)
     for step in range(start.step, cfg.total_steps):
-        metrics, rollouts = rl_step(step, cfg, roles, prompts, sampler, kl_ctl)
-        gap_watch.observe(step, metrics["logprob_gap/mean"])
+        started = time.perf_counter()
+        batch = rollouts.take(step)  # generated from the policy of step - staleness, scored
+        metrics, rows = rl_step(step, cfg, roles, batch, kl_ctl, timeline, started)
+        if not metrics["rollout/staleness_max"]:  # a stale sample's gap is the policy's change, not the sync's
+            gap_watch.observe(step, metrics["logprob_gap/mean"])
         if cfg.logger.samples_every_steps and step % cfg.logger.samples_every_steps == 0:
-            logger.table("rollout/samples", ROLLOUT_COLUMNS, rollouts, step=step)
+            logger.table("rollout/samples", ROLLOUT_COLUMNS, rows, step=step)
         if every and ((step + 1) % every == 0 or step + 1 == cfg.total_steps):
+            rollouts.sync_engines(step + 1)
             evaluation, samples = evaluate(cfg, roles, eval_prompts)
             metrics.update(evaluation)
             logger.add_summary(_eval_summary("final", metrics))
@@ -277,7 +280,10 @@ def run_rl(
         logger.log(step, metrics)
         stopping = preemption is not None and preemption.requested and step + 1 < cfg.total_steps
         if checkpoints is not None and checkpoints.due(step + 1, cfg.total_steps, stopping):
-            state = TrainState(step + 1, kl_ctl.state_dict(), logger.extra_summary, logger.wandb_id)
+            in_flight = [b.to_json() for b in rollouts.finish_in_flight()]  # saved: their weights are not
+            state = TrainState(step + 1, kl_ctl.state_dict(), logger.extra_summary, logger.wandb_id, in_flight)
             logger.message(f"rlhf_dist: checkpoint {checkpoints.save(roles, state)}")
+        timeline.write(logger.out_dir / "timeline.json")
         if stopping:
             preemption.check(f"{step + 1} of {cfg.total_steps} steps done")
+    rollouts.sync_engines(cfg.total_steps)

@@ -51,20 +51,21 @@ class Pending(Generic[T]):
 
 
 def _get(pending: Pending, ref: ray.ObjectRef) -> Any:
-    rank = pending.refs.index(ref)
+    return get_one(pending.role, pending.op, pending.refs.index(ref), ref)
+
+
+def get_one(role: str, op: str, rank: int, ref: ray.ObjectRef) -> Any:
+    """The value of a ready ``ref`` of actor ``rank``; a failure as a one-line ``RoleError``."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayActorError as e:  # the process is gone: restartable
         exit_type = re.search(r"Worker exit type: (\w+)", str(e))
         how = f", exit type {exit_type.group(1)}" if exit_type else ""
         raise RoleError(
-            f"{pending.role}.{pending.op}: actor rank {rank} died ({type(e).__name__}{how})",
-            pending.role, pending.op, lost_actor=True,
+            f"{role}.{op}: actor rank {rank} died ({type(e).__name__}{how})", role, op, lost_actor=True,
         ) from e
     except Exception as e:  # RayTaskError: the call raised; report role, op, rank and cause
-        raise RoleError(
-            f"{pending.role}.{pending.op} failed on actor rank {rank}: {_first_line(e)}", pending.role, pending.op
-        ) from e
+        raise RoleError(f"{role}.{op} failed on actor rank {rank}: {_first_line(e)}", role, op) from e
 
 
 def wait_all(*pending: Pending) -> list[Any]:

@@ -233,11 +233,24 @@ class RolloutConfig:
     # memory for the roles that share it (placement=colocated). 0: never; 1: weights offloaded to
     # CPU memory, KV cache dropped; 2: weights and KV cache dropped (the weight update refills them).
     sleep_level: int = 0
+    # Policy versions a training sample may lag behind the trainer. 0: synchronous, on-policy
+    # (generate, then train on it). N >= 1: the engines generate the next steps' samples while the
+    # trainers train (weights synced at each step boundary, applied between generations), so a
+    # sample may come from a policy up to N updates old; pair it with algo.rollout_correction.
+    max_staleness: int = 0
+    # Responses an engine hands back at a time as they finish; each such chunk is scored at once,
+    # while the engines go on generating.
+    stream_chunk: int = 32
 
     def validate(self) -> None:
+        if self.max_staleness < 0:
+            _fail("rollout.max_staleness", self.max_staleness, "must be >= 0 (0 = synchronous)")
+        if self.max_staleness and self.sleep_level:
+            _fail("rollout.max_staleness", self.max_staleness,
+                  "needs engines on their own devices; with rollout.sleep_level > 0 (colocated) use 0")
         _check_positive(
             "rollout", self, "num_engines", "batch_size", "n", "max_new_tokens", "temperature",
-            "tensor_parallel_size", "max_model_len",
+            "tensor_parallel_size", "max_model_len", "stream_chunk",
         )
         if not 0.0 < self.top_p <= 1.0:
             _fail("rollout.top_p", self.top_p, "must be in (0, 1]")

@@ -156,6 +156,9 @@ class LoggerConfig:
     # Stream every actor's stdout/stderr (vLLM, DeepSpeed, transformers) to the console;
     # off by default: they stay in Ray's session logs and errors still surface by role.
     actor_logs: bool = False
+    # Write timeline.json in the run dir: a Chrome trace (open it in https://ui.perfetto.dev) with
+    # one track per role (generate, score, reference, train, sync), to see where a step's time goes.
+    timeline: bool = False
 
     def validate(self) -> None:
         if self.backend not in ("console", "wandb"):

@@ -7,6 +7,7 @@ token, and receives new policy weights through vLLM's weight-transfer API.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from rlhf_dist.config import RolloutConfig
@@ -19,6 +20,7 @@ class Generation:
     response_ids: list[int]
     response_logprobs: list[float]  # engine's logprob of each sampled token
     text: str
+    version: int = 0  # the policy version (weight syncs applied) of the engine that sampled it
 
 
 def executor_backend(tensor_parallel_size: int, in_process: bool) -> str | None:
@@ -62,16 +64,15 @@ class GenerationEngine:
             # sharing the GPU trains (colocated placement).
             enable_sleep_mode=cfg.sleep_level > 0,
         )
+        self.version = 0  # the policy version served: set by every weight update (and a resume)
 
     def pid(self) -> int:
         return os.getpid()
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
-        """One response per prompt; ``seeds`` makes each sample reproducible. ``greedy`` is for
-        evaluation only (temperature 0 is not a valid RL policy)."""
-        from vllm import SamplingParams, TokensPrompt
+    def _sampling_params(self, seeds: list[int], greedy: bool) -> list:
+        from vllm import SamplingParams
 
-        params = [
+        return [
             SamplingParams(
                 max_tokens=self.cfg.max_new_tokens,
                 temperature=0.0 if greedy else self.cfg.temperature,
@@ -81,16 +82,48 @@ class GenerationEngine:
             )
             for s in seeds
         ]
+
+    def _generation(self, prompt: list[int], output) -> Generation:
+        completion = output.outputs[0]
+        ids = list(completion.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
+        return Generation(prompt, ids, logprobs, completion.text, self.version)
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
+        """One response per prompt; ``seeds`` makes each sample reproducible. ``greedy`` is for
+        evaluation only (temperature 0 is not a valid RL policy)."""
+        from vllm import TokensPrompt
+
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], self._sampling_params(seeds, greedy),
+            use_tqdm=False,
         )
-        results = []
-        for prompt, out in zip(prompt_ids, outputs):
-            completion = out.outputs[0]
-            ids = list(completion.token_ids)
-            logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-            results.append(Generation(prompt, ids, logprobs, completion.text))
-        return results
+        return [self._generation(prompt, out) for prompt, out in zip(prompt_ids, outputs)]
+
+    def generate_stream(
+        self, prompt_ids: list[list[int]], seeds: list[int], chunk: int
+    ) -> Iterator[list[tuple[int, Generation]]]:
+        """``generate`` as a stream (a Ray streaming generator): yields (index, generation) pairs
+        as responses finish, at least ``chunk`` at a time (the rest at the end), so the caller can
+        score them while the engine goes on. The same requests and seeds as ``generate``: the same
+        samples."""
+        from vllm import TokensPrompt
+
+        ids = self.llm.enqueue(
+            [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], self._sampling_params(seeds, False),
+            use_tqdm=False,
+        )
+        # enqueue returns vLLM's internal ids ("<id>-<8 random characters>"); outputs carry "<id>"
+        index = {request.rsplit("-", 1)[0]: i for i, request in enumerate(ids)}
+        engine, ready = self.llm.llm_engine, []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    i = index[out.request_id]
+                    ready.append((i, self._generation(prompt_ids[i], out)))
+            if len(ready) >= chunk or (ready and not engine.has_unfinished_requests()):
+                yield ready
+                ready = []
 
     def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Logprob of tokens 1..L-1 of each sequence given its prefix (raw model, temperature 1)."""
@@ -124,6 +157,7 @@ class GenerationEngine:
 
     def finish_weight_update(self, version: int) -> None:
         self.llm.finish_weight_update(weight_version=str(version))
+        self.version = version
         # Cached KV blocks were computed with the old weights; vLLM would reuse them for a
         # repeated prefix (e.g. the same held-out prompts every evaluation).
         self.llm.reset_prefix_cache()

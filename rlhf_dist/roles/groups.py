@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import ray
 import torch
 
 from rlhf_dist.config import AlgoConfig
 from rlhf_dist.experience import Experience, PairBatch, collate, concat, split_sizes
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.weight_sync import ParamSpec, engine_init_info, merge_ipc_handles, update_info, worst_probe_gap
-from rlhf_dist.worker_group import Pending, RoleError, WorkerGroup, wait_all
+from rlhf_dist.worker_group import Pending, RoleError, WorkerGroup, get_one, wait_all
 
 
 def _flatten(parts: list[list]) -> list:
@@ -42,7 +43,6 @@ class GenerationGroup(WorkerGroup):
         super().__init__(role, actors, timeout_s)
         self.spawn_one = spawn_one  # rank -> a new engine actor in that rank's placement slot
         self.asleep = False
-        self.slept_s: float | None = None  # how long the last ``generate(sleep_after=True)``'s sleep took
 
     def sleep(self) -> None:
         """Every engine frees its GPU memory (``rollout.sleep_level``) until ``wake``."""
@@ -71,19 +71,8 @@ class GenerationGroup(WorkerGroup):
         self.call_async("pid", timeout_s=start_timeout_s).result()
         return lost
 
-    def generate(
-        self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False, sleep_after: bool = False
-    ) -> list[Generation]:
-        """``generate_async``'s responses. With ``sleep_after`` (``rollout.sleep_level``: the engines share
-        their GPUs with other roles) every engine then frees its memory until the weight update wakes
-        it, and ``slept_s`` holds how long that took (None after a call that did not sleep)."""
-        self.slept_s = None
-        generations = self.generate_async(prompt_ids, seeds, greedy=greedy).result()
-        if sleep_after:
-            started = time.perf_counter()
-            self.sleep()
-            self.slept_s = time.perf_counter() - started
-        return generations
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
+        return self.generate_async(prompt_ids, seeds, greedy=greedy).result()
 
     def generate_async(
         self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False
@@ -94,9 +83,45 @@ class GenerationGroup(WorkerGroup):
             "generate", _chunks(prompt_ids, n), _chunks(seeds, n), greedy=greedy, combine=_flatten
         )
 
+    def stream(self, prompt_ids: list[list[int]], seeds: list[int], chunk: int) -> GenerationStream:
+        """``generate_async`` as a stream: responses come back as they finish (``GenerationStream``)."""
+        parts, offsets, start = _chunks(list(zip(prompt_ids, seeds)), len(self)), [], 0
+        streams = []
+        for actor, part in zip(self.actors, parts):
+            offsets.append(start)
+            start += len(part)
+            ids, part_seeds = [p for p, _ in part], [s for _, s in part]
+            streams.append(actor.generate_stream.options(num_returns="streaming").remote(ids, part_seeds, chunk))
+        return GenerationStream(self.role, streams, offsets, [len(p) for p in parts], self.timeout_s)
+
     def sequence_logprobs_async(self, token_ids: list[list[int]]) -> Pending[list[list[list[float]]]]:
         """Every engine's logprobs of the same sequences (one list per engine)."""
         return self.call_async("sequence_logprobs", token_ids)
+
+
+class GenerationStream:
+    """The responses of one streamed generation, in the order they finish, each chunk as
+    (engine rank, [(sample index, Generation)]); the whole stream is bounded by ``timeout_s``."""
+
+    def __init__(self, role: str, streams: list, offsets: list[int], counts: list[int], timeout_s: float) -> None:
+        self.role, self.streams, self.offsets, self.timeout_s = role, streams, offsets, timeout_s
+        self.left = dict(enumerate(counts))  # engine rank -> responses still to come
+
+    def chunks(self) -> Iterator[tuple[int, list[tuple[int, Generation]]]]:
+        deadline = time.monotonic() + self.timeout_s
+        while live := [rank for rank, n in self.left.items() if n > 0]:
+            waiting = [self.streams[rank] for rank in live]
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                raise RoleError(
+                    f"{self.role}.generate_stream timed out after {self.timeout_s:.0f}s (engine ranks {live} "
+                    f"still generating); raise timeouts.generate_s if the work is just slow", self.role,
+                    "generate_stream",
+                )
+            rank = live[waiting.index(ready[0])]
+            part = get_one(self.role, "generate_stream", rank, next(self.streams[rank]))
+            self.left[rank] -= len(part)
+            yield rank, [(self.offsets[rank] + i, g) for i, g in part]
 
 
 class TrainerGroup(WorkerGroup):
@@ -196,6 +221,13 @@ class ReferenceGroup(WorkerGroup):
 
 
 class RewardGroup(WorkerGroup):
+    def score_on_async(
+        self, rank: int, prompts: list[str], responses: list[str], metadata: list[dict]
+    ) -> Pending[list[float]]:
+        """``score_async`` of a few samples on reward actor ``rank`` alone (a chunk of a stream)."""
+        ref = self.actors[rank].score.remote(prompts, responses, metadata)
+        return Pending(self.role, "score", [ref], self.timeout_s, lambda r: r[0])
+
     def score_async(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> Pending[list[float]]:
         """One score per sample; NaN marks a sample dropped by reward.on_invalid=drop."""
         n = len(self)
@@ -210,10 +242,14 @@ class Broadcast:
     def __init__(self, policy: PolicyGroup, engines: GenerationGroup, info: dict, timeout_s: float) -> None:
         self.policy, self.engines, self.info, self.timeout_s = policy, engines, info, timeout_s
 
-    def send(self) -> None:
+    def send_async(self) -> list[Pending]:
+        """Both ends at once (a rendezvous), issued without waiting."""
         receiving = self.engines.call_async("update_weights", self.info, timeout_s=self.timeout_s)
         sending = self.policy.call_async("broadcast_weights", timeout_s=self.timeout_s)
-        wait_all(sending, receiving)  # a rendezvous: both ends at once
+        return [sending, receiving]
+
+    def send(self) -> None:
+        wait_all(*self.send_async())
 
     def release(self) -> None:
         """Nothing outlives a broadcast."""
@@ -230,6 +266,21 @@ class IpcHandles(Broadcast):
 
     def release(self) -> None:
         self.policy.call_async("release_ipc_handles", timeout_s=self.timeout_s).result()
+
+
+class SyncInFlight:
+    """A weight sync issued without waiting (``WeightSync.sync_async``): its calls are queued on
+    the engines and trainers in order; ``wait`` waits for them and checks the probe, if any."""
+
+    def __init__(self, sync: WeightSync, version: int, pending: list[Pending], probe: tuple | None) -> None:
+        self.sync, self.version, self.pending, self.probe = sync, version, pending, probe
+
+    def wait(self) -> None:
+        wait_all(*self.pending)
+        if self.probe is not None:
+            engine_lps, (trainer_lps, _) = wait_all(*self.probe)
+            self.sync.check_probe(engine_lps, trainer_lps, self.version)
+        self.pending, self.probe = [], None
 
 
 class WeightSync:
@@ -271,6 +322,34 @@ class WeightSync:
 
     def sync(self, version: int) -> None:
         """Send the current policy weights; on return every engine serves them (and is awake)."""
+        if self.transport == "ipc" or self.engines.asleep:
+            self._sync_in_steps(version)
+        else:
+            self.sync_async(version).wait()
+
+    def sync_async(self, version: int) -> SyncInFlight:
+        """Issue a sync of the current policy weights as ``version`` without waiting. The engines
+        apply it after any call already queued on them (a generation in flight) and before any
+        issued later; so do the trainers. ``SyncInFlight.wait`` settles it. Sleeping engines and CUDA
+        IPC handles need each stage done before the next: then it is done before this returns."""
+        if self.transport == "ipc" or self.engines.asleep:
+            self._sync_in_steps(version)
+            return SyncInFlight(self, version, [], None)
+        engines = self.engines
+        pending = [
+            engines.call_async("start_weight_update", timeout_s=self.timeout_s),
+            *self.sender.send_async(),
+            engines.call_async("finish_weight_update", version, timeout_s=self.timeout_s),
+        ]
+        self.version = version
+        return SyncInFlight(self, version, pending, self._probe_async() if self._verify_due(version) else None)
+
+    def _verify_due(self, version: int) -> bool:
+        return bool(self.verify_every) and version % self.verify_every == 0
+
+    def _sync_in_steps(self, version: int) -> None:
+        """The sync one stage at a time: sleeping engines (rollout.sleep_level) and CUDA IPC handles
+        need each stage done before the next is issued."""
         self.engines.wake(["weights"])  # sleeping engines need their weight memory back first
         self.engines.call_async("start_weight_update", timeout_s=self.timeout_s).result()
         self.sender.send()
@@ -278,22 +357,28 @@ class WeightSync:
         self.sender.release()
         self.engines.wake()
         self.version = version
-        if self.verify_every and version % self.verify_every == 0:
+        if self._verify_due(version):
             self.verify()
 
-    def verify(self) -> float:
-        """Every engine's logprobs of the probe sequences against the trainer's (temperature 1,
-        as vLLM's prompt logprobs); raises one line naming the worst engine if its gap exceeds the
-        tolerance. Returns the worst gap (mean |difference| over a sequence's tokens)."""
-        engine_lps = self.engines.sequence_logprobs_async(self.probe).result()
+    def _probe_async(self) -> tuple[Pending, Pending]:
+        """Every engine's and the trainer's logprobs of the probe sequences (temperature 1, as
+        vLLM's prompt logprobs)."""
         exp = collate([p[:1] for p in self.probe], [p[1:] for p in self.probe], pad_id=0)
-        trainer_lps, _ = self.policy.logprobs_async(exp, temperature=1.0).result()
+        return self.engines.sequence_logprobs_async(self.probe), self.policy.logprobs_async(exp, temperature=1.0)
+
+    def verify(self) -> float:
+        """Every engine's logprobs of the probe sequences against the trainer's; raises one line
+        naming the worst engine if its gap exceeds the tolerance. Returns the worst gap (mean
+        |difference| over a sequence's tokens)."""
+        engine_lps, (trainer_lps, _) = wait_all(*self._probe_async())
+        return self.check_probe(engine_lps, trainer_lps, self.version)
+
+    def check_probe(self, engine_lps: list, trainer_lps: torch.Tensor, version: int) -> float:
         worst = worst_probe_gap(engine_lps, trainer_lps)
         if not worst.gap <= self.tolerance:
             raise RoleError(
                 f"weight_sync.verify: engine {worst.engine} does not serve the trainer's policy after weight "
-                f"version {self.version}: probe sequence {worst.sequence} mean |logprob gap| {worst.gap:.3g} > "
+                f"version {version}: probe sequence {worst.sequence} mean |logprob gap| {worst.gap:.3g} > "
                 f"{self.tolerance:g} (weight_sync.verify_tol)", "generation", "weight_sync.verify",
             )
         return worst.gap
-

@@ -4,8 +4,11 @@ One actor start per family: a tiny random-init model built from the family's Hug
 (tied and untied heads, q/k/v biases, q/k norms, Gemma's scaled embedding and (1 + w) norms, Phi-3's
 fused tensors), two GRPO steps with a weight sync after each, then every engine's logprobs of
 fixed sequences must equal the trainer's and differ from the initial ones. The cases also spread
-over ZeRO stages 0-3, two engines and a tensor-parallel engine. The first case then moves the
-trainer without a sync and checks that verification refuses the stale engines in one line.
+over ZeRO stages 0-3, two engines, a tensor-parallel engine and the overlapped pipeline
+(rollout.max_staleness=1 with TIS: the engines generate step 1 while step 0 trains, and must still
+serve the trainer's policy after the last sync). The first case then moves the trainer without a
+sync and checks that verification refuses the stale engines in one line. (Untied Llama is the
+embedded default model, which every other integration test runs.)
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ pytestmark = pytest.mark.slow
 LOGPROB_ATOL = 1e-4
 CASES = {  # family -> overrides
     "llama-tied": ["trainer=zero3", "rollout.num_engines=2"],
-    "llama": ["trainer=zero0"],
     "qwen2": ["trainer=zero2", "rollout.tensor_parallel_size=2", "resources.vllm_in_process=false"],
-    "qwen3": ["trainer=zero1"],
+    # the overlapped off-policy path: step 1 trains on samples of the initial policy, corrected by TIS
+    "qwen3": ["trainer=zero1", "rollout.max_staleness=1", "algo.rollout_correction=tis"],
     "gemma3": ["trainer=zero0"],
     "phi3": ["trainer=zero2"],
 }
@@ -83,8 +86,15 @@ def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
     assert _max_gap(before, after) > 1e-2, "engine logprobs did not move: the weights were not updated"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
-    assert all(r["logprob_gap/mean"] < 1e-5 for r in rows), [r["logprob_gap/mean"] for r in rows]
-    assert summary["logprob_gap/max"] == max(r["logprob_gap/mean"] for r in rows)
+    staleness = [r["rollout/staleness_max"] for r in rows]
+    assert staleness == ([0.0, 1.0] if cfg.rollout.max_staleness else [0.0, 0.0])
+    assert [r["rollout/staleness_mean"] for r in rows] == staleness  # one policy version per step here
+    fresh = [r["logprob_gap/mean"] for r in rows if not r["rollout/staleness_max"]]
+    assert all(gap < 1e-5 for gap in fresh), fresh
+    assert summary["logprob_gap/max"] == max(fresh)
+    if cfg.algo.rollout_correction == "tis":  # step 1's samples come from the policy before step 0's update
+        assert rows[1]["rollout_corr/mismatch_kl"] > 1e-4 and rows[0]["rollout_corr/mismatch_kl"] < 1e-6
+        assert 0.0 <= rows[1]["rollout_corr/truncated_frac"] <= 1.0
     if family == "llama-tied":
         message = str(stale_error)
         assert "\n" not in message

@@ -12,9 +12,11 @@ import torch
 from rlhf_dist.cluster import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
 from rlhf_dist.controller import evaluate, make_kl_controller, rl_step
-from rlhf_dist.data import PromptSampler, load_prompts
+from rlhf_dist.data import load_prompts
 from rlhf_dist.experience import collate
 from rlhf_dist.modeling import resolve_model_path
+from rlhf_dist.rollout import RolloutQueue
+from rlhf_dist.timeline import Timeline
 from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow
@@ -53,8 +55,9 @@ def test_critic_free_estimators_one_step_each():
         assert roles.critic is None
         for step, (name, cfg) in enumerate(configs.items()):
             validate_config(cfg)
-            sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.seed)
-            results[name], _ = rl_step(step, cfg, roles, prompts, sampler, make_kl_controller(cfg.algo))
+            batch = RolloutQueue(cfg, roles, prompts, Timeline(enabled=False)).take(step)  # syncs the last step's update
+            results[name], _ = rl_step(step, cfg, roles, batch, make_kl_controller(cfg.algo), Timeline(enabled=False))
+        RolloutQueue(first, roles, prompts, Timeline(enabled=False)).sync_engines(len(configs))
         evaluation, _ = evaluate(first, roles, held_out)
         engine_lp = roles.generation.sequence_logprobs_async(probe).result()[0]
         trainer_lp, _ = roles.policy.logprobs_async(

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from rlhf_dist.config import AlgoConfig
-from rlhf_dist.controller import Timer, advantages_for, make_kl_controller, sample_seeds, step_metrics
+from rlhf_dist.controller import Timer, advantages_for, make_kl_controller, step_metrics
+from rlhf_dist.rollout import sample_seeds
+from rlhf_dist.timeline import Timeline
 
 NAN = math.nan
 TOL = {"atol": 1e-6, "rtol": 0.0}
@@ -109,14 +111,16 @@ def test_step_metrics_kl_loss_and_critic():
     assert "loss/value" not in metrics_of(critic_stats={})
 
 
-def test_timer_takes_out_a_phase_a_role_timed():
-    timer = Timer()
-    timer.times["time/generate"] = 5.0
-    timer.take_out("generate", "engine_sleep", None)  # no sleep: nothing changes
-    assert timer.times == {"time/generate": 5.0}
-    # 5 s of which the engines slept 1.5 s: generate 5 - 1.5 = 3.5, then engine_sleep 1.5
-    timer.take_out("generate", "engine_sleep", 1.5)
-    assert list(timer.times.items()) == [("time/generate", 3.5), ("time/engine_sleep", 1.5)]
+def test_timer_records_each_phase_and_its_span():
+    timeline = Timeline()
+    timer = Timer(timeline)
+    with timer("reference", track="reference"):
+        pass
+    with timer("train", track="policy"):
+        pass
+    assert list(timer.times) == ["time/reference", "time/train"]
+    assert [(track, name) for track, name, *_ in timeline.spans()] == [("reference", "reference"), ("policy", "train")]
+    assert all(start <= end for _, _, start, end, _ in timeline.spans())
 
 
 def test_sample_seeds_distinct_and_reproducible():
