@@ -61,6 +61,10 @@ class Recipe:
     pretrain_steps: int
     batch_size: int  # corpus lines per step
     learning_rate: float  # peak, after WARMUP_STEPS; cosine decay to a tenth
+    num_layers: int = 2  # decoder layers
+    # Each corpus line ends with </s> in pretraining, so the model learns to stop; without it the
+    # model never samples </s> and every completion runs to max_new_tokens (throughput benchmarks).
+    end_with_eos: bool = True
 
 
 REVIEWS = Recipe(
@@ -253,7 +257,7 @@ def _llama_config(tokenizer: PreTrainedTokenizerFast, recipe: Recipe, **extra: i
         # The review tokenizer fills all VOCAB_SIZE ids (seeds 0-3 checked), so its model is unchanged.
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
-        num_hidden_layers=2,
+        num_hidden_layers=recipe.num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
         head_dim=HEAD_DIM,
@@ -284,8 +288,9 @@ def _seeded_cpu(seed: int) -> Iterator[None]:
 def _pretrain(
     model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, lines: list[str], recipe: Recipe, seed: int
 ) -> None:
-    # Each line becomes "<s> line </s>": the tokenizer adds <s>, we append </s>.
-    sequences = [torch.tensor(ids + [tokenizer.eos_token_id]) for ids in tokenizer(lines)["input_ids"]]
+    # Each line becomes "<s> line </s>": the tokenizer adds <s>, we append </s> (recipe.end_with_eos).
+    eos = [tokenizer.eos_token_id] if recipe.end_with_eos else []
+    sequences = [torch.tensor(ids + eos) for ids in tokenizer(lines)["input_ids"]]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, recipe.pretrain_steps))
