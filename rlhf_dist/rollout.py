@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from rlhf_dist.config import Config
 from rlhf_dist.data import PromptSampler, PromptSet
 from rlhf_dist.roles.generation import Generation
+from rlhf_dist.roles.groups import SyncInFlight
 from rlhf_dist.seeds import ENGINE_SAMPLE, derive_seed
 from rlhf_dist.timeline import Timeline
 from rlhf_dist.worker_group import RoleError
@@ -60,7 +61,8 @@ class RolloutBatch:
 class Rollout:
     """One step's rollout in flight: the engines' streams are issued at once (in the caller's
     thread, so the engines see the calls in the order the controller made them), and a thread
-    scores each chunk as it arrives; ``result`` waits for the scored batch."""
+    scores each chunk as it arrives; ``generated`` is set once the engines are done with it (its
+    scoring may go on), ``result`` waits for the scored batch."""
 
     def __init__(self, step: int, rows: tuple[list, list, list], seeds: list[int], roles: Roles, chunk: int,
                  timeline: Timeline) -> None:
@@ -70,6 +72,7 @@ class Rollout:
         self.stream = roles.generation.stream(self.prompt_ids, seeds, chunk)
         self.batch: RolloutBatch | None = None
         self.error: BaseException | None = None
+        self.generated = threading.Event()  # set once the engines are done with it (or it failed)
         self.thread = threading.Thread(target=self._run, name=f"rollout-step-{step}", daemon=True)
         self.thread.start()
 
@@ -78,6 +81,8 @@ class Rollout:
             self.batch = self._collect()
         except BaseException as e:  # noqa: BLE001 -- re-raised in the controller's thread by result()
             self.error = e
+        finally:
+            self.generated.set()
 
     def _collect(self) -> RolloutBatch:
         reward, n = self.roles.reward, len(self.prompt_ids)
@@ -92,6 +97,7 @@ class Rollout:
                 [self.metadata[i] for i in index],
             )))
         generated = time.time()
+        self.generated.set()  # the engines are free: the next sync and rollout can go while this is scored
         self.timeline.add("generation", f"generate step {self.step}", self.issued, generated, samples=n)
         scores = [math.nan] * n
         for index, issued, pending in scoring:
@@ -125,18 +131,18 @@ class RolloutQueue:
         trainer's, after ``step`` updates), then the rollouts up to ``step + max_staleness`` are
         issued; the weights go out only once the engines finished what they were generating."""
         times: dict[str, float] = {}
-        if step in self.in_flight:  # issued ahead (max_staleness >= 1): the engines finish it before the sync
-            self._wait(step)
-        started = time.time()
-        sync = self.roles.weights.sync_async(step) if self.roles.weights.version < step else None
-        if sync is not None and not self.ahead:  # nothing to overlap the sync with: settle it first
-            self._settle(sync, started, times)
-            sync = None
+        if isinstance(self.in_flight.get(step), Rollout):  # issued ahead (max_staleness >= 1): the engines
+            self.in_flight[step].generated.wait()  # finish generating it before the sync; it is scored meanwhile
+        started, synced = time.time(), self.roles.weights.version < step
+        sync = self._start_sync(step) if synced else None
         for ahead in range(step, min(step + self.ahead, self.cfg.total_steps - 1) + 1):
             if ahead not in self.in_flight:
                 self.in_flight[ahead] = self._issue(ahead)
         if sync is not None:
-            self._settle(sync, started, times)
+            sync.wait()
+        if synced:
+            times["time/weight_sync"] = time.time() - started
+            self.timeline.add("weight_sync", f"sync version {step}", started, time.time())
         batch = self._wait(step)
         del self.in_flight[step]
         if self.cfg.rollout.sleep_level:  # colocated GPUs: free the engines' memory until the next sync
@@ -151,7 +157,28 @@ class RolloutQueue:
         rollouts in flight are finished first, so the sync never waits behind a generation."""
         self.finish_in_flight()
         if self.roles.weights.version < version:
-            self._settle(self.roles.weights.sync_async(version), time.time(), {})
+            started = time.time()
+            self._sync_now(version)
+            self.timeline.add("weight_sync", f"sync version {version}", started, time.time())
+
+    def _start_sync(self, version: int) -> SyncInFlight | None:
+        """With rollouts ahead, the sync is only issued (the engines apply it between generations);
+        otherwise it is done at once (None), before the step's rollout is issued."""
+        if self.ahead:
+            return self.roles.weights.sync_async(version)
+        self._sync_now(version)
+        return None
+
+    def _sync_now(self, version: int) -> None:
+        """A sync done stage by stage, so that an engine lost since the last call is found before
+        the trainers join a broadcast with it; it is then replaced in place (no rollout is in
+        flight) and the sync done again."""
+        try:
+            self.roles.weights.sync(version)
+        except RoleError as e:
+            if self.in_flight or not self.roles.recovery.replace_lost_engines(self.roles, e):
+                raise
+            self.roles.weights.sync(version)
 
     def finish_in_flight(self) -> list[RolloutBatch]:
         """Wait for every rollout in flight (kept for the steps they belong to); returns them in step
@@ -184,7 +211,3 @@ class RolloutQueue:
         self.in_flight[step] = batch
         return batch
 
-    def _settle(self, sync, started: float, times: dict[str, float]) -> None:
-        sync.wait()
-        times["time/weight_sync"] = time.time() - started
-        self.timeline.add("weight_sync", f"sync version {sync.version}", started, time.time())

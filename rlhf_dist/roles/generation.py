@@ -104,7 +104,7 @@ class GenerationEngine:
         self, prompt_ids: list[list[int]], seeds: list[int], chunk: int
     ) -> Iterator[list[tuple[int, Generation]]]:
         """``generate`` as a stream (a Ray streaming generator): yields (index, generation) pairs
-        as responses finish, at least ``chunk`` at a time (the rest at the end), so the caller can
+        as responses finish, ``chunk`` at a time (the rest at the end), so the caller can
         score them while the engine goes on. The same requests and seeds as ``generate``: the same
         samples."""
         from vllm import TokensPrompt
@@ -122,7 +122,8 @@ class GenerationEngine:
                     i = index[out.request_id]
                     ready.append((i, self._generation(prompt_ids[i], out)))
             if len(ready) >= chunk or (ready and not engine.has_unfinished_requests()):
-                yield ready
+                for start in range(0, len(ready), chunk):  # many finishing at once: still chunks
+                    yield ready[start : start + chunk]
                 ready = []
 
     def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:

@@ -321,11 +321,10 @@ class WeightSync:
         self.sync(self.version)
 
     def sync(self, version: int) -> None:
-        """Send the current policy weights; on return every engine serves them (and is awake)."""
-        if self.transport == "ipc" or self.engines.asleep:
-            self._sync_in_steps(version)
-        else:
-            self.sync_async(version).wait()
+        """Send the current policy weights as ``version``, one stage at a time (a lost engine fails
+        the first stage, before the trainers join a broadcast with it); on return every engine
+        serves them (and is awake)."""
+        self._sync_in_steps(version)
 
     def sync_async(self, version: int) -> SyncInFlight:
         """Issue a sync of the current policy weights as ``version`` without waiting. The engines
@@ -348,8 +347,8 @@ class WeightSync:
         return bool(self.verify_every) and version % self.verify_every == 0
 
     def _sync_in_steps(self, version: int) -> None:
-        """The sync one stage at a time: sleeping engines (rollout.sleep_level) and CUDA IPC handles
-        need each stage done before the next is issued."""
+        """The sync one stage at a time (also what sleeping engines, rollout.sleep_level, and CUDA
+        IPC handles need: each stage done before the next is issued)."""
         self.engines.wake(["weights"])  # sleeping engines need their weight memory back first
         self.engines.call_async("start_weight_update", timeout_s=self.timeout_s).result()
         self.sender.send()

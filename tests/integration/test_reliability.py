@@ -245,7 +245,7 @@ def test_lost_engine_and_reference_recovered_then_a_full_disk_ends_the_run_clean
     out, ckpts = tmp_path / "run", small_disk / "checkpoints"
     proc = launch(out, f"checkpoint.dir={ckpts}", "checkpoint.keep_last=1")
 
-    # A generation engine dies after step 0: replaced within step 1, weights re-synced, step retried.
+    # A generation engine dies after step 0: replaced within step 1, weights re-synced, step goes on.
     wait_until(proc, lambda: len(rows(out)) >= 1, "step 0")
     os.kill(pid(out, "generation"), signal.SIGKILL)
     # The reference actor dies after step 1: every role restarts from the checkpoint of step 2.
@@ -259,7 +259,8 @@ def test_lost_engine_and_reference_recovered_then_a_full_disk_ends_the_run_clean
     assert finish(proc) == 1
 
     console = console_of(out)
-    assert "generation.generate: actor rank 0 died" in console and "replaced engine ranks [0]" in console
+    # found by the first engine call after the kill: the start of step 1's weight sync
+    assert "generation.start_weight_update: actor rank 0 died" in console and "replaced engine ranks [0]" in console
     assert "reference.logprobs: actor rank 0 died" in console
     assert f"restarting every role from {checkpoint(ckpts, 2)} (restart 1/2)" in console
     error = error_line(out)
