@@ -255,6 +255,16 @@ def test_hydra_gpu_node_group(compose):
     validate_config(cfg)
 
 
+@pytest.mark.parametrize("preset", ["gpu_node", "gpu_2x8"])
+def test_disaggregated_gpu_presets_overlap_and_the_command_line_wins(compose, preset):
+    # engines on their own GPUs: one step off-policy with TIS, unless the command line says otherwise
+    cfg = to_config(compose([f"resources={preset}", "algo=grpo"]))
+    assert (cfg.rollout.max_staleness, cfg.algo.rollout_correction, cfg.algo.estimator) == (1, "tis", "grpo")
+    cfg = to_config(compose([f"resources={preset}", "rollout.max_staleness=0", "algo.rollout_correction=none"]))
+    assert (cfg.rollout.max_staleness, cfg.algo.rollout_correction) == (0, "none")
+    assert to_config(compose(["resources=gpu_colocated"])).rollout.max_staleness == 0  # engines sleep there
+
+
 def test_hydra_value_that_fails_validation(compose):
     # Hydra accepts the int; validation (not the schema) rejects the value
     with pytest.raises(ConfigError, match=r"^trainer\.micro_batch_size=5:"):
