@@ -65,11 +65,12 @@ class Rollout:
     scoring may go on), ``result`` waits for the scored batch."""
 
     def __init__(self, step: int, rows: tuple[list, list, list], seeds: list[int], roles: Roles, chunk: int,
-                 timeline: Timeline) -> None:
+                 timeline: Timeline, queued_before: list = ()) -> None:
         self.step, (self.prompt_ids, self.texts, self.metadata) = step, rows
         self.roles, self.timeline = roles, timeline
         self.issued = time.time()
-        self.stream = roles.generation.stream(self.prompt_ids, seeds, chunk)
+        queued = sum(isinstance(r, Rollout) for r in queued_before)  # generations ahead of it on the engines
+        self.stream = roles.generation.stream(self.prompt_ids, seeds, chunk, queued)
         self.batch: RolloutBatch | None = None
         self.error: BaseException | None = None
         self.generated = threading.Event()  # set once the engines are done with it (or it failed)
@@ -190,7 +191,8 @@ class RolloutQueue:
         columns = (self.prompts.token_ids, self.prompts.texts, self.prompts.metadata)  # are contiguous
         picked = tuple([column[i] for i in rows] for column in columns)
         seeds = sample_seeds(self.cfg.seed, step, len(rows))
-        return Rollout(step, picked, seeds, self.roles, self.cfg.rollout.stream_chunk, self.timeline)
+        in_flight = [r for r in self.in_flight.values() if isinstance(r, Rollout) and not r.generated.is_set()]
+        return Rollout(step, picked, seeds, self.roles, self.cfg.rollout.stream_chunk, self.timeline, in_flight)
 
     def _wait(self, step: int) -> RolloutBatch:
         """Step ``step``'s rollout, finished (it stays in ``in_flight``, as a batch, until taken)."""

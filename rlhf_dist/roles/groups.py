@@ -83,8 +83,11 @@ class GenerationGroup(WorkerGroup):
             "generate", _chunks(prompt_ids, n), _chunks(seeds, n), greedy=greedy, combine=_flatten
         )
 
-    def stream(self, prompt_ids: list[list[int]], seeds: list[int], chunk: int) -> GenerationStream:
-        """``generate_async`` as a stream: responses come back as they finish (``GenerationStream``)."""
+    def stream(
+        self, prompt_ids: list[list[int]], seeds: list[int], chunk: int, queued: int = 0
+    ) -> GenerationStream:
+        """``generate_async`` as a stream: responses come back as they finish (``GenerationStream``),
+        within the group's timeout once per generation ``queued`` before it on the engines, plus its own."""
         parts, offsets, start = _chunks(list(zip(prompt_ids, seeds)), len(self)), [], 0
         streams = []
         for actor, part in zip(self.actors, parts):
@@ -92,7 +95,7 @@ class GenerationGroup(WorkerGroup):
             start += len(part)
             ids, part_seeds = [p for p, _ in part], [s for _, s in part]
             streams.append(actor.generate_stream.options(num_returns="streaming").remote(ids, part_seeds, chunk))
-        return GenerationStream(self.role, streams, offsets, [len(p) for p in parts], self.timeout_s)
+        return GenerationStream(self.role, streams, offsets, [len(p) for p in parts], self.timeout_s * (1 + queued))
 
     def sequence_logprobs_async(self, token_ids: list[list[int]]) -> Pending[list[list[list[float]]]]:
         """Every engine's logprobs of the same sequences (one list per engine)."""
