@@ -45,6 +45,19 @@ class Timer:
         if self.timeline is not None:
             self.timeline.add(track, name, wall, time.time())
 
+    def together(self, **phases: tuple[str, Pending | None]) -> list:
+        """The results of calls issued together (None: a role the run lacks), each phase
+        ``name=(track, pending)`` timed from now to its own last answer (``time/<name>``)."""
+        issued, wall = time.perf_counter(), time.time()
+        named = [(name, track, p) for name, (track, p) in phases.items() if p is not None]
+        finished: dict[int, float] = {}
+        done = iter(wait_all(*(p for _, _, p in named), finished=finished))
+        for i, (name, track, _) in enumerate(named):
+            self.times[f"time/{name}"] = finished[i] - issued
+            if self.timeline is not None:
+                self.timeline.add(track, name, wall, wall + finished[i] - issued)
+        return [None if p is None else next(done) for _, p in phases.values()]
+
 
 EVAL_SEED_STEP = 2**20  # evaluation samples draw seeds no training step uses
 
@@ -146,12 +159,12 @@ def rl_step(
     engine_logprobs = pad_right([g.response_logprobs for g in gens], mask.shape[1])
     raw_scores = torch.tensor(batch.scores)
     scores, kept = A.neutralise_dropped(raw_scores, n)
-    with timer("reference", track="reference"):
-        ref_logprobs = roles.reference.logprobs_async(exp).result()
-    with timer("values", track="policy"):  # old policy logprobs and critic values come from different groups
-        (old_logprobs, entropy), values = together(
-            roles.policy.logprobs_async(exp), roles.critic.values_async(exp) if roles.critic else None
-        )
+    # reference logprobs, old policy logprobs and critic values come from different groups: all at once
+    ref_logprobs, (old_logprobs, entropy), values = timer.together(
+        reference=("reference", roles.reference.logprobs_async(exp)),
+        values=("policy", roles.policy.logprobs_async(exp)),
+        critic_values=("critic", roles.critic.values_async(exp) if roles.critic else None),
+    )
     kl = kl_estimate(old_logprobs, ref_logprobs, algo.kl_estimator)
     kl_coef = kl_ctl.value
     advantages, returns = advantages_for(algo, scores, kl, mask, values, n, kl_coef)

@@ -141,8 +141,8 @@ class RolloutQueue:
                 self.in_flight[ahead] = self._issue(ahead)
         if sync is not None:
             sync.wait()
+        times["time/weight_sync"] = time.time() - started if synced else 0.0  # 0: the engines had it
         if synced:
-            times["time/weight_sync"] = time.time() - started
             self.timeline.add("weight_sync", f"sync version {step}", started, time.time())
         batch = self._wait(step)
         del self.in_flight[step]

@@ -68,11 +68,12 @@ def get_one(role: str, op: str, rank: int, ref: ray.ObjectRef) -> Any:
         raise RoleError(f"{role}.{op} failed on actor rank {rank}: {_first_line(e)}", role, op) from e
 
 
-def wait_all(*pending: Pending) -> list[Any]:
+def wait_all(*pending: Pending, finished: dict[int, float] | None = None) -> list[Any]:
     """Results of several pending calls issued together, each bounded by its own timeout.
 
     The first failure on any rank of any call raises at once (a dead rank must not leave the
-    controller waiting out its peers' timeouts, which may be blocked in a collective with it)."""
+    controller waiting out its peers' timeouts, which may be blocked in a collective with it).
+    ``finished`` (if given) gets, for the i-th call, the ``time.perf_counter()`` when its last rank answered."""
     start = time.monotonic()
     deadline = {id(p): start + p.timeout_s for p in pending}
     owner = {ref: p for p in pending for ref in p.refs}
@@ -93,6 +94,8 @@ def wait_all(*pending: Pending) -> list[Any]:
             )
         for ref in ready:
             values[ref] = _get(owner[ref], ref)
+            if finished is not None and all(r in values for r in owner[ref].refs):
+                finished[pending.index(owner[ref])] = time.perf_counter()
     return [p.combine([values[r] for r in p.refs]) for p in pending]
 
 
