@@ -80,12 +80,6 @@ def advantages_for(
     )
 
 
-def together(*pending: Pending | None) -> list:
-    """The results of calls issued together (``wait_all``); None stands for a role the run lacks."""
-    done = iter(wait_all(*(p for p in pending if p is not None)))
-    return [None if p is None else next(done) for p in pending]
-
-
 class GapWatch:
     """Warns once when ``logprob_gap/mean`` (engine vs trainer logprobs of the sampled tokens)
     exceeds ``threshold``, and keeps the largest gap for summary.json (``logprob_gap/max``)."""
@@ -176,11 +170,10 @@ def rl_step(
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages * kept[:, None],
         old_values=values, returns=returns, rollout_weights=weights,
     )
-    with timer("train", track="policy"):
-        policy_stats, critic_stats = together(
-            roles.policy.train_async(exp, algo.ppo_epochs, algo, kl_coef),
-            roles.critic.train_async(exp, algo.ppo_epochs) if roles.critic else None,
-        )
+    policy_stats, critic_stats = timer.together(
+        train=("policy", roles.policy.train_async(exp, algo.ppo_epochs, algo, kl_coef)),
+        critic_train=("critic", roles.critic.train_async(exp, algo.ppo_epochs) if roles.critic else None),
+    )
     sequence_kl = A.masked_sum(kl, mask, dim=-1)
     kl_ctl.update(sequence_kl.mean().item(), len(gens))
     metrics = step_metrics(
