@@ -1,6 +1,7 @@
 """RLHF math: masked statistics, advantages (GAE, GRPO,
-Dr. GRPO, RLOO, REINFORCE++, chosen by name), dropped-sample scores, clipped losses and their
-aggregation, off-policy rollout correction, LR schedule. The KL estimators and controllers are in
+Dr. GRPO, RLOO, REINFORCE++, chosen by name), dropped-sample scores, DAPO's group filter and
+overlong shaping, clipped losses (token- or sequence-level ratios) and their aggregation,
+off-policy rollout correction, LR schedule. The KL estimators and controllers are in
 ``rlhf_dist.kl``.
 
 Pure functions over tensors and floats. Per-token tensors are ``(B, T)`` over *response*
@@ -302,6 +303,39 @@ def neutralise_dropped(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torc
     return filled, kept
 
 
+def informative_groups(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Which prompt groups carry a learning signal under a group baseline (DAPO's dynamic
+    sampling keeps only those): at least two valid scores that are not all equal. A group whose
+    valid scores are equal (all correct, all wrong) gets advantage 0 on every sample from
+    grpo, dr_grpo and rloo alike. NaN marks a dropped sample (``neutralise_dropped``).
+    Shape: (B,) -> (B / n,) bool.
+    """
+    # informative_g = #{valid in g} >= 2 and max_{valid in g} s > min_{valid in g} s
+    grouped = _groups(scores, n, "informative_groups")
+    valid = ~torch.isnan(grouped)
+    high = torch.where(valid, grouped, -math.inf).max(dim=1).values
+    low = torch.where(valid, grouped, math.inf).min(dim=1).values
+    return (valid.sum(dim=1) >= 2) & (high > low)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to a response's score: 0 up
+    to ``max_len - buffer`` tokens, then falling linearly to ``-factor`` at ``max_len`` (the
+    generation budget, ``rollout.max_new_tokens``), ``-factor`` beyond it. ``buffer`` 0 is off.
+    Shape: lengths (B,) -> (B,) float.
+    """
+    # R(l) = 0                          l <= L - C
+    #      = ((L - C) - l) / C          L - C < l <= L
+    #      = -1                         l > L          (all times factor; L = max_len, C = buffer)
+    if not 0 <= buffer <= max_len:
+        raise ValueError(f"overlong_penalty: buffer={buffer} must be in [0, max_len={max_len}]")
+    lengths = lengths.to(torch.float32)
+    if buffer == 0:
+        return torch.zeros_like(lengths)
+    soft = ((max_len - buffer) - lengths) / buffer
+    return factor * torch.clamp(soft, min=-1.0, max=0.0)
+
+
 _LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
@@ -342,6 +376,7 @@ def aggregate_loss(
 
 
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+RATIO_LEVELS = ("token", "sequence")
 
 
 def rollout_correction(
@@ -410,9 +445,16 @@ def policy_loss(
     agg: str = "token_mean",
     max_len: int | None = None,
     rollout_weights: torch.Tensor | None = None,
+    ratio_level: str = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate loss, reduced over valid tokens by ``aggregate_loss(agg, max_len)``.
 
+    ``ratio_level`` "token" clips each token's ratio pi / pi_old (PPO, GRPO). "sequence" is GSPO
+    (Zheng et al. 2025, "Group Sequence Policy Optimization"): the ratio is the sequence's
+    length-normalised likelihood ratio s_i = exp(mean_t log(pi / pi_old)), clipped per sequence,
+    in the paper's token form (GSPO-token, eq. 13) s_it = sg[s_i] * pi_t / sg[pi_t]: equal to
+    s_i in value, with gradient s_i * grad log pi_t, so with advantages constant over a response
+    and ``agg="seq_mean_token_mean"`` (1 / |y_i| per sequence) it is GSPO's objective and gradient.
     ``clip_eps_high`` (DAPO "clip-higher") sets the upper clip bound 1 + clip_eps_high
     (None: clip_eps). ``dual_clip`` = c > 1 (Ye et al. 2020) caps the loss of tokens with
     A < 0 at -A * c, so a huge ratio on a bad token cannot blow up the update.
@@ -423,16 +465,24 @@ def policy_loss(
     (the clipped term is strictly the larger), ``approx_kl`` (0.5 * (logp - old)^2) and, when
     ``dual_clip`` is set, ``dual_clipfrac`` (the cap is active).
     """
-    # ratio = exp(logp - old_logp)
+    # ratio = exp(logp - old_logp)                                   (token)
+    # ratio = exp(logp - sg[logp] + sg[mean_t (logp - old_logp)])    (sequence, GSPO-token)
     # l     = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))
     # l     = min(l, -A * c)   where A < 0, if dual_clip
     # l     = w * l            if rollout_weights
     # loss  = aggregate_loss(l, mask, agg)
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (the cap is -A * dual_clip), got {dual_clip}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; expected one of {RATIO_LEVELS}")
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    if ratio_level == "sequence":
+        _check_response_tokens(mask, "policy_loss(ratio_level='sequence')")
+        sequence = masked_mean(log_ratio, mask, dim=1).detach().unsqueeze(1)
+        ratio = torch.exp(logprobs - logprobs.detach() + sequence)
+    else:
+        ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
     per_token = torch.maximum(unclipped, clipped)
@@ -468,13 +518,14 @@ def actor_loss(
     agg: str,
     max_len: int | None,
     rollout_weights: torch.Tensor | None,
+    ratio_level: str = "token",
     entropy_coef: float,
     kl_coef: float | None,
     kl_estimator: str,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The PPO actor's loss: ``policy_loss`` minus the entropy bonus plus the KL loss term.
 
-    The options up to ``rollout_weights`` are ``policy_loss``'s (the rollout weights multiply the
+    The options up to ``ratio_level`` are ``policy_loss``'s (the rollout weights multiply the
     clipped surrogate only, not the entropy bonus or the KL term); the entropy bonus and the KL term
     are reduced by the same ``aggregate_loss(agg, max_len)``. ``entropy_coef`` 0 adds no bonus;
     ``kl_coef`` None adds no KL term (the KL penalty is in the rewards, or off), and only then may
@@ -489,7 +540,7 @@ def actor_loss(
     loss, stats = policy_loss(
         logprobs, old_logprobs, advantages, mask, clip_eps,
         clip_eps_high=clip_eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len,
-        rollout_weights=rollout_weights,
+        rollout_weights=rollout_weights, ratio_level=ratio_level,
     )
     stats["policy_loss"] = loss.item()
     if entropy_coef:

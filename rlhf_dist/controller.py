@@ -153,6 +153,8 @@ def rl_step(
     engine_logprobs = pad_right([g.response_logprobs for g in gens], mask.shape[1])
     raw_scores = torch.tensor(batch.scores)
     scores, kept = A.neutralise_dropped(raw_scores, n)
+    truncated = torch.tensor([g.truncated for g in gens], dtype=torch.bool)  # cut off by max_new_tokens
+    trained = kept & ~truncated if algo.mask_truncated else kept  # DAPO's overlong filtering
     # reference logprobs, old policy logprobs and critic values come from different groups: all at once
     ref_logprobs, (old_logprobs, entropy), values = timer.together(
         reference=("reference", roles.reference.logprobs_async(exp)),
@@ -166,8 +168,8 @@ def rl_step(
     weights, correction = A.rollout_correction(
         old_logprobs, engine_logprobs, mask, algo.rollout_correction, algo.rollout_is_cap
     )
-    exp = exp.with_fields(  # a dropped sample carries no policy gradient
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages * kept[:, None],
+    exp = exp.with_fields(  # a dropped (or masked truncated) sample carries no policy gradient
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages * trained[:, None],
         old_values=values, returns=returns, rollout_weights=weights,
     )
     policy_stats, critic_stats = timer.together(
@@ -182,6 +184,10 @@ def rl_step(
     )
     staleness = [step - g.version for g in gens]  # policy updates between sampling and this step
     metrics.update(correction)
+    metrics.update(batch.stats)  # dynamic sampling, overlong shaping
+    metrics["response_length/truncated_frac"] = truncated.float().mean().item()
+    if algo.mask_truncated:
+        metrics["rollout/masked_truncated"] = float((kept & truncated).sum())
     metrics["rollout/staleness_mean"] = sum(staleness) / len(staleness)
     metrics["rollout/staleness_max"] = float(max(staleness))
     shown = range(min(cfg.logger.num_samples, len(gens)))

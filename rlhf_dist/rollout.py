@@ -8,6 +8,13 @@ receive the weights of step k at the boundary of step k, once the generation the
 finished, and generate step k+N from them. Every sample carries the policy version that generated
 it (``Generation.version``, set by the engine itself).
 
+With ``rollout.dynamic_sampling`` (DAPO) a step's rollout is drawn in rounds: groups whose rewards
+are all equal carry no advantage and are set aside, and more prompts are drawn, generated and
+scored until the step holds ``rollout.batch_size`` informative groups (``GroupFilter``). A refill
+round of step s draws its prompts at random, keyed on (seed, s, round), among those the step has
+not drawn, and its samples continue the step's engine seeds, so a resumed run draws the same ones.
+DAPO's overlong shaping (``reward.overlong_buffer``) is added to the scores here, before the filter.
+
 At a checkpoint the rollouts in flight are finished and saved with it (``RolloutBatch.to_json``): a
 resumed run trains on exactly the samples the uninterrupted run would have, since the weights that
 generated them are not in the checkpoint.
@@ -18,14 +25,18 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
+from rlhf_dist import algorithms as A
 from rlhf_dist.config import Config
 from rlhf_dist.data import PromptSampler, PromptSet
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.roles.groups import SyncInFlight
-from rlhf_dist.seeds import ENGINE_SAMPLE, derive_seed
+from rlhf_dist.seeds import ENGINE_SAMPLE, REFILL_PROMPTS, derive_seed
 from rlhf_dist.timeline import Timeline
 from rlhf_dist.worker_group import RoleError
 
@@ -33,9 +44,29 @@ if TYPE_CHECKING:
     from rlhf_dist.cluster import Roles
 
 
-def sample_seeds(seed: int, step: int, n: int) -> list[int]:
-    """Per-sample engine seeds: a run is reproducible whatever the engine count."""
-    return [derive_seed(ENGINE_SAMPLE, seed, step, i) for i in range(n)]
+def sample_seeds(seed: int, step: int, n: int, first: int = 0) -> list[int]:
+    """Per-sample engine seeds of samples ``first .. first + n - 1`` of ``step``: a run is
+    reproducible whatever the engine count."""
+    return [derive_seed(ENGINE_SAMPLE, seed, step, i) for i in range(first, first + n)]
+
+
+def refill_prompts(seed: int, step: int, round_: int, count: int, num_prompts: int, drawn: set[int]) -> list[int]:
+    """Up to ``count`` prompt indices for refill round ``round_`` (>= 1) of ``step``: a permutation
+    keyed on (seed, step, round), without the prompts the step has ``drawn`` already."""
+    gen = torch.Generator().manual_seed(derive_seed(REFILL_PROMPTS, seed, step, round_))
+    fresh = [i for i in torch.randperm(num_prompts, generator=gen).tolist() if i not in drawn]
+    return fresh[:count]
+
+
+@dataclass
+class Draw:
+    """One round of a step's sampling: each prompt ``n`` times, in contiguous rows, with engine seeds."""
+
+    prompts: list[int]  # prompt indices, one per group
+    prompt_ids: list[list[int]]
+    texts: list[str]
+    metadata: list[dict]
+    seeds: list[int]
 
 
 @dataclass
@@ -47,8 +78,9 @@ class RolloutBatch:
     texts: list[str]
     metadata: list[dict]
     generations: list[Generation]
-    scores: list[float]  # as scored; NaN: dropped (reward.on_invalid=drop)
+    scores: list[float]  # as scored (plus overlong shaping); NaN: dropped (reward.on_invalid=drop)
     times: dict[str, float]  # time/generate (issue -> last response), time/reward (scoring left after it)
+    stats: dict[str, float] = field(default_factory=dict)  # of the sampling: dynamic sampling, overlong shaping
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -58,19 +90,65 @@ class RolloutBatch:
         return cls(**{**row, "generations": [Generation(**g) for g in row["generations"]]})
 
 
+class GroupFilter:
+    """DAPO's dynamic sampling over the rounds of one step: keeps the prompt groups with unequal
+    rewards (``algorithms.informative_groups``) until ``want`` are in, for at most ``max_rounds``
+    rounds. ``next_count`` sizes the next round from the share of informative groups so far;
+    ``result`` is the step's batch: the first ``want`` informative groups in draw order, filled up
+    with uninformative ones (advantage 0) when the rounds ran out."""
+
+    def __init__(self, want: int, n: int, max_rounds: int) -> None:
+        self.want, self.n, self.max_rounds = want, n, max_rounds
+        self.rounds, self.informative, self.uninformative = 0, [], []
+
+    def add(self, draw: Draw, generations: list[Generation], scores: list[float]) -> None:
+        self.rounds += 1
+        useful = A.informative_groups(torch.tensor(scores, dtype=torch.float64), self.n).tolist()
+        for g, keep in enumerate(useful):
+            rows = range(g * self.n, (g + 1) * self.n)
+            group = ([draw.prompt_ids[i] for i in rows], [draw.texts[i] for i in rows],
+                     [draw.metadata[i] for i in rows], [generations[i] for i in rows], [scores[i] for i in rows])
+            (self.informative if keep else self.uninformative).append(group)
+
+    def next_count(self) -> int:
+        """Prompts to draw in the next round; 0 once there are enough or the rounds ran out."""
+        deficit = self.want - len(self.informative)
+        if deficit <= 0 or self.rounds >= self.max_rounds:
+            return 0
+        drawn = len(self.informative) + len(self.uninformative)
+        rate = len(self.informative) / drawn
+        return self.want if rate == 0 else min(self.want, math.ceil(deficit / rate))
+
+    def result(self) -> tuple[tuple[list, list, list, list, list], dict[str, float]]:
+        """(prompt_ids, texts, metadata, generations, scores) of the step's groups, and the stats."""
+        kept = self.informative[: self.want]
+        filled = self.uninformative[: self.want - len(kept)]
+        columns = tuple([x for group in kept + filled for x in group[c]] for c in range(5))
+        stats = {
+            "rollout/sampling_rounds": float(self.rounds),
+            "rollout/prompts_sampled": float(len(self.informative) + len(self.uninformative)),
+            "rollout/filtered_groups": float(len(self.uninformative)),
+            "rollout/filled_groups": float(len(filled)),
+        }
+        return columns, stats
+
+
 class Rollout:
     """One step's rollout in flight: the engines' streams are issued at once (in the caller's
     thread, so the engines see the calls in the order the controller made them), and a thread
     scores each chunk as it arrives; ``generated`` is set once the engines are done with it (its
-    scoring may go on), ``result`` waits for the scored batch."""
+    scoring may go on), ``result`` waits for the scored batch. With ``refill`` (dynamic sampling)
+    the thread draws further rounds, ``refill(round, count, drawn prompts, first sample)``, while
+    ``GroupFilter`` asks for them; the engines are then done only once the last round's scores
+    are in."""
 
-    def __init__(self, step: int, rows: tuple[list, list, list], seeds: list[int], roles: Roles, chunk: int,
-                 timeline: Timeline, queued_before: list = ()) -> None:
-        self.step, (self.prompt_ids, self.texts, self.metadata) = step, rows
-        self.roles, self.timeline = roles, timeline
+    def __init__(self, step: int, draw: Draw, roles: Roles, cfg: Config, timeline: Timeline,
+                 queued_before: list = (), refill: Callable[[int, int, set[int], int], Draw] | None = None) -> None:
+        self.step, self.draw, self.roles, self.cfg, self.timeline = step, draw, roles, cfg, timeline
+        self.refill = refill
         self.issued = time.time()
         queued = sum(isinstance(r, Rollout) for r in queued_before)  # generations ahead of it on the engines
-        self.stream = roles.generation.stream(self.prompt_ids, seeds, chunk, queued)
+        self.stream = roles.generation.stream(draw.prompt_ids, draw.seeds, cfg.rollout.stream_chunk, queued)
         self.batch: RolloutBatch | None = None
         self.error: BaseException | None = None
         self.generated = threading.Event()  # set once the engines are done with it (or it failed)
@@ -86,27 +164,77 @@ class Rollout:
             self.generated.set()
 
     def _collect(self) -> RolloutBatch:
-        reward, n = self.roles.reward, len(self.prompt_ids)
+        times = {"time/generate": 0.0, "time/reward": 0.0}
+        generations, scores = self._round(self.draw, self.stream, self.issued, times, last=self.refill is None)
+        if self.refill is None:
+            return self._batch((self.draw.prompt_ids, self.draw.texts, self.draw.metadata, generations, scores),
+                               times, {})
+        rollout = self.cfg.rollout
+        groups = GroupFilter(rollout.batch_size, rollout.n, rollout.max_sampling_rounds)
+        groups.add(self.draw, generations, scores)
+        drawn, samples = set(self.draw.prompts), len(self.draw.seeds)
+        while count := groups.next_count():
+            draw = self.refill(groups.rounds, count, drawn, samples)
+            if not draw.prompts:
+                break  # every prompt of the set is in this step already
+            drawn.update(draw.prompts)
+            samples += len(draw.seeds)
+            issued = time.time()  # behind at most max_staleness rollouts on the engines
+            stream = self.roles.generation.stream(draw.prompt_ids, draw.seeds, rollout.stream_chunk,
+                                                  rollout.max_staleness)
+            groups.add(draw, *self._round(draw, stream, issued, times, last=False))
+        self.generated.set()
+        columns, stats = groups.result()
+        return self._batch(columns, times, stats)
+
+    def _round(self, draw: Draw, stream, issued: float, times: dict[str, float], last: bool) -> tuple[list, list]:
+        """One round's generations and scores (overlong shaping added); scoring each chunk as it
+        arrives. ``last``: no round follows, so the engines are free once it is generated."""
+        reward, n = self.roles.reward, len(draw.prompt_ids)
         generations: list[Generation | None] = [None] * n
         scoring = []
-        for rank, part in self.stream.chunks():
+        for rank, part in stream.chunks():
             for i, g in part:
                 generations[i] = g
             index = [i for i, _ in part]
             scoring.append((index, time.time(), reward.score_on_async(
-                len(scoring) % len(reward), [self.texts[i] for i in index], [g.text for _, g in part],
-                [self.metadata[i] for i in index],
+                len(scoring) % len(reward), [draw.texts[i] for i in index], [g.text for _, g in part],
+                [draw.metadata[i] for i in index],
             )))
         generated = time.time()
-        self.generated.set()  # the engines are free: the next sync and rollout can go while this is scored
-        self.timeline.add("generation", f"generate step {self.step}", self.issued, generated, samples=n)
+        if last:
+            self.generated.set()  # the engines are free: the next sync and rollout can go while this is scored
+        self.timeline.add("generation", f"generate step {self.step}", issued, generated, samples=n)
         scores = [math.nan] * n
-        for index, issued, pending in scoring:
+        for index, sent, pending in scoring:
             for i, s in zip(index, pending.result()):
                 scores[i] = s
-            self.timeline.add("reward", f"score step {self.step}", issued, time.time(), samples=len(index))
-        times = {"time/generate": generated - self.issued, "time/reward": time.time() - generated}
-        return RolloutBatch(self.step, self.prompt_ids, self.texts, self.metadata, generations, scores, times)
+            self.timeline.add("reward", f"score step {self.step}", sent, time.time(), samples=len(index))
+        times["time/generate"] += generated - issued
+        times["time/reward"] += time.time() - generated
+        return generations, self._shaped(generations, scores)
+
+    def _shaped(self, generations: list[Generation], scores: list[float]) -> list[float]:
+        """Scores plus DAPO's overlong penalty (NaN stays NaN)."""
+        penalty = self._overlong(generations)
+        return scores if penalty is None else [s + p for s, p in zip(scores, penalty.tolist())]
+
+    def _overlong(self, generations: list[Generation]) -> torch.Tensor | None:
+        """Each response's overlong penalty (``reward.overlong_buffer``; None when it is off)."""
+        reward = self.cfg.reward
+        if not reward.overlong_buffer:
+            return None
+        lengths = torch.tensor([len(g.response_ids) for g in generations])
+        return A.overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, reward.overlong_buffer,
+                                  reward.overlong_penalty)
+
+    def _batch(self, columns: tuple[list, list, list, list, list], times: dict[str, float],
+               stats: dict[str, float]) -> RolloutBatch:
+        prompt_ids, texts, metadata, generations, scores = columns
+        if (penalty := self._overlong(generations)) is not None:
+            stats = {**stats, "reward/overlong_penalty_mean": penalty.mean().item(),
+                     "reward/overlong_frac": (penalty < 0).float().mean().item()}
+        return RolloutBatch(self.step, prompt_ids, texts, metadata, generations, scores, times, stats)
 
     def result(self) -> RolloutBatch:
         """The scored batch; every wait inside is bounded by the roles' timeouts."""
@@ -187,12 +315,22 @@ class RolloutQueue:
         return [self._wait(step) for step in sorted(self.in_flight)]
 
     def _issue(self, step: int) -> Rollout:
-        rows = [i for i in self.sampler.indices(step) for _ in range(self.cfg.rollout.n)]  # a prompt's n samples
-        columns = (self.prompts.token_ids, self.prompts.texts, self.prompts.metadata)  # are contiguous
-        picked = tuple([column[i] for i in rows] for column in columns)
-        seeds = sample_seeds(self.cfg.seed, step, len(rows))
         in_flight = [r for r in self.in_flight.values() if isinstance(r, Rollout) and not r.generated.is_set()]
-        return Rollout(step, picked, seeds, self.roles, self.cfg.rollout.stream_chunk, self.timeline, in_flight)
+        refill = None
+        if self.cfg.rollout.dynamic_sampling:
+            def refill(round_: int, count: int, drawn: set[int], first: int) -> Draw:
+                prompts = refill_prompts(self.cfg.seed, step, round_, count, len(self.prompts), drawn)
+                return self._draw(step, prompts, first)
+        return Rollout(step, self._draw(step, self.sampler.indices(step), 0), self.roles, self.cfg, self.timeline,
+                       in_flight, refill)
+
+    def _draw(self, step: int, prompts: list[int], first: int) -> Draw:
+        """``prompts``, each ``rollout.n`` times in contiguous rows, with the engine seeds of the
+        step's samples ``first, first + 1, ...``."""
+        rows = [i for i in prompts for _ in range(self.cfg.rollout.n)]
+        columns = (self.prompts.token_ids, self.prompts.texts, self.prompts.metadata)
+        picked = [[column[i] for i in rows] for column in columns]
+        return Draw(prompts, *picked, sample_seeds(self.cfg.seed, step, len(rows), first))
 
     def _wait(self, step: int) -> RolloutBatch:
         """Step ``step``'s rollout, finished (it stays in ``in_flight``, as a batch, until taken)."""

@@ -1,12 +1,17 @@
-"""Benchmark: PPO (GAE + critic) vs GRPO vs overlapped GRPO on the verifiable arithmetic task.
+"""Benchmark: PPO (GAE + critic), GRPO, overlapped GRPO, DAPO and GSPO on the verifiable arithmetic task.
 
 Runs each algorithm as a normal training job (`python -m rlhf_dist.train task=arithmetic ...`),
 one after the other on the same machine, and prints held-out exact-match accuracy (greedy
 decoding) before and after training with its standard error, the wall time of each job, and the
 ratios. ``grpo_overlap`` is GRPO one step off-policy (``rollout.max_staleness=1``, the engines
-generate step k+1 while step k trains) with truncated importance sampling.
+generate step k+1 while step k trains) with truncated importance sampling. ``dapo`` and ``gspo``
+are the presets (``algo=dapo``: dynamic sampling, clip-higher, overlong shaping, no KL;
+``algo=gspo``: sequence-level ratios). Dynamic sampling draws more responses per step, so every
+run also reports the responses it sampled and the held-out accuracy at the evaluation closest
+below the sample budget of the first algorithm (``--budget-of``, default the first of ``--algos``).
 
-    .venv/bin/python scripts/bench_arithmetic.py [--steps 100] [--algos ppo,grpo,grpo_overlap] [--out bench_out]
+    .venv/bin/python scripts/bench_arithmetic.py [--steps 100] [--algos ppo,grpo,grpo_overlap,dapo,gspo]
+        [--seeds 0,1] [--eval-every 25] [--out bench_out]
 """
 
 from __future__ import annotations
@@ -28,44 +33,78 @@ ALGOS = {
     "grpo": ["algo=grpo", "rollout.batch_size=16", "rollout.n=4"],
     "grpo_overlap": ["algo=grpo", "rollout.batch_size=16", "rollout.n=4", "rollout.max_staleness=1",
                      "algo.rollout_correction=tis"],
+    "dapo": ["algo=dapo", "rollout.batch_size=16", "rollout.n=4"],
+    "gspo": ["algo=gspo", "rollout.batch_size=16", "rollout.n=4"],
 }
 
 
-def run(name: str, extra: list[str], steps: int, out: Path) -> dict:
-    run_dir = out / name
+def accuracy_se(acc: float) -> float:
+    return math.sqrt(acc * (1 - acc) / EVAL_PROMPTS)
+
+
+def run(name: str, extra: list[str], steps: int, seed: int, eval_every: int, out: Path) -> dict:
+    run_dir = out / f"{name}_seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own output of an earlier run
-    cmd = [sys.executable, "-m", "rlhf_dist.train", "task=arithmetic", f"total_steps={steps}",
-           f"eval.num_prompts={EVAL_PROMPTS}", "logger.progress_bar=false", f"hydra.run.dir={run_dir}", *extra]
+    cmd = [sys.executable, "-m", "rlhf_dist.train", "task=arithmetic", f"total_steps={steps}", f"seed={seed}",
+           f"eval.num_prompts={EVAL_PROMPTS}", f"eval.every_steps={eval_every}", "logger.progress_bar=false",
+           f"hydra.run.dir={run_dir}", *extra]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True)
     wall = time.perf_counter() - start
     summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sizes = dict(e.split("=") for e in extra if e.startswith(("rollout.batch_size=", "rollout.n=")))
+    prompts, n = int(sizes["rollout.batch_size"]), int(sizes["rollout.n"])
+    sampled, curve = 0, []  # (responses sampled so far, held-out accuracy) after each evaluated step
+    for row in rows:  # dynamic sampling logs the prompts each step drew
+        sampled += int(row["rollout/prompts_sampled"] if "rollout/prompts_sampled" in row else prompts) * n
+        if "eval/reward_mean" in row:
+            curve.append((sampled, row["eval/reward_mean"]))
+    filtered = [r["rollout/filtered_groups"] / r["rollout/prompts_sampled"] for r in rows if "rollout/filtered_groups" in r]
     acc = summary["eval/final_reward_mean"]
-    return {"algo": name, "wall_s": wall, "acc_before": summary["eval/initial_reward_mean"],
-            "acc_after_se": math.sqrt(acc * (1 - acc) / EVAL_PROMPTS),
-            "acc_after": summary["eval/final_reward_mean"], "train_reward_last_fifth": summary["reward/last_fifth_mean"],
-            "kl_final": summary["final"]["kl/mean"]}
+    return {"algo": name, "seed": seed, "wall_s": wall, "acc_before": summary["eval/initial_reward_mean"],
+            "acc_after": acc, "acc_after_se": accuracy_se(acc), "responses_sampled": sampled, "curve": curve,
+            "train_reward_last_fifth": summary["reward/last_fifth_mean"], "kl_final": summary["final"]["kl/mean"],
+            "filtered_share": sum(filtered) / len(filtered) if filtered else None,
+            "clipfrac_mean": sum(r["ppo/clipfrac"] for r in rows) / len(rows)}
+
+
+def at_budget(curve: list[tuple[int, float]], budget: int) -> tuple[int, float] | None:
+    """The last evaluation made within ``budget`` sampled responses."""
+    within = [point for point in curve if point[0] <= budget]
+    return within[-1] if within else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--algos", default=",".join(ALGOS), help=f"comma-separated, of {', '.join(ALGOS)}")
+    parser.add_argument("--algos", default="ppo,grpo,grpo_overlap", help=f"comma-separated, of {', '.join(ALGOS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds")
+    parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
+    parser.add_argument("--budget-of", default="", help="the algorithm whose sampled responses set the budget")
     parser.add_argument("--out", type=Path, default=REPO / "bench_out")
     args = parser.parse_args()
-    names = args.algos.split(",")
+    names, seeds = args.algos.split(","), [int(s) for s in args.seeds.split(",")]
     if unknown := sorted(set(names) - set(ALGOS)):
         parser.error(f"--algos: unknown {', '.join(unknown)} (use {', '.join(ALGOS)})")
-    rows = [run(name, ALGOS[name], args.steps, args.out) for name in names]
-    print(f"\n{'algo':12} {'held-out acc before':>20} {'after':>7} {'± SE':>6} {'train reward (last 1/5)':>24} "
-          f"{'KL/seq':>7} {'wall s':>7}")
+    budget_of = args.budget_of or names[0]
+    rows = [run(name, ALGOS[name], args.steps, seed, args.eval_every, args.out) for seed in seeds for name in names]
+    budgets = {r["seed"]: r["responses_sampled"] for r in rows if r["algo"] == budget_of}
+    print(f"\n{'algo':12} {'seed':>4} {'acc before':>10} {'after':>6} {'± SE':>6} {'responses':>9} "
+          f"{f'acc at {budget_of} budget':>22} {'filtered':>8} {'clipfrac':>8} {'KL/seq':>7} {'wall s':>7}")
     for r in rows:
-        print(f"{r['algo']:12} {r['acc_before']:>20.3f} {r['acc_after']:>7.3f} {r['acc_after_se']:>6.3f} "
-              f"{r['train_reward_last_fifth']:>24.3f} {r['kl_final']:>7.3f} {r['wall_s']:>7.0f}")
-    walls = {r["algo"]: r["wall_s"] for r in rows}
-    for a, b in (("grpo", "ppo"), ("grpo_overlap", "grpo")):
-        if a in walls and b in walls:
-            print(f"wall-time ratio {a}/{b}: {walls[a] / walls[b]:.2f}")
+        point = at_budget(r["curve"], budgets.get(r["seed"], r["responses_sampled"]))
+        r["acc_at_budget"] = point
+        shown = f"{point[1]:.3f} ({point[0]})" if point else "-"
+        filtered = "-" if r["filtered_share"] is None else f"{r['filtered_share']:.2f}"
+        print(f"{r['algo']:12} {r['seed']:>4} {r['acc_before']:>10.3f} {r['acc_after']:>6.3f} {r['acc_after_se']:>6.3f} "
+              f"{r['responses_sampled']:>9} {shown:>22} {filtered:>8} {r['clipfrac_mean']:>8.3f} {r['kl_final']:>7.3f} "
+              f"{r['wall_s']:>7.0f}")
+    for seed in seeds:
+        walls = {r["algo"]: r["wall_s"] for r in rows if r["seed"] == seed}
+        for a, b in (("grpo", "ppo"), ("grpo_overlap", "grpo"), ("dapo", "grpo"), ("gspo", "grpo")):
+            if a in walls and b in walls:
+                print(f"seed {seed}: wall-time ratio {a}/{b}: {walls[a] / walls[b]:.2f}")
     (args.out / "bench_arithmetic.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 

@@ -119,6 +119,7 @@ ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # need rollout.n > 1 samples per prompt
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+RATIO_LEVELS = ("token", "sequence")
 
 
 @dataclass
@@ -172,6 +173,12 @@ class AlgoConfig:
     rollout_correction: str = "none"
     # The cap C > 1 of rollout_correction: tis truncates rho at C, mis drops tokens with rho outside [1/C, C].
     rollout_is_cap: float = 2.0
+    # Importance ratio the loss clips: token (PPO, per token) or sequence (GSPO, Zheng et al. 2025: the
+    # length-normalised sequence ratio, clipped per sequence; pair it with loss_agg=seq_mean_token_mean).
+    ratio_level: str = "token"
+    # DAPO's overlong filtering: responses cut off by rollout.max_new_tokens get no policy gradient
+    # (advantage 0; they still count in the loss denominators and in a KL or entropy term).
+    mask_truncated: bool = False
 
     @property
     def needs_critic(self) -> bool:
@@ -180,7 +187,7 @@ class AlgoConfig:
     def validate(self) -> None:
         choices = {"estimator": ESTIMATORS, "loss_agg": LOSS_AGGS, "kl_estimator": ("k1", "k2", "k3"),
                    "kl_in": ("reward", "loss"), "kl_controller": ("fixed", "adaptive"),
-                   "rollout_correction": ROLLOUT_CORRECTIONS}
+                   "rollout_correction": ROLLOUT_CORRECTIONS, "ratio_level": RATIO_LEVELS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 _fail(f"algo.{name}", getattr(self, name), f"use one of {', '.join(allowed)}")
@@ -241,6 +248,13 @@ class RolloutConfig:
     # Responses an engine hands back at a time as they finish; each such chunk is scored at once,
     # while the engines go on generating.
     stream_chunk: int = 32
+    # DAPO's dynamic sampling (Yu et al. 2025): drop prompt groups whose n rewards are all equal (no
+    # advantage under a group baseline) and sample more prompts until the step holds batch_size
+    # informative groups, or max_sampling_rounds rounds were drawn (then the step is filled with
+    # uninformative groups, counted in rollout/filled_groups). Needs a group estimator.
+    dynamic_sampling: bool = False
+    # Rounds of generation a step may draw with dynamic_sampling (1 = the step's own prompts only).
+    max_sampling_rounds: int = 3
 
     def validate(self) -> None:
         if self.max_staleness < 0:
@@ -250,7 +264,7 @@ class RolloutConfig:
                   "needs engines on their own devices; with rollout.sleep_level > 0 (colocated) use 0")
         _check_positive(
             "rollout", self, "num_engines", "batch_size", "n", "max_new_tokens", "temperature",
-            "tensor_parallel_size", "max_model_len", "stream_chunk",
+            "tensor_parallel_size", "max_model_len", "stream_chunk", "max_sampling_rounds",
         )
         if not 0.0 < self.top_p <= 1.0:
             _fail("rollout.top_p", self.top_p, "must be in (0, 1]")
@@ -327,6 +341,12 @@ class RewardConfig:
     num_actors: int = 1
     # Samples per forward pass of a reward model.
     batch_size: int = 32
+    # DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): a response in the last overlong_buffer
+    # tokens before rollout.max_new_tokens gets a penalty falling linearly from 0 to -overlong_penalty
+    # at the budget, added to its training score (not to evaluation scores). 0: off.
+    overlong_buffer: int = 0
+    # Size of that penalty at the length budget.
+    overlong_penalty: float = 1.0
 
     def validate(self) -> None:
         weights = {"function": self.function_weight, "model": self.model_weight, "http": self.http_weight}
@@ -344,6 +364,9 @@ class RewardConfig:
         if self.http_retries < 0:
             _fail("reward.http_retries", self.http_retries, "must be >= 0")
         _check_positive("reward", self, "num_actors", "batch_size", "http_timeout_s")
+        if self.overlong_buffer < 0 or self.overlong_penalty < 0:
+            bad = "overlong_buffer" if self.overlong_buffer < 0 else "overlong_penalty"
+            _fail(f"reward.{bad}", getattr(self, bad), "must be >= 0 (overlong_buffer 0 is off)")
 
 
 @dataclass

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from rlhf_dist.config.errors import _fail
 from rlhf_dist.config.groups import (
@@ -73,8 +74,6 @@ GROUPS = (
 
 def to_config(raw: Any) -> Config:
     """Turn Hydra's DictConfig (typed by the schema) into a plain ``Config`` object."""
-    from omegaconf import OmegaConf
-
     obj = OmegaConf.to_object(raw)
     if not isinstance(obj, Config):
         raise TypeError(f"expected Config, got {type(obj).__name__}")
@@ -96,8 +95,16 @@ def as_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def tokens_fraction(total: int, fraction: float) -> int:
+    """``${rlhf_dist.tokens_fraction:${rollout.max_new_tokens},0.2}``: a share of a token budget,
+    at least 1 (presets that scale with the budget, e.g. DAPO's overlong buffer)."""
+    return max(1, int(int(total) * float(fraction)))
+
+
 def register_configs() -> None:
     """Register the schema: the root ``Config`` as ``base_config``, the first entry of
-    conf/config.yaml's defaults list; the group files merge into its typed nodes."""
+    conf/config.yaml's defaults list; the group files merge into its typed nodes. Also the
+    resolvers the presets use."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("rlhf_dist.tokens_fraction", tokens_fraction, replace=True)
 

@@ -67,6 +67,10 @@ def _check_batching(cfg: Config) -> None:
     samples = r.batch_size * r.n
     if a.estimator in GROUP_ESTIMATORS and r.n < 2:
         _fail("rollout.n", r.n, f"algo.estimator={a.estimator} compares samples of a prompt: set rollout.n >= 2")
+    if r.dynamic_sampling and a.estimator not in GROUP_ESTIMATORS:
+        _fail("rollout.dynamic_sampling", True,
+              f"filters prompt groups with equal rewards, which only a group baseline ignores; "
+              f"algo.estimator={a.estimator} is not one of {', '.join(GROUP_ESTIMATORS)}")
     if a.minibatch_size > samples:
         _fail("algo.minibatch_size", a.minibatch_size, f"must be <= rollout.batch_size x rollout.n = {samples}")
     if samples % a.minibatch_size:
@@ -157,5 +161,8 @@ def _check_lengths(cfg: Config) -> None:
             "rollout.max_model_len", r.max_model_len,
             f"must be >= model.max_prompt_len + rollout.max_new_tokens = {cfg.model.max_prompt_len + r.max_new_tokens}",
         )
+    if cfg.reward.overlong_buffer > r.max_new_tokens:
+        _fail("reward.overlong_buffer", cfg.reward.overlong_buffer,
+              f"must be <= rollout.max_new_tokens={r.max_new_tokens} (the penalty falls over the last that many tokens)")
     if cfg.eval.every_steps and not cfg.data.eval_prompts:
         _fail("data.eval_prompts", "", f"eval.every_steps={cfg.eval.every_steps} needs held-out prompts")

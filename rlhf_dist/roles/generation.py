@@ -21,6 +21,7 @@ class Generation:
     response_logprobs: list[float]  # engine's logprob of each sampled token
     text: str
     version: int = 0  # the policy version (weight syncs applied) of the engine that sampled it
+    truncated: bool = False  # stopped by rollout.max_new_tokens, not by EOS or a stop string
 
 
 def executor_backend(tensor_parallel_size: int, in_process: bool) -> str | None:
@@ -87,7 +88,8 @@ class GenerationEngine:
         completion = output.outputs[0]
         ids = list(completion.token_ids)
         logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-        return Generation(prompt, ids, logprobs, completion.text, self.version)
+        truncated = completion.finish_reason == "length"
+        return Generation(prompt, ids, logprobs, completion.text, self.version, truncated)
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
         """One response per prompt; ``seeds`` makes each sample reproducible. ``greedy`` is for

@@ -280,8 +280,8 @@ class PolicyTrainer(_DeepSpeedRank):
             return A.actor_loss(
                 logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, entropy, micro.response_mask,
                 algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip, agg=algo.loss_agg,
-                max_len=self.max_new_tokens, rollout_weights=micro.rollout_weights, entropy_coef=algo.entropy_coef,
-                kl_coef=kl_loss_coef, kl_estimator=algo.kl_estimator,
+                max_len=self.max_new_tokens, rollout_weights=micro.rollout_weights, ratio_level=algo.ratio_level,
+                entropy_coef=algo.entropy_coef, kl_coef=kl_loss_coef, kl_estimator=algo.kl_estimator,
             )
 
         return self._train(exp, epochs, loss_fn)

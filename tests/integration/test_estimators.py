@@ -1,6 +1,6 @@
-"""Every critic-free estimator through the real stack on the verifiable arithmetic task: one set
-of actors (no critic is created), one RL step per estimator and loss option, a held-out greedy
-evaluation, then the engines still serve the trainer's weights."""
+"""Every critic-free estimator and recipe (DAPO, GSPO) through the real stack on the verifiable
+arithmetic task: one set of actors (no critic is created), one RL step per estimator and loss
+option, a held-out greedy evaluation, then the engines still serve the trainer's weights."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from rlhf_dist import algorithms as A
 from rlhf_dist.cluster import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
 from rlhf_dist.controller import evaluate, make_kl_controller, rl_step
@@ -33,7 +34,11 @@ CASES = {
     # the loss options on top of GRPO: clip-higher, dual clip, entropy bonus, adaptive k2 KL in the reward
     "grpo_options": ["algo=grpo", "algo.clip_eps_high=0.28", "algo.dual_clip=3.0", "algo.entropy_coef=0.01",
                      "algo.kl_in=reward", "algo.kl_estimator=k2", "algo.kl_controller=adaptive",
-                     "algo.loss_agg=seq_mean_token_mean"],
+                     "algo.loss_agg=seq_mean_token_mean", "algo.mask_truncated=true"],
+    # DAPO: dynamic sampling refills the groups whose 4 rewards are equal; overlong shaping (buffer 1 of 4)
+    "dapo": ["algo=dapo"],
+    # GSPO: sequence-level ratios, composed with the off-policy correction's weights
+    "gspo": ["algo=gspo", "algo.rollout_correction=tis"],
 }
 
 
@@ -50,12 +55,13 @@ def test_critic_free_estimators_one_step_each():
     held_out = load_prompts(data.eval_prompts, data, tokenizer, first.model.max_prompt_len, first.seed, split="test")
     assert not set(prompts.texts) & set(held_out.texts)
     probe = [tokenizer(t)["input_ids"] for t in ("12 + 7 = 19", "40 - 3 = 37")]
-    results = {}
+    results, batches = {}, {}
     try:
         assert roles.critic is None
         for step, (name, cfg) in enumerate(configs.items()):
             validate_config(cfg)
             batch = RolloutQueue(cfg, roles, prompts, Timeline(enabled=False)).take(step)  # syncs the last step's update
+            batches[name] = batch
             results[name], _ = rl_step(step, cfg, roles, batch, make_kl_controller(cfg.algo), Timeline(enabled=False))
         RolloutQueue(first, roles, prompts, Timeline(enabled=False)).sync_engines(len(configs))
         evaluation, _ = evaluate(first, roles, held_out)
@@ -78,5 +84,22 @@ def test_critic_free_estimators_one_step_each():
     assert evaluation["eval/reward_mean"] * 32 == round(evaluation["eval/reward_mean"] * 32)
     # the adaptive controller starts from algo.kl_coef
     assert results["grpo_options"]["kl/coef"] == configs["grpo_options"].algo.kl_coef
+    # truncated responses (4 tokens, no EOS) are masked out of the policy gradient, and counted
+    options = results["grpo_options"]
+    truncated = sum(g.truncated for g in batches["grpo_options"].generations)
+    assert options["rollout/masked_truncated"] == truncated
+    assert options["response_length/truncated_frac"] == truncated / 32
+    # DAPO: the step holds 8 groups of 4, informative ones unless the rounds ran out (then filled)
+    dapo, batch = results["dapo"], batches["dapo"]
+    assert len(batch.generations) == 32 and 1 <= dapo["rollout/sampling_rounds"] <= 3
+    informative = A.informative_groups(torch.tensor(batch.scores), 4).sum().item()
+    assert informative == 8 - dapo["rollout/filled_groups"]
+    assert dapo["rollout/prompts_sampled"] >= dapo["rollout/filtered_groups"] + informative
+    assert dapo["rollout/filtered_groups"] > 0 and dapo["rollout/sampling_rounds"] >= 2  # this seed refills
+    # overlong shaping: a 4-token response (the budget) scores its exact match (0 or 1) minus 1
+    for g, score in zip(batch.generations, batch.scores):
+        assert score in ((-1.0, 0.0) if len(g.response_ids) == 4 else (0.0, 1.0))
+    assert dapo["reward/overlong_frac"] == sum(len(g.response_ids) == 4 for g in batch.generations) / 32
+    assert "rollout_corr/truncated_frac" in results["gspo"]
     for i, seq in enumerate(engine_lp):
         torch.testing.assert_close(torch.tensor(seq), trainer_lp[i, : len(seq)].float(), atol=1e-4, rtol=0)
