@@ -34,6 +34,10 @@ ALGOS = {
     "grpo_overlap": ["algo=grpo", "rollout.batch_size=16", "rollout.n=4", "rollout.max_staleness=1",
                      "algo.rollout_correction=tis"],
     "dapo": ["algo=dapo", "rollout.batch_size=16", "rollout.n=4"],
+    # The task's 4-token budget is exactly a 2-digit answer and its EOS, which DAPO's overlong
+    # shaping (buffer: the last token) punishes: without the shaping, and with room beyond the answer.
+    "dapo_no_overlong": ["algo=dapo", "rollout.batch_size=16", "rollout.n=4", "reward.overlong_buffer=0"],
+    "dapo_8_tokens": ["algo=dapo", "rollout.batch_size=16", "rollout.n=4", "rollout.max_new_tokens=8"],
     "gspo": ["algo=gspo", "rollout.batch_size=16", "rollout.n=4"],
 }
 
@@ -82,27 +86,33 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
     parser.add_argument("--budget-of", default="", help="the algorithm whose sampled responses set the budget")
+    parser.add_argument("--budget", type=int, default=0, help="a budget of sampled responses instead (e.g. 6400: "
+                        "GRPO's 100 steps x 16 prompts x 4)")
     parser.add_argument("--out", type=Path, default=REPO / "bench_out")
     args = parser.parse_args()
     names, seeds = args.algos.split(","), [int(s) for s in args.seeds.split(",")]
     if unknown := sorted(set(names) - set(ALGOS)):
         parser.error(f"--algos: unknown {', '.join(unknown)} (use {', '.join(ALGOS)})")
-    budget_of = args.budget_of or names[0]
     rows = [run(name, ALGOS[name], args.steps, seed, args.eval_every, args.out) for seed in seeds for name in names]
-    budgets = {r["seed"]: r["responses_sampled"] for r in rows if r["algo"] == budget_of}
-    print(f"\n{'algo':12} {'seed':>4} {'acc before':>10} {'after':>6} {'± SE':>6} {'responses':>9} "
+    if args.budget:
+        budget_of, budgets = str(args.budget), {seed: args.budget for seed in seeds}
+    else:
+        budget_of = args.budget_of or names[0]
+        budgets = {r["seed"]: r["responses_sampled"] for r in rows if r["algo"] == budget_of}
+    print(f"\n{'algo':16} {'seed':>4} {'acc before':>10} {'after':>6} {'± SE':>6} {'responses':>9} "
           f"{f'acc at {budget_of} budget':>22} {'filtered':>8} {'clipfrac':>8} {'KL/seq':>7} {'wall s':>7}")
     for r in rows:
         point = at_budget(r["curve"], budgets.get(r["seed"], r["responses_sampled"]))
         r["acc_at_budget"] = point
         shown = f"{point[1]:.3f} ({point[0]})" if point else "-"
         filtered = "-" if r["filtered_share"] is None else f"{r['filtered_share']:.2f}"
-        print(f"{r['algo']:12} {r['seed']:>4} {r['acc_before']:>10.3f} {r['acc_after']:>6.3f} {r['acc_after_se']:>6.3f} "
+        print(f"{r['algo']:16} {r['seed']:>4} {r['acc_before']:>10.3f} {r['acc_after']:>6.3f} {r['acc_after_se']:>6.3f} "
               f"{r['responses_sampled']:>9} {shown:>22} {filtered:>8} {r['clipfrac_mean']:>8.3f} {r['kl_final']:>7.3f} "
               f"{r['wall_s']:>7.0f}")
     for seed in seeds:
         walls = {r["algo"]: r["wall_s"] for r in rows if r["seed"] == seed}
-        for a, b in (("grpo", "ppo"), ("grpo_overlap", "grpo"), ("dapo", "grpo"), ("gspo", "grpo")):
+        for a, b in (("grpo", "ppo"), ("grpo_overlap", "grpo"), ("dapo", "grpo"), ("dapo_no_overlong", "grpo"),
+                     ("dapo_8_tokens", "grpo"), ("gspo", "grpo")):
             if a in walls and b in walls:
                 print(f"seed {seed}: wall-time ratio {a}/{b}: {walls[a] / walls[b]:.2f}")
     (args.out / "bench_arithmetic.json").write_text(json.dumps(rows, indent=2) + "\n")

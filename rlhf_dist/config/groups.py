@@ -124,6 +124,13 @@ RATIO_LEVELS = ("token", "sequence")
 
 @dataclass
 class AlgoConfig:
+    """The RL algorithm. Presets in conf/algo set the usual companions of an estimator: ppo (the
+    default), grpo, dr_grpo, rloo, reinforce_pp, and two recipes on grpo: dapo (Yu et al. 2025,
+    "DAPO: an open-source LLM reinforcement learning system at scale": clip-higher, token-mean
+    loss, rollout.dynamic_sampling, reward.overlong_buffer, no KL) and gspo (Zheng et al. 2025,
+    "Group Sequence Policy Optimization": ratio_level=sequence, clip 3e-4 / 4e-4, sequence-mean
+    loss, no KL)."""
+
     # Advantage estimator: gae (PPO with a critic; Schulman et al. 2016), grpo (group-normalised,
     # Shao et al. 2024), dr_grpo (group mean only, Liu et al. 2025), rloo (leave-one-out,
     # Ahmadian et al. 2024), reinforce_pp (batch-normalised returns, Hu 2025). Only gae creates a critic.
