@@ -98,6 +98,27 @@ class GapWatch:
         self.logger.add_summary({"logprob_gap/max": gap if math.isnan(gap) else max(largest, gap)})
 
 
+class OverlongWatch:
+    """Warns once when DAPO's overlong shaping penalises most of a step's responses: the buffer
+    (``reward.overlong_buffer``) then covers responses of the length the task needs, and the policy
+    learns to answer short rather than right (docs/results.md: a 4-token budget)."""
+
+    SHARE = 0.5
+
+    def __init__(self, logger: RunLogger) -> None:
+        self.logger, self.warned = logger, False
+
+    def observe(self, step: int, metrics: dict[str, float]) -> None:
+        share = metrics.get("reward/overlong_frac", 0.0)
+        if not self.warned and share > self.SHARE:
+            self.warned = True
+            self.logger.message(
+                f"rlhf_dist: warning: step {step}: {share:.0%} of the responses got the overlong penalty "
+                f"({metrics['response_length/truncated_frac']:.0%} were cut off): reward.overlong_buffer covers "
+                "the lengths the task needs; raise rollout.max_new_tokens or lower reward.overlong_buffer"
+            )
+
+
 ROLLOUT_COLUMNS = ["step", "prompt", "response", "reward", "kl"]
 
 
@@ -270,6 +291,7 @@ def run_rl(
     if start.kl_controller:
         kl_ctl.load_state_dict(start.kl_controller)
     gap_watch = GapWatch(cfg.weight_sync.gap_threshold(cfg.model.dtype), logger)
+    overlong_watch = OverlongWatch(logger)
     every = cfg.eval.every_steps if eval_prompts is not None else 0
     if every and start.step == 0:
         initial, samples = evaluate(cfg, roles, eval_prompts)
@@ -281,6 +303,7 @@ def run_rl(
         metrics, rows = rl_step(step, cfg, roles, batch, kl_ctl, timeline, started)
         if not metrics["rollout/staleness_max"]:  # a stale sample's gap is the policy's change, not the sync's
             gap_watch.observe(step, metrics["logprob_gap/mean"])
+        overlong_watch.observe(step, metrics)
         if cfg.logger.samples_every_steps and step % cfg.logger.samples_every_steps == 0:
             logger.table("rollout/samples", ROLLOUT_COLUMNS, rows, step=step)
         if every and ((step + 1) % every == 0 or step + 1 == cfg.total_steps):

@@ -184,3 +184,18 @@ def test_presets_compose_and_their_options_are_checked():
         validate_config(compose_config(["reward.overlong_buffer=30"]))
     with pytest.raises(ConfigError, match=r"^algo\.ratio_level='sentence'"):
         validate_config(compose_config(["algo.ratio_level=sentence"]))
+
+
+def test_overlong_watch_warns_once_when_the_buffer_covers_most_responses(tmp_path, capsys):
+    from rlhf_dist.config import LoggerConfig
+    from rlhf_dist.controller import OverlongWatch
+    from rlhf_dist.run_logger import RunLogger
+
+    watch = OverlongWatch(RunLogger(LoggerConfig(progress_bar=False), tmp_path, {}, 4, ""))
+    watch.observe(0, {"response_length/truncated_frac": 0.0})  # shaping off: nothing to say
+    watch.observe(1, {"reward/overlong_frac": 0.5, "response_length/truncated_frac": 0.0})  # half: not most
+    watch.observe(2, {"reward/overlong_frac": 0.75, "response_length/truncated_frac": 0.0625})
+    watch.observe(3, {"reward/overlong_frac": 0.9, "response_length/truncated_frac": 0.0})
+    out = capsys.readouterr().out
+    assert out.count("warning") == 1
+    assert "step 2: 75% of the responses got the overlong penalty (6% were cut off)" in out
