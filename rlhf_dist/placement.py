@@ -28,17 +28,26 @@ class Slot:
     bundle: int
 
 
+# Ray's own processes on a local cluster leave the cores to the roles: no metrics collection (no
+# dashboard scrapes it) and no idle workers started ahead of the actors (each actor has its own
+# runtime environment, so none of them would ever be reused). docs/results.md has the CPU seconds.
+LOCAL_RAY_SYSTEM_CONFIG = {
+    "enable_metrics_collection": False, "enable_worker_prestart": False, "prestart_worker_first_driver": False,
+}
+
+
 def init_ray(res: ResourcesConfig, actor_logs: bool) -> None:
-    """Start (or join) Ray. A local cluster has no dashboard UI; Ray's own servers listen on every
-    interface (Ray resolves a loopback node address to the machine's), and its token authentication,
-    on by default in Ray 2.60, refuses any client without the token (docs/reliability.md)."""
+    """Start (or join) Ray. A local cluster has no dashboard UI and no metrics collection; Ray's own
+    servers listen on every interface (Ray resolves a loopback node address to the machine's), and
+    its token authentication, on by default in Ray 2.60, refuses any client without the token
+    (docs/reliability.md). Joining a cluster (``resources.ray_address``) keeps its settings."""
     if ray.is_initialized():
         return
     common: dict[str, Any] = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=actor_logs)
     if res.ray_address:
         ray.init(address=res.ray_address, **common)
     else:
-        ray.init(num_cpus=res.num_cpus or os.cpu_count(), **common)
+        ray.init(num_cpus=res.num_cpus or os.cpu_count(), _system_config=LOCAL_RAY_SYSTEM_CONFIG, **common)
     PREEMPTION.rearm()  # ray.init replaced the driver's SIGTERM handler with its own
 
 
