@@ -43,7 +43,7 @@ class Roles:
     generation: GenerationGroup
     policy: PolicyGroup
     critic: CriticGroup | None  # only estimators that need values (gae) have one
-    reference: ReferenceGroup
+    reference: ReferenceGroup | None  # only a run with a KL penalty has one (algo.needs_reference)
     reward: RewardGroup
     weights: WeightSync
     recovery: EngineRecovery  # replaces lost engines; made once per run, it outlives these roles
@@ -161,9 +161,10 @@ def start_roles(
     ``recovery`` replaces lost engines (default: up to ``max_restarts``, reported on stderr, no actors file)."""
     res, t, to = cfg.resources, cfg.trainer, cfg.timeouts
     counts = {
-        "generation": cfg.rollout.num_engines, "policy": t.world_size,
-        "reference": cfg.reference.num_actors, "reward": cfg.reward.num_actors,
+        "generation": cfg.rollout.num_engines, "policy": t.world_size, "reward": cfg.reward.num_actors,
     }
+    if cfg.algo.needs_reference:
+        counts["reference"] = cfg.reference.num_actors
     if cfg.algo.needs_critic:
         counts["critic"] = t.world_size
     slots = place_roles(cfg, counts)
@@ -176,9 +177,10 @@ def start_roles(
         clip = {"value_clip_eps": cfg.algo.value_clip_eps}
         critic_ranks = spawn_trainers(cfg, plan, CriticTrainer, res.critic, critic_path, slots["critic"], clip)
         critic = CriticGroup("critic", critic_ranks, to.train_s)
-    reference = start_reference(cfg, policy_path, slots["reference"])
+    reference = start_reference(cfg, policy_path, slots["reference"]) if cfg.algo.needs_reference else None
     reward = start_reward(cfg, slots["reward"])
-    wait_started(cfg, [generation, reference, reward], trainers=tuple(g for g in (policy, critic) if g is not None))
+    wait_started(cfg, [g for g in (generation, reference, reward) if g is not None],
+                 trainers=tuple(g for g in (policy, critic) if g is not None))
     weights = connect_weights(cfg, policy, generation, policy_path)
     recovery = recovery or EngineRecovery(Restarts(cfg.max_restarts), to.actor_start_s)
     return Roles(generation, policy, critic, reference, reward, weights, recovery)

@@ -158,6 +158,22 @@ def step_metrics(
     return metrics
 
 
+def sample_metrics(
+    step: int, gens: list, kept: torch.Tensor, truncated: torch.Tensor, mask_truncated: bool
+) -> dict[str, float]:
+    """How old the step's samples are (policy updates between sampling and ``step``) and how many
+    were cut off by the length budget (and, with ``algo.mask_truncated``, left out of the gradient)."""
+    staleness = [step - g.version for g in gens]
+    metrics = {
+        "rollout/staleness_mean": sum(staleness) / len(staleness),
+        "rollout/staleness_max": float(max(staleness)),
+        "response_length/truncated_frac": truncated.float().mean().item(),
+    }
+    if mask_truncated:
+        metrics["rollout/masked_truncated"] = float((kept & truncated).sum())
+    return metrics
+
+
 def rl_step(
     step: int, cfg: Config, roles: Roles, batch: RolloutBatch, kl_ctl: FixedKLController | AdaptiveKLController,
     timeline: Timeline, started: float | None = None,
@@ -177,12 +193,16 @@ def rl_step(
     truncated = torch.tensor([g.truncated for g in gens], dtype=torch.bool)  # cut off by max_new_tokens
     trained = kept & ~truncated if algo.mask_truncated else kept  # DAPO's overlong filtering
     # reference logprobs, old policy logprobs and critic values come from different groups: all at once
+    reference = roles.reference.logprobs_async(exp) if algo.needs_reference else None  # no KL: no reference
     ref_logprobs, (old_logprobs, entropy), values = timer.together(
-        reference=("reference", roles.reference.logprobs_async(exp)),
+        reference=("reference", reference),
         values=("policy", roles.policy.logprobs_async(exp)),
         critic_values=("critic", roles.critic.values_async(exp) if roles.critic else None),
     )
-    kl = kl_estimate(old_logprobs, ref_logprobs, algo.kl_estimator)
+    if ref_logprobs is None:
+        kl = torch.zeros_like(old_logprobs)
+    else:
+        kl = kl_estimate(old_logprobs, ref_logprobs, algo.kl_estimator)
     kl_coef = kl_ctl.value
     advantages, returns = advantages_for(algo, scores, kl, mask, values, n, kl_coef)
     # samples of an older policy (rollout.max_staleness) are reweighted towards the one trained
@@ -203,16 +223,14 @@ def rl_step(
         raw_scores, kept, kl, sequence_kl, mask, entropy, engine_logprobs, old_logprobs, kl_coef,
         policy_stats, critic_stats, {**batch.times, **timer.times}, time.perf_counter() - step_start,
     )
-    staleness = [step - g.version for g in gens]  # policy updates between sampling and this step
+    if ref_logprobs is None:  # no reference: there is no KL to report
+        del metrics["kl/mean"], metrics["kl/token_mean"]
     metrics.update(correction)
     metrics.update(batch.stats)  # dynamic sampling, overlong shaping
-    metrics["response_length/truncated_frac"] = truncated.float().mean().item()
-    if algo.mask_truncated:
-        metrics["rollout/masked_truncated"] = float((kept & truncated).sum())
-    metrics["rollout/staleness_mean"] = sum(staleness) / len(staleness)
-    metrics["rollout/staleness_max"] = float(max(staleness))
+    metrics.update(sample_metrics(step, gens, kept, truncated, algo.mask_truncated))
     shown = range(min(cfg.logger.num_samples, len(gens)))
-    return metrics, [[step, batch.texts[i], gens[i].text, batch.scores[i], sequence_kl[i].item()] for i in shown]
+    kls = [None] * len(gens) if ref_logprobs is None else sequence_kl.tolist()
+    return metrics, [[step, batch.texts[i], gens[i].text, batch.scores[i], kls[i]] for i in shown]
 
 
 EVAL_SAMPLES_SHOWN = 8  # held-out responses kept per evaluation (W&B table, eval_samples.jsonl)

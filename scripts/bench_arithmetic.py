@@ -68,7 +68,8 @@ def run(name: str, extra: list[str], steps: int, seed: int, eval_every: int, out
     acc = summary["eval/final_reward_mean"]
     return {"algo": name, "seed": seed, "wall_s": wall, "acc_before": summary["eval/initial_reward_mean"],
             "acc_after": acc, "acc_after_se": accuracy_se(acc), "responses_sampled": sampled, "curve": curve,
-            "train_reward_last_fifth": summary["reward/last_fifth_mean"], "kl_final": summary["final"]["kl/mean"],
+            "train_reward_last_fifth": summary["reward/last_fifth_mean"],
+            "kl_final": summary["final"].get("kl/mean", math.nan),  # a KL-free run starts no reference
             "filtered_share": sum(filtered) / len(filtered) if filtered else None,
             "clipfrac_mean": sum(r["ppo/clipfrac"] for r in rows) / len(rows)}
 

@@ -153,7 +153,8 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     # Clip range of the value-function update around the old values (gae only).
     value_clip_eps: float = 0.2
-    # KL coefficient beta (the initial value when kl_controller=adaptive).
+    # KL coefficient beta (the initial value when kl_controller=adaptive). 0 with the fixed controller
+    # is no KL at all: no reference actor is started and no kl/mean or kl/token_mean is logged.
     kl_coef: float = 0.05
     # KL estimator of Schulman (2020) on d = log pi - log ref clamped to [-20, 20]: k1 = d, k2 = d^2 / 2,
     # k3 = e^-d - 1 + d (unbiased, low variance); k2 and k3 capped at 10 per token. As a loss term
@@ -190,6 +191,11 @@ class AlgoConfig:
     @property
     def needs_critic(self) -> bool:
         return self.estimator == "gae"
+
+    @property
+    def needs_reference(self) -> bool:
+        """A KL penalty to the frozen initial policy is in use (or may become so: adaptive)."""
+        return self.kl_coef > 0 or self.kl_controller == "adaptive"
 
     def validate(self) -> None:
         choices = {"estimator": ESTIMATORS, "loss_agg": LOSS_AGGS, "kl_estimator": ("k1", "k2", "k3"),

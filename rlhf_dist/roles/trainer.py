@@ -273,7 +273,7 @@ class PolicyTrainer(_DeepSpeedRank):
         """PPO-clip epochs with the loss options of ``algo``; ``kl_coef`` weighs the KL loss term
         when ``algo.kl_in == "loss"`` (the controller owns the coefficient and its schedule)."""
 
-        kl_loss_coef = kl_coef if algo.kl_in == "loss" else None
+        kl_loss_coef = kl_coef if algo.kl_in == "loss" and algo.needs_reference else None
 
         def loss_fn(micro: Experience):
             logprobs, entropy = response_logprobs(self.engine, micro, self.temperature, with_entropy=True)

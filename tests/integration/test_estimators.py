@@ -101,5 +101,7 @@ def test_critic_free_estimators_one_step_each():
         assert score in ((-1.0, 0.0) if len(g.response_ids) == 4 else (0.0, 1.0))
     assert dapo["reward/overlong_frac"] == sum(len(g.response_ids) == 4 for g in batch.generations) / 32
     assert "rollout_corr/truncated_frac" in results["gspo"]
+    for name in ("dr_grpo", "dapo", "gspo"):  # kl_coef 0: no reference call, no KL reported or in the loss
+        assert not {"kl/mean", "kl/token_mean", "loss/kl"} & set(results[name]), name
     for i, seq in enumerate(engine_lp):
         torch.testing.assert_close(torch.tensor(seq), trainer_lp[i, : len(seq)].float(), atol=1e-4, rtol=0)
