@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import ray
 
-from rlhf_dist.config import Config, RoleResources, RunPlan, TrainerPlan
+from rlhf_dist.config import Config, RoleResources, RunPlan, TrainerPlan, needs_reference
 from rlhf_dist.modeling import token_vocab_size
 from rlhf_dist.placement import Slot, actor_env, init_ray, place, spawn
 from rlhf_dist.preemption import Interrupted
@@ -43,7 +43,7 @@ class Roles:
     generation: GenerationGroup
     policy: PolicyGroup
     critic: CriticGroup | None  # only estimators that need values (gae) have one
-    reference: ReferenceGroup | None  # only a run with a KL penalty has one (algo.needs_reference)
+    reference: ReferenceGroup | None  # none in a KL-free run with reference.monitor=false (needs_reference)
     reward: RewardGroup
     weights: WeightSync
     recovery: EngineRecovery  # replaces lost engines; made once per run, it outlives these roles
@@ -163,7 +163,7 @@ def start_roles(
     counts = {
         "generation": cfg.rollout.num_engines, "policy": t.world_size, "reward": cfg.reward.num_actors,
     }
-    if cfg.algo.needs_reference:
+    if needs_reference(cfg):
         counts["reference"] = cfg.reference.num_actors
     if cfg.algo.needs_critic:
         counts["critic"] = t.world_size
@@ -177,7 +177,7 @@ def start_roles(
         clip = {"value_clip_eps": cfg.algo.value_clip_eps}
         critic_ranks = spawn_trainers(cfg, plan, CriticTrainer, res.critic, critic_path, slots["critic"], clip)
         critic = CriticGroup("critic", critic_ranks, to.train_s)
-    reference = start_reference(cfg, policy_path, slots["reference"]) if cfg.algo.needs_reference else None
+    reference = start_reference(cfg, policy_path, slots["reference"]) if needs_reference(cfg) else None
     reward = start_reward(cfg, slots["reward"])
     wait_started(cfg, [g for g in (generation, reference, reward) if g is not None],
                  trainers=tuple(g for g in (policy, critic) if g is not None))

@@ -17,7 +17,7 @@ import torch
 from rlhf_dist import algorithms as A
 from rlhf_dist.checkpoint import Checkpointer, TrainState
 from rlhf_dist.cluster import Roles
-from rlhf_dist.config import AlgoConfig, Config
+from rlhf_dist.config import AlgoConfig, Config, needs_reference, updates_once
 from rlhf_dist.data import PromptSet
 from rlhf_dist.experience import collate, pad_right
 from rlhf_dist.kl import AdaptiveKLController, FixedKLController, kl_estimate
@@ -174,6 +174,23 @@ def sample_metrics(
     return metrics
 
 
+def kl_and_correction(
+    old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None, engine_logprobs: torch.Tensor,
+    mask: torch.Tensor, algo: AlgoConfig,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """The per-token KL to the reference (0 without a reference, or before pi_old is known) and the
+    off-policy correction of samples of an older policy (``rollout.max_staleness``): its weights
+    (None: none) and statistics ({} before pi_old is known). Shape: (B, T) each."""
+    if old_logprobs is None:
+        return torch.zeros_like(mask), None, {}
+    kl = torch.zeros_like(old_logprobs) if ref_logprobs is None else kl_estimate(
+        old_logprobs, ref_logprobs, algo.kl_estimator)
+    weights, correction = A.rollout_correction(
+        old_logprobs, engine_logprobs, mask, algo.rollout_correction, algo.rollout_is_cap
+    )
+    return kl, weights, correction
+
+
 def rl_step(
     step: int, cfg: Config, roles: Roles, batch: RolloutBatch, kl_ctl: FixedKLController | AdaptiveKLController,
     timeline: Timeline, started: float | None = None,
@@ -192,31 +209,32 @@ def rl_step(
     scores, kept = A.neutralise_dropped(raw_scores, n)
     truncated = torch.tensor([g.truncated for g in gens], dtype=torch.bool)  # cut off by max_new_tokens
     trained = kept & ~truncated if algo.mask_truncated else kept  # DAPO's overlong filtering
-    # reference logprobs, old policy logprobs and critic values come from different groups: all at once
-    reference = roles.reference.logprobs_async(exp) if algo.needs_reference else None  # no KL: no reference
-    ref_logprobs, (old_logprobs, entropy), values = timer.together(
-        reference=("reference", reference),
-        values=("policy", roles.policy.logprobs_async(exp)),
+    # reference logprobs, old policy logprobs and critic values come from different groups: all at once;
+    # a step of one optimizer step takes its old logprobs from the update's own forward instead
+    one_pass = updates_once(cfg)
+    ref_logprobs, old, values = timer.together(
+        reference=("reference", roles.reference.logprobs_async(exp) if needs_reference(cfg) else None),
+        values=("policy", None if one_pass else roles.policy.logprobs_async(exp)),
         critic_values=("critic", roles.critic.values_async(exp) if roles.critic else None),
     )
-    if ref_logprobs is None:
-        kl = torch.zeros_like(old_logprobs)
-    else:
-        kl = kl_estimate(old_logprobs, ref_logprobs, algo.kl_estimator)
+    old_logprobs, entropy = old or (None, None)
+    # (one pass: the KL is not in the reward and there is no correction, so neither is needed yet)
+    kl, weights, correction = kl_and_correction(old_logprobs, ref_logprobs, engine_logprobs, mask, algo)
     kl_coef = kl_ctl.value
     advantages, returns = advantages_for(algo, scores, kl, mask, values, n, kl_coef)
-    # samples of an older policy (rollout.max_staleness) are reweighted towards the one trained
-    weights, correction = A.rollout_correction(
-        old_logprobs, engine_logprobs, mask, algo.rollout_correction, algo.rollout_is_cap
-    )
     exp = exp.with_fields(  # a dropped (or masked truncated) sample carries no policy gradient
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages * trained[:, None],
         old_values=values, returns=returns, rollout_weights=weights,
     )
+    update = (roles.policy.train_one_pass_async(exp, algo, kl_coef) if one_pass
+              else roles.policy.train_async(exp, algo.ppo_epochs, algo, kl_coef))
     policy_stats, critic_stats = timer.together(
-        train=("policy", roles.policy.train_async(exp, algo.ppo_epochs, algo, kl_coef)),
+        train=("policy", update),
         critic_train=("critic", roles.critic.train_async(exp, algo.ppo_epochs) if roles.critic else None),
     )
+    if one_pass:
+        policy_stats, old_logprobs, entropy = policy_stats
+        kl, _, correction = kl_and_correction(old_logprobs, ref_logprobs, engine_logprobs, mask, algo)
     sequence_kl = A.masked_sum(kl, mask, dim=-1)
     kl_ctl.update(sequence_kl.mean().item(), len(gens))
     metrics = step_metrics(

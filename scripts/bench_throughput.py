@@ -174,6 +174,7 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
 
     from rlhf_dist import algorithms as A
     from rlhf_dist.cluster import shutdown_ray, start_roles
+    from rlhf_dist.config import updates_once
     from rlhf_dist.controller import advantages_for, sample_seeds
     from rlhf_dist.data import PromptSampler, load_prompts
     from rlhf_dist.experience import collate
@@ -208,15 +209,23 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
             t = time.perf_counter()
             ref = roles.reference.logprobs_async(exp).result()
             row["reference"] = time.perf_counter() - t
-            t = time.perf_counter()
-            old, _ = roles.policy.logprobs_async(exp).result()
-            row["values"] = time.perf_counter() - t
-            kl = kl_estimate(old, ref, cfg.algo.kl_estimator)
             kept_scores, kept = A.neutralise_dropped(scores, n)
-            adv, _ = advantages_for(cfg.algo, kept_scores, kl, exp.response_mask, None, n, cfg.algo.kl_coef)
-            batch = exp.with_fields(old_logprobs=old, ref_logprobs=ref, advantages=adv * kept[:, None])
-            t = time.perf_counter()
-            roles.policy.train_async(batch, cfg.algo.ppo_epochs, cfg.algo, cfg.algo.kl_coef).result()
+            if updates_once(cfg):  # as rl_step: the update's own forward gives the old logprobs
+                row["values"] = 0.0
+                adv, _ = advantages_for(cfg.algo, kept_scores, torch.zeros_like(exp.response_mask),
+                                        exp.response_mask, None, n, cfg.algo.kl_coef)
+                batch = exp.with_fields(ref_logprobs=ref, advantages=adv * kept[:, None])
+                t = time.perf_counter()
+                roles.policy.train_one_pass_async(batch, cfg.algo, cfg.algo.kl_coef).result()
+            else:
+                t = time.perf_counter()
+                old, _ = roles.policy.logprobs_async(exp).result()
+                row["values"] = time.perf_counter() - t
+                kl = kl_estimate(old, ref, cfg.algo.kl_estimator)
+                adv, _ = advantages_for(cfg.algo, kept_scores, kl, exp.response_mask, None, n, cfg.algo.kl_coef)
+                batch = exp.with_fields(old_logprobs=old, ref_logprobs=ref, advantages=adv * kept[:, None])
+                t = time.perf_counter()
+                roles.policy.train_async(batch, cfg.algo.ppo_epochs, cfg.algo, cfg.algo.kl_coef).result()
             row["train"] = time.perf_counter() - t
             row["train_alone"] = row["reference"] + row["values"] + row["train"]
             t = time.perf_counter()

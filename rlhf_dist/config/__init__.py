@@ -35,7 +35,7 @@ from rlhf_dist.config.groups import (
     SFTConfig,
     TrainerConfig,
 )
-from rlhf_dist.config.plan import RunPlan, SupervisedPlan, TrainerPlan
+from rlhf_dist.config.plan import RunPlan, SupervisedPlan, TrainerPlan, needs_reference, updates_once
 from rlhf_dist.config.runtime import (
     LOGPROB_TOLERANCE,
     CheckpointConfig,
@@ -82,6 +82,8 @@ __all__ = [
     "as_dict",
     "register_configs",
     "supervised_plan",
+    "needs_reference",
     "to_config",
+    "updates_once",
     "validate_config",
 ]

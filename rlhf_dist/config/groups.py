@@ -154,7 +154,7 @@ class AlgoConfig:
     # Clip range of the value-function update around the old values (gae only).
     value_clip_eps: float = 0.2
     # KL coefficient beta (the initial value when kl_controller=adaptive). 0 with the fixed controller
-    # is no KL at all: no reference actor is started and no kl/mean or kl/token_mean is logged.
+    # is no KL penalty (the KL is still logged unless reference.monitor=false).
     kl_coef: float = 0.05
     # KL estimator of Schulman (2020) on d = log pi - log ref clamped to [-20, 20]: k1 = d, k2 = d^2 / 2,
     # k3 = e^-d - 1 + d (unbiased, low variance); k2 and k3 capped at 10 per token. As a loss term
@@ -193,7 +193,7 @@ class AlgoConfig:
         return self.estimator == "gae"
 
     @property
-    def needs_reference(self) -> bool:
+    def uses_kl(self) -> bool:
         """A KL penalty to the frozen initial policy is in use (or may become so: adaptive)."""
         return self.kl_coef > 0 or self.kl_controller == "adaptive"
 
@@ -384,6 +384,10 @@ class RewardConfig:
 
 @dataclass
 class ReferenceConfig:
+    # Start the reference actors even without a KL penalty (algo.kl_coef=0), so that kl/mean still
+    # measures how far the policy moved from the initial one (e.g. the kl_coef=0 arm of a sweep);
+    # false saves the actors, their memory and a forward pass per step in KL-free runs (algo=dapo, gspo).
+    monitor: bool = True
     # Number of reference actors holding the frozen initial policy.
     num_actors: int = 1
     # Samples per forward pass.

@@ -53,6 +53,20 @@ def derive_run_plan(cfg: Config) -> RunPlan:
     )
 
 
+def needs_reference(cfg: Config) -> bool:
+    """The run starts reference actors: for a KL penalty, or to log the KL (``reference.monitor``)."""
+    return cfg.algo.uses_kl or cfg.reference.monitor
+
+
+def updates_once(cfg: Config) -> bool:
+    """A PPO step is one optimizer step (one epoch of one minibatch) and nothing before it needs
+    pi_old (no KL in the reward, no rollout correction): the update's own forward then gives the
+    old logprobs, and the separate pass before it is skipped (``PolicyTrainer.train_one_pass``)."""
+    a = cfg.algo
+    one_step = a.ppo_epochs == 1 and a.minibatch_size == cfg.rollout.batch_size * cfg.rollout.n
+    return one_step and a.rollout_correction == "none" and not (a.kl_in == "reward" and a.uses_kl)
+
+
 def derive_supervised_plan(cfg: Config, stage: str, num_rows: int) -> SupervisedPlan:
     """The plan of stage "sft" or "rm" over ``num_rows`` rows, once its checks passed."""
     t, st = cfg.trainer, getattr(cfg, stage)

@@ -178,6 +178,16 @@ class PolicyGroup(TrainerGroup):
         """PPO epochs of the policy with ``algo``'s loss options; ``kl_coef`` weighs a KL loss term."""
         return self._train_async(exp, epochs=epochs, algo=algo, kl_coef=kl_coef)
 
+    def train_one_pass_async(
+        self, exp: Experience, algo: AlgoConfig, kl_coef: float
+    ) -> Pending[tuple[dict[str, float], torch.Tensor, torch.Tensor]]:
+        """One optimizer step whose own forward gives pi_old (``PolicyTrainer.train_one_pass``):
+        the stats, and the old logprobs and entropy of the whole batch."""
+        def combine(outs: list) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+            return _mean_stats([o[0] for o in outs]), concat([o[1] for o in outs]), concat([o[2] for o in outs])
+
+        return self.scatter_async("train_one_pass", exp.split(len(self)), algo=algo, kl_coef=kl_coef, combine=combine)
+
     def weight_specs(self) -> list[ParamSpec]:
         return self._on_rank0("weight_specs")
 

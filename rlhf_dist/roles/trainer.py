@@ -272,19 +272,46 @@ class PolicyTrainer(_DeepSpeedRank):
     def train(self, exp: Experience, epochs: int, algo: AlgoConfig, kl_coef: float) -> dict[str, float]:
         """PPO-clip epochs with the loss options of ``algo``; ``kl_coef`` weighs the KL loss term
         when ``algo.kl_in == "loss"`` (the controller owns the coefficient and its schedule)."""
+        return self._train(exp, epochs, self._actor_loss(algo, kl_coef))
 
-        kl_loss_coef = kl_coef if algo.kl_in == "loss" and algo.needs_reference else None
+    def train_one_pass(
+        self, exp: Experience, algo: AlgoConfig, kl_coef: float
+    ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """``train`` for a step of one optimizer step (one epoch, one minibatch): pi_old is then
+        the policy of that step's own forward, so each micro-batch takes its old logprobs from it
+        (ratio exactly 1, as TRL with ``num_iterations=1``) and no separate pass is needed.
+        Returns the stats and this shard's (old logprobs, entropy), (b, T) in its row order."""
+        if len(exp) != self.plan.per_rank_minibatch:
+            raise ValueError(f"policy.train_one_pass: {len(exp)} samples on rank {self.rank}, not one minibatch "
+                             f"of {self.plan.per_rank_minibatch}: pi_old would be a policy already updated")
+        seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        stats = self._train(exp.with_fields(row_index=torch.arange(len(exp))), 1,
+                            self._actor_loss(algo, kl_coef, seen))
+        logprobs, entropy = torch.zeros_like(exp.response_mask), torch.zeros_like(exp.response_mask)
+        for index, lp, ent in seen:
+            logprobs[index.cpu()], entropy[index.cpu()] = lp.float().cpu(), ent.float().cpu()
+        return stats, logprobs, entropy
+
+    def _actor_loss(self, algo: AlgoConfig, kl_coef: float, one_pass: list | None = None):
+        """The loss of a micro-batch; with ``one_pass`` (a list) the old logprobs are the forward's
+        own, detached, and each micro-batch's (row index, old logprobs, entropy) is appended to it."""
+        kl_loss_coef = kl_coef if algo.kl_in == "loss" else None
 
         def loss_fn(micro: Experience):
             logprobs, entropy = response_logprobs(self.engine, micro, self.temperature, with_entropy=True)
+            old = micro.old_logprobs
+            kl_term = kl_loss_coef if micro.ref_logprobs is not None else None  # no reference: no KL term
+            if one_pass is not None:
+                old = logprobs.detach()
+                one_pass.append((micro.row_index, old, entropy.detach()))
             return A.actor_loss(
-                logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, entropy, micro.response_mask,
+                logprobs, old, micro.ref_logprobs, micro.advantages, entropy, micro.response_mask,
                 algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip, agg=algo.loss_agg,
                 max_len=self.max_new_tokens, rollout_weights=micro.rollout_weights, ratio_level=algo.ratio_level,
-                entropy_coef=algo.entropy_coef, kl_coef=kl_loss_coef, kl_estimator=algo.kl_estimator,
+                entropy_coef=algo.entropy_coef, kl_coef=kl_term, kl_estimator=algo.kl_estimator,
             )
 
-        return self._train(exp, epochs, loss_fn)
+        return loss_fn
 
     # ------------------------------------------------------------------ weight sync
     def weight_specs(self) -> list:

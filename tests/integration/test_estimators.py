@@ -35,6 +35,9 @@ CASES = {
     "grpo_options": ["algo=grpo", "algo.clip_eps_high=0.28", "algo.dual_clip=3.0", "algo.entropy_coef=0.01",
                      "algo.kl_in=reward", "algo.kl_estimator=k2", "algo.kl_controller=adaptive",
                      "algo.loss_agg=seq_mean_token_mean", "algo.mask_truncated=true"],
+    # one optimizer step per step (4 prompts x 4: one minibatch of 16, the trainers' size): pi_old from
+    # the update's own forward
+    "grpo_one_pass": ["algo=grpo", "rollout.batch_size=4"],
     # DAPO: dynamic sampling refills the groups whose 4 rewards are equal; overlong shaping (buffer 1 of 4)
     "dapo": ["algo=dapo"],
     # GSPO: sequence-level ratios, composed with the off-policy correction's weights
@@ -101,7 +104,14 @@ def test_critic_free_estimators_one_step_each():
         assert score in ((-1.0, 0.0) if len(g.response_ids) == 4 else (0.0, 1.0))
     assert dapo["reward/overlong_frac"] == sum(len(g.response_ids) == 4 for g in batch.generations) / 32
     assert "rollout_corr/truncated_frac" in results["gspo"]
-    for name in ("dr_grpo", "dapo", "gspo"):  # kl_coef 0: no reference call, no KL reported or in the loss
+    # no separate old-logprob pass, the ratio is exactly 1, and the old logprobs the update returned
+    # are the engines' (each row in its place: the step was on-policy)
+    one_pass = results["grpo_one_pass"]
+    assert "time/values" not in one_pass and "time/values" in results["grpo"]
+    assert one_pass["ppo/approx_kl"] == 0.0 and one_pass["ppo/clipfrac"] == 0.0
+    assert one_pass["logprob_gap/mean"] < 1e-5 and one_pass["kl/mean"] >= 0.0
+    for name in ("dapo", "gspo"):  # no KL penalty, reference.monitor=false: no reference call, no KL
         assert not {"kl/mean", "kl/token_mean", "loss/kl"} & set(results[name]), name
+    assert "kl/mean" in results["dr_grpo"]  # kl_coef 0 too, but its KL is monitored (the default)
     for i, seq in enumerate(engine_lp):
         torch.testing.assert_close(torch.tensor(seq), trainer_lp[i, : len(seq)].float(), atol=1e-4, rtol=0)

@@ -26,6 +26,7 @@ from rlhf_dist.config import (
     SupervisedPlan,
     TrainerConfig,
     register_configs,
+    updates_once,
     supervised_plan,
     to_config,
     validate_config,
@@ -263,6 +264,17 @@ def test_disaggregated_gpu_presets_overlap_and_the_command_line_wins(compose, pr
     cfg = to_config(compose([f"resources={preset}", "rollout.max_staleness=0", "algo.rollout_correction=none"]))
     assert (cfg.rollout.max_staleness, cfg.algo.rollout_correction) == (0, "none")
     assert to_config(compose(["resources=gpu_colocated"])).rollout.max_staleness == 0  # engines sleep there
+
+
+def test_a_step_of_one_optimizer_step_takes_pi_old_from_the_update(compose):
+    # one epoch of one minibatch, KL in the loss, no correction: the separate old-logprob pass is skipped
+    one = ["algo=grpo", "algo.ppo_epochs=1", "rollout.batch_size=16", "algo.minibatch_size=64"]
+    assert updates_once(to_config(compose(one)))
+    for other in (["algo.minibatch_size=32"], ["algo.ppo_epochs=2"], ["algo.rollout_correction=tis"],
+                  ["algo.kl_in=reward", "algo.kl_estimator=k1"]):
+        assert not updates_once(to_config(compose(one + other))), other
+    assert updates_once(to_config(compose(one + ["algo.kl_in=reward", "algo.kl_coef=0"])))  # no KL at all
+    assert not updates_once(to_config(compose([])))  # the default PPO: two epochs, KL in the reward
 
 
 def test_hydra_value_that_fails_validation(compose):

@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from rlhf_dist import algorithms as alg
-from rlhf_dist.config import RATIO_LEVELS, ConfigError, validate_config
+from rlhf_dist.config import RATIO_LEVELS, ConfigError, needs_reference, validate_config
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.rollout import Draw, GroupFilter, RolloutBatch, refill_prompts
 from tests.conftest import compose_config
@@ -178,11 +178,13 @@ def test_presets_compose_and_their_options_are_checked():
     gspo = compose_config(["algo=gspo"])
     assert (gspo.algo.ratio_level, gspo.algo.clip_eps, gspo.algo.clip_eps_high) == ("sequence", 3e-4, 4e-4)
     validate_config(gspo)
-    # neither keeps a KL term, so neither starts a reference actor; GRPO's k3 loss and an adaptive
-    # controller (which may raise beta from 0) do
-    assert not dapo.algo.needs_reference and not gspo.algo.needs_reference
-    assert compose_config(["algo=grpo"]).algo.needs_reference
-    assert compose_config(["algo.kl_coef=0", "algo.kl_controller=adaptive"]).algo.needs_reference
+    # neither keeps a KL term, so neither starts a reference actor; GRPO's k3 loss, an adaptive
+    # controller (which may raise beta from 0) and a KL-free run that monitors its KL do
+    assert not needs_reference(dapo) and not needs_reference(gspo)
+    assert needs_reference(compose_config(["algo=gspo", "reference.monitor=true"]))
+    assert needs_reference(compose_config(["algo=grpo", "reference.monitor=false"]))
+    assert needs_reference(compose_config(["algo.kl_coef=0"]))  # e.g. the kl_coef=0 arm of a sweep
+    assert needs_reference(compose_config(["algo.kl_coef=0", "algo.kl_controller=adaptive", "reference.monitor=false"]))
     with pytest.raises(ConfigError, match=r"^rollout\.dynamic_sampling=True: .*algo\.estimator=gae"):
         validate_config(compose_config(["rollout.dynamic_sampling=true"]))
     with pytest.raises(ConfigError, match=r"^reward\.overlong_buffer=30: must be <= rollout\.max_new_tokens=24"):
