@@ -196,7 +196,8 @@ def rl_step(
     timeline: Timeline, started: float | None = None,
 ) -> tuple[dict[str, float], list[list]]:
     """Train on one step's scored rollout (``rollout.RolloutQueue.take``): reference and old
-    logprobs (and values) -> advantages -> policy (and critic) epochs. Returns the step's metrics
+    logprobs (and values) -> advantages -> policy (and critic) epochs; a step of one optimizer step
+    (``config.updates_once``) has the update hand back the old logprobs instead. Returns the step's metrics
     and its first ``logger.num_samples`` rollouts as rows of ``ROLLOUT_COLUMNS`` (reward as scored,
     KL summed over the response's tokens). The weights reach the engines at the next take.
     ``started``: when the step began (``time/step``; default: now), i.e. before its take."""
