@@ -340,7 +340,7 @@ _LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 def aggregate_loss(
-    per_token: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int | None = None
+    per_token: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int | None = None, total: float | None = None
 ) -> torch.Tensor:
     """Reduce a per-token loss over valid tokens to a scalar.
 
@@ -354,25 +354,42 @@ def aggregate_loss(
     otherwise ValueError naming the empty rows.
     Also for the entropy bonus:
     ``loss = pg_loss - entropy_coef * aggregate_loss(entropy_from_logits(logits), mask, agg)``.
+    ``total`` makes the rows one part of a larger batch (a micro-batch of a minibatch spread over
+    micro-batches and ranks): it replaces the count the mean divides by (``loss_total``: valid
+    tokens for token_mean, sequences for the seq modes) with the whole batch's, so the parts' losses
+    add up to the batch's loss however it was cut. None: these rows are the whole batch.
     Shape: per_token, mask (B, T) -> scalar.
     """
-    # token_mean:              sum_{b,t} m x / sum_{b,t} m
-    # seq_mean_token_mean:     1/B sum_b ( sum_t m x / sum_t m )
-    # seq_mean_token_sum_norm: sum_{b,t} m x / (B * max_len)
-    if agg in _LOSS_AGGS:
+    # token_mean:              sum_{b,t} m x / N        N = total or sum_{b,t} m
+    # seq_mean_token_mean:     sum_b ( sum_t m x / sum_t m ) / S      S = total or B
+    # seq_mean_token_sum_norm: sum_{b,t} m x / (S * max_len)
+    if agg not in _LOSS_AGGS:
+        raise ValueError(f"unknown loss agg {agg!r}; expected one of {_LOSS_AGGS}")
+    if total is None or agg != "token_mean":  # a part of a batch may hold no token: it adds 0
         _check_response_tokens(mask, f"aggregate_loss(agg={agg!r})", every_row=agg != "token_mean")
+    if total is None:
+        total = loss_total(mask, agg)
+    if total <= 0:
+        raise ValueError(f"aggregate_loss(agg={agg!r}): total={total} must be > 0")
     if agg == "token_mean":
-        return masked_mean(per_token, mask)
+        return masked_sum(per_token, mask) / total
     if agg == "seq_mean_token_mean":
-        return masked_mean(per_token, mask, dim=1).mean()
-    if agg == "seq_mean_token_sum_norm":
-        if max_len is None or max_len <= 0:
-            raise ValueError(
-                f"agg='seq_mean_token_sum_norm' needs max_len > 0 (a constant such as the "
-                f"generation budget), got max_len={max_len}"
-            )
-        return masked_sum(per_token, mask) / (per_token.shape[0] * max_len)
-    raise ValueError(f"unknown loss agg {agg!r}; expected one of {_LOSS_AGGS}")
+        return masked_mean(per_token, mask, dim=1).sum() / total
+    if max_len is None or max_len <= 0:
+        raise ValueError(
+            f"agg='seq_mean_token_sum_norm' needs max_len > 0 (a constant such as the "
+            f"generation budget), got max_len={max_len}"
+        )
+    return masked_sum(per_token, mask) / (total * max_len)
+
+
+def loss_total(mask: torch.Tensor, agg: str) -> float:
+    """What ``aggregate_loss(agg)`` divides by for the rows of ``mask`` (B, T): their valid tokens
+    (token_mean) or their number (seq modes). Summed over the parts of a batch, it is the batch's
+    ``total``."""
+    if agg not in _LOSS_AGGS:
+        raise ValueError(f"unknown loss agg {agg!r}; expected one of {_LOSS_AGGS}")
+    return float(mask.sum().item()) if agg == "token_mean" else float(mask.shape[0])
 
 
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
@@ -446,8 +463,9 @@ def policy_loss(
     max_len: int | None = None,
     rollout_weights: torch.Tensor | None = None,
     ratio_level: str = "token",
+    total: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate loss, reduced over valid tokens by ``aggregate_loss(agg, max_len)``.
+    """PPO clipped surrogate loss, reduced over valid tokens by ``aggregate_loss(agg, max_len, total)``.
 
     ``ratio_level`` "token" clips each token's ratio pi / pi_old (PPO, GRPO). "sequence" is GSPO
     (Zheng et al. 2025, "Group Sequence Policy Optimization"): the ratio is the sequence's
@@ -493,7 +511,7 @@ def policy_loss(
         per_token = torch.where(capped, cap, per_token)
     if rollout_weights is not None:
         per_token = per_token * rollout_weights.detach()
-    loss = aggregate_loss(per_token, mask, agg, max_len)
+    loss = aggregate_loss(per_token, mask, agg, max_len, total)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
@@ -522,12 +540,13 @@ def actor_loss(
     entropy_coef: float,
     kl_coef: float | None,
     kl_estimator: str,
+    total: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The PPO actor's loss: ``policy_loss`` minus the entropy bonus plus the KL loss term.
 
     The options up to ``ratio_level`` are ``policy_loss``'s (the rollout weights multiply the
     clipped surrogate only, not the entropy bonus or the KL term); the entropy bonus and the KL term
-    are reduced by the same ``aggregate_loss(agg, max_len)``. ``entropy_coef`` 0 adds no bonus;
+    are reduced by the same ``aggregate_loss(agg, max_len, total)``. ``entropy_coef`` 0 adds no bonus;
     ``kl_coef`` None adds no KL term (the KL penalty is in the rewards, or off), and only then may
     ``ref_logprobs`` be None; ``kl_estimator`` names the per-token estimator (``kl_estimate``).
     Shape: (B, T) each -> scalar loss. Stats: ``policy_loss``'s, ``policy_loss`` (the clipped
@@ -540,13 +559,13 @@ def actor_loss(
     loss, stats = policy_loss(
         logprobs, old_logprobs, advantages, mask, clip_eps,
         clip_eps_high=clip_eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len,
-        rollout_weights=rollout_weights, ratio_level=ratio_level,
+        rollout_weights=rollout_weights, ratio_level=ratio_level, total=total,
     )
     stats["policy_loss"] = loss.item()
     if entropy_coef:
-        loss = loss - entropy_coef * aggregate_loss(entropy, mask, agg, max_len)
+        loss = loss - entropy_coef * aggregate_loss(entropy, mask, agg, max_len, total)
     if kl_coef is not None:
-        kl_loss = aggregate_loss(kl_estimate(logprobs, ref_logprobs, kl_estimator), mask, agg, max_len)
+        kl_loss = aggregate_loss(kl_estimate(logprobs, ref_logprobs, kl_estimator), mask, agg, max_len, total)
         loss = loss + kl_coef * kl_loss
         stats["kl_loss"] = kl_loss.item()
     stats["entropy"] = masked_mean(entropy.detach(), mask).item()
@@ -559,8 +578,10 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    total: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss, averaged over valid tokens.
+    """Clipped value loss, averaged over valid tokens (``total``: the valid tokens of the whole
+    batch these rows are part of, as in ``aggregate_loss``; None: these rows').
 
     Shape: (B, T) each -> scalar loss; stat ``clipfrac`` (share of valid tokens where the
     clipped error is strictly the larger).
@@ -570,27 +591,30 @@ def value_loss(
     values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     err = (values - returns) ** 2
     err_clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    loss = 0.5 * aggregate_loss(torch.maximum(err, err_clipped), mask, "token_mean", total=total)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((err_clipped > err).to(err.dtype), mask).item()}
     return loss, stats
 
 
-def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Supervised fine-tuning: negative log-likelihood per response token (token mean)."""
-    return -masked_mean(logprobs, mask)
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, total: float | None = None) -> torch.Tensor:
+    """Supervised fine-tuning: negative log-likelihood per response token (token mean; ``total``
+    as in ``aggregate_loss``)."""
+    return -aggregate_loss(logprobs, mask, "token_mean", total=total)
 
 
-def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def pairwise_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, total: float | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Bradley-Terry loss of a reward model on (B,) scores of the chosen and rejected responses:
 
-        loss = mean(-log sigmoid(r_chosen - r_rejected))
+        loss = sum(-log sigmoid(r_chosen - r_rejected)) / N,   N = total or B
 
-    (Ouyang et al. 2022, eq. 1, with one pair per prompt). Stats: pairwise accuracy (ties
-    count as wrong) and the mean margin.
+    (Ouyang et al. 2022, eq. 1, with one pair per prompt; ``total``: the pairs of the whole batch
+    these are part of). Stats: pairwise accuracy (ties count as wrong) and the mean margin.
     """
     margin = chosen.float() - rejected.float()
-    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    loss = -torch.nn.functional.logsigmoid(margin).sum() / (len(margin) if total is None else total)
     stats = {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
     return loss, stats
 

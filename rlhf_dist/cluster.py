@@ -122,7 +122,8 @@ def start_reference(cfg: Config, model_path: str, slots: list[Slot]) -> Referenc
     """The reference actors: the frozen ``model_path`` in each slot."""
     def kwargs(rank: int) -> dict[str, object]:
         return {"spec": rank_spec(cfg, rank, len(slots), model_path), "dtype": cfg.model.dtype,
-                "batch_size": cfg.reference.batch_size, "temperature": cfg.rollout.temperature}
+                "batch_size": cfg.reference.batch_size, "temperature": cfg.rollout.temperature,
+                "packing": cfg.trainer.packing, "chunk_tokens": cfg.trainer.logprob_chunk_tokens}
 
     actors = spawn(ReferenceModel, slots, cfg.resources.reference, actor_env(cfg.resources), kwargs)
     return ReferenceGroup("reference", actors, cfg.timeouts.inference_s)

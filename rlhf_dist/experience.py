@@ -32,6 +32,10 @@ class TensorRows:
         """Rows ``index`` of every tensor field."""
         return self.map_tensors(lambda t: t[index])
 
+    def sequence_lengths(self) -> list[int]:
+        """Real tokens of each row (what a packed forward pass spends on it)."""
+        raise NotImplementedError
+
     def split(self, parts: int) -> list:
         """``parts`` contiguous shards whose sizes differ by at most one (rank order)."""
         bounds = split_sizes(len(self), parts)
@@ -61,6 +65,9 @@ class Experience(TensorRows):
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def sequence_lengths(self) -> list[int]:
+        return self.attention_mask.sum(dim=1).tolist()
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -116,6 +123,9 @@ class PairBatch(TensorRows):
 
     def __len__(self) -> int:
         return self.chosen_ids.shape[0]
+
+    def sequence_lengths(self) -> list[int]:
+        return (self.chosen_mask.sum(dim=1) + self.rejected_mask.sum(dim=1)).tolist()
 
 
 def pad_sequences(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

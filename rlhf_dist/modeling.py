@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from rlhf_dist.algorithms import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.experience import Experience, PairBatch, TensorRows
+from rlhf_dist.experience import Experience, PairBatch, TensorRows, collate
+from rlhf_dist.packing import TokenLayout, token_layout
 
 TINY = "tiny"
 TINY_ARITH = "tiny-arith"
@@ -75,10 +76,112 @@ def token_vocab_size(path: str) -> int:
     return min(len(AutoTokenizer.from_pretrained(path)), AutoConfig.from_pretrained(path).get_text_config().vocab_size)
 
 
-def load_causal_lm(path: str, dtype: str) -> nn.Module:
+def load_causal_lm(path: str, dtype: str, gradient_checkpointing: bool = False) -> nn.Module:
+    """A causal LM whose forward also computes token logprobs (``enable_token_outputs``), checked
+    against its own logits on a probe batch."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_token_outputs(model)
+    check_token_outputs(model, path)
+    return model
+
+
+def enable_token_outputs(model: nn.Module) -> nn.Module:
+    """Give a causal LM's forward a second mode: called with ``layout=`` (a ``TokenLayout``), it
+    returns the logprobs (M,) of the layout's response tokens, and their entropies with
+    ``with_entropy``, from the backbone's hidden states at exactly those positions, in chunks of
+    ``chunk_tokens`` (0: one chunk), at ``temperature``. Logits are never computed at prompt or
+    padding positions, and with chunks the full (M, V) float32 logits never exist at once: each
+    chunk's are recomputed in the backward pass (activation checkpointing) instead of kept.
+
+    The forward is replaced on the instance, so parameter names, ``save_pretrained`` and the
+    weight sync are untouched, and DeepSpeed's engine (whose ZeRO-3 hooks gather parameters as
+    each submodule runs) calls it like the original. Without ``layout`` it is the original."""
+    plain_forward = model.forward
+    text_config = model.config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)  # Gemma 2/3 cap their logits
+
+    def forward(*args, layout: TokenLayout | None = None, temperature: float = 1.0, with_entropy: bool = False,
+                chunk_tokens: int = 0, **kwargs):
+        if layout is None:
+            return plain_forward(*args, **kwargs)
+        hidden = model.base_model(
+            input_ids=layout.input_ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
+            use_cache=False,  # with a cache transformers would not read packed sequences from the position ids
+        ).last_hidden_state
+        hidden = hidden.flatten(0, 1)[layout.source]
+        return head_outputs(model.get_output_embeddings(), hidden, layout.labels, temperature, softcap,
+                            with_entropy, chunk_tokens)
+
+    model.forward = forward
+    return model
+
+
+def head_outputs(
+    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: float | None,
+    with_entropy: bool, chunk_tokens: int,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Logprobs (M,) of ``labels`` (and entropies (M,) with ``with_entropy``) under
+    ``head(hidden)`` / temperature, ``hidden`` (M, H), computed ``chunk_tokens`` rows at a time
+    (0: all at once). With gradients, each chunk is checkpointed: only its inputs are kept, and
+    its logits are recomputed in the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(h: torch.Tensor, y: torch.Tensor):
+        logits = head(h).float()  # the module, not its weight: ZeRO-3 gathers the weight in its hook
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        logits = logits / temperature
+        lp = logprobs_from_logits(logits, y)
+        return (lp, entropy_from_logits(logits)) if with_entropy else lp
+
+    if not chunk_tokens or len(hidden) <= chunk_tokens:
+        return chunk(hidden, labels)
+    parts = [
+        checkpoint(chunk, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk(h, y)
+        for h, y in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens))
+    ]
+    if with_entropy:
+        return torch.cat([lp for lp, _ in parts]), torch.cat([ent for _, ent in parts])
+    return torch.cat(parts)
+
+
+PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+@torch.no_grad()
+def check_token_outputs(model: nn.Module, label: str) -> None:
+    """Compare ``enable_token_outputs``'s logprobs, padded and packed, with the model's own logits
+    on a fixed probe batch of different lengths, and raise naming ``label`` if they differ: an
+    architecture that transforms its logits in a way ``head_outputs`` does not (a logit scale), or
+    whose attention ignores packed position ids, is refused at start, not trained wrong."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (7, 2, 5)]
+    exp = collate([r[:2] for r in rows], [r[2:] for r in rows], pad_id=0)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids,
+                       use_cache=False).logits
+        expected = logprobs_from_logits(_response_slice(exp, logits).float(), exp.response_ids) * exp.response_mask
+        for packed in (False, True):
+            got, _ = response_logprobs(model, exp, 1.0, packed=packed, chunk_tokens=2)
+            gap = (got - expected).abs().max().item()
+            if gap > PROBE_TOLERANCE.get(dtype, 5e-2):
+                mode = "packed" if packed else "padded"
+                raise ValueError(
+                    f"{label}: logprobs from the hidden states ({mode}) differ from the model's own logits by "
+                    f"{gap:.3g} on a probe batch: this architecture transforms its logits (or masks packed "
+                    f"sequences) in a way rlhf_dist does not reproduce"
+                    + ("; set trainer.packing=false" if packed else "")
+                )
+    finally:
+        model.train(was_training)
 
 
 def load_reward_model(path: str, dtype: str) -> nn.Module:
@@ -155,17 +258,21 @@ class CriticModel(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def forward(self, layout: TokenLayout) -> torch.Tensor:
+        """Values (M,) of the states before the layout's response tokens."""
         hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=layout.input_ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
+            use_cache=False,
         ).last_hidden_state
-        return self.value_head(hidden).squeeze(-1).float()  # (B, L)
+        return self.value_head(hidden.flatten(0, 1)[layout.source]).squeeze(-1).float()
 
 
-def load_critic(path: str, dtype: str) -> CriticModel:
+def load_critic(path: str, dtype: str, gradient_checkpointing: bool = False) -> CriticModel:
     from transformers import AutoModel
 
     backbone = AutoModel.from_pretrained(path, dtype=torch_dtype(dtype))
+    if gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     critic = CriticModel(backbone, backbone.config.hidden_size)
     return critic.to(torch_dtype(dtype))
 
@@ -177,23 +284,29 @@ def _response_slice(exp: Experience, per_position: torch.Tensor) -> torch.Tensor
     return per_position[:, width - 1 : width + steps - 1]
 
 
+def layout_of(exp: Experience, packed: bool) -> TokenLayout:
+    return token_layout(exp.input_ids, exp.attention_mask, exp.position_ids, exp.prompt_width, packed)
+
+
 def response_logprobs(
-    model: nn.Module, exp: Experience, temperature: float, with_entropy: bool = False
+    model: nn.Module, exp: Experience, temperature: float, with_entropy: bool = False, *,
+    packed: bool = False, chunk_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logprobs (B, T) of the response tokens under ``model`` (logits / temperature)."""
-    logits = model(
-        input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids
-    ).logits
-    logits = _response_slice(exp, logits).float() / temperature
-    logprobs = logprobs_from_logits(logits, exp.response_ids)
-    entropy = entropy_from_logits(logits) if with_entropy else None
-    return logprobs, entropy
+    """Logprobs (B, T) of the response tokens under ``model`` (logits / temperature), and their
+    entropies with ``with_entropy``; 0 at padding. ``model`` is a causal LM from
+    ``load_causal_lm`` (or a DeepSpeed engine around one); ``packed`` and ``chunk_tokens`` as in
+    ``packing.token_layout`` and ``enable_token_outputs``: the numbers are the same either way."""
+    layout = layout_of(exp, packed)
+    out = model(layout=layout, temperature=temperature, with_entropy=with_entropy, chunk_tokens=chunk_tokens)
+    if with_entropy:
+        return layout.scatter(out[0]), layout.scatter(out[1])
+    return layout.scatter(out), None
 
 
-def response_values(critic: nn.Module, exp: Experience) -> torch.Tensor:
-    """Values (B, T) of the states before each response token."""
-    values = critic(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids)
-    return _response_slice(exp, values)
+def response_values(critic: nn.Module, exp: Experience, packed: bool = False) -> torch.Tensor:
+    """Values (B, T) of the states before each response token; 0 at padding."""
+    layout = layout_of(exp, packed)
+    return layout.scatter(critic(layout))
 
 
 Rows = TypeVar("Rows", bound=TensorRows)

@@ -297,6 +297,18 @@ class TrainerConfig:
     zero_stage: int = 2
     # Samples per rank per forward/backward; gradients accumulate up to the minibatch.
     micro_batch_size: int = 8
+    # > 0: cut micro-batches by tokens instead (prompt + response tokens per forward pass, a longer
+    # sequence alone), as many on every rank as the rank needing the most; micro_batch_size is then unused.
+    max_tokens_per_micro_batch: int = 0
+    # Pack the sequences of a micro-batch into few rows (no padding; position ids restart per
+    # sequence, attention cannot cross them) for the policy, critic, reference and SFT passes.
+    packing: bool = True
+    # Compute logprobs and entropies this many response tokens at a time (0: all at once), so the
+    # (tokens, vocabulary) float32 logits never exist in full; each chunk is recomputed in the backward pass.
+    logprob_chunk_tokens: int = 1024
+    # Recompute the transformer layers' activations in the backward pass instead of keeping them
+    # (the model's gradient_checkpointing_enable), for the policy, critic and SFT ranks.
+    gradient_checkpointing: bool = False
     # Policy learning rate.
     lr: float = 5e-4
     # Critic learning rate.
@@ -320,8 +332,9 @@ class TrainerConfig:
             _fail("trainer.offload_optimizer", True, f"needs trainer.zero_stage 2 or 3 (got {self.zero_stage})")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             _fail("trainer.lr_schedule", self.lr_schedule, "use constant, linear or cosine")
-        if self.grad_clip < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            bad = next(n for n in ("grad_clip", "weight_decay", "warmup_steps") if getattr(self, n) < 0)
+        nonnegative = ("grad_clip", "weight_decay", "warmup_steps", "max_tokens_per_micro_batch", "logprob_chunk_tokens")
+        if any(getattr(self, n) < 0 for n in nonnegative):
+            bad = next(n for n in nonnegative if getattr(self, n) < 0)
             _fail(f"trainer.{bad}", getattr(self, bad), "must be >= 0")
 
 

@@ -14,10 +14,13 @@ from rlhf_dist.roles.spec import RankSpec
 class ReferenceModel:
     """A plain transformers model in eval mode; never updated."""
 
-    def __init__(self, *, spec: RankSpec, dtype: str, batch_size: int, temperature: float) -> None:
+    def __init__(
+        self, *, spec: RankSpec, dtype: str, batch_size: int, temperature: float, packing: bool, chunk_tokens: int
+    ) -> None:
         self.device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device("cpu")
         self.model = load_causal_lm(spec.model_path, dtype).to(self.device).eval().requires_grad_(False)
         self.batch_size, self.temperature = batch_size, temperature
+        self.packing, self.chunk_tokens = packing, chunk_tokens
 
     def pid(self) -> int:
         return os.getpid()
@@ -27,5 +30,7 @@ class ReferenceModel:
         """(b, T) reference logprobs of the response tokens."""
         exp = exp.map_tensors(lambda t: t.to(self.device))
         return in_chunks(
-            lambda e: response_logprobs(self.model, e, self.temperature)[0], exp, self.batch_size
+            lambda e: response_logprobs(self.model, e, self.temperature, packed=self.packing,
+                                        chunk_tokens=self.chunk_tokens)[0],
+            exp, self.batch_size,
         ).cpu()

@@ -2,8 +2,15 @@
 
 Each Ray actor is one data-parallel rank. ``setup`` joins torch.distributed
 (gloo on CPU, nccl on GPU) and wraps the model with ``deepspeed.initialize``.
-Every rank receives an equal shard of the batch, so under ZeRO-3 all ranks run
-the same number of forward passes (their parameter all-gathers must pair up).
+Every rank receives an equal shard of the batch and cuts it into the same number of
+micro-batches (a fixed number of rows, or as many as the largest token budget needs on
+any rank), so under ZeRO-3 all ranks run the same number of forward passes (their
+parameter all-gathers must pair up).
+
+A minibatch's loss is normalised by the minibatch's own totals (its valid tokens or
+sequences, summed over all ranks), not per micro-batch: each micro-batch contributes its
+sum divided by that total, so the gradient of a minibatch is the same however it is cut
+(micro-batch size, token budget, packing, number of ranks).
 """
 
 from __future__ import annotations
@@ -19,16 +26,15 @@ from rlhf_dist import algorithms as A
 from rlhf_dist.config import AlgoConfig, ModelConfig, RunPlan, TrainerConfig, TrainerPlan
 from rlhf_dist.experience import Experience, PairBatch, TensorRows
 from rlhf_dist.modeling import (
-    in_chunks,
     load_causal_lm,
     load_critic,
     load_reward_model,
-    micro_batches,
     pair_scores,
     response_logprobs,
     response_values,
     write_model_dir,
 )
+from rlhf_dist.packing import budget_micro_batches
 from rlhf_dist.roles.spec import RankSpec
 from rlhf_dist.seeds import MINIBATCH_ORDER, derive_seed
 
@@ -68,12 +74,15 @@ def safe_checkpoint_engine(ds_config):
 
 
 def deepspeed_config(cfg: TrainerConfig, plan: TrainerPlan, dtype: str) -> dict:
+    """The trainer's micro-batch loop, not DeepSpeed's counter, marks the accumulation boundary
+    (``set_gradient_accumulation_boundary``) and scales the loss, so the batch sizes below are
+    bookkeeping only."""
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer and cfg.zero_stage >= 2:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
         "train_batch_size": plan.per_rank_minibatch * cfg.world_size,
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "train_micro_batch_size_per_gpu": plan.per_rank_minibatch // plan.grad_accum_steps,
         "gradient_accumulation_steps": plan.grad_accum_steps,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
@@ -82,6 +91,11 @@ def deepspeed_config(cfg: TrainerConfig, plan: TrainerPlan, dtype: str) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
+
+
+def _stat_weight(rows: TensorRows) -> float:
+    """The weight of a micro-batch's mean stats: its valid response tokens, or its rows (pairs)."""
+    return float(rows.response_mask.sum()) if isinstance(rows, Experience) else float(len(rows))
 
 
 class _DeepSpeedRank:
@@ -170,6 +184,11 @@ class _DeepSpeedRank:
     def lr(self) -> float:
         raise NotImplementedError
 
+    def _logprobs(self, micro: Experience, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs, entropy), each (b, T), of a micro-batch on this rank's device."""
+        return response_logprobs(self.engine, micro, temperature, with_entropy=True, packed=self.cfg.packing,
+                                 chunk_tokens=self.cfg.logprob_chunk_tokens)
+
     def _to_device(self, rows: TensorRows) -> TensorRows:
         return rows.map_tensors(lambda t: t.to(self.engine.device))
 
@@ -182,23 +201,99 @@ class _DeepSpeedRank:
         size = self.plan.per_rank_minibatch
         return [exp.select(order[i : i + size]) for i in range(0, len(exp), size)]
 
-    def _train(self, exp: Experience, epochs: int, loss_fn) -> dict[str, float]:
-        """Epochs x minibatches x micro-batches; DeepSpeed steps the optimizer at each boundary."""
+    # Stats that are parts of a minibatch's loss (``accumulate``).
+    LOSS_STATS = ("loss", "policy_loss", "kl_loss", "value_loss")
+
+    def _train(self, exp: TensorRows, epochs: int, loss_fn) -> dict[str, float]:
+        """Epochs x minibatches, one optimizer step per minibatch (``accumulate``, then DeepSpeed's step)."""
         self.engine.train()
-        sums: dict[str, float] = {}
-        count = 0
+        sums: dict[str, float] = {}  # each stat's value per minibatch, summed over minibatches
+        minibatches = 0
         for epoch in range(epochs):
             for minibatch in self._minibatches(exp, epoch):
-                for micro in micro_batches(minibatch, self.cfg.micro_batch_size):
-                    loss, stats = loss_fn(self._to_device(micro))
-                    self.engine.backward(loss)
-                    self.engine.step()
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    count += 1
-        out = {k: v / count for k, v in sums.items()}
+                for key, value in self.accumulate(minibatch, loss_fn).items():
+                    sums[key] = sums.get(key, 0.0) + value
+                self.engine.step()
+                minibatches += 1
+        out = {k: v / minibatches for k, v in sums.items()}
         out["lr"] = self.engine.get_lr()[0]
         return out
+
+    def accumulate(self, minibatch: TensorRows, loss_fn) -> dict[str, float]:
+        """Forward and backward passes over this rank's micro-batches of a minibatch, leaving its
+        gradient accumulated for the optimizer step; returns the minibatch's stats.
+
+        ``loss_fn(micro, totals)`` returns the micro-batch's part of the minibatch's loss,
+        normalised by ``totals`` (``_totals``: the minibatch's tokens and sequences on all ranks),
+        and its stats. DeepSpeed averages gradients over ranks, hence the factor world_size: the
+        gradient is exactly the minibatch loss's, whatever the micro-batches. Stats in
+        ``LOSS_STATS`` are such parts, summed (times world_size, so their mean over ranks is the
+        minibatch's loss); the others are means, weighted by tokens (or rows)."""
+        totals = self._totals(minibatch)
+        micros = self._micro_batches(minibatch)
+        parts: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for k, (index, filler) in enumerate(micros):
+            micro = self._to_device(minibatch.select(index))
+            if filler and isinstance(micro, Experience):
+                micro = micro.with_fields(row_index=None)  # not a row of the batch: no old logprobs from it
+            self.engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
+            loss, stats = loss_fn(micro, totals)
+            self.engine.backward(loss * (0.0 if filler else float(self.cfg.world_size)), scale_wrt_gas=False)
+            if filler:
+                continue
+            for key, value in stats.items():
+                w = 1.0 if key in self.LOSS_STATS else _stat_weight(micro)
+                v = value * self.cfg.world_size if key in self.LOSS_STATS else value
+                parts[key] = parts.get(key, 0.0) + w * v
+                weights[key] = weights.get(key, 0.0) + w
+        return {key: part if key in self.LOSS_STATS else part / weights[key] for key, part in parts.items()}
+
+    def _totals(self, minibatch: TensorRows) -> dict[str, float]:
+        """The minibatch's valid response tokens and sequences (rows, or pairs), summed over ranks."""
+        tokens = float(minibatch.response_mask.sum()) if isinstance(minibatch, Experience) else 0.0
+        tokens, sequences = self._all_reduce([tokens, float(len(minibatch))], "sum")
+        return {"tokens": tokens, "sequences": sequences}
+
+    def _micro_batches(self, rows: TensorRows) -> list[tuple[torch.Tensor, bool]]:
+        """(row indices, filler) of this rank's micro-batches of ``rows``: ``micro_batch_size`` rows
+        each, in order, or with ``max_tokens_per_micro_batch`` as many as that token budget needs
+        on the rank needing the most (``packing.budget_micro_batches``). A filler repeats the
+        shortest row where this rank has fewer rows than micro-batches: it runs the forward and
+        backward passes the other ranks' collectives wait for, with a loss weight of 0.
+        A collective when a token budget is set: every rank calls it."""
+        budget = self.cfg.max_tokens_per_micro_batch
+        if not budget:
+            size = self.cfg.micro_batch_size
+            return [(torch.arange(i, min(i + size, len(rows))), False) for i in range(0, len(rows), size)]
+        lengths = rows.sequence_lengths()
+        (count,) = self._all_reduce([float(len(budget_micro_batches(lengths, budget)))], "max")
+        shortest = min(range(len(lengths)), key=lambda i: (lengths[i], i))
+        return [
+            (torch.tensor(part or [shortest], dtype=torch.long), not part)
+            for part in budget_micro_batches(lengths, budget, int(count))
+        ]
+
+    def _all_reduce(self, values: list[float], op: str) -> list[float]:
+        """``values`` summed (op "sum") or maximised ("max") over the data-parallel ranks."""
+        if self.cfg.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def _per_row(self, rows: TensorRows, fn) -> list[torch.Tensor]:
+        """``fn(micro)`` of each micro-batch (``_micro_batches``; a forward pass with no gradient),
+        its (b, ...) outputs put back in the rows' order: one tensor per output of ``fn``."""
+        parts = []
+        for index, filler in self._micro_batches(rows):
+            out = fn(self._to_device(rows.select(index)))
+            if not filler:
+                parts.append((index, out if isinstance(out, tuple) else (out,)))
+        order = torch.cat([index for index, _ in parts]).argsort()
+        return [torch.cat([o[k].cpu() for _, o in parts])[order] for k in range(len(parts[0][1]))]
 
     def _full_params(self):
         """(name, full tensor) of every parameter in checkpoint naming (``named_parameters``: a tied
@@ -255,19 +350,15 @@ class PolicyTrainer(_DeepSpeedRank):
         return self.cfg.lr
 
     def build_model(self) -> torch.nn.Module:
-        return load_causal_lm(self.model_path, self.model_cfg.dtype)
+        return load_causal_lm(self.model_path, self.model_cfg.dtype, self.cfg.gradient_checkpointing)
 
     @torch.no_grad()
     def logprobs(self, exp: Experience, temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logprobs, entropy), each (b, T), of this rank's shard under the current policy, at the
         rollout temperature unless ``temperature`` is given."""
         self.engine.eval()
-        exp = self._to_device(exp)
-        lps, ents = zip(*(
-            response_logprobs(self.engine, micro, temperature or self.temperature, with_entropy=True)
-            for micro in micro_batches(exp, self.cfg.micro_batch_size)
-        ))
-        return torch.cat(lps).cpu(), torch.cat(ents).cpu()
+        logprobs, entropy = self._per_row(exp, lambda micro: self._logprobs(micro, temperature or self.temperature))
+        return logprobs, entropy
 
     def train(self, exp: Experience, epochs: int, algo: AlgoConfig, kl_coef: float) -> dict[str, float]:
         """PPO-clip epochs with the loss options of ``algo``; ``kl_coef`` weighs the KL loss term
@@ -297,18 +388,22 @@ class PolicyTrainer(_DeepSpeedRank):
         own, detached, and each micro-batch's (row index, old logprobs, entropy) is appended to it."""
         kl_loss_coef = kl_coef if algo.kl_in == "loss" else None
 
-        def loss_fn(micro: Experience):
-            logprobs, entropy = response_logprobs(self.engine, micro, self.temperature, with_entropy=True)
+        total = "tokens" if algo.loss_agg == "token_mean" else "sequences"
+
+        def loss_fn(micro: Experience, totals: dict[str, float]):
+            logprobs, entropy = self._logprobs(micro, self.temperature)
             old = micro.old_logprobs
             kl_term = kl_loss_coef if micro.ref_logprobs is not None else None  # no reference: no KL term
             if one_pass is not None:
                 old = logprobs.detach()
-                one_pass.append((micro.row_index, old, entropy.detach()))
+                if micro.row_index is not None:
+                    one_pass.append((micro.row_index, old, entropy.detach()))
             return A.actor_loss(
                 logprobs, old, micro.ref_logprobs, micro.advantages, entropy, micro.response_mask,
                 algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip, agg=algo.loss_agg,
                 max_len=self.max_new_tokens, rollout_weights=micro.rollout_weights, ratio_level=algo.ratio_level,
                 entropy_coef=algo.entropy_coef, kl_coef=kl_term, kl_estimator=algo.kl_estimator,
+                total=totals[total],
             )
 
         return loss_fn
@@ -373,14 +468,14 @@ class SFTTrainer(_SupervisedRank):
     """Supervised fine-tuning of a causal LM on demonstrations (next-token NLL of the response)."""
 
     def build_model(self) -> torch.nn.Module:
-        return load_causal_lm(self.model_path, self.model_cfg.dtype)
+        return load_causal_lm(self.model_path, self.model_cfg.dtype, self.cfg.gradient_checkpointing)
 
     def train(self, exp: Experience) -> dict[str, float]:
         """One optimizer step on this rank's shard of a batch of demonstrations."""
 
-        def loss_fn(micro: Experience):
-            logprobs, _ = response_logprobs(self.engine, micro, temperature=1.0)
-            loss = A.sft_loss(logprobs, micro.response_mask)
+        def loss_fn(micro: Experience, totals: dict[str, float]):
+            logprobs, _ = self._logprobs(micro, 1.0)
+            loss = A.sft_loss(logprobs, micro.response_mask, totals["tokens"])
             return loss, {"loss": loss.item()}
 
         return self._train(exp, 1, loss_fn)
@@ -389,13 +484,8 @@ class SFTTrainer(_SupervisedRank):
     def eval_loss(self, exp: Experience) -> tuple[float, float]:
         """(summed NLL, token count) of this rank's shard of held-out demonstrations."""
         self.engine.eval()
-        exp = self._to_device(exp)
-        total, tokens = 0.0, 0.0
-        for micro in micro_batches(exp, self.cfg.micro_batch_size):
-            logprobs, _ = response_logprobs(self.engine, micro, temperature=1.0)
-            total -= A.masked_sum(logprobs, micro.response_mask).item()
-            tokens += micro.response_mask.sum().item()
-        return total, tokens
+        (logprobs,) = self._per_row(exp, lambda micro: self._logprobs(micro, 1.0)[0])
+        return -A.masked_sum(logprobs, exp.response_mask).item(), exp.response_mask.sum().item()
 
 
 class RewardModelTrainer(_SupervisedRank):
@@ -407,9 +497,9 @@ class RewardModelTrainer(_SupervisedRank):
     def train(self, pairs: PairBatch) -> dict[str, float]:
         """One optimizer step on this rank's shard of a batch of preference pairs."""
 
-        def loss_fn(micro: PairBatch):
+        def loss_fn(micro: PairBatch, totals: dict[str, float]):
             chosen, rejected = pair_scores(self.engine, micro, self.engine.module.config.pad_token_id)
-            loss, stats = A.pairwise_loss(chosen, rejected)
+            loss, stats = A.pairwise_loss(chosen, rejected, totals["sequences"])
             return loss, {"loss": loss.item(), **stats}
 
         return self._train(pairs, 1, loss_fn)
@@ -418,10 +508,9 @@ class RewardModelTrainer(_SupervisedRank):
     def scores(self, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) scores, each (b,), of this rank's shard."""
         self.engine.eval()
-        pairs = self._to_device(pairs)
         pad = self.engine.module.config.pad_token_id
-        scored = [pair_scores(self.engine, micro, pad) for micro in micro_batches(pairs, self.cfg.micro_batch_size)]
-        return torch.cat([c.cpu() for c, _ in scored]), torch.cat([r.cpu() for _, r in scored])
+        chosen, rejected = self._per_row(pairs, lambda micro: pair_scores(self.engine, micro, pad))
+        return chosen, rejected
 
 
 class CriticTrainer(_DeepSpeedRank):
@@ -438,19 +527,19 @@ class CriticTrainer(_DeepSpeedRank):
         return self.cfg.critic_lr
 
     def build_model(self) -> torch.nn.Module:
-        return load_critic(self.model_path, self.model_cfg.dtype)
+        return load_critic(self.model_path, self.model_cfg.dtype, self.cfg.gradient_checkpointing)
 
     @torch.no_grad()
     def values(self, exp: Experience) -> torch.Tensor:
         self.engine.eval()
-        exp = self._to_device(exp)
-        return in_chunks(lambda e: response_values(self.engine, e), exp, self.cfg.micro_batch_size).cpu()
+        (values,) = self._per_row(exp, lambda micro: response_values(self.engine, micro, self.cfg.packing))
+        return values
 
     def train(self, exp: Experience, epochs: int) -> dict[str, float]:
-        def loss_fn(micro: Experience):
-            values = response_values(self.engine, micro)
+        def loss_fn(micro: Experience, totals: dict[str, float]):
+            values = response_values(self.engine, micro, self.cfg.packing)
             loss, stats = A.value_loss(values, micro.old_values, micro.returns, micro.response_mask,
-                                       self.value_clip_eps)
+                                       self.value_clip_eps, totals["tokens"])
             return loss, {"value_loss": loss.item(), "value_clipfrac": stats["clipfrac"]}
 
         return self._train(exp, epochs, loss_fn)
