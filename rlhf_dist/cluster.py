@@ -149,7 +149,8 @@ def connect_weights(cfg: Config, policy: PolicyGroup, generation: GenerationGrou
     # With rollouts more than one step ahead, a sync is queued behind a generation on the engines.
     timeout_s = cfg.timeouts.weight_sync_s + (cfg.timeouts.generate_s if cfg.rollout.max_staleness > 1 else 0.0)
     weights = WeightSync(policy, generation, res.weight_sync_backend, cfg.rollout.tensor_parallel_size,
-                         timeout_s, probe=probe, verify_every=ws.verify_every, tolerance=ws.tolerance(dtype))
+                         timeout_s, probe=probe, verify_every=ws.verify_every, tolerance=ws.tolerance(dtype),
+                         bucket_bytes=res.weight_sync_bucket_mb * 2**20)
     if ws.verify_every:
         weights.verify()
     return weights

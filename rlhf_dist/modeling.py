@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from rlhf_dist.algorithms import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.experience import Experience, PairBatch, TensorRows, collate
-from rlhf_dist.packing import TokenLayout, token_layout
+from rlhf_dist.experience import Experience, PairBatch, TensorRows, collate, pad_sequences
+from rlhf_dist.packing import ScoreLayout, TokenLayout, score_layout, token_layout
 
 TINY = "tiny"
 TINY_ARITH = "tiny-arith"
@@ -191,6 +191,47 @@ def load_reward_model(path: str, dtype: str) -> nn.Module:
 
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype))
     score_pad_id(model, path, f"reward model {path!r}")
+    if isinstance(getattr(model, "score", None), nn.Linear):  # transformers' decoder classifiers' head
+        enable_packed_scores(model)
+    return model
+
+
+def enable_packed_scores(model: nn.Module) -> nn.Module:
+    """Give a sequence classifier's forward a second mode: called with ``layout=`` (a
+    ``ScoreLayout``, e.g. packed), it returns the (B,) scores at the layout's score positions,
+    from the backbone's hidden states there (see ``enable_token_outputs`` for why the forward is
+    replaced on the instance). Checked against the model's own scores on a probe batch."""
+    plain_forward = model.forward
+
+    def forward(*args, layout: ScoreLayout | None = None, **kwargs):
+        if layout is None:
+            return plain_forward(*args, **kwargs)
+        hidden = model.base_model(
+            input_ids=layout.input_ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        return model.score(hidden.flatten(0, 1)[layout.source])[:, 0].float()
+
+    model.forward = forward
+    model.packed_scores = True
+    pad = model.config.pad_token_id
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    rows = [[t for t in torch.randint(vocab, (n,), generator=gen).tolist() if t != pad] or [1] for n in (6, 2, 4)]
+    ids, mask = pad_sequences(rows, pad)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = plain_forward(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+            got = forward(layout=score_layout(ids, mask, pad, packed=True))
+    finally:
+        model.train(was_training)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    gap = (got - expected).abs().max().item()
+    if gap > PROBE_TOLERANCE.get(dtype, 5e-2):
+        raise ValueError(f"reward model: packed scores differ from the model's own by {gap:.3g} on a probe batch; "
+                         "set trainer.packing=false")
     return model
 
 
@@ -211,9 +252,10 @@ def score_pad_id(model: nn.Module, path: str, label: str) -> int:
     return model.config.pad_token_id
 
 
-def pair_scores(model: nn.Module, pairs: PairBatch, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(model: nn.Module, pairs: PairBatch, pad: int, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) scores, each (B,), in one forward pass over both halves; ``pad`` is the
-    model's pad token id (the score is read at the last non-pad token)."""
+    model's pad token id (the score is read at the last non-pad token); ``packed``: the halves'
+    sequences packed (``enable_packed_scores``), the same numbers without the padding."""
     width = max(pairs.chosen_ids.shape[1], pairs.rejected_ids.shape[1])
 
     def widen(t: torch.Tensor, value: int) -> torch.Tensor:
@@ -221,7 +263,10 @@ def pair_scores(model: nn.Module, pairs: PairBatch, pad: int) -> tuple[torch.Ten
 
     ids = torch.cat([widen(pairs.chosen_ids, pad), widen(pairs.rejected_ids, pad)])
     mask = torch.cat([widen(pairs.chosen_mask, 0), widen(pairs.rejected_mask, 0)])
-    scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+    if packed:
+        scores = model(layout=score_layout(ids, mask, pad, packed=True))
+    else:
+        scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
     return scores[: len(pairs)], scores[len(pairs) :]
 
 

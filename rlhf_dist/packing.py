@@ -68,13 +68,24 @@ def token_layout(
     if not packed:
         source = rows * width + cols + prompt_width - 1
         return TokenLayout(input_ids, position_ids, attention_mask, source, rows, cols, labels, grid)
+    ids, positions, start = pack_rows(input_ids, real, position_ids)
+    source = start[rows] + cols + prompt_width - 1
+    return TokenLayout(ids, positions, None, source, rows, cols, labels, grid)
+
+
+def pack_rows(
+    input_ids: torch.Tensor, real: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, position ids, start) of rows whose real tokens (``real``, each row's contiguous)
+    are packed as ``token_layout`` describes; ``start[i]`` is the flat packed index that column 0
+    of stored row i maps to, so column c of row i lands at ``start[i] + c`` (for real columns)."""
     lengths = real.sum(dim=1).tolist()
     first = real.long().argmax(dim=1).tolist()  # column of each row's first real token (after left padding)
     packs = budget_micro_batches(lengths, max(lengths))
     packed_width = max(sum(lengths[i] for i in pack) for pack in packs)
     ids = torch.zeros(len(packs), packed_width, dtype=input_ids.dtype)
     positions = torch.zeros_like(ids, dtype=position_ids.dtype)
-    start = [0] * batch  # flat packed index of column 0 of each stored row (real columns land right)
+    start = [0] * len(lengths)
     for r, pack in enumerate(packs):
         offset = 0
         for i in pack:
@@ -84,8 +95,33 @@ def token_layout(
             start[i] = r * packed_width + offset - first[i]
             offset += n
         positions[r, offset:] = torch.arange(packed_width - offset)  # the dummy sequence at the row's end
-    source = torch.tensor(start, dtype=torch.long)[rows] + cols + prompt_width - 1
-    return TokenLayout(ids, positions, None, source, rows, cols, labels, grid)
+    return ids, positions, torch.tensor(start, dtype=torch.long)
+
+
+@dataclass
+class ScoreLayout:
+    """Model inputs for right-padded sequences scored at one position each (a reward model):
+    input_ids, position_ids (R, L), attention_mask (R, L) or None when packed, and source (B,):
+    the flat index into R * L of each sequence's score position."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    source: torch.Tensor
+
+
+def score_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, packed: bool) -> ScoreLayout:
+    """The padded or packed layout of right-padded (B, L) rows, each scored at its last real token
+    that is not ``pad_id`` (where transformers' sequence classifiers read their score)."""
+    batch, width = input_ids.shape
+    real = attention_mask.bool()
+    columns = torch.arange(width).expand(batch, width)
+    last = (columns * (real & (input_ids != pad_id))).argmax(dim=1)  # (B,)
+    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    if not packed:
+        return ScoreLayout(input_ids, positions, attention_mask, torch.arange(batch) * width + last)
+    ids, packed_positions, start = pack_rows(input_ids, real, positions)
+    return ScoreLayout(ids, packed_positions, None, start + last)
 
 
 def budget_micro_batches(lengths: list[int], budget: int, count: int | None = None) -> list[list[int]]:

@@ -98,6 +98,7 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
+    bucket_bytes: int = 0  # the sender's bucket size (rlhf_dist.weight_sync.bucket_bounds); 0: per tensor
 
     def __post_init__(self) -> None:
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
@@ -136,12 +137,28 @@ class GlooWeightTransferEngine(CheckpointReload, WeightTransferEngine[GlooInitIn
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+        """One broadcast per bucket of ``GlooWeightSender``, its tensors loaded together."""
+        from rlhf_dist.weight_sync import ParamSpec, bucket_bounds
+
         if self._group is None:
             raise RuntimeError("gloo weight transfer not initialized: call init_weight_transfer_engine first")
-        for name, dtype_name, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
-            weight = torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.device)
-            self._group.broadcast(weight, 0).wait()
-            self.model.load_weights([(name, weight)])
+        specs = [ParamSpec(n, d, tuple(s)) for n, d, s in
+                 zip(update_info.names, update_info.dtype_names, update_info.shapes)]
+        sizes = [s.nbytes for s in specs]
+        for start, end in bucket_bounds(sizes, update_info.bucket_bytes):
+            if end - start == 1:
+                spec = specs[start]
+                weight = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device=self.device)
+                self._group.broadcast(weight, 0).wait()
+                self.model.load_weights([(spec.name, weight)])
+                continue
+            flat = torch.empty(sum(sizes[start:end]), dtype=torch.uint8, device=self.device)
+            self._group.broadcast(flat, 0).wait()
+            tensors, offset = [], 0
+            for spec, size in zip(specs[start:end], sizes[start:end]):
+                tensors.append((spec.name, flat[offset : offset + size].view(getattr(torch, spec.dtype)).view(spec.shape)))
+                offset += size
+            self.model.load_weights(tensors)
 
     def shutdown(self) -> None:
         self._group = None

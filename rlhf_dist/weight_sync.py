@@ -18,10 +18,13 @@ output heads), registered in every vLLM process through the ``vllm.general_plugi
 declared in ``pyproject.toml`` (the engine core may run in a spawned subprocess, so registering
 them in the caller's process would not be enough).
 
-Weights travel in checkpoint (Hugging Face) naming, one broadcast per tensor,
-from trainer rank 0 (group rank 0) to engine workers (ranks 1..N). The metadata
-(names, dtypes, shapes) goes through ``update_weights``' argument; tensors never
-go through RPC arguments (vLLM's msgpack transport turns them into lists).
+Weights travel in checkpoint (Hugging Face) naming from trainer rank 0 (group rank 0) to
+engine workers (ranks 1..N), in buckets of about ``resources.weight_sync_bucket_mb``: the
+tensors of a bucket packed into one flat byte buffer, one broadcast per bucket (gloo: ours,
+``bucket_bounds``; nccl: vLLM's packed mode), and under ZeRO-3 gathered a bucket at a time.
+0 sends one broadcast per tensor. The metadata (names, dtypes, shapes, bucket size) goes
+through ``update_weights``' argument; tensors never go through RPC arguments (vLLM's msgpack
+transport turns them into lists).
 """
 
 from __future__ import annotations
@@ -53,17 +56,43 @@ class ParamSpec:
     dtype: str  # torch dtype name, e.g. "float32"
     shape: tuple[int, ...]
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
 
-def update_info(specs: list[ParamSpec]) -> dict:
-    """The ``update_weights`` payload shared by the gloo and (unpacked) NCCL backends."""
-    return {
+
+def bucket_bounds(sizes: list[int], bucket_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive tensors of ``sizes`` bytes, each range as many as fit
+    in ``bucket_bytes`` (a larger tensor alone); ``bucket_bytes`` 0: one tensor per range. Both
+    ends of a transfer derive the same ranges from the same specs."""
+    bounds: list[tuple[int, int]] = []
+    start, filled = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (not bucket_bytes or filled + size > bucket_bytes):
+            bounds.append((start, i))
+            start, filled = i, 0
+        filled += size
+    if sizes:
+        bounds.append((start, len(sizes)))
+    return bounds
+
+
+def update_info(specs: list[ParamSpec], transport: str, bucket_bytes: int) -> dict:
+    """The ``update_weights`` payload of the gloo and NCCL backends (NCCL's bucket size is set
+    once, in its init info)."""
+    info = {
         "names": [s.name for s in specs],
         "dtype_names": [s.dtype for s in specs],
         "shapes": [list(s.shape) for s in specs],
     }
+    if transport == "gloo":
+        info["bucket_bytes"] = bucket_bytes
+    return info
 
 
-def engine_init_info(transport: str, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> dict:
+def engine_init_info(
+    transport: str, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float, bucket_bytes: int
+) -> dict:
     """``init_weight_transfer_engine`` payload for one engine joining the group."""
     if transport == "ipc":
         return {"packed": False}  # no group to join: handles come with every update
@@ -71,7 +100,9 @@ def engine_init_info(transport: str, host: str, port: int, rank_offset: int, wor
     if transport == "gloo":
         info["timeout_s"] = timeout_s
     else:
-        info["packed"] = False
+        info["packed"] = bucket_bytes > 0
+        if bucket_bytes:
+            info["packed_buffer_size_bytes"] = bucket_bytes
     return info
 
 
@@ -134,36 +165,71 @@ class WeightSender(Protocol):
     def close(self) -> None: ...
 
 
-class GlooWeightSender:
-    """Trainer rank 0's end of the gloo group (group rank 0 is the source)."""
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's data as a flat uint8 tensor (a view where it is contiguous)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
-    def __init__(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
+
+class GlooWeightSender:
+    """Trainer rank 0's end of the gloo group (group rank 0 is the source): the tensors of each
+    bucket (``bucket_bounds`` of ``specs``, the order they are sent in) copied into one flat
+    buffer, one broadcast per bucket; a bucket of one tensor goes as it is."""
+
+    def __init__(
+        self, host: str, port: int, world_size: int, timeout_s: float, specs: list[ParamSpec], bucket_bytes: int
+    ) -> None:
         from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
         self._group = stateless_init_torch_distributed_process_group(
             host, port, 0, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s)
         )
+        self._sizes = [s.nbytes for s in specs]
+        self._bounds = bucket_bounds(self._sizes, bucket_bytes)
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        for _, tensor in named_tensors:
+        tensors = iter(named_tensors)
+        for start, end in self._bounds:
             # The group is not registered with torch.distributed's world, so use the
             # ProcessGroup's own broadcast, whose root is a group rank.
-            self._group.broadcast(tensor.detach().contiguous().cpu(), 0).wait()
+            if end - start == 1:
+                self._group.broadcast(next(tensors)[1].detach().contiguous().cpu(), 0).wait()
+                continue
+            flat = torch.empty(sum(self._sizes[start:end]), dtype=torch.uint8)
+            offset = 0
+            for size in self._sizes[start:end]:
+                # A copy as each arrives: a ZeRO-3 tensor is partitioned again once the iterator moves on.
+                flat[offset : offset + size].copy_(as_bytes(next(tensors)[1]))
+                offset += size
+            self._group.broadcast(flat, 0).wait()
 
     def close(self) -> None:
         self._group = None
 
 
 class NcclWeightSender:
-    """Trainer rank 0's end of vLLM's NCCL weight-transfer group."""
+    """Trainer rank 0's end of vLLM's NCCL weight-transfer group: with ``bucket_bytes``, vLLM's
+    packed broadcast (buffers of that size, double-buffered), else one broadcast per tensor."""
 
-    def __init__(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
+    def __init__(
+        self, host: str, port: int, world_size: int, timeout_s: float, specs: list[ParamSpec], bucket_bytes: int
+    ) -> None:
         from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
-        del timeout_s  # PyNccl has no timeout; the controller bounds the call instead
+        del timeout_s, specs  # PyNccl has no timeout (the controller bounds the call); vLLM packs by itself
         self._comm = trainer_init({"master_address": host, "master_port": port, "world_size": world_size}, rank=0)
+        self._bucket_bytes = bucket_bytes
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self._bucket_bytes:
+            from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+
+            # A clone: vLLM concatenates a buffer's tensors only once it is full, after a ZeRO-3
+            # gather that produced the first of them may have been released.
+            packed_nccl_broadcast_producer(
+                iterator=iter(named_tensors), group=self._comm, src=0,
+                post_iter_func=lambda item: item[1].detach().clone(), buffer_size_bytes=self._bucket_bytes,
+            )
+            return
         stream = torch.cuda.current_stream()
         for _, tensor in named_tensors:
             self._comm.broadcast(tensor.detach().contiguous(), src=0, stream=stream)
@@ -202,9 +268,11 @@ class IpcWeightExporter:
             torch.cuda.ipc_collect()
 
 
-def make_sender(transport: str, host: str, port: int, world_size: int, timeout_s: float) -> WeightSender:
+def make_sender(
+    transport: str, host: str, port: int, world_size: int, timeout_s: float, specs: list[ParamSpec], bucket_bytes: int
+) -> WeightSender:
     senders = {"gloo": GlooWeightSender, "nccl": NcclWeightSender}
-    return senders[transport](host, port, world_size, timeout_s)
+    return senders[transport](host, port, world_size, timeout_s, specs, bucket_bytes)
 
 
 # ----------------------------------------------------------------------------- vLLM side

@@ -31,6 +31,10 @@ class ResourcesConfig:
     # Weight-sync transport from the trainer to the engines: gloo (CPU), nccl (GPU), or ipc
     # (GPU, colocated: CUDA IPC handles, for an engine sharing its GPU with a trainer rank).
     weight_sync_backend: str = "gloo"
+    # Weight sync in buckets of about this many MiB: the tensors packed into one flat buffer per
+    # broadcast (nccl: vLLM's packed mode), ZeRO-3 parameters gathered a bucket at a time; 0 sends
+    # (and gathers) one tensor at a time.
+    weight_sync_bucket_mb: int = 256
     # Torch threads per actor process (CPU runs; keeps actors from oversubscribing cores).
     threads_per_actor: int = 1
     # Run each vLLM engine (engine core and its worker) inside its Ray actor's process instead of
@@ -53,6 +57,8 @@ class ResourcesConfig:
             _fail("resources.device", self.device, "use cpu or cuda")
         if self.placement not in ("separate", "colocated"):
             _fail("resources.placement", self.placement, "use separate or colocated")
+        if self.weight_sync_bucket_mb < 0:
+            _fail("resources.weight_sync_bucket_mb", self.weight_sync_bucket_mb, "must be >= 0 (0: one tensor at a time)")
         if self.weight_sync_backend not in ("gloo", "nccl", "ipc"):
             _fail("resources.weight_sync_backend", self.weight_sync_backend, "use gloo, nccl or ipc")
         if self.num_cpus < 0:

@@ -302,15 +302,15 @@ class WeightSync:
 
     def __init__(
         self, policy: PolicyGroup, engines: GenerationGroup, transport: str, workers_per_engine: int, timeout_s: float,
-        *, probe: list[list[int]], verify_every: int, tolerance: float,
+        *, probe: list[list[int]], verify_every: int, tolerance: float, bucket_bytes: int,
     ) -> None:
         self.policy, self.engines, self.timeout_s = policy, engines, timeout_s
-        self.transport, self.workers_per_engine = transport, workers_per_engine
+        self.transport, self.workers_per_engine, self.bucket_bytes = transport, workers_per_engine, bucket_bytes
         self.probe, self.verify_every, self.tolerance = probe, verify_every, tolerance
         self.version = 0  # the policy version the engines serve (0: the initial weights)
         self._connect()
         sender = IpcHandles if transport == "ipc" else Broadcast
-        self.sender = sender(policy, engines, update_info(policy.weight_specs()), timeout_s)
+        self.sender = sender(policy, engines, update_info(policy.weight_specs(), transport, bucket_bytes), timeout_s)
 
     def _connect(self) -> None:
         host, port = self.policy.endpoint()
@@ -318,12 +318,14 @@ class WeightSync:
         world = 1 + len(self.engines) * self.workers_per_engine
         # The rendezvous needs both ends at once: issue both, then wait for both.
         infos = [
-            engine_init_info(self.transport, host, port, 1 + i * self.workers_per_engine, world, self.timeout_s)
+            engine_init_info(self.transport, host, port, 1 + i * self.workers_per_engine, world, self.timeout_s,
+                             self.bucket_bytes)
             for i in range(len(self.engines))
         ]
         joins = self.engines.scatter_async("init_weight_transfer", infos, timeout_s=self.timeout_s)
         opened = self.policy.call_async(
-            "init_weight_sender", self.transport, host, port, world, self.timeout_s, timeout_s=self.timeout_s
+            "init_weight_sender", self.transport, host, port, world, self.timeout_s, self.bucket_bytes,
+            timeout_s=self.timeout_s,
         )
         wait_all(opened, joins)
 

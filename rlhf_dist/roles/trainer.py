@@ -106,6 +106,7 @@ class _DeepSpeedRank:
         self.model_path, self.rank, self.device = spec.model_path, spec.rank, spec.device
         self.seed, self.collective_timeout_s = spec.seed, spec.timeout_s
         self.engine = None
+        self.bucket_bytes = 0  # ZeRO-3 gathers (and weight-sync broadcasts) of about this many bytes
 
     def endpoint(self) -> tuple[str, int]:
         return node_endpoint()
@@ -295,18 +296,24 @@ class _DeepSpeedRank:
         order = torch.cat([index for index, _ in parts]).argsort()
         return [torch.cat([o[k].cpu() for _, o in parts])[order] for k in range(len(parts[0][1]))]
 
-    def _full_params(self):
+    def _full_params(self, bucket_bytes: int = 0):
         """(name, full tensor) of every parameter in checkpoint naming (``named_parameters``: a tied
-        tensor once, under its first name); under ZeRO-3 each gather is a collective on every rank,
-        and the tensor is full only until the generator moves on."""
+        tensor once, under its first name). Under ZeRO-3 the parameters are gathered a bucket at a
+        time (``weight_sync.bucket_bounds``; 0: one at a time), each gather a collective on every
+        rank, and a tensor is full only until the generator leaves its bucket."""
+        import contextlib
+
         import deepspeed
 
-        for name, p in self.engine.module.named_parameters():
-            if hasattr(p, "ds_id"):
-                with deepspeed.zero.GatheredParameters([p]):
+        from rlhf_dist.weight_sync import bucket_bounds
+
+        named = list(self.engine.module.named_parameters())
+        sizes = [(p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for _, p in named]
+        for start, end in bucket_bounds(sizes, bucket_bytes):
+            partitioned = [p for _, p in named[start:end] if hasattr(p, "ds_id")]
+            with deepspeed.zero.GatheredParameters(partitioned) if partitioned else contextlib.nullcontext():
+                for name, p in named[start:end]:
                     yield name, p.data
-            else:
-                yield name, p.data
 
     def save_model(self, path: str, extra_files: dict[str, str] | None = None, replace: bool = False) -> str:
         """Write the trained model as a Hugging Face directory (safetensors + config + tokenizer,
@@ -315,7 +322,7 @@ class _DeepSpeedRank:
         writes and returns the path, the others ""."""
         module = self.engine.module
         state: dict[str, torch.Tensor] = {}
-        for name, full in self._full_params():  # every rank iterates: the ZeRO-3 gathers pair up
+        for name, full in self._full_params(self.bucket_bytes):  # every rank iterates: the ZeRO-3 gathers pair up
             if self.rank == 0:
                 # A copy now: a ZeRO-3 parameter is partitioned again once the generator moves on.
                 state[name] = full.detach().cpu().clone()
@@ -418,22 +425,26 @@ class PolicyTrainer(_DeepSpeedRank):
             specs.append(ParamSpec(name, str(p.dtype).removeprefix("torch."), shape))
         return specs
 
-    def init_weight_sender(self, transport: str, host: str, port: int, world_size: int, timeout_s: float) -> None:
+    def init_weight_sender(
+        self, transport: str, host: str, port: int, world_size: int, timeout_s: float, bucket_bytes: int
+    ) -> None:
         """Rank 0 opens the trainer end of the weight-transfer group; other ranks have no part in it
-        (``ipc`` has no group: every rank exports handles, ``export_ipc_handles``)."""
+        (``ipc`` has no group: every rank exports handles, ``export_ipc_handles``). Every rank
+        gathers ZeRO-3 parameters in buckets of ``bucket_bytes`` from now on."""
+        self.bucket_bytes = bucket_bytes
         if self.rank == 0 and transport != "ipc":
             from rlhf_dist.weight_sync import make_sender
 
             if self.sender is not None:  # a new group after an engine restart replaces the old one
                 self.sender.close()
-            self.sender = make_sender(transport, host, port, world_size, timeout_s)
+            self.sender = make_sender(transport, host, port, world_size, timeout_s, self.weight_specs(), bucket_bytes)
 
     def broadcast_weights(self) -> None:
         """Send every parameter (full, ZeRO-3 gathered) from rank 0; all ranks must call this."""
         if self.sender is not None:
-            self.sender.send(self._full_params())
+            self.sender.send(self._full_params(self.bucket_bytes))
         else:
-            for _ in self._full_params():
+            for _ in self._full_params(self.bucket_bytes):
                 pass
 
     def export_ipc_handles(self) -> list[dict[str, tuple]]:
@@ -442,7 +453,7 @@ class PolicyTrainer(_DeepSpeedRank):
 
         if self.ipc_exporter is None:
             self.ipc_exporter = IpcWeightExporter()
-        return self.ipc_exporter.export(self._full_params())
+        return self.ipc_exporter.export(self._full_params(self.bucket_bytes))
 
     def release_ipc_handles(self) -> None:
         """Free the copies behind the last exported handles (the engines have loaded them)."""
@@ -492,13 +503,18 @@ class RewardModelTrainer(_SupervisedRank):
     """A sequence-classification reward model trained on pairwise preferences (Bradley-Terry)."""
 
     def build_model(self) -> torch.nn.Module:
-        return load_reward_model(self.model_path, self.model_cfg.dtype)
+        model = load_reward_model(self.model_path, self.model_cfg.dtype)
+        if self.cfg.packing and not getattr(model, "packed_scores", False):
+            raise ValueError(f"trainer.packing=true: the reward model {self.model_path!r} has no linear `score` head "
+                             "to read packed scores from; set trainer.packing=false")
+        return model
 
     def train(self, pairs: PairBatch) -> dict[str, float]:
         """One optimizer step on this rank's shard of a batch of preference pairs."""
 
         def loss_fn(micro: PairBatch, totals: dict[str, float]):
-            chosen, rejected = pair_scores(self.engine, micro, self.engine.module.config.pad_token_id)
+            chosen, rejected = pair_scores(self.engine, micro, self.engine.module.config.pad_token_id,
+                                           self.cfg.packing)
             loss, stats = A.pairwise_loss(chosen, rejected, totals["sequences"])
             return loss, {"loss": loss.item(), **stats}
 
@@ -509,7 +525,7 @@ class RewardModelTrainer(_SupervisedRank):
         """(chosen, rejected) scores, each (b,), of this rank's shard."""
         self.engine.eval()
         pad = self.engine.module.config.pad_token_id
-        chosen, rejected = self._per_row(pairs, lambda micro: pair_scores(self.engine, micro, pad))
+        chosen, rejected = self._per_row(pairs, lambda micro: pair_scores(self.engine, micro, pad, self.cfg.packing))
         return chosen, rejected
 
 

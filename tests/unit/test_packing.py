@@ -174,3 +174,18 @@ def test_a_model_whose_logits_are_transformed_otherwise_is_refused(tiny_policy, 
     enable_token_outputs(model)
     with pytest.raises(ValueError, match="llama-probe: logprobs from the hidden states .padded. differ"):
         check_token_outputs(model, "llama-probe")
+
+
+def test_packed_reward_model_scores_equal_padded_ones(tiny_reward_model):
+    from rlhf_dist.experience import collate_pairs
+    from rlhf_dist.modeling import load_reward_model, pair_scores
+
+    model = load_reward_model(tiny_reward_model, "float32")  # checks packed scores on a probe batch
+    pad = model.config.pad_token_id
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (1, 17, 4, 30, 2, 9)]
+    pairs = collate_pairs(rows[:3], rows[3:], pad)
+    padded = pair_scores(model, pairs, pad, packed=False)
+    packed = pair_scores(model, pairs, pad, packed=True)
+    for p, q in zip(packed, padded):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
