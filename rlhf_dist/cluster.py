@@ -150,7 +150,7 @@ def connect_weights(cfg: Config, policy: PolicyGroup, generation: GenerationGrou
     timeout_s = cfg.timeouts.weight_sync_s + (cfg.timeouts.generate_s if cfg.rollout.max_staleness > 1 else 0.0)
     weights = WeightSync(policy, generation, res.weight_sync_backend, cfg.rollout.tensor_parallel_size,
                          timeout_s, probe=probe, verify_every=ws.verify_every, tolerance=ws.tolerance(dtype),
-                         bucket_bytes=res.weight_sync_bucket_mb * 2**20)
+                         bucket_bytes=int(res.weight_sync_bucket_mb * 2**20))
     if ws.verify_every:
         weights.verify()
     return weights

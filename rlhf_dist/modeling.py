@@ -105,7 +105,7 @@ def enable_token_outputs(model: nn.Module) -> nn.Module:
     softcap = getattr(text_config, "final_logit_softcapping", None)  # Gemma 2/3 cap their logits
 
     def forward(*args, layout: TokenLayout | None = None, temperature: float = 1.0, with_entropy: bool = False,
-                chunk_tokens: int = 0, **kwargs):
+                chunk_tokens: int = 0, entropy_grad: bool = True, **kwargs):
         if layout is None:
             return plain_forward(*args, **kwargs)
         hidden = model.base_model(
@@ -114,7 +114,7 @@ def enable_token_outputs(model: nn.Module) -> nn.Module:
         ).last_hidden_state
         hidden = hidden.flatten(0, 1)[layout.source]
         return head_outputs(model.get_output_embeddings(), hidden, layout.labels, temperature, softcap,
-                            with_entropy, chunk_tokens)
+                            with_entropy, chunk_tokens, entropy_grad)
 
     model.forward = forward
     return model
@@ -122,12 +122,13 @@ def enable_token_outputs(model: nn.Module) -> nn.Module:
 
 def head_outputs(
     head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: float | None,
-    with_entropy: bool, chunk_tokens: int,
+    with_entropy: bool, chunk_tokens: int, entropy_grad: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Logprobs (M,) of ``labels`` (and entropies (M,) with ``with_entropy``) under
     ``head(hidden)`` / temperature, ``hidden`` (M, H), computed ``chunk_tokens`` rows at a time
     (0: all at once). With gradients, each chunk is checkpointed: only its inputs are kept, and
-    its logits are recomputed in the backward pass."""
+    its logits are recomputed in the backward pass. ``entropy_grad`` False: the entropies are a
+    metric only (no entropy bonus), computed without a graph, so nothing of them is kept."""
     from torch.utils.checkpoint import checkpoint
 
     def chunk(h: torch.Tensor, y: torch.Tensor):
@@ -136,7 +137,12 @@ def head_outputs(
             logits = torch.tanh(logits / softcap) * softcap
         logits = logits / temperature
         lp = logprobs_from_logits(logits, y)
-        return (lp, entropy_from_logits(logits)) if with_entropy else lp
+        if not with_entropy:
+            return lp
+        if entropy_grad:
+            return lp, entropy_from_logits(logits)
+        with torch.no_grad():
+            return lp, entropy_from_logits(logits)
 
     if not chunk_tokens or len(hidden) <= chunk_tokens:
         return chunk(hidden, labels)
@@ -335,14 +341,16 @@ def layout_of(exp: Experience, packed: bool) -> TokenLayout:
 
 def response_logprobs(
     model: nn.Module, exp: Experience, temperature: float, with_entropy: bool = False, *,
-    packed: bool = False, chunk_tokens: int = 0,
+    packed: bool = False, chunk_tokens: int = 0, entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprobs (B, T) of the response tokens under ``model`` (logits / temperature), and their
     entropies with ``with_entropy``; 0 at padding. ``model`` is a causal LM from
     ``load_causal_lm`` (or a DeepSpeed engine around one); ``packed`` and ``chunk_tokens`` as in
-    ``packing.token_layout`` and ``enable_token_outputs``: the numbers are the same either way."""
+    ``packing.token_layout`` and ``enable_token_outputs``: the numbers are the same either way;
+    ``entropy_grad`` as in ``head_outputs``."""
     layout = layout_of(exp, packed)
-    out = model(layout=layout, temperature=temperature, with_entropy=with_entropy, chunk_tokens=chunk_tokens)
+    out = model(layout=layout, temperature=temperature, with_entropy=with_entropy, chunk_tokens=chunk_tokens,
+                entropy_grad=entropy_grad)
     if with_entropy:
         return layout.scatter(out[0]), layout.scatter(out[1])
     return layout.scatter(out), None

@@ -118,6 +118,7 @@ class GlooWeightTransferEngine(CheckpointReload, WeightTransferEngine[GlooInitIn
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._group = None
+        self._buckets: dict[int, torch.Tensor] = {}  # receive buffer of each bucket, kept across syncs
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         pc = self.parallel_config
@@ -137,7 +138,11 @@ class GlooWeightTransferEngine(CheckpointReload, WeightTransferEngine[GlooInitIn
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
-        """One broadcast per bucket of ``GlooWeightSender``, its tensors loaded together."""
+        """One broadcast per bucket of ``GlooWeightSender``, its tensors loaded together.
+
+        Each bucket has its own receive buffer, kept from one sync to the next (a fresh one would
+        cost its page faults every time): the layerwise reload holds on to loaded tensors (views
+        of the buffers) until ``finish_weight_update``, so no buffer is reused within a sync."""
         from rlhf_dist.weight_sync import ParamSpec, bucket_bounds
 
         if self._group is None:
@@ -152,7 +157,10 @@ class GlooWeightTransferEngine(CheckpointReload, WeightTransferEngine[GlooInitIn
                 self._group.broadcast(weight, 0).wait()
                 self.model.load_weights([(spec.name, weight)])
                 continue
-            flat = torch.empty(sum(sizes[start:end]), dtype=torch.uint8, device=self.device)
+            nbytes = sum(sizes[start:end])
+            flat = self._buckets.get(start)
+            if flat is None or flat.numel() != nbytes:
+                flat = self._buckets[start] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             self._group.broadcast(flat, 0).wait()
             tensors, offset = [], 0
             for spec, size in zip(specs[start:end], sizes[start:end]):

@@ -173,7 +173,8 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 class GlooWeightSender:
     """Trainer rank 0's end of the gloo group (group rank 0 is the source): the tensors of each
     bucket (``bucket_bounds`` of ``specs``, the order they are sent in) copied into one flat
-    buffer, one broadcast per bucket; a bucket of one tensor goes as it is."""
+    buffer, one broadcast per bucket; a bucket of one tensor goes as it is. The buffer (the size
+    of the largest bucket) is allocated once: a fresh one per sync would cost its page faults."""
 
     def __init__(
         self, host: str, port: int, world_size: int, timeout_s: float, specs: list[ParamSpec], bucket_bytes: int
@@ -185,6 +186,8 @@ class GlooWeightSender:
         )
         self._sizes = [s.nbytes for s in specs]
         self._bounds = bucket_bounds(self._sizes, bucket_bytes)
+        self._flat = torch.empty(max((sum(self._sizes[a:b]) for a, b in self._bounds if b - a > 1), default=0),
+                                 dtype=torch.uint8)
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         tensors = iter(named_tensors)
@@ -194,7 +197,7 @@ class GlooWeightSender:
             if end - start == 1:
                 self._group.broadcast(next(tensors)[1].detach().contiguous().cpu(), 0).wait()
                 continue
-            flat = torch.empty(sum(self._sizes[start:end]), dtype=torch.uint8)
+            flat = self._flat[: sum(self._sizes[start:end])]  # free again: the last broadcast has returned
             offset = 0
             for size in self._sizes[start:end]:
                 # A copy as each arrives: a ZeRO-3 tensor is partitioned again once the iterator moves on.

@@ -45,8 +45,9 @@ CONFIGS = {  # name -> (packing, logprob_chunk_tokens, gradient_checkpointing)
     "padded": (False, 0, False),
     "packed": (True, 0, False),
     "packed+ckpt": (True, 0, True),
-    "packed+chunked": (True, 1024, False),
+    "packed+chunked": (True, 1024, False),  # trainer.logprob_chunk_tokens, its default
     "packed+chunked+ckpt": (True, 1024, True),
+    "packed+chunked256+ckpt": (True, 256, True),
 }
 BUCKET_MB = 256
 
@@ -165,7 +166,7 @@ def sync_main(rank: int, model_path: str, repeats: int, port: int, queue) -> Non
                 times.append(time.perf_counter() - start)
         else:
             receiver = GlooWeightTransferEngine.__new__(GlooWeightTransferEngine)
-            receiver.model, receiver.device = _CopyingModel(specs), torch.device("cpu")
+            receiver.model, receiver.device, receiver._buckets = _CopyingModel(specs), torch.device("cpu"), {}
             receiver._group = stateless_init_torch_distributed_process_group(
                 "127.0.0.1", port + offset, 1, 2, backend="gloo")
             info = GlooUpdateInfo(**update_info(specs, "gloo", bucket))
@@ -190,27 +191,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_out/memory")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", default="update,sync", help="update, sync or both (the other's figures are kept "
+                        "from an earlier memory.json in --out)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_path = str(build_model(out / "model"))
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
 
-    updates = []
-    for name in CONFIGS:
+    earlier = json.loads((out / "memory.json").read_text()) if (out / "memory.json").exists() else {}
+    updates = [] if "update" in parts else earlier["updates"]
+    for name in CONFIGS if "update" in parts else []:
         proc = ctx.Process(target=update_main, args=(name, model_path, args.repeats, free_port(), queue))
         proc.start()
         updates.append(queue.get(timeout=3600))
         proc.join()
         print(f"  {name}: {updates[-1]['update_s']:.2f} s, peak RSS {updates[-1]['peak_rss_mb']:.0f} MB", flush=True)
-    port = free_port()
-    procs = [ctx.Process(target=sync_main, args=(r, model_path, args.repeats, port, queue)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    sync = queue.get(timeout=3600)
-    for p in procs:
-        p.join()
+    if "sync" in parts:
+        port = free_port()
+        procs = [ctx.Process(target=sync_main, args=(r, model_path, args.repeats, port, queue)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        sync = queue.get(timeout=3600)
+        for p in procs:
+            p.join()
+    else:
+        sync = earlier["weight_sync"]
 
     padded = updates[0]
     for u in updates:
@@ -234,7 +242,7 @@ def main() -> None:
     for u in updates:
         print(f"{u['config']:<22}{u['update_s']:>10.2f}{u['tokens_per_s']:>10.0f}{u['tokens_per_s_vs_padded']:>10.2f}"
               f"{u['peak_rss_mb']:>13.0f}{u['update_growth_mb']:>11.0f}{u['update_growth_vs_padded']:>10.2f}")
-    print("goals: packed >= 1.5 x padded tokens/s; packed+chunked+ckpt memory <= 0.4 x padded")
+    print("goals: packed >= 1.5 x padded tokens/s; packed+chunked(+256)+ckpt memory <= 0.4 x padded")
     print(f"\nweight sync, {sync['tensors']} tensors, {sync['bytes'] / 2**20:.0f} MiB, gloo, one receiver")
     for mode in ("per_tensor", "bucketed", "raw_one_buffer"):
         ratio = sync[f"{mode}_s"] / sync["raw_one_buffer_s"]

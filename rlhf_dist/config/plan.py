@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhf_dist.config.groups import TrainerConfig
 from rlhf_dist.config.schema import Config
 
 
@@ -48,9 +49,15 @@ def derive_run_plan(cfg: Config) -> RunPlan:
         rollout_batch=samples,
         minibatches_per_epoch=minibatches,
         per_rank_minibatch=per_rank,
-        grad_accum_steps=per_rank // t.micro_batch_size,
+        grad_accum_steps=micro_batches_per_step(t, per_rank),
         optimizer_steps=cfg.total_steps * a.ppo_epochs * minibatches,
     )
+
+
+def micro_batches_per_step(t: TrainerConfig, per_rank: int) -> int:
+    """Micro-batches per rank per optimizer step: fixed by ``micro_batch_size``; with a token
+    budget they vary with the lengths, and 1 is DeepSpeed's bookkeeping figure."""
+    return 1 if t.max_tokens_per_micro_batch else per_rank // t.micro_batch_size
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -76,6 +83,6 @@ def derive_supervised_plan(cfg: Config, stage: str, num_rows: int) -> Supervised
         rows_per_step=st.batch_size,
         steps_per_epoch=steps_per_epoch,
         per_rank_minibatch=per_rank,
-        grad_accum_steps=per_rank // t.micro_batch_size,
+        grad_accum_steps=micro_batches_per_step(t, per_rank),
         optimizer_steps=st.epochs * steps_per_epoch,
     )

@@ -34,7 +34,7 @@ class ResourcesConfig:
     # Weight sync in buckets of about this many MiB: the tensors packed into one flat buffer per
     # broadcast (nccl: vLLM's packed mode), ZeRO-3 parameters gathered a bucket at a time; 0 sends
     # (and gathers) one tensor at a time.
-    weight_sync_bucket_mb: int = 256
+    weight_sync_bucket_mb: float = 256.0
     # Torch threads per actor process (CPU runs; keeps actors from oversubscribing cores).
     threads_per_actor: int = 1
     # Run each vLLM engine (engine core and its worker) inside its Ray actor's process instead of

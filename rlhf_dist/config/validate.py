@@ -47,7 +47,7 @@ def supervised_plan(cfg: Config, stage: str, num_rows: int | None = None) -> Sup
     if st.batch_size % t.world_size:
         _fail(f"{stage}.batch_size", st.batch_size, f"must be divisible by trainer.world_size={t.world_size}")
     per_rank = st.batch_size // t.world_size
-    if per_rank % t.micro_batch_size:
+    if not t.max_tokens_per_micro_batch and per_rank % t.micro_batch_size:
         _fail("trainer.micro_batch_size", t.micro_batch_size,
               f"must divide {stage}.batch_size / trainer.world_size = {per_rank}")
     rows = st.batch_size if num_rows is None else num_rows
@@ -79,13 +79,14 @@ def _check_batching(cfg: Config) -> None:
     if a.minibatch_size % t.world_size:
         _fail("algo.minibatch_size", a.minibatch_size, f"must be divisible by trainer.world_size={t.world_size}")
     per_rank = a.minibatch_size // t.world_size
-    if t.micro_batch_size > per_rank:
-        _fail(
-            "trainer.micro_batch_size", t.micro_batch_size,
-            f"must be <= algo.minibatch_size / trainer.world_size = {per_rank}",
-        )
-    if per_rank % t.micro_batch_size:
-        _fail("trainer.micro_batch_size", t.micro_batch_size, f"must divide the per-rank minibatch {per_rank}")
+    if not t.max_tokens_per_micro_batch:  # a token budget cuts micro-batches itself: micro_batch_size is unused
+        if t.micro_batch_size > per_rank:
+            _fail(
+                "trainer.micro_batch_size", t.micro_batch_size,
+                f"must be <= algo.minibatch_size / trainer.world_size = {per_rank}",
+            )
+        if per_rank % t.micro_batch_size:
+            _fail("trainer.micro_batch_size", t.micro_batch_size, f"must divide the per-rank minibatch {per_rank}")
     for key, count in (
         ("rollout.num_engines", r.num_engines),
         ("reference.num_actors", cfg.reference.num_actors),

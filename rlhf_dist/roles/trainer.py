@@ -185,10 +185,13 @@ class _DeepSpeedRank:
     def lr(self) -> float:
         raise NotImplementedError
 
-    def _logprobs(self, micro: Experience, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logprobs, entropy), each (b, T), of a micro-batch on this rank's device."""
+    def _logprobs(
+        self, micro: Experience, temperature: float, entropy_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs, entropy), each (b, T), of a micro-batch on this rank's device (``entropy_grad``
+        False: the entropy is a metric only)."""
         return response_logprobs(self.engine, micro, temperature, with_entropy=True, packed=self.cfg.packing,
-                                 chunk_tokens=self.cfg.logprob_chunk_tokens)
+                                 chunk_tokens=self.cfg.logprob_chunk_tokens, entropy_grad=entropy_grad)
 
     def _to_device(self, rows: TensorRows) -> TensorRows:
         return rows.map_tensors(lambda t: t.to(self.engine.device))
@@ -398,7 +401,7 @@ class PolicyTrainer(_DeepSpeedRank):
         total = "tokens" if algo.loss_agg == "token_mean" else "sequences"
 
         def loss_fn(micro: Experience, totals: dict[str, float]):
-            logprobs, entropy = self._logprobs(micro, self.temperature)
+            logprobs, entropy = self._logprobs(micro, self.temperature, entropy_grad=algo.entropy_coef != 0)
             old = micro.old_logprobs
             kl_term = kl_loss_coef if micro.ref_logprobs is not None else None  # no reference: no KL term
             if one_pass is not None:

@@ -34,13 +34,19 @@ pytestmark = pytest.mark.slow
 # float32: a correct sync measures ~5e-7 (summation order only); a stale tied head measured 2e-2.
 LOGPROB_ATOL = 1e-4
 CASES = {  # family -> overrides
-    "llama-tied": ["trainer=zero3", "rollout.num_engines=2"],
-    "qwen2": ["trainer=zero2", "rollout.tensor_parallel_size=2", "resources.vllm_in_process=false"],
-    # the overlapped off-policy path: step 1 trains on samples of the initial policy, corrected by TIS
-    "qwen3": ["trainer=zero1", "rollout.max_staleness=1", "algo.rollout_correction=tis"],
-    "gemma3": ["trainer=zero0"],
-    # without a KL penalty, and not monitoring the KL, no reference actor is started
-    "phi3": ["trainer=zero2", "algo.kl_coef=0", "reference.monitor=false"],
+    # ZeRO-3 gathers and the weight sync in buckets of ~50 KB: several tensors per bucket, some alone
+    "llama-tied": ["trainer=zero3", "rollout.num_engines=2", "resources.weight_sync_bucket_mb=0.05"],
+    # the padded forward passes (packing is the default)
+    "qwen2": ["trainer=zero2", "rollout.tensor_parallel_size=2", "resources.vllm_in_process=false",
+              "trainer.packing=false"],
+    # the overlapped off-policy path: step 1 trains on samples of the initial policy, corrected by TIS;
+    # activations recomputed in the backward pass
+    "qwen3": ["trainer=zero1", "rollout.max_staleness=1", "algo.rollout_correction=tis",
+              "trainer.gradient_checkpointing=true"],
+    # micro-batches cut by a token budget (packed), chunked logprobs
+    "gemma3": ["trainer=zero0", "trainer.max_tokens_per_micro_batch=64", "trainer.logprob_chunk_tokens=16"],
+    # without a KL penalty, and not monitoring the KL, no reference actor is started; one tensor per broadcast
+    "phi3": ["trainer=zero2", "algo.kl_coef=0", "reference.monitor=false", "resources.weight_sync_bucket_mb=0"],
 }
 
 
@@ -99,6 +105,13 @@ def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
         assert rows[1]["rollout_corr/mismatch_kl"] > 1e-4 and rows[0]["rollout_corr/mismatch_kl"] < 1e-6
         assert 0.0 <= rows[1]["rollout_corr/truncated_frac"] <= 1.0
     if family == "llama-tied":
+        from transformers import AutoModelForCausalLM
+
+        from rlhf_dist.weight_sync import bucket_bounds
+
+        sizes = [p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(model).parameters()]
+        bounds = bucket_bounds(sizes, int(0.05 * 2**20))
+        assert len(bounds) > 2 and any(end - start > 1 for start, end in bounds)  # the sync really went in buckets
         message = str(stale_error)
         assert "\n" not in message
         assert message.startswith("weight_sync.verify: engine ")
