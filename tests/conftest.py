@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +14,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# DeepSpeed JIT-builds its CPU Adam op (trainer.offload_optimizer) with ninja under
+# TORCH_EXTENSIONS_DIR, and the build command names the venv's paths: two checkouts sharing
+# ~/.cache/torch_extensions (a developer's and CI's clone) each rebuild it (~100 s of both cores)
+# whenever the other built last. One build directory per venv; actors and subprocesses inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+    Path.home() / ".cache" / "torch_extensions" / f"venv-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"
+))
 
 
 def compose_config(overrides: list[str]):

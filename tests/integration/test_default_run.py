@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.integration.conftest import DEFAULT_STEPS
 
 pytestmark = pytest.mark.slow
 
@@ -16,12 +14,9 @@ pytestmark = pytest.mark.slow
 README_MARGIN = 0.3
 
 
-def test_default_run_raises_reward(tiny_policy, tmp_path):
-    cmd = [sys.executable, "-m", "rlhf_dist.train", f"hydra.run.dir={tmp_path}", "logger.progress_bar=false"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 20
+def test_default_run_raises_reward(default_run):
+    summary = json.loads((default_run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == DEFAULT_STEPS
     assert summary["reward/improvement"] > README_MARGIN, summary
     assert summary["reward/last_fifth_mean"] - summary["reward/first_fifth_mean"] == pytest.approx(
         summary["reward/improvement"]

@@ -1,8 +1,9 @@
 """A minibatch's gradient does not depend on how it is cut: micro-batch sizes, token budgets,
-packing, ranks. Two real DeepSpeed ZeRO ranks (gloo, one process each) accumulate the PPO
-actor loss of one minibatch of very different response lengths (1 to 40 tokens) under every
-cut; the full gradient (``deepspeed.utils.safe_get_full_grad``) must equal the gradient of the
-same loss over the whole minibatch in one plain torch forward pass, on one process.
+packing, ranks, activation checkpointing. Two real DeepSpeed ZeRO ranks (gloo, one process
+each) accumulate the PPO actor loss of one minibatch of very different response lengths (1 to
+40 tokens) under every cut; the full gradient (``deepspeed.utils.safe_get_full_grad``) must
+equal the gradient of the same loss over the whole minibatch in one plain torch forward pass,
+on one process.
 
 Each rank holds 8 of the 16 rows. The token budgets cut the two ranks' shards into different
 numbers of micro-batches, so the ranks with fewer run fillers (``_micro_batches``).
@@ -72,8 +73,16 @@ def _rank_main(rank: int, port: int, model_path: str, exp, out_path: str) -> Non
                                                   packing=packing)
                 stats = trainer.accumulate(shard, loss_fn)
                 grads = {n: safe_get_full_grad(p).clone() for n, p in trainer.engine.module.named_parameters()}
-                results[(stage, agg, micro, budget, packing)] = (grads, stats["policy_loss"])
+                results[(stage, agg, micro, budget, packing, False)] = (grads, stats["policy_loss"])
                 trainer.engine.step()  # lr ~0: clears the accumulated gradient, leaves the weights
+        # Then with the activations recomputed in the backward pass (trainer.gradient_checkpointing).
+        trainer.engine.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer.cfg = dataclasses.replace(cfg, micro_batch_size=2, packing=True)
+        for agg in AGGS:
+            stats = trainer.accumulate(shard, trainer._actor_loss(AlgoConfig(loss_agg=agg, kl_coef=0.0), 0.0))
+            grads = {n: safe_get_full_grad(p).clone() for n, p in trainer.engine.module.named_parameters()}
+            results[(stage, agg, 2, 0, True, True)] = (grads, stats["policy_loss"])
+            trainer.engine.step()
     torch.save(results, f"{out_path}.{rank}")
 
 
@@ -128,10 +137,10 @@ def test_the_gradient_of_a_minibatch_is_the_same_however_it_is_cut(model_path, t
         old, _ = _expected(model_path, exp, agg, per_micro=1)
         if agg == "token_mean":
             assert max((old[n] - g).abs().max().item() for n, g in expected.items()) > 1e-3
-        for (stage, got_agg, micro, budget, packing), (grads, loss) in results.items():
+        for (stage, got_agg, micro, budget, packing, ckpt), (grads, loss) in results.items():
             if got_agg != agg:
                 continue
-            cut = f"zero{stage} {agg} micro={micro} budget={budget} packing={packing}"
+            cut = f"zero{stage} {agg} micro={micro} budget={budget} packing={packing} checkpointing={ckpt}"
             assert loss == pytest.approx(expected_loss, abs=1e-6), cut
             for name, g in expected.items():
                 torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{cut} {name}: {m}")
