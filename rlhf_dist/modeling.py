@@ -158,7 +158,20 @@ def head_outputs(
 PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
-@torch.no_grad()
+def _probe_gap(model: nn.Module, probe: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """(max |got - expected|, the tolerance for the model's dtype) of ``probe()``'s pair, run in
+    eval mode without gradients (the model's mode restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            got, expected = probe()
+    finally:
+        model.train(was_training)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return (got - expected).abs().max().item(), PROBE_TOLERANCE.get(dtype, 5e-2)
+
+
 def check_token_outputs(model: nn.Module, label: str) -> None:
     """Compare ``enable_token_outputs``'s logprobs, padded and packed, with the model's own logits
     on a fixed probe batch of different lengths, and raise naming ``label`` if they differ: an
@@ -168,26 +181,23 @@ def check_token_outputs(model: nn.Module, label: str) -> None:
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (7, 2, 5)]
     exp = collate([r[:2] for r in rows], [r[2:] for r in rows], pad_id=0)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    was_training = model.training
-    model.eval()
-    try:
+
+    def probe(packed: bool):
         logits = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids,
                        use_cache=False).logits
         expected = logprobs_from_logits(_response_slice(exp, logits).float(), exp.response_ids) * exp.response_mask
-        for packed in (False, True):
-            got, _ = response_logprobs(model, exp, 1.0, packed=packed, chunk_tokens=2)
-            gap = (got - expected).abs().max().item()
-            if gap > PROBE_TOLERANCE.get(dtype, 5e-2):
-                mode = "packed" if packed else "padded"
-                raise ValueError(
-                    f"{label}: logprobs from the hidden states ({mode}) differ from the model's own logits by "
-                    f"{gap:.3g} on a probe batch: this architecture transforms its logits (or masks packed "
-                    f"sequences) in a way rlhf_dist does not reproduce"
-                    + ("; set trainer.packing=false" if packed else "")
-                )
-    finally:
-        model.train(was_training)
+        return response_logprobs(model, exp, 1.0, packed=packed, chunk_tokens=2)[0], expected
+
+    for packed in (False, True):
+        gap, tolerance = _probe_gap(model, lambda: probe(packed))
+        if gap > tolerance:
+            mode = "packed" if packed else "padded"
+            raise ValueError(
+                f"{label}: logprobs from the hidden states ({mode}) differ from the model's own logits by "
+                f"{gap:.3g} on a probe batch: this architecture transforms its logits (or masks packed "
+                f"sequences) in a way rlhf_dist does not reproduce"
+                + ("; set trainer.packing=false" if packed else "")
+            )
 
 
 def load_reward_model(path: str, dtype: str) -> nn.Module:
@@ -225,17 +235,11 @@ def enable_packed_scores(model: nn.Module) -> nn.Module:
     vocab = model.config.vocab_size
     rows = [[t for t in torch.randint(vocab, (n,), generator=gen).tolist() if t != pad] or [1] for n in (6, 2, 4)]
     ids, mask = pad_sequences(rows, pad)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            expected = plain_forward(input_ids=ids, attention_mask=mask).logits[:, 0].float()
-            got = forward(layout=score_layout(ids, mask, pad, packed=True))
-    finally:
-        model.train(was_training)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    gap = (got - expected).abs().max().item()
-    if gap > PROBE_TOLERANCE.get(dtype, 5e-2):
+    gap, tolerance = _probe_gap(model, lambda: (
+        forward(layout=score_layout(ids, mask, pad, packed=True)),
+        plain_forward(input_ids=ids, attention_mask=mask).logits[:, 0].float(),
+    ))
+    if gap > tolerance:
         raise ValueError(f"reward model: packed scores differ from the model's own by {gap:.3g} on a probe batch; "
                          "set trainer.packing=false")
     return model

@@ -246,8 +246,9 @@ class _DeepSpeedRank:
             self.engine.backward(loss * (0.0 if filler else float(self.cfg.world_size)), scale_wrt_gas=False)
             if filler:
                 continue
+            weight = _stat_weight(micro)
             for key, value in stats.items():
-                w = 1.0 if key in self.LOSS_STATS else _stat_weight(micro)
+                w = 1.0 if key in self.LOSS_STATS else weight
                 v = value * self.cfg.world_size if key in self.LOSS_STATS else value
                 parts[key] = parts.get(key, 0.0) + w * v
                 weights[key] = weights.get(key, 0.0) + w
@@ -299,6 +300,16 @@ class _DeepSpeedRank:
         order = torch.cat([index for index, _ in parts]).argsort()
         return [torch.cat([o[k].cpu() for _, o in parts])[order] for k in range(len(parts[0][1]))]
 
+    def weight_specs(self) -> list:
+        """(name, dtype, full shape) of every parameter, in ``named_parameters`` order."""
+        from rlhf_dist.weight_sync import ParamSpec
+
+        specs = []
+        for name, p in self.engine.module.named_parameters():
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            specs.append(ParamSpec(name, str(p.dtype).removeprefix("torch."), shape))
+        return specs
+
     def _full_params(self, bucket_bytes: int = 0):
         """(name, full tensor) of every parameter in checkpoint naming (``named_parameters``: a tied
         tensor once, under its first name). Under ZeRO-3 the parameters are gathered a bucket at a
@@ -311,8 +322,8 @@ class _DeepSpeedRank:
         from rlhf_dist.weight_sync import bucket_bounds
 
         named = list(self.engine.module.named_parameters())
-        sizes = [(p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for _, p in named]
-        for start, end in bucket_bounds(sizes, bucket_bytes):
+        # The partition the weight senders derive from the same specs: a bucket's gather is its broadcast.
+        for start, end in bucket_bounds([spec.nbytes for spec in self.weight_specs()], bucket_bytes):
             partitioned = [p for _, p in named[start:end] if hasattr(p, "ds_id")]
             with deepspeed.zero.GatheredParameters(partitioned) if partitioned else contextlib.nullcontext():
                 for name, p in named[start:end]:
@@ -419,15 +430,6 @@ class PolicyTrainer(_DeepSpeedRank):
         return loss_fn
 
     # ------------------------------------------------------------------ weight sync
-    def weight_specs(self) -> list:
-        from rlhf_dist.weight_sync import ParamSpec
-
-        specs = []
-        for name, p in self.engine.module.named_parameters():
-            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-            specs.append(ParamSpec(name, str(p.dtype).removeprefix("torch."), shape))
-        return specs
-
     def init_weight_sender(
         self, transport: str, host: str, port: int, world_size: int, timeout_s: float, bucket_bytes: int
     ) -> None:
