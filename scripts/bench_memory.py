@@ -1,5 +1,5 @@
 """Memory and speed of a PPO update, padded vs packed vs checkpointed vs chunked, and weight-sync
-time per tensor vs bucketed vs the raw one-buffer broadcast, on a 23 M-parameter Llama with a
+time per tensor vs bucketed vs the raw one-buffer broadcast, on a 22 M-parameter Llama with a
 32,768-token vocabulary (tied embeddings, built in code, random init).
 
     .venv/bin/python scripts/bench_memory.py [--out bench_out/memory] [--repeats 3]
