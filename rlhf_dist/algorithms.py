@@ -103,8 +103,10 @@ def token_rewards(
     _check_response_tokens(mask, "token_rewards")
     mask = mask.to(kl.dtype)
     rewards = -kl_coef * kl * mask
-    # Responses are right-padded, so the last valid index is (number of valid tokens - 1).
-    last = mask.sum(dim=1).long() - 1
+    # The last valid index; not (number of valid tokens - 1): a multi-turn response has masked
+    # environment tokens between the model's turns.
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask.bool(), columns, -1).max(dim=1).values
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last] += scores.to(rewards.dtype)
     return rewards
@@ -127,24 +129,28 @@ def gae(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens; returns (advantages, returns).
 
-    The episode ends at the last valid token, so the value after it counts as 0. Inputs are
-    treated as constants: pass detached tensors. Shape: (B, T) each -> (B, T), (B, T),
-    both zero on padding.
+    The steps are the valid tokens (mask 1): a masked token inside a response (an environment's
+    observation between two model turns) is skipped, so the token before it bootstraps from the
+    value of the next valid token, one discount step on. The episode ends at the last valid token,
+    so the value after it counts as 0. Inputs are treated as constants: pass detached tensors.
+    Shape: (B, T) each -> (B, T), (B, T), both zero on masked positions.
     """
-    # delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
-    # A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}
+    # Over the valid tokens t < t' (t' the next valid token after t):
+    # delta_t = r_t + gamma * V_t' - V_t                (V_t' = 0 past the last valid token)
+    # A_t     = delta_t + gamma * lam * A_t'
     # R_t     = A_t + V_t
     mask = mask.to(values.dtype)
     num_steps = rewards.shape[1]
     next_value = torch.zeros_like(values[:, 0])
     next_adv = torch.zeros_like(values[:, 0])
-    next_mask = torch.zeros_like(values[:, 0])
     advantages = []
     for t in reversed(range(num_steps)):
-        delta = rewards[:, t] + gamma * next_value * next_mask - values[:, t]
-        adv = delta + gamma * lam * next_mask * next_adv
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
         advantages.append(adv)
-        next_value, next_adv, next_mask = values[:, t], adv, mask[:, t]
+        valid = mask[:, t].bool()  # a masked token passes the next valid token's value and advantage on
+        next_value = torch.where(valid, values[:, t], next_value)
+        next_adv = torch.where(valid, adv, next_adv)
     advantages = torch.stack(advantages[::-1], dim=1) * mask
     returns = (advantages + values) * mask
     return advantages, returns
@@ -224,15 +230,15 @@ def reinforce_pp_advantages(
     last). The batch needs at least 2 valid tokens (unbiased variance). Inputs are treated
     as constants: pass detached tensors. Shape: (B, T), (B, T) -> (B, T), zero on padding.
     """
-    # G_t = m_t * (r_t + gamma * G_{t+1}),  G_T = 0
-    # A   = masked_whiten(G) * m
+    # Over the valid tokens t < t' (t' the next one): G_t = r_t + gamma * G_t', 0 past the last;
+    # a masked token inside a response (an observation) is skipped. A = masked_whiten(G) * m
     mask = mask.to(rewards.dtype)
     next_return = torch.zeros_like(rewards[:, 0])
     returns = []
     for t in reversed(range(rewards.shape[1])):
-        next_return = mask[:, t] * (rewards[:, t] + gamma * next_return)
+        next_return = torch.where(mask[:, t].bool(), rewards[:, t] + gamma * next_return, next_return)
         returns.append(next_return)
-    returns = torch.stack(returns[::-1], dim=1)
+    returns = torch.stack(returns[::-1], dim=1) * mask
     return masked_whiten(returns, mask) * mask
 
 

@@ -55,17 +55,18 @@ class Roles:
         for group in self.groups():
             group.kill()
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
-        """Responses from the engines (``GenerationGroup.generate``). An engine process lost during
-        the call is replaced, joined to a new weight-transfer group, given the current policy
-        weights, and the call retried: per-sample seeds make the retried responses the ones the lost
-        engine would have produced."""
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False,
+                 rows: list[dict] | None = None) -> list[Generation]:
+        """Responses from the engines (``GenerationGroup.generate``; ``rows`` for multi-turn samples).
+        An engine process lost during the call is replaced, joined to a new weight-transfer group,
+        given the current policy weights, and the call retried: per-sample seeds make the retried
+        responses the ones the lost engine would have produced."""
         try:
-            return self.generation.generate(prompt_ids, seeds, greedy=greedy)
+            return self.generation.generate(prompt_ids, seeds, greedy=greedy, rows=rows)
         except RoleError as e:
             if not self.recovery.replace_lost_engines(self, e):
                 raise
-        return self.generation.generate(prompt_ids, seeds, greedy=greedy)
+        return self.generation.generate(prompt_ids, seeds, greedy=greedy, rows=rows)
 
     def processes(self, timeout_s: float) -> dict[str, list[int]]:
         """The process id of every actor, by role and rank (what to look at, or kill, from outside)."""
@@ -99,7 +100,8 @@ def start_engines(cfg: Config, role: str, model_path: str, slots: list[Slot]) ->
 
     def kwargs(rank: int) -> dict[str, object]:
         return {"spec": rank_spec(cfg, rank, len(slots), model_path), "cfg": cfg.rollout, "dtype": cfg.model.dtype,
-                "weight_sync_backend": res.weight_sync_backend, "in_process": res.vllm_in_process}
+                "weight_sync_backend": res.weight_sync_backend, "in_process": res.vllm_in_process,
+                "env_step_s": cfg.timeouts.env_step_s, "chat_template": cfg.data.chat_template}
 
     def spawn_one(rank: int):
         return spawn(GenerationEngine, slots[rank : rank + 1], res.generation, env, lambda _: kwargs(rank))[0]

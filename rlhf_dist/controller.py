@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_dist import algorithms as A
+from rlhf_dist.agent import env_metrics, with_env_returns
 from rlhf_dist.checkpoint import Checkpointer, TrainState
 from rlhf_dist.cluster import Roles
 from rlhf_dist.config import AlgoConfig, Config, needs_reference, updates_once
@@ -203,7 +204,7 @@ def rl_step(
     ``started``: when the step began (``time/step``; default: now), i.e. before its take."""
     algo, n, timer, step_start = cfg.algo, cfg.rollout.n, Timer(timeline), started or time.perf_counter()
     gens = batch.generations
-    exp = collate(batch.prompt_ids, [g.response_ids for g in gens], pad_id=0)
+    exp = collate(batch.prompt_ids, [g.response_ids for g in gens], pad_id=0, action_masks=[g.action_mask for g in gens])
     mask = exp.response_mask
     engine_logprobs = pad_right([g.response_logprobs for g in gens], mask.shape[1])
     raw_scores = torch.tensor(batch.scores)
@@ -247,9 +248,10 @@ def rl_step(
     metrics.update(correction)
     metrics.update(batch.stats)  # dynamic sampling, overlong shaping
     metrics.update(sample_metrics(step, gens, kept, truncated, algo.mask_truncated))
+    metrics.update(env_metrics(gens))  # multi-turn samples
     shown = range(min(cfg.logger.num_samples, len(gens)))
     kls = [None] * len(gens) if ref_logprobs is None else sequence_kl.tolist()
-    return metrics, [[step, batch.texts[i], gens[i].text, batch.scores[i], kls[i]] for i in shown]
+    return metrics, [[step, batch.texts[i], gens[i].transcript or gens[i].text, batch.scores[i], kls[i]] for i in shown]
 
 
 EVAL_SAMPLES_SHOWN = 8  # held-out responses kept per evaluation (W&B table, eval_samples.jsonl)
@@ -283,6 +285,11 @@ def score_held_out(
     return scores, gold
 
 
+def held_out_rows(cfg: Config, held: HeldOut) -> list[dict] | None:
+    """The rows the environments of multi-turn samples are made from (None: single-turn)."""
+    return [{"prompt": t, "metadata": m} for t, m in zip(held.texts, held.metadata)] if cfg.rollout.env else None
+
+
 def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> tuple[dict[str, float], list[list]]:
     """Responses to the held-out prompts (greedy, or sampled with fixed seeds: ``eval.greedy``),
     scored by the reward actors (for an exact-match reward, ``eval/reward_mean`` is the held-out
@@ -291,22 +298,27 @@ def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> tuple[dict[s
     of (prompt, response, reward, gold or None)."""
     held = held_out(cfg, eval_prompts)
     count = len(held.texts)
-    responses = [g.text for g in roles.generate(held.token_ids, held.seeds, greedy=cfg.eval.greedy)]
+    gens = roles.generate(held.token_ids, held.seeds, greedy=cfg.eval.greedy, rows=held_out_rows(cfg, held))
+    responses = [g.text for g in gens]
     gold_fn = import_function(cfg.eval.gold_function, "eval.gold_function") if cfg.eval.gold_function else None
     scores, gold = score_held_out(held, responses, roles.reward, gold_fn)
+    scores = with_env_returns(scores, gens, cfg.reward.env_weight, "drop")  # a failed environment scores nothing
     finite = [s for s in scores if math.isfinite(s)]
     metrics = {"eval/reward_mean": sum(finite) / max(len(finite), 1), "eval/num_prompts": float(count)}
     if gold is not None:
         metrics["eval/gold_mean"] = sum(gold) / count
+    if (env := env_metrics(gens)):
+        metrics.update({"eval/tool_calls_mean": env["env/tool_calls_mean"], "eval/turns_mean": env["env/turns_mean"]})
     shown = gold or [None] * count
-    rows = [[held.texts[i], responses[i], scores[i], shown[i]] for i in range(min(EVAL_SAMPLES_SHOWN, count))]
+    rows = [[held.texts[i], gens[i].transcript or responses[i], scores[i], shown[i]]
+            for i in range(min(EVAL_SAMPLES_SHOWN, count))]
     return metrics, rows
 
 
 def _eval_summary(when: str, metrics: dict[str, float]) -> dict[str, float]:
     """``eval/reward_mean`` -> ``eval/<when>_reward_mean`` (and the gold score, if any) for summary.json."""
     return {f"eval/{when}_{k.removeprefix('eval/')}": v for k, v in metrics.items()
-            if k in ("eval/reward_mean", "eval/gold_mean")}
+            if k in ("eval/reward_mean", "eval/gold_mean", "eval/tool_calls_mean")}
 
 
 def run_rl(

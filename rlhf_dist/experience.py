@@ -86,13 +86,20 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> Experience:
+def collate(
+    prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+    action_masks: list[list[int] | None] | None = None,
+) -> Experience:
     """Pad prompts on the left and responses on the right into one ``Experience``.
 
     An empty response (the engine stopped at once) keeps one pad token so that every
     row has a valid position; its mask is set to 1 there so the row still carries
     the sequence reward. (``algorithms.token_rewards`` and the ``seq_mean_*`` loss
     aggregations refuse a row with no valid position, naming it.)
+
+    ``action_masks`` (multi-turn samples; None or a None row: every token is the model's) puts
+    0 in ``response_mask`` on a response's environment tokens: they stay in the sequence (and in
+    the attention mask) as context, but carry no loss, KL, entropy or advantage.
     """
     if len(prompt_ids) != len(response_ids) or not prompt_ids:
         raise ValueError(f"need equal, non-zero numbers of prompts and responses: {len(prompt_ids)} vs {len(response_ids)}")
@@ -108,6 +115,10 @@ def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: 
         input_ids[i, width : width + len(response)] = torch.tensor(response)
         attention[i, width - len(prompt) : width + len(response)] = 1
         response_mask[i, : len(response)] = 1
+        if action_masks is not None and action_masks[i] is not None and response_ids[i]:
+            if len(action_masks[i]) != len(response):
+                raise ValueError(f"row {i}: action mask of {len(action_masks[i])} for a response of {len(response)} tokens")
+            response_mask[i, : len(response)] = torch.tensor(action_masks[i], dtype=response_mask.dtype)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     return Experience(input_ids, attention, position_ids, response_mask, width)
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlhf_dist import algorithms as A
+from rlhf_dist.agent import with_env_returns
 from rlhf_dist.config import Config
 from rlhf_dist.data import PromptSampler, PromptSet
 from rlhf_dist.roles.generation import Generation
@@ -148,7 +149,8 @@ class Rollout:
         self.refill = refill
         self.issued = time.time()
         queued = sum(isinstance(r, Rollout) for r in queued_before)  # generations ahead of it on the engines
-        self.stream = roles.generation.stream(draw.prompt_ids, draw.seeds, cfg.rollout.stream_chunk, queued)
+        self.stream = roles.generation.stream(draw.prompt_ids, draw.seeds, cfg.rollout.stream_chunk, queued,
+                                              self._rows(draw))
         self.batch: RolloutBatch | None = None
         self.error: BaseException | None = None
         self.generated = threading.Event()  # set once the engines are done with it (or it failed)
@@ -181,11 +183,17 @@ class Rollout:
             samples += len(draw.seeds)
             issued = time.time()  # behind at most max_staleness rollouts on the engines
             stream = self.roles.generation.stream(draw.prompt_ids, draw.seeds, rollout.stream_chunk,
-                                                  rollout.max_staleness)
+                                                  rollout.max_staleness, self._rows(draw))
             groups.add(draw, *self._round(draw, stream, issued, times, last=False))
         self.generated.set()
         columns, stats = groups.result()
         return self._batch(columns, times, stats)
+
+    def _rows(self, draw: Draw) -> list[dict] | None:
+        """What the environments of multi-turn samples are made from (None: single-turn)."""
+        if not self.cfg.rollout.env:
+            return None
+        return [{"prompt": t, "metadata": m} for t, m in zip(draw.texts, draw.metadata)]
 
     def _round(self, draw: Draw, stream, issued: float, times: dict[str, float], last: bool) -> tuple[list, list]:
         """One round's generations and scores (overlong shaping added); scoring each chunk as it
@@ -212,6 +220,7 @@ class Rollout:
             self.timeline.add("reward", f"score step {self.step}", sent, time.time(), samples=len(index))
         times["time/generate"] += generated - issued
         times["time/reward"] += time.time() - generated
+        scores = with_env_returns(scores, generations, self.cfg.reward.env_weight, self.cfg.reward.on_invalid)
         return generations, self._shaped(generations, scores)
 
     def _shaped(self, generations: list[Generation], scores: list[float]) -> list[float]:

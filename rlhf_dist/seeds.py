@@ -28,6 +28,8 @@ class SeedStream:
 
 # (seed, step, sample index): the vLLM seed of each sample, whatever the engine count.
 ENGINE_SAMPLE = SeedStream(("step", "index"), (1_000_003, 65_537, 1), 2**31)
+# (sample seed, turn): the vLLM seed of each turn of a multi-turn sample (rollout.env); turn 0 is the sample's.
+ENGINE_TURN = SeedStream(("turn",), (1, 7919), 2**31)
 # (seed, step, round): the prompts of a dynamic-sampling refill round (rollout.dynamic_sampling).
 REFILL_PROMPTS = SeedStream(("step", "round"), (7919, 104_729, 1))
 # (seed, optimizer steps so far, epoch, rank): the trainer's minibatch order on each rank.

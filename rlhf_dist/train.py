@@ -34,6 +34,16 @@ def check_reward_function(path: str, key: str = "reward.function") -> None:
         raise ConfigError(str(e)) from e
 
 
+def check_environment(spec: dict) -> None:
+    """Import the environment class and bind its arguments (``rlhf_dist.envs.env_factory``)."""
+    from rlhf_dist.envs import env_factory
+
+    try:
+        env_factory(spec)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 def run(cfg: Config, out_dir: Path, group: str) -> dict:
     """Start the roles, run PPO (checkpointing, recovering lost actors), export the policy;
     always write summary.json and stop the actors."""
@@ -50,6 +60,8 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
         check_reward_function(cfg.reward.function)
     if cfg.eval.gold_function:
         check_reward_function(cfg.eval.gold_function, "eval.gold_function")
+    if cfg.rollout.env:
+        check_environment(cfg.rollout.env)
     if cfg.reward.model_weight:
         resolve_model_path(cfg.reward.model_path, cfg.cache_dir, "reward.model_path")  # a missing directory fails here
     policy_path = resolve_model_path(cfg.model.path, cfg.cache_dir)

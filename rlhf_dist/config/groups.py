@@ -4,6 +4,7 @@ reward, reference, sft and rm. One dataclass per group; each validates itself.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from rlhf_dist.config.errors import _check_fraction, _check_positive, _fail
 
@@ -268,6 +269,12 @@ class RolloutConfig:
     dynamic_sampling: bool = False
     # Rounds of generation a step may draw with dynamic_sampling (1 = the step's own prompts only).
     max_sampling_rounds: int = 3
+    # Multi-turn rollouts against an environment (rlhf_dist.envs): a Hydra node whose _target_ is the
+    # environment class and whose other keys are its arguments, e.g. {_target_: rlhf_dist.calculator.CalculatorEnv};
+    # {} is single-turn. max_new_tokens then bounds the whole response, model and environment tokens.
+    env: dict[str, Any] = field(default_factory=dict)
+    # Model turns per multi-turn sample at most (rollout.env).
+    max_turns: int = 4
 
     def validate(self) -> None:
         if self.max_staleness < 0:
@@ -277,8 +284,10 @@ class RolloutConfig:
                   "needs engines on their own devices; with rollout.sleep_level > 0 (colocated) use 0")
         _check_positive(
             "rollout", self, "num_engines", "batch_size", "n", "max_new_tokens", "temperature",
-            "tensor_parallel_size", "max_model_len", "stream_chunk", "max_sampling_rounds",
+            "tensor_parallel_size", "max_model_len", "stream_chunk", "max_sampling_rounds", "max_turns",
         )
+        if self.env and not isinstance(self.env.get("_target_"), str):
+            _fail("rollout.env", self.env, "needs _target_ naming the environment class (or {} for single-turn)")
         if not 0.0 < self.top_p <= 1.0:
             _fail("rollout.top_p", self.top_p, "must be in (0, 1]")
         if self.kv_cache_gib < 0:
@@ -353,6 +362,8 @@ class RewardConfig:
     http_weight: float = 0.0
     # Endpoint taking POST {"prompts", "responses", "metadata"} and answering {"scores": [...]}.
     http_url: str = ""
+    # Weight of the environment's return (the sum of its step rewards; rollout.env), added to the sources above.
+    env_weight: float = 1.0
     # Seconds per HTTP attempt.
     http_timeout_s: float = 10.0
     # Extra HTTP attempts after a failure (with exponential back-off).
@@ -376,7 +387,7 @@ class RewardConfig:
 
     def validate(self) -> None:
         weights = {"function": self.function_weight, "model": self.model_weight, "http": self.http_weight}
-        if not any(weights.values()):
+        if not any(weights.values()) and not self.env_weight:  # (an environment is checked with rollout.env)
             _fail("reward.function_weight", self.function_weight, "every reward weight is 0: enable at least one source")
         needs = {"function": "function", "model": "model_path", "http": "http_url"}
         for source, weight in weights.items():

@@ -84,9 +84,13 @@ class TimeoutConfig:
     train_s: float = 600.0
     # Seconds for one weight broadcast (and for the process-group rendezvous).
     weight_sync_s: float = 120.0
+    # Seconds for one environment call (reset or step, rollout.env); past it the trajectory ends
+    # (env/timeouts, scored as reward.on_invalid says) and the others go on.
+    env_step_s: float = 30.0
 
     def validate(self) -> None:
-        _check_positive("timeouts", self, "actor_start_s", "generate_s", "inference_s", "train_s", "weight_sync_s")
+        _check_positive("timeouts", self, "actor_start_s", "generate_s", "inference_s", "train_s", "weight_sync_s",
+                        "env_step_s")
 
 
 # Default tolerances of the engine/trainer logprob comparisons, by model.dtype: in float32 a correct

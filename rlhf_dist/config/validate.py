@@ -26,6 +26,7 @@ def validate_config(cfg: Config) -> RunPlan:
     for group in GROUPS:
         getattr(cfg, group).validate()
     _check_batching(cfg)
+    _check_reward_sources(cfg)
     _check_device(cfg)
     _check_placement(cfg)
     _check_ipc_sync(cfg)
@@ -59,6 +60,15 @@ def supervised_plan(cfg: Config, stage: str, num_rows: int | None = None) -> Sup
 def _check_seed(cfg: Config) -> None:
     if cfg.seed < 0:
         _fail("seed", cfg.seed, "must be >= 0")
+
+
+def _check_reward_sources(cfg: Config) -> None:
+    """Something scores the samples: a reward source, or an environment's return."""
+    rw = cfg.reward
+    if not (rw.function_weight or rw.model_weight or rw.http_weight) and not (cfg.rollout.env and rw.env_weight):
+        _fail("reward.function_weight", rw.function_weight,
+              "every reward weight is 0: enable at least one source (or an environment's return: rollout.env, "
+              "reward.env_weight)")
 
 
 def _check_batching(cfg: Config) -> None:

@@ -1,7 +1,8 @@
 """Generation role: one vLLM engine per Ray actor.
 
 The engine returns token ids, text and the sampling logprob of every generated
-token, and receives new policy weights through vLLM's weight-transfer API.
+token, and receives new policy weights through vLLM's weight-transfer API. With an
+environment (``rollout.env``) each sample is a multi-turn trajectory (``rlhf_dist.agent``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ class Generation:
     text: str
     version: int = 0  # the policy version (weight syncs applied) of the engine that sampled it
     truncated: bool = False  # stopped by rollout.max_new_tokens, not by EOS or a stop string
+    # Multi-turn samples (rollout.env): 1 on the model's tokens, 0 on the environment's (None: all the model's)
+    action_mask: list[int] | None = None
+    # turns, tool_calls, seconds (in environment calls), return (NaN if it failed), error ("", error, timeout), message
+    env: dict | None = None
+    transcript: str = ""  # the turns marked (agent.MODEL_MARK / ENV_MARK), for the samples table
 
 
 def executor_backend(tensor_parallel_size: int, in_process: bool) -> str | None:
@@ -41,7 +47,8 @@ class GenerationEngine:
     """A vLLM ``LLM`` behind a small interface; created as a Ray actor by ``placement``."""
 
     def __init__(
-        self, *, spec: RankSpec, cfg: RolloutConfig, dtype: str, weight_sync_backend: str, in_process: bool
+        self, *, spec: RankSpec, cfg: RolloutConfig, dtype: str, weight_sync_backend: str, in_process: bool,
+        env_step_s: float = 30.0, chat_template: bool = True,
     ) -> None:
         from vllm import LLM
 
@@ -66,6 +73,15 @@ class GenerationEngine:
             enable_sleep_mode=cfg.sleep_level > 0,
         )
         self.version = 0  # the policy version served: set by every weight update (and a resume)
+        self.agent = None
+        if cfg.env:
+            from rlhf_dist.agent import AgentLoop
+            from rlhf_dist.data import has_chat_template
+            from rlhf_dist.envs import env_factory
+
+            chat = has_chat_template(self.llm.get_tokenizer(), chat_template)
+            self.agent = AgentLoop(self.llm, env_factory(cfg.env), self._turn_params, cfg.max_turns,
+                                   cfg.max_new_tokens, cfg.max_model_len, env_step_s, chat)
 
     def pid(self) -> int:
         return os.getpid()
@@ -84,6 +100,25 @@ class GenerationEngine:
             for s in seeds
         ]
 
+    def _turn_params(self, max_tokens: int, stop: list[str], seed: int, greedy: bool = False):
+        """One turn of a multi-turn sample: ends at EOS or one of the environment's stop strings."""
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else self.cfg.temperature,
+                              top_p=1.0 if greedy else self.cfg.top_p, logprobs=0, seed=seed, stop=stop or None,
+                              include_stop_str_in_output=True)
+
+    def _trajectories(self, prompt_ids: list[list[int]], seeds: list[int], rows: list[dict] | None,
+                      greedy: bool) -> Iterator[tuple[int, Generation]]:
+        """Multi-turn samples (``rlhf_dist.agent.AgentLoop``) as they finish."""
+        if rows is None or len(rows) != len(prompt_ids):
+            raise ValueError(f"rollout.env is set: every prompt needs its row (prompt text, metadata); got "
+                             f"{None if rows is None else len(rows)} rows for {len(prompt_ids)} prompts")
+        for i, traj in self.agent.run(prompt_ids, seeds, rows, greedy):
+            text = self.llm.get_tokenizer().decode(traj.response_ids, skip_special_tokens=True)
+            yield i, Generation(prompt_ids[i], traj.response_ids, traj.logprobs, text, self.version, traj.truncated,
+                                traj.action_mask, traj.stats(), "".join(traj.transcript))
+
     def _generation(self, prompt: list[int], output) -> Generation:
         completion = output.outputs[0]
         ids = list(completion.token_ids)
@@ -91,10 +126,16 @@ class GenerationEngine:
         truncated = completion.finish_reason == "length"
         return Generation(prompt, ids, logprobs, completion.text, self.version, truncated)
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False,
+                 rows: list[dict] | None = None) -> list[Generation]:
         """One response per prompt; ``seeds`` makes each sample reproducible. ``greedy`` is for
-        evaluation only (temperature 0 is not a valid RL policy)."""
+        evaluation only (temperature 0 is not a valid RL policy). ``rows`` ({"prompt", "metadata"}
+        per prompt) create the environments of multi-turn samples (``rollout.env``)."""
         from vllm import TokensPrompt
+
+        if self.agent is not None:
+            done = dict(self._trajectories(prompt_ids, seeds, rows, greedy))
+            return [done[i] for i in range(len(prompt_ids))]
 
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], self._sampling_params(seeds, greedy),
@@ -103,13 +144,24 @@ class GenerationEngine:
         return [self._generation(prompt, out) for prompt, out in zip(prompt_ids, outputs)]
 
     def generate_stream(
-        self, prompt_ids: list[list[int]], seeds: list[int], chunk: int
+        self, prompt_ids: list[list[int]], seeds: list[int], chunk: int, rows: list[dict] | None = None
     ) -> Iterator[list[tuple[int, Generation]]]:
         """``generate`` as a stream (a Ray streaming generator): yields (index, generation) pairs
         as responses finish, ``chunk`` at a time (the rest at the end), so the caller can
         score them while the engine goes on. The same requests and seeds as ``generate``: the same
         samples."""
         from vllm import TokensPrompt
+
+        if self.agent is not None:
+            ready = []
+            for pair in self._trajectories(prompt_ids, seeds, rows, False):
+                ready.append(pair)
+                if len(ready) >= chunk:
+                    yield ready
+                    ready = []
+            if ready:
+                yield ready
+            return
 
         ids = self.llm.enqueue(
             [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], self._sampling_params(seeds, False),

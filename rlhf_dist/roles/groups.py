@@ -71,30 +71,35 @@ class GenerationGroup(WorkerGroup):
         self.call_async("pid", timeout_s=start_timeout_s).result()
         return lost
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False) -> list[Generation]:
-        return self.generate_async(prompt_ids, seeds, greedy=greedy).result()
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False,
+                 rows: list[dict] | None = None) -> list[Generation]:
+        return self.generate_async(prompt_ids, seeds, greedy=greedy, rows=rows).result()
 
     def generate_async(
-        self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False
+        self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False, rows: list[dict] | None = None
     ) -> Pending[list[Generation]]:
-        """Spread the prompts over the engines in contiguous chunks; results come back in prompt order."""
+        """Spread the prompts over the engines in contiguous chunks; results come back in prompt order.
+        ``rows`` ({"prompt", "metadata"} of each prompt) make the environments of multi-turn samples."""
         n = len(self)
+        row_parts = [None] * n if rows is None else _chunks(rows, n)
         return self.scatter_async(
-            "generate", _chunks(prompt_ids, n), _chunks(seeds, n), greedy=greedy, combine=_flatten
+            "generate", _chunks(prompt_ids, n), _chunks(seeds, n), [greedy] * n, row_parts, combine=_flatten
         )
 
     def stream(
-        self, prompt_ids: list[list[int]], seeds: list[int], chunk: int, queued: int = 0
+        self, prompt_ids: list[list[int]], seeds: list[int], chunk: int, queued: int = 0, rows: list[dict] | None = None
     ) -> GenerationStream:
         """``generate_async`` as a stream: responses come back as they finish (``GenerationStream``),
         within the group's timeout once per generation ``queued`` before it on the engines, plus its own."""
-        parts, offsets, start = _chunks(list(zip(prompt_ids, seeds)), len(self)), [], 0
+        rows = rows or [None] * len(prompt_ids)
+        parts, offsets, start = _chunks(list(zip(prompt_ids, seeds, rows)), len(self)), [], 0
         streams = []
         for actor, part in zip(self.actors, parts):
             offsets.append(start)
             start += len(part)
-            ids, part_seeds = [p for p, _ in part], [s for _, s in part]
-            streams.append(actor.generate_stream.options(num_returns="streaming").remote(ids, part_seeds, chunk))
+            ids, part_seeds, part_rows = [p for p, _, _ in part], [s for _, s, _ in part], [r for _, _, r in part]
+            part_rows = None if part_rows and part_rows[0] is None else part_rows
+            streams.append(actor.generate_stream.options(num_returns="streaming").remote(ids, part_seeds, chunk, part_rows))
         return GenerationStream(self.role, streams, offsets, [len(p) for p in parts], self.timeout_s * (1 + queued))
 
     def sequence_logprobs_async(self, token_ids: list[list[int]]) -> Pending[list[list[list[float]]]]:

@@ -34,7 +34,7 @@ class _Engines:
     def __init__(self, failures: int, error: RoleError = LOST) -> None:
         self.failures, self.error, self.calls, self.respawned = failures, error, 0, 0
 
-    def generate(self, prompt_ids, seeds, greedy=False, sleep_after=False):
+    def generate(self, prompt_ids, seeds, greedy=False, rows=None):
         self.calls += 1
         if self.calls <= self.failures:
             raise self.error
