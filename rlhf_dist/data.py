@@ -81,13 +81,17 @@ def read_rows(
 
 
 def builtin_prompt_rows(name: str, num: int, seed: int, split: str) -> list[dict]:
-    """Prompt rows of a builtin prompt set (``builtin:reviews`` or ``builtin:arithmetic``)."""
+    """Prompt rows of a builtin prompt set (``builtin:reviews``, ``builtin:arithmetic``, ``builtin:calculator``)."""
     if name == "builtin:reviews":
         from rlhf_dist.reviews import make_prompts
 
         return [{"prompt": p} for p in make_prompts(num, derive_seed(REVIEW_PROMPTS, seed, split_index(split)))]
     if name == "builtin:arithmetic":
         from rlhf_dist.arithmetic import make_problems
+
+        return make_problems(num, seed, split)
+    if name == "builtin:calculator":
+        from rlhf_dist.calculator import make_problems
 
         return make_problems(num, seed, split)
     raise DataError(f"unknown builtin prompt set {name!r}")

@@ -47,6 +47,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("eval.policies={}: name the policies, e.g. +eval.policies.sft=DIR +eval.policies.ppo=DIR")
     if not cfg.data.eval_prompts:
         raise ConfigError("data.eval_prompts='': the evaluation needs held-out prompts")
+    if cfg.rollout.env:
+        raise ConfigError(f"rollout.env={cfg.rollout.env}: this command compares single-turn policies; a multi-turn "
+                          "run reports its held-out reward and tool calls itself (eval.every_steps)")
 
 
 def summarize_policy(

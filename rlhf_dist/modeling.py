@@ -22,10 +22,11 @@ from rlhf_dist.packing import ScoreLayout, TokenLayout, score_layout, token_layo
 
 TINY = "tiny"
 TINY_ARITH = "tiny-arith"
+TINY_CALC = "tiny-calc"
 
 
 def resolve_model_path(path: str, cache_dir: str, key: str = "model.path") -> str:
-    """An embedded model name ("tiny", "tiny-arith") -> its directory, built and cached on first
+    """An embedded model name ("tiny", "tiny-arith", "tiny-calc") -> its directory, built and cached on first
     use; an existing local path (or one starting with / . ~) -> its absolute path, which must be a
     Hugging Face model directory; anything else is a hub id, whose config.json is fetched now (or
     found in the hub cache). A path that cannot be used raises FileNotFoundError: the commands
@@ -37,6 +38,8 @@ def resolve_model_path(path: str, cache_dir: str, key: str = "model.path") -> st
         return str(tiny_model.build_tiny_policy(root / tiny_model.MODEL_NAME))
     if path == TINY_ARITH:
         return str(tiny_model.build_tiny_arith_policy(root / tiny_model.ARITH_MODEL_NAME))
+    if path == TINY_CALC:
+        return str(tiny_model.build_tiny_calc_policy(root / tiny_model.CALC_MODEL_NAME))
     local = Path(path).expanduser()
     if path.startswith(("/", ".", "~")) or local.exists():
         if not local.exists():

@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoTokenizer,
     LlamaConfig,
@@ -37,7 +38,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlhf_dist import arithmetic, reviews
+from rlhf_dist import arithmetic, calculator, reviews
 
 CACHE_ENV = "RLHF_DIST_CACHE"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
@@ -65,6 +66,8 @@ class Recipe:
     # Each corpus line ends with </s> in pretraining, so the model learns to stop; without it the
     # model never samples </s> and every completion runs to max_new_tokens (throughput benchmarks).
     end_with_eos: bool = True
+    # Atomic tokens, not special (skip_special_tokens=True keeps them in decoded text): tool tags.
+    tool_tokens: tuple[str, ...] = ()
 
 
 REVIEWS = Recipe(
@@ -77,8 +80,14 @@ ARITHMETIC = Recipe(
     name="tiny-arith-v1", corpus_lines=20000, hidden_size=64, intermediate_size=128,
     split_digits=True, pretrain_steps=1200, batch_size=64, learning_rate=3e-3,
 )  # fmt: skip
+CALCULATOR = Recipe(
+    name="tiny-calc-v1", corpus_lines=20000, hidden_size=64, intermediate_size=128,
+    split_digits=True, pretrain_steps=800, batch_size=64, learning_rate=3e-3,
+    tool_tokens=calculator.TOOL_TOKENS,
+)  # fmt: skip
 MODEL_NAME = REVIEWS.name
 ARITH_MODEL_NAME = ARITHMETIC.name
+CALC_MODEL_NAME = CALCULATOR.name
 
 
 def default_model_dir(name: str = MODEL_NAME) -> pathlib.Path:
@@ -96,6 +105,11 @@ def build_tiny_policy(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
 def build_tiny_arith_policy(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     """Build (or reuse) the tiny arithmetic policy, pretrained on `arithmetic.make_corpus`."""
     return build_tiny_lm(path, arithmetic.make_corpus(ARITHMETIC.corpus_lines, seed), ARITHMETIC, seed)
+
+
+def build_tiny_calc_policy(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Build (or reuse) the tiny calculator policy, pretrained on `calculator.make_corpus`."""
+    return build_tiny_lm(path, calculator.make_corpus(CALCULATOR.corpus_lines, seed), CALCULATOR, seed)
 
 
 def build_tiny_lm(path: str | os.PathLike, lines: list[str], recipe: Recipe, seed: int = 0) -> pathlib.Path:
@@ -205,7 +219,7 @@ def _build_atomically(path: pathlib.Path, seed: int, build: Callable[[pathlib.Pa
 
 
 def _build_policy_into(out: pathlib.Path, lines: list[str], recipe: Recipe, seed: int) -> None:
-    tokenizer = _train_tokenizer(lines, recipe.split_digits)
+    tokenizer = _train_tokenizer(lines, recipe.split_digits, recipe.tool_tokens)
     tokenizer.save_pretrained(out)
     with _seeded_cpu(seed):
         model = LlamaForCausalLM(_llama_config(tokenizer, recipe))
@@ -222,7 +236,9 @@ def _build_reward_model_into(out: pathlib.Path, policy_path: pathlib.Path, seed:
     model.save_pretrained(out)
 
 
-def _train_tokenizer(lines: list[str], split_digits: bool) -> PreTrainedTokenizerFast:
+def _train_tokenizer(
+    lines: list[str], split_digits: bool, tool_tokens: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if split_digits:
@@ -236,7 +252,12 @@ def _train_tokenizer(lines: list[str], split_digits: bool) -> PreTrainedTokenize
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(lines, trainer)
+    # BPE learns merges only from the text between tool tokens, as encode() will split it.
+    tag_re = re.compile("|".join(re.escape(t) for t in tool_tokens)) if tool_tokens else None
+    bpe.train_from_iterator((piece for line in lines for piece in tag_re.split(line)) if tag_re else lines, trainer)
+    # Added after training, so they take the ids after the BPE vocab, and not special: a tool
+    # call must survive decoding with skip_special_tokens=True (vLLM's default).
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in tool_tokens])
     # add_bos_token makes every encode (HF and vLLM prompts alike) start with <s>, as in pretraining.
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
@@ -327,6 +348,7 @@ def _warmup_cosine(step: int, total_steps: int) -> float:
 _BUILDERS: dict[str, tuple[Callable[[str | os.PathLike, int], pathlib.Path], str]] = {
     "reviews": (build_tiny_policy, MODEL_NAME),
     "arithmetic": (build_tiny_arith_policy, ARITH_MODEL_NAME),
+    "calculator": (build_tiny_calc_policy, CALC_MODEL_NAME),
 }
 
 

@@ -12,7 +12,7 @@ from rlhf_dist.config.errors import _check_fraction, _check_positive, _fail
 @dataclass
 class ModelConfig:
     # Policy to fine-tune: a Hugging Face hub id, a local directory, or an embedded model the
-    # project builds and caches locally: "tiny" (reviews) or "tiny-arith" (arithmetic).
+    # project builds and caches locally: "tiny" (reviews), "tiny-arith" (arithmetic) or "tiny-calc" (calculator).
     path: str = "tiny"
     # Critic backbone (a value head is added on top); empty means "same as path".
     critic_path: str = ""
@@ -29,16 +29,18 @@ class ModelConfig:
         _check_positive("model", self, "max_prompt_len")
 
 
-BUILTIN_PROMPTS = ("builtin:reviews", "builtin:arithmetic")
+BUILTIN_PROMPTS = ("builtin:reviews", "builtin:arithmetic", "builtin:calculator")
 
 
 @dataclass
 class DataConfig:
     # Training prompts: builtin:reviews (the positive-reviews task), builtin:arithmetic (the
-    # verifiable task's train split), or a JSONL file whose rows have a "prompt" key; the other
-    # keys of a row are its metadata, passed to reward functions (e.g. a reference answer).
+    # verifiable task's train split), builtin:calculator (the agent task's), or a JSONL file whose rows
+    # have a "prompt" key; the other keys of a row are its metadata, passed to reward functions and
+    # environments (e.g. a reference answer).
     prompts: str = "builtin:reviews"
-    # Held-out prompts scored every eval.every_steps: builtin:arithmetic (test split), a JSONL file, or "" (none).
+    # Held-out prompts scored every eval.every_steps: builtin:arithmetic or builtin:calculator (test
+    # split), a JSONL file, or "" (none).
     eval_prompts: str = ""
     # Number of prompts generated for a builtin prompt set.
     num_builtin_prompts: int = 2048
