@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_dist.seeds import ENGINE_TURN, derive_seed
+from rlhf_dist.worker_group import RoleError
 
 # Markers of the turns in a transcript (the rollout samples table).
 MODEL_MARK, ENV_MARK = "⟦model⟧", "⟦env⟧"
@@ -239,7 +240,7 @@ def with_env_returns(scores: list[float], generations: list, weight: float, on_i
             out.append(score)
         elif g.env["error"]:
             if on_invalid == "error":
-                raise EnvError(f"sample {i}: the environment failed ({g.env['error']}): {g.env['message']} "
+                raise EnvError(f"generation.env: sample {i}: the environment failed ({g.env['error']}): {g.env['message']} "
                                "(reward.on_invalid=drop skips such samples)")
             out.append(float("nan"))
         else:
@@ -247,8 +248,12 @@ def with_env_returns(scores: list[float], generations: list, weight: float, on_i
     return out
 
 
-class EnvError(RuntimeError):
-    """An environment call raised or timed out, with reward.on_invalid=error; names the sample."""
+class EnvError(RoleError):
+    """An environment call raised or timed out, with reward.on_invalid=error; names the sample (a
+    failed call, not a lost actor: the run stops with this one line)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "generation", "env")
 
 
 def env_metrics(generations: list) -> dict[str, float]:

@@ -61,16 +61,13 @@ class Environment:
 def env_factory(spec: dict[str, Any], key: str = "rollout.env") -> Callable[[str, dict], Any]:
     """``prompt, metadata -> environment`` from a ``_target_`` node; the target is imported and its
     arguments bound now, so a typo or a missing argument fails in one line before any actor starts."""
-    from hydra.utils import get_class
+    from rlhf_dist.roles.reward import import_function
 
     spec = dict(spec)
     target = spec.pop("_target_", None)
     if not isinstance(target, str) or not target:
         raise ValueError(f"{key}: needs _target_ (an environment class, e.g. rlhf_dist.calculator.CalculatorEnv)")
-    try:
-        cls = get_class(target)
-    except Exception as e:  # noqa: BLE001 -- Hydra raises ImportError or ValueError, wrapped
-        raise ValueError(f"{key}._target_={target!r}: cannot import it ({e})") from e
+    cls = import_function(target, f"{key}._target_")  # "pkg.module.Class": one line naming the key if it fails
     try:
         inspect.signature(cls).bind(prompt="", metadata={}, **spec)
     except TypeError as e:

@@ -6,11 +6,14 @@ negative words: a starting point the "positive reviews" reward can move. The ari
 policy is the same recipe, smaller (hidden 64), with one token per digit, pretrained for
 ~25 s on `arithmetic.make_corpus` (a quarter of its answers wrong): it samples the right
 answer to roughly a fifth of held-out problems, room for the exact-match reward to act on.
+The calculator policy is the arithmetic recipe (800 steps, ~38 s) on `calculator.make_corpus`,
+with the tool tags as atomic tokens: it calls the tool on about a quarter of its samples and
+answers greedily without it (docs/results.md), so RL has to teach it to call.
 All models are saved with `save_pretrained` and load with the same `from_pretrained` / vLLM
 code paths as real checkpoints. Builds are cached by path, atomic (temp dir + rename,
 `.complete` marker written last) and deterministic given the seed.
 
-    python -m rlhf_dist.tiny_model [--task reviews|arithmetic | --family qwen3 ...] [path]
+    python -m rlhf_dist.tiny_model [--task reviews|arithmetic|calculator | --family qwen3 ...] [path]
 """
 
 from __future__ import annotations
@@ -80,6 +83,10 @@ ARITHMETIC = Recipe(
     name="tiny-arith-v1", corpus_lines=20000, hidden_size=64, intermediate_size=128,
     split_digits=True, pretrain_steps=1200, batch_size=64, learning_rate=3e-3,
 )  # fmt: skip
+# The arithmetic shape, 800 steps (~38 s). Measured with scripts/check_calculator_model.py on 200
+# test problems: greedy accuracy 0.05 (tool on 11 %), tool on 26 % of T=1 samples, and with the
+# tool forced the final answer copies the result on 82 %. The copy is what varies with the build:
+# seed 1 of the same recipe copied on 5 %, hidden 96 x 600 steps on 84 % but greedy accuracy 0.24.
 CALCULATOR = Recipe(
     name="tiny-calc-v1", corpus_lines=20000, hidden_size=64, intermediate_size=128,
     split_digits=True, pretrain_steps=800, batch_size=64, learning_rate=3e-3,

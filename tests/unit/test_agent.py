@@ -82,7 +82,7 @@ def test_environment_returns_add_to_the_scores_and_a_failed_environment_follows_
     failed = [_multi_turn(1.0), _multi_turn(0.0, error="error")]
     scores = with_env_returns([0.0, 0.0], failed, weight=1.0, on_invalid="drop")
     assert scores[0] == 1.0 and math.isnan(scores[1])
-    with pytest.raises(EnvError, match=r"^sample 1: the environment failed \(error\): step\(\) raised KeyError: 'x' "
+    with pytest.raises(EnvError, match=r"^generation.env: sample 1: the environment failed \(error\): step\(\) raised KeyError: 'x' "
                                        r"\(reward.on_invalid=drop skips such samples\)$"):
         with_env_returns([0.0, 0.0], failed, weight=1.0, on_invalid="error")
 
