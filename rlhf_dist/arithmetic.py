@@ -48,9 +48,9 @@ def _problem_space(split: str) -> list[tuple[int, str, int]]:
     return [p for p in space if _is_test(*p) == (split == "test")]
 
 
-def _draw(num: int, rng: random.Random, space: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
-    """num problems: every problem of the space once (shuffled) before any repeats."""
-    drawn: list[tuple[int, str, int]] = []
+def _draw(num: int, rng: random.Random, space: list[tuple]) -> list[tuple]:
+    """num problems: every problem of the space once (shuffled) before any repeats (also calculator.py's)."""
+    drawn: list[tuple] = []
     while len(drawn) < num:
         epoch = list(space)
         rng.shuffle(epoch)

@@ -25,7 +25,7 @@ import hashlib
 import random
 import re
 
-from rlhf_dist.arithmetic import parse_answer
+from rlhf_dist.arithmetic import _draw, parse_answer  # _draw: every problem once before any repeats
 from rlhf_dist.envs import Environment
 
 MIN_OPERAND = 10
@@ -55,16 +55,6 @@ def _problem_space(split: str) -> list[tuple[int, int]]:
         raise ValueError(f"split={split!r}: use one of {SPLITS}")
     operands = range(MIN_OPERAND, MAX_OPERAND + 1)
     return [(a, b) for a in operands for b in operands if _is_test(a, b) == (split == "test")]
-
-
-def _draw(num: int, rng: random.Random, space: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """num problems: every problem of the space once (shuffled) before any repeats."""
-    drawn: list[tuple[int, int]] = []
-    while len(drawn) < num:
-        epoch = list(space)
-        rng.shuffle(epoch)
-        drawn.extend(epoch[: num - len(drawn)])
-    return drawn
 
 
 def make_problems(num: int, seed: int, split: str) -> list[dict[str, str]]:
