@@ -230,6 +230,11 @@ class AgentLoop:
         self._call(calls, traj, "step", action)
 
 
+def env_rows(texts: list[str], metadata: list[dict]) -> list[dict]:
+    """What each sample's environment is made from: its prompt text and its row's metadata."""
+    return [{"prompt": t, "metadata": m} for t, m in zip(texts, metadata)]
+
+
 def with_env_returns(scores: list[float], generations: list, weight: float, on_invalid: str) -> list[float]:
     """Each sample's score plus ``weight`` times its environment's return (``reward.env_weight``).
     A trajectory whose environment raised or timed out fails the step (``reward.on_invalid=error``)

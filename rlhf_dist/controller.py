@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_dist import algorithms as A
-from rlhf_dist.agent import env_metrics, with_env_returns
+from rlhf_dist.agent import env_metrics, env_rows, with_env_returns
 from rlhf_dist.checkpoint import Checkpointer, TrainState
 from rlhf_dist.cluster import Roles
 from rlhf_dist.config import AlgoConfig, Config, needs_reference, updates_once
@@ -287,7 +287,7 @@ def score_held_out(
 
 def held_out_rows(cfg: Config, held: HeldOut) -> list[dict] | None:
     """The rows the environments of multi-turn samples are made from (None: single-turn)."""
-    return [{"prompt": t, "metadata": m} for t, m in zip(held.texts, held.metadata)] if cfg.rollout.env else None
+    return env_rows(held.texts, held.metadata) if cfg.rollout.env else None
 
 
 def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> tuple[dict[str, float], list[list]]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlhf_dist import algorithms as A
-from rlhf_dist.agent import with_env_returns
+from rlhf_dist.agent import env_rows, with_env_returns
 from rlhf_dist.config import Config
 from rlhf_dist.data import PromptSampler, PromptSet
 from rlhf_dist.roles.generation import Generation
@@ -191,9 +191,7 @@ class Rollout:
 
     def _rows(self, draw: Draw) -> list[dict] | None:
         """What the environments of multi-turn samples are made from (None: single-turn)."""
-        if not self.cfg.rollout.env:
-            return None
-        return [{"prompt": t, "metadata": m} for t, m in zip(draw.texts, draw.metadata)]
+        return env_rows(draw.texts, draw.metadata) if self.cfg.rollout.env else None
 
     def _round(self, draw: Draw, stream, issued: float, times: dict[str, float], last: bool) -> tuple[list, list]:
         """One round's generations and scores (overlong shaping added); scoring each chunk as it

@@ -115,7 +115,7 @@ class GenerationEngine:
             raise ValueError(f"rollout.env is set: every prompt needs its row (prompt text, metadata); got "
                              f"{None if rows is None else len(rows)} rows for {len(prompt_ids)} prompts")
         for i, traj in self.agent.run(prompt_ids, seeds, rows, greedy):
-            text = self.llm.get_tokenizer().decode(traj.response_ids, skip_special_tokens=True)
+            text = self.agent.tokenizer.decode(traj.response_ids, skip_special_tokens=True)
             yield i, Generation(prompt_ids[i], traj.response_ids, traj.logprobs, text, self.version, traj.truncated,
                                 traj.action_mask, traj.stats(), "".join(traj.transcript))
 

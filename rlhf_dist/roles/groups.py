@@ -91,14 +91,14 @@ class GenerationGroup(WorkerGroup):
     ) -> GenerationStream:
         """``generate_async`` as a stream: responses come back as they finish (``GenerationStream``),
         within the group's timeout once per generation ``queued`` before it on the engines, plus its own."""
-        rows = rows or [None] * len(prompt_ids)
-        parts, offsets, start = _chunks(list(zip(prompt_ids, seeds, rows)), len(self)), [], 0
+        n = len(self)
+        parts, offsets, start = _chunks(list(zip(prompt_ids, seeds)), n), [], 0
+        row_parts = [None] * n if rows is None else _chunks(rows, n)
         streams = []
-        for actor, part in zip(self.actors, parts):
+        for actor, part, part_rows in zip(self.actors, parts, row_parts):
             offsets.append(start)
             start += len(part)
-            ids, part_seeds, part_rows = [p for p, _, _ in part], [s for _, s, _ in part], [r for _, _, r in part]
-            part_rows = None if part_rows and part_rows[0] is None else part_rows
+            ids, part_seeds = [p for p, _ in part], [s for _, s in part]
             streams.append(actor.generate_stream.options(num_returns="streaming").remote(ids, part_seeds, chunk, part_rows))
         return GenerationStream(self.role, streams, offsets, [len(p) for p in parts], self.timeout_s * (1 + queued))
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rlhf_dist import algorithms as A
-from rlhf_dist.agent import ENV_MARK
+from rlhf_dist.agent import ENV_MARK, env_rows
 from rlhf_dist.cluster import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
 from rlhf_dist.controller import run_rl
@@ -59,7 +59,7 @@ def test_multi_turn_rollouts_train_on_the_sampled_tokens_and_survive_a_hanging_t
     roles = start_roles(cfg, plan, policy, policy)
     try:
         ids, texts, metadata = prompts.token_ids[:SAMPLES], prompts.texts[:SAMPLES], prompts.metadata[:SAMPLES]
-        rows = [{"prompt": t, "metadata": m} for t, m in zip(texts, metadata)]
+        rows = env_rows(texts, metadata)
         started = time.monotonic()
         gens = roles.generate(ids, list(range(SAMPLES)), rows=rows)
         generate_s = time.monotonic() - started
