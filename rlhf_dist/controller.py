@@ -20,7 +20,7 @@ from rlhf_dist.checkpoint import Checkpointer, TrainState
 from rlhf_dist.cluster import Roles
 from rlhf_dist.config import AlgoConfig, Config, needs_reference, updates_once
 from rlhf_dist.data import PromptSet
-from rlhf_dist.experience import collate, pad_right
+from rlhf_dist.experience import Experience, collate, pad_right
 from rlhf_dist.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_dist.preemption import Preemption
 from rlhf_dist.roles.groups import RewardGroup
@@ -192,6 +192,27 @@ def kl_and_correction(
     return kl, weights, correction
 
 
+def passes_before_update(
+    cfg: Config, roles: Roles, exp: Experience, streamed: dict[str, torch.Tensor], timer: Timer,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(reference logprobs, old logprobs, entropy, critic values) of ``exp``, (B, T) each: those
+    passed while the rollout streamed (``streamed``, ``rlhf_dist.passes``), the others now, all
+    at once (they are on different groups). None for what the run has no pass for: no reference
+    (``needs_reference``), no critic, or a step of one optimizer step, which takes its old
+    logprobs from the update's own forward (``config.updates_once``)."""
+    def now(field: str, needed: bool, call: Callable[[Experience], Pending]) -> Pending | None:
+        return call(exp) if needed and field not in streamed else None
+
+    ref, old, values = timer.together(
+        reference=("reference", now("ref_logprobs", needs_reference(cfg), lambda e: roles.reference.logprobs_async(e))),
+        values=("policy", now("old_logprobs", not updates_once(cfg), lambda e: roles.policy.logprobs_async(e))),
+        critic_values=("critic", now("old_values", roles.critic is not None, lambda e: roles.critic.values_async(e))),
+    )
+    old_logprobs, entropy = (streamed["old_logprobs"], streamed["entropy"]) if "old_logprobs" in streamed else (
+        old or (None, None))
+    return streamed.get("ref_logprobs", ref), old_logprobs, entropy, streamed.get("old_values", values)
+
+
 def rl_step(
     step: int, cfg: Config, roles: Roles, batch: RolloutBatch, kl_ctl: FixedKLController | AdaptiveKLController,
     timeline: Timeline, started: float | None = None,
@@ -211,15 +232,9 @@ def rl_step(
     scores, kept = A.neutralise_dropped(raw_scores, n)
     truncated = torch.tensor([g.truncated for g in gens], dtype=torch.bool)  # cut off by max_new_tokens
     trained = kept & ~truncated if algo.mask_truncated else kept  # DAPO's overlong filtering
-    # reference logprobs, old policy logprobs and critic values come from different groups: all at once;
-    # a step of one optimizer step takes its old logprobs from the update's own forward instead
     one_pass = updates_once(cfg)
-    ref_logprobs, old, values = timer.together(
-        reference=("reference", roles.reference.logprobs_async(exp) if needs_reference(cfg) else None),
-        values=("policy", None if one_pass else roles.policy.logprobs_async(exp)),
-        critic_values=("critic", roles.critic.values_async(exp) if roles.critic else None),
-    )
-    old_logprobs, entropy = old or (None, None)
+    ref_logprobs, old_logprobs, entropy, values = passes_before_update(
+        cfg, roles, exp, batch.streamed_fields(mask.shape[1]), timer)
     # (one pass: the KL is not in the reward and there is no correction, so neither is needed yet)
     kl, weights, correction = kl_and_correction(old_logprobs, ref_logprobs, engine_logprobs, mask, algo)
     kl_coef = kl_ctl.value

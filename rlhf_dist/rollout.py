@@ -1,7 +1,9 @@
 """Rollouts: a step's prompts, generated on the engines and scored, issued ahead of training.
 
 Generation streams: each engine hands back responses as they finish, and every chunk goes to a
-reward actor at once, so scoring runs while the engines still generate. With
+reward actor at once, so scoring runs while the engines still generate; the passes before the
+update (the reference logprobs, and in a synchronous run the old logprobs and values) start on
+each full micro-batch as it arrives (``rlhf_dist.passes``, ``rollout.stream_passes``). With
 ``rollout.max_staleness = N >= 1`` the rollouts of the next N steps are in flight while a step
 trains (one-step-off-policy training for N = 1, as in OpenRLHF, veRL, slime, AReaL): the engines
 receive the weights of step k at the boundary of step k, once the generation they are running has
@@ -35,6 +37,7 @@ from rlhf_dist import algorithms as A
 from rlhf_dist.agent import env_rows, with_env_returns
 from rlhf_dist.config import Config
 from rlhf_dist.data import PromptSampler, PromptSet
+from rlhf_dist.passes import StreamedPasses, padded, streamed_passes
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.roles.groups import SyncInFlight
 from rlhf_dist.seeds import ENGINE_SAMPLE, REFILL_PROMPTS, derive_seed
@@ -80,11 +83,18 @@ class RolloutBatch:
     metadata: list[dict]
     generations: list[Generation]
     scores: list[float]  # as scored (plus overlong shaping); NaN: dropped (reward.on_invalid=drop)
-    times: dict[str, float]  # time/generate (issue -> last response), time/reward (scoring left after it)
+    # time/generate (issue -> last response); time/reward and each streamed pass's (scoring and pass left after it)
+    times: dict[str, float]
     stats: dict[str, float] = field(default_factory=dict)  # of the sampling: dynamic sampling, overlong shaping
+    # Per sample, the fields the passes gave while the rollout streamed (rlhf_dist.passes), e.g. ref_logprobs
+    streamed: list[dict[str, list[float]]] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def streamed_fields(self, width: int) -> dict[str, torch.Tensor]:
+        """The streamed passes' fields as (B, width) tensors ({} when none streamed)."""
+        return padded(self.streamed, width)
 
     @classmethod
     def from_json(cls, row: dict) -> RolloutBatch:
@@ -102,13 +112,16 @@ class GroupFilter:
         self.want, self.n, self.max_rounds = want, n, max_rounds
         self.rounds, self.informative, self.uninformative = 0, [], []
 
-    def add(self, draw: Draw, generations: list[Generation], scores: list[float]) -> None:
+    def add(self, draw: Draw, generations: list[Generation], scores: list[float],
+            streamed: list[dict[str, list[float]]]) -> None:
         self.rounds += 1
         useful = A.informative_groups(torch.tensor(scores, dtype=torch.float64), self.n).tolist()
+        streamed = streamed or [{} for _ in scores]
         for g, keep in enumerate(useful):
             rows = range(g * self.n, (g + 1) * self.n)
             group = ([draw.prompt_ids[i] for i in rows], [draw.texts[i] for i in rows],
-                     [draw.metadata[i] for i in rows], [generations[i] for i in rows], [scores[i] for i in rows])
+                     [draw.metadata[i] for i in rows], [generations[i] for i in rows], [scores[i] for i in rows],
+                     [streamed[i] for i in rows])
             (self.informative if keep else self.uninformative).append(group)
 
     def next_count(self) -> int:
@@ -120,11 +133,12 @@ class GroupFilter:
         rate = len(self.informative) / drawn
         return self.want if rate == 0 else min(self.want, math.ceil(deficit / rate))
 
-    def result(self) -> tuple[tuple[list, list, list, list, list], dict[str, float]]:
-        """(prompt_ids, texts, metadata, generations, scores) of the step's groups, and the stats."""
+    def result(self) -> tuple[tuple[list, list, list, list, list, list], dict[str, float]]:
+        """(prompt_ids, texts, metadata, generations, scores, streamed passes) of the step's
+        groups, and the stats."""
         kept = self.informative[: self.want]
         filled = self.uninformative[: self.want - len(kept)]
-        columns = tuple([x for group in kept + filled for x in group[c]] for c in range(5))
+        columns = tuple([x for group in kept + filled for x in group[c]] for c in range(6))
         stats = {
             "rollout/sampling_rounds": float(self.rounds),
             "rollout/prompts_sampled": float(len(self.informative) + len(self.uninformative)),
@@ -167,13 +181,14 @@ class Rollout:
 
     def _collect(self) -> RolloutBatch:
         times = {"time/generate": 0.0, "time/reward": 0.0}
-        generations, scores = self._round(self.draw, self.stream, self.issued, times, last=self.refill is None)
+        generations, scores, streamed = self._round(self.draw, self.stream, self.issued, times,
+                                                    last=self.refill is None)
         if self.refill is None:
-            return self._batch((self.draw.prompt_ids, self.draw.texts, self.draw.metadata, generations, scores),
-                               times, {})
+            columns = (self.draw.prompt_ids, self.draw.texts, self.draw.metadata, generations, scores, streamed)
+            return self._batch(columns, times, {})
         rollout = self.cfg.rollout
         groups = GroupFilter(rollout.batch_size, rollout.n, rollout.max_sampling_rounds)
-        groups.add(self.draw, generations, scores)
+        groups.add(self.draw, generations, scores, streamed)
         drawn, samples = set(self.draw.prompts), len(self.draw.seeds)
         while count := groups.next_count():
             draw = self.refill(groups.rounds, count, drawn, samples)
@@ -193,15 +208,19 @@ class Rollout:
         """What the environments of multi-turn samples are made from (None: single-turn)."""
         return env_rows(draw.texts, draw.metadata) if self.cfg.rollout.env else None
 
-    def _round(self, draw: Draw, stream, issued: float, times: dict[str, float], last: bool) -> tuple[list, list]:
-        """One round's generations and scores (overlong shaping added); scoring each chunk as it
+    def _round(self, draw: Draw, stream, issued: float, times: dict[str, float],
+               last: bool) -> tuple[list, list, list]:
+        """One round's generations, scores (overlong shaping added) and what the streamed passes
+        gave (``rlhf_dist.passes``); scoring each chunk, and passing each full micro-batch, as it
         arrives. ``last``: no round follows, so the engines are free once it is generated."""
         reward, n = self.roles.reward, len(draw.prompt_ids)
         generations: list[Generation | None] = [None] * n
         scoring = []
+        passes = StreamedPasses(streamed_passes(self.cfg, self.roles), self.timeline, self.step)
         for rank, part in stream.chunks():
             for i, g in part:
                 generations[i] = g
+            passes.add(rank, part)
             index = [i for i, _ in part]
             scoring.append((index, time.time(), reward.score_on_async(
                 len(scoring) % len(reward), [draw.texts[i] for i in index], [g.text for _, g in part],
@@ -218,8 +237,9 @@ class Rollout:
             self.timeline.add("reward", f"score step {self.step}", sent, time.time(), samples=len(index))
         times["time/generate"] += generated - issued
         times["time/reward"] += time.time() - generated
+        streamed = passes.result(n, times)
         scores = with_env_returns(scores, generations, self.cfg.reward.env_weight, self.cfg.reward.on_invalid)
-        return generations, self._shaped(generations, scores)
+        return generations, self._shaped(generations, scores), streamed
 
     def _shaped(self, generations: list[Generation], scores: list[float]) -> list[float]:
         """Scores plus DAPO's overlong penalty (NaN stays NaN)."""
@@ -235,13 +255,13 @@ class Rollout:
         return A.overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, reward.overlong_buffer,
                                   reward.overlong_penalty)
 
-    def _batch(self, columns: tuple[list, list, list, list, list], times: dict[str, float],
+    def _batch(self, columns: tuple[list, list, list, list, list, list], times: dict[str, float],
                stats: dict[str, float]) -> RolloutBatch:
-        prompt_ids, texts, metadata, generations, scores = columns
+        prompt_ids, texts, metadata, generations, scores, streamed = columns
         if (penalty := self._overlong(generations)) is not None:
             stats = {**stats, "reward/overlong_penalty_mean": penalty.mean().item(),
                      "reward/overlong_frac": (penalty < 0).float().mean().item()}
-        return RolloutBatch(self.step, prompt_ids, texts, metadata, generations, scores, times, stats)
+        return RolloutBatch(self.step, prompt_ids, texts, metadata, generations, scores, times, stats, streamed)
 
     def result(self) -> RolloutBatch:
         """The scored batch; every wait inside is bounded by the roles' timeouts."""

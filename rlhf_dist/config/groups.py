@@ -264,6 +264,11 @@ class RolloutConfig:
     # Responses an engine hands back at a time as they finish; each such chunk is scored at once,
     # while the engines go on generating.
     stream_chunk: int = 32
+    # Start the passes that come before the update on full micro-batches of each engine's samples
+    # as they arrive, while the rest is generated and scored: the reference logprobs always, and in
+    # a synchronous run (max_staleness 0, no dynamic sampling) the old logprobs and the critic's
+    # values (rlhf_dist/passes.py). false: each is one pass over the whole batch once it is scored.
+    stream_passes: bool = True
     # DAPO's dynamic sampling (Yu et al. 2025): drop prompt groups whose n rewards are all equal (no
     # advantage under a group baseline) and sample more prompts until the step holds batch_size
     # informative groups, or max_sampling_rounds rounds were drawn (then the step is filled with

@@ -235,7 +235,13 @@ class CriticGroup(TrainerGroup):
 
 class ReferenceGroup(WorkerGroup):
     def logprobs_async(self, exp: Experience) -> Pending[torch.Tensor]:
+        """(B, T) reference logprobs of the whole batch, split across the actors."""
         return self.scatter_async("logprobs", exp.split(len(self)), combine=concat)
+
+    def logprobs_on_async(self, rank: int, exp: Experience) -> Pending[torch.Tensor]:
+        """``logprobs_async`` of one micro-batch on reference actor ``rank`` alone (a part of a stream)."""
+        ref = self.actors[rank].logprobs.remote(exp)
+        return Pending(self.role, "logprobs", [ref], self.timeout_s, lambda r: r[0])
 
 
 class RewardGroup(WorkerGroup):

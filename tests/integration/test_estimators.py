@@ -25,10 +25,11 @@ pytestmark = pytest.mark.slow
 COMMON = [
     "task=arithmetic", "rollout.n=4", "rollout.batch_size=8", "algo.minibatch_size=16",
     "trainer.micro_batch_size=4", "eval.num_prompts=32", "logger.progress_bar=false",
+    "reference.batch_size=4",  # reference passes of 4 samples streamed while the engines generate
 ]
 CASES = {
     "grpo": ["algo=grpo"],
-    "dr_grpo": ["algo=dr_grpo"],
+    "dr_grpo": ["algo=dr_grpo", "rollout.stream_passes=false"],  # the passes after the rollout
     "rloo": ["algo=rloo"],
     "reinforce_pp": ["algo=reinforce_pp"],
     # the loss options on top of GRPO: clip-higher, dual clip, entropy bonus, adaptive k2 KL in the reward
@@ -66,6 +67,9 @@ def test_critic_free_estimators_one_step_each():
             batch = RolloutQueue(cfg, roles, prompts, Timeline(enabled=False)).take(step)  # syncs the last step's update
             batches[name] = batch
             results[name], _ = rl_step(step, cfg, roles, batch, make_kl_controller(cfg.algo), Timeline(enabled=False))
+        streamed = batches["grpo"]
+        whole = collate(streamed.prompt_ids, [g.response_ids for g in streamed.generations], pad_id=0)
+        whole_pass = roles.reference.logprobs_async(whole).result()
         RolloutQueue(first, roles, prompts, Timeline(enabled=False)).sync_engines(len(configs))
         evaluation, _ = evaluate(first, roles, held_out)
         engine_lp = roles.generation.sequence_logprobs_async(probe).result()[0]
@@ -113,5 +117,12 @@ def test_critic_free_estimators_one_step_each():
     for name in ("dapo", "gspo"):  # no KL penalty, reference.monitor=false: no reference call, no KL
         assert not {"kl/mean", "kl/token_mean", "loss/kl"} & set(results[name]), name
     assert "kl/mean" in results["dr_grpo"]  # kl_coef 0 too, but its KL is monitored (the default)
+    # the reference logprobs passed on micro-batches while the rollout streamed are the whole batch's
+    width = whole.response_mask.shape[1]
+    assert set(streamed.streamed_fields(width)) == {"ref_logprobs", "old_logprobs", "entropy"}
+    assert batches["dr_grpo"].streamed_fields(width) == {}
+    torch.testing.assert_close(streamed.streamed_fields(width)["ref_logprobs"] * whole.response_mask,
+                               whole_pass * whole.response_mask, atol=1e-5, rtol=0)
+    assert {"time/reference", "time/values"} <= set(results["grpo"]) & set(results["dr_grpo"])
     for i, seq in enumerate(engine_lp):
         torch.testing.assert_close(torch.tensor(seq), trainer_lp[i, : len(seq)].float(), atol=1e-4, rtol=0)

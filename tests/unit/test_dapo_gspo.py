@@ -127,12 +127,13 @@ def gens(count: int, tag: int) -> list[Generation]:
 
 def test_group_filter_refills_until_enough_informative_groups():
     groups = GroupFilter(want=2, n=2, max_rounds=3)
-    groups.add(draw([10, 11, 12], 2), gens(6, 0), [1, 1, 0, 1, 0, 0])  # only prompt 11 is informative
+    groups.add(draw([10, 11, 12], 2), gens(6, 0), [1, 1, 0, 1, 0, 0], [])  # only prompt 11 is informative
     # 1 informative of 3: ceil(1 missing / (1/3)) = 3 prompts, at most want = 2
     assert groups.next_count() == 2
-    groups.add(draw([13, 14], 2), gens(4, 1), [1, 0, 1, 1])  # prompt 13 is
+    groups.add(draw([13, 14], 2), gens(4, 1), [1, 0, 1, 1], [])  # prompt 13 is
     assert groups.next_count() == 0
-    (prompt_ids, texts, _, generations, scores), stats = groups.result()
+    (prompt_ids, texts, _, generations, scores, refs), stats = groups.result()
+    assert refs == [{}] * 4  # no pass streamed
     assert texts == ["p11", "p11", "p13", "p13"] and scores == [0, 1, 1, 0]
     assert [g.response_ids[0] for g in generations] == [0, 0, 1, 1]  # round 0's, then round 1's
     assert stats == {"rollout/sampling_rounds": 2.0, "rollout/prompts_sampled": 5.0,
@@ -141,13 +142,14 @@ def test_group_filter_refills_until_enough_informative_groups():
 
 def test_group_filter_fills_the_step_when_the_rounds_run_out():
     groups = GroupFilter(want=2, n=2, max_rounds=1)
-    groups.add(draw([10, 11, 12], 2), gens(6, 0), [1, 1, 0, 1, 0, 0])
+    groups.add(draw([10, 11, 12], 2), gens(6, 0), [1, 1, 0, 1, 0, 0], [{"ref_logprobs": [float(i)]} for i in range(6)])
     assert groups.next_count() == 0  # one round only
-    (_, texts, _, _, scores), stats = groups.result()
+    (_, texts, _, _, scores, refs), stats = groups.result()
+    assert [r["ref_logprobs"] for r in refs] == [[2.0], [3.0], [0.0], [1.0]]  # each row's streamed passes follow it
     assert texts == ["p11", "p11", "p10", "p10"] and scores == [0, 1, 1, 1]  # informative first, then filled
     assert stats["rollout/filled_groups"] == 1.0 and stats["rollout/filtered_groups"] == 2.0
     nothing = GroupFilter(want=2, n=2, max_rounds=3)
-    nothing.add(draw([1, 2], 2), gens(4, 0), [0, 0, 1, 1])
+    nothing.add(draw([1, 2], 2), gens(4, 0), [0, 0, 1, 1], [])
     assert nothing.next_count() == 2  # no informative group yet: a whole batch again
 
 
