@@ -52,14 +52,15 @@ MODES = {
 }
 TIMELINE = "logger.timeline=true"
 # How our system runs each workload on this 2-core machine (chosen by measurement: docs/results.md).
+# rollout.stream_passes=true (off in local_cpu): the passes start while the rollout streams;
 # reference.batch_size=64: each engine's 128 responses make two streamed reference micro-batches.
 OUR_CONFIG = {
     "w1": ["trainer=zero0", "trainer.world_size=2", "trainer.micro_batch_size=64", "reference.batch_size=64",
-           "rollout.num_engines=2"],
+           "rollout.num_engines=2", "rollout.stream_passes=true"],
     "w2": ["trainer=zero0", "trainer.world_size=2", "trainer.micro_batch_size=16", "reference.batch_size=32",
-           "rollout.num_engines=2", "rollout.kv_cache_gib=1"],
+           "rollout.num_engines=2", "rollout.kv_cache_gib=1", "rollout.stream_passes=true"],
     "w3": ["trainer=zero0", "trainer.world_size=2", "trainer.micro_batch_size=64", "reference.batch_size=64",
-           "rollout.num_engines=2"],
+           "rollout.num_engines=2", "rollout.stream_passes=true"],
 }
 TRL_MICRO_BATCH = {"w1": 64, "w2": 16, "w3": 64}  # per_device_train_batch_size; accumulation fills the step
 

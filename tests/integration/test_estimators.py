@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 COMMON = [
     "task=arithmetic", "rollout.n=4", "rollout.batch_size=8", "algo.minibatch_size=16",
     "trainer.micro_batch_size=4", "eval.num_prompts=32", "logger.progress_bar=false",
-    "reference.batch_size=4",  # reference passes of 4 samples streamed while the engines generate
+    # the passes streamed while the engines generate (off in local_cpu): the reference's 4 samples at a time
+    "rollout.stream_passes=true", "reference.batch_size=4",
 ]
 CASES = {
     "grpo": ["algo=grpo"],

@@ -59,6 +59,8 @@ def test_ppo_steps_then_engines_match_trainer(
     )
     if zero_stage == 3:
         extra += ["trainer.offload_optimizer=true"]  # optimizer state and step on CPU (DeepSpeedCPUAdam)
+        # the old-logprob and value passes streamed (8 samples a call, 4 per rank): ZeRO-3's gathers must pair up
+        extra += ["rollout.stream_passes=true"]
     engines = 2
     if tensor_parallel > 1:
         # One engine whose TP workers each load their shard of every broadcast tensor.

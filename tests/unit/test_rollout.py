@@ -85,7 +85,7 @@ def test_which_passes_stream():
 
     def names(*overrides, critic=False):
         roles = Roles(None, None, object() if critic else None, None, None, None, None)
-        return [p.name for p in streamed_passes(compose_config(list(overrides)), roles)]
+        return [p.name for p in streamed_passes(compose_config(["rollout.stream_passes=true", *overrides]), roles)]
 
     assert names(critic=True) == ["reference", "values", "critic_values"]  # the default PPO, synchronous
     assert names("rollout.max_staleness=1", "algo.rollout_correction=tis", critic=True) == ["reference"]
@@ -93,9 +93,12 @@ def test_which_passes_stream():
         "reference"]  # one optimizer step: the old logprobs come from the update
     assert names("algo=dapo") == []  # no reference, dynamic sampling
     assert names("rollout.stream_passes=false", critic=True) == []
-    assert [p.size for p in streamed_passes(compose_config(["reference.batch_size=5", "trainer.world_size=2",
-                                                            "trainer.micro_batch_size=3"]),
-                                            Roles(None, None, None, None, None, None, None))] == [5, 6]
+    none = Roles(None, None, None, None, None, None, None)
+    assert streamed_passes(compose_config([]), none) == []  # local_cpu (the default) turns them off
+    assert streamed_passes(compose_config(["resources=gpu_node"]), none)[0].name == "reference"  # the schema's
+    sized = compose_config(["rollout.stream_passes=true", "reference.batch_size=5", "trainer.world_size=2",
+                            "trainer.micro_batch_size=3"])
+    assert [p.size for p in streamed_passes(sized, none)] == [5, 6]
 
 
 def test_streamed_fields_survive_the_round_trip_and_old_rows_load():
