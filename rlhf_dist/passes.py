@@ -17,6 +17,9 @@ than after the slowest sample (``rollout.stream_passes``):
 
 An engine returns its samples in the same order every time (vLLM's scheduler is deterministic),
 so a micro-batch holds the same samples in a run and in its resume, and the numbers are the same.
+Multi-turn trajectories (``rollout.env``) finish in the order their environments answer, which
+can change from run to run: there a micro-batch's samples, and so the last bits of its numbers,
+can differ between a run and its resume.
 """
 
 from __future__ import annotations
