@@ -45,13 +45,18 @@ class Pending(Generic[T]):
     refs: list[ray.ObjectRef]
     timeout_s: float
     combine: Callable[[list[Any]], T]
+    ranks: list[int] | None = None  # the actor rank of each ref (None: refs[i] is rank i)
 
     def result(self) -> T:
         return wait_all(self)[0]
 
+    def rank_of(self, ref: ray.ObjectRef) -> int:
+        i = self.refs.index(ref)
+        return i if self.ranks is None else self.ranks[i]
+
 
 def _get(pending: Pending, ref: ray.ObjectRef) -> Any:
-    return get_one(pending.role, pending.op, pending.refs.index(ref), ref)
+    return get_one(pending.role, pending.op, pending.rank_of(ref), ref)
 
 
 def get_one(role: str, op: str, rank: int, ref: ray.ObjectRef) -> Any:
@@ -86,7 +91,7 @@ def wait_all(*pending: Pending, finished: dict[int, float] | None = None) -> lis
             late = min((owner[r] for r in waiting), key=lambda p: deadline[id(p)])
             if deadline[id(late)] > time.monotonic():
                 continue
-            idx = [i for i, r in enumerate(late.refs) if r in waiting]
+            idx = [late.rank_of(r) for r in late.refs if r in waiting]
             raise RoleError(
                 f"{late.role}.{late.op} timed out after {late.timeout_s:.0f}s "
                 f"(actor ranks {idx} did not answer); raise timeouts.* if the work is just slow",
@@ -115,6 +120,11 @@ class WorkerGroup:
         """The same call on every actor."""
         refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
         return Pending(self.role, method, refs, timeout_s or self.timeout_s, combine)
+
+    def call_on_async(self, rank: int, method: str, *args: Any) -> Pending:
+        """A call on actor ``rank`` alone (e.g. a part of a stream); its result is the value itself."""
+        ref = getattr(self.actors[rank], method).remote(*args)
+        return Pending(self.role, method, [ref], self.timeout_s, lambda r: r[0], [rank])
 
     def scatter_async(
         self, method: str, *shards: Sequence[Any], combine: Callable[[list[Any]], Any] = list,

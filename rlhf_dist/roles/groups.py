@@ -240,8 +240,7 @@ class ReferenceGroup(WorkerGroup):
 
     def logprobs_on_async(self, rank: int, exp: Experience) -> Pending[torch.Tensor]:
         """``logprobs_async`` of one micro-batch on reference actor ``rank`` alone (a part of a stream)."""
-        ref = self.actors[rank].logprobs.remote(exp)
-        return Pending(self.role, "logprobs", [ref], self.timeout_s, lambda r: r[0])
+        return self.call_on_async(rank, "logprobs", exp)
 
 
 class RewardGroup(WorkerGroup):
@@ -249,8 +248,7 @@ class RewardGroup(WorkerGroup):
         self, rank: int, prompts: list[str], responses: list[str], metadata: list[dict]
     ) -> Pending[list[float]]:
         """``score_async`` of a few samples on reward actor ``rank`` alone (a chunk of a stream)."""
-        ref = self.actors[rank].score.remote(prompts, responses, metadata)
-        return Pending(self.role, "score", [ref], self.timeout_s, lambda r: r[0])
+        return self.call_on_async(rank, "score", prompts, responses, metadata)
 
     def score_async(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> Pending[list[float]]:
         """One score per sample; NaN marks a sample dropped by reward.on_invalid=drop."""

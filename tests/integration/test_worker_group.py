@@ -77,3 +77,15 @@ def test_a_killed_actor_is_reported_as_lost(group):
         ranked.call_async("ping").result()
     assert excinfo.value.lost_actor and excinfo.value.role == "reference"
     ranked.kill()
+
+
+def test_a_call_on_one_actor_names_that_actors_rank(group):
+    actors = [ray.remote(_Ranked).options(num_cpus=0.25).remote(r) for r in range(2)]
+    ranked = WorkerGroup("reference", actors, timeout_s=30)
+    assert ranked.call_on_async(1, "ping").result() == 1
+    with pytest.raises(RoleError, match=r"^reference\.work_or_fail failed on actor rank 1: ValueError: rank 1 broke$"):
+        ranked.call_on_async(1, "work_or_fail", 0.0).result()
+    timed_out = WorkerGroup("reference", actors, timeout_s=1)
+    with pytest.raises(RoleError, match=r"\(actor ranks \[0\] did not answer\)"):
+        timed_out.call_on_async(0, "work_or_fail", 8.0).result()
+    ranked.kill()
