@@ -6,7 +6,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -47,6 +47,12 @@ class Roles:
     reward: RewardGroup
     weights: WeightSync
     recovery: EngineRecovery  # replaces lost engines; made once per run, it outlives these roles
+    start_s: dict[str, float] = field(default_factory=dict)  # seconds of each part of the start (start_summary)
+
+    def start_summary(self) -> str:
+        """Where the start went: Ray and the placement groups, then the time until each role was ready
+        (the roles start side by side), then joining the weight-transfer group."""
+        return ", ".join(f"{part} {seconds:.0f}s" for part, seconds in self.start_s.items())
 
     def groups(self) -> list[WorkerGroup]:
         return [g for g in (self.generation, self.policy, self.critic, self.reference, self.reward) if g is not None]
@@ -86,11 +92,15 @@ def place_roles(cfg: Config, counts: dict[str, int]) -> dict[str, list[Slot]]:
     return place(cfg.resources, counts, cfg.timeouts.actor_start_s)
 
 
-def wait_started(cfg: Config, groups: list[WorkerGroup], trainers: tuple[TrainerGroup, ...] = ()) -> None:
+def wait_started(cfg: Config, groups: list[WorkerGroup], trainers: tuple[TrainerGroup, ...] = ()) -> list[float]:
     """Wait until every actor of ``groups`` has started and every trainer group has set up (joined
-    its process group): the trainers join while the engines and inference actors load."""
+    its process group): the trainers join while the engines and inference actors load. Returns the
+    ``time.perf_counter()`` at which each group was ready, the trainers first."""
     timeout_s = cfg.timeouts.actor_start_s
-    wait_all(*(g.setup_async(timeout_s) for g in trainers), *(g.call_async("pid", timeout_s=timeout_s) for g in groups))
+    ready: dict[int, float] = {}
+    wait_all(*(g.setup_async(timeout_s) for g in trainers), *(g.call_async("pid", timeout_s=timeout_s) for g in groups),
+             finished=ready)
+    return [ready[i] for i in range(len(trainers) + len(groups))]
 
 
 def start_engines(cfg: Config, role: str, model_path: str, slots: list[Slot]) -> GenerationGroup:
@@ -171,7 +181,9 @@ def start_roles(
         counts["reference"] = cfg.reference.num_actors
     if cfg.algo.needs_critic:
         counts["critic"] = t.world_size
+    started = time.perf_counter()
     slots = place_roles(cfg, counts)
+    placed = time.perf_counter()
     generation = start_engines(cfg, "generation", policy_path, slots["generation"])
     sampling = {"temperature": cfg.rollout.temperature, "max_new_tokens": cfg.rollout.max_new_tokens}
     policy_ranks = spawn_trainers(cfg, plan, PolicyTrainer, res.policy, policy_path, slots["policy"], sampling)
@@ -183,11 +195,15 @@ def start_roles(
         critic = CriticGroup("critic", critic_ranks, to.train_s)
     reference = start_reference(cfg, policy_path, slots["reference"]) if needs_reference(cfg) else None
     reward = start_reward(cfg, slots["reward"])
-    wait_started(cfg, [g for g in (generation, reference, reward) if g is not None],
-                 trainers=tuple(g for g in (policy, critic) if g is not None))
+    inference = [g for g in (generation, reference, reward) if g is not None]
+    trainers = [g for g in (policy, critic) if g is not None]
+    ready = wait_started(cfg, inference, trainers=tuple(trainers))
+    joined = time.perf_counter()
     weights = connect_weights(cfg, policy, generation, policy_path)
     recovery = recovery or EngineRecovery(Restarts(cfg.max_restarts), to.actor_start_s)
-    return Roles(generation, policy, critic, reference, reward, weights, recovery)
+    phases = {"ray": placed - started, **{g.role: ready[i] - placed for i, g in enumerate([*trainers, *inference])},
+              "weight_sync": time.perf_counter() - joined}
+    return Roles(generation, policy, critic, reference, reward, weights, recovery, phases)
 
 
 def start_trainer_group(

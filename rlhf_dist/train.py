@@ -128,7 +128,7 @@ def run_with_restarts(
             actors.append(roles)
             PREEMPTION.check(f"{read_state(resume_from).step if resume_from else 0} of {cfg.total_steps} steps done")
             engines.record(roles)
-            logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s")
+            logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s ({roles.start_summary()})")
             try:
                 state = checkpoints.restore(roles, resume_from) if resume_from else None
                 run_rl(cfg, roles, *data, logger, checkpoints, state, PREEMPTION)

@@ -98,3 +98,10 @@ def test_record_writes_the_actors_file(tmp_path):
     assert json.loads(path.read_text()) == {"generation": [11, 12], "policy": [13]}
     assert not path.with_suffix(".tmp").exists()
     EngineRecovery(Restarts(limit=1), start_timeout_s=5.0).record(running)  # type: ignore[arg-type]  # no file
+
+
+def test_the_start_summary_names_each_part_in_whole_seconds():
+    roles = Roles(None, None, None, None, None, None, None,  # type: ignore[arg-type]
+                  start_s={"ray": 7.2, "policy": 55.6, "generation": 65.5, "weight_sync": 0.4})
+    assert roles.start_summary() == "ray 7s, policy 56s, generation 66s, weight_sync 0s"
+    assert Roles(None, None, None, None, None, None, None).start_summary() == ""  # type: ignore[arg-type]
