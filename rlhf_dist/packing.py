@@ -83,7 +83,8 @@ def pack_rows(
     first = real.long().argmax(dim=1).tolist()  # column of each row's first real token (after left padding)
     packs = budget_micro_batches(lengths, max(lengths))
     packed_width = max(sum(lengths[i] for i in pack) for pack in packs)
-    ids = torch.zeros(len(packs), packed_width, dtype=input_ids.dtype)
+    device = input_ids.device  # the layout goes where the inputs are: a CUDA pass must get CUDA ids
+    ids = torch.zeros(len(packs), packed_width, dtype=input_ids.dtype, device=device)
     positions = torch.zeros_like(ids, dtype=position_ids.dtype)
     start = [0] * len(lengths)
     for r, pack in enumerate(packs):
@@ -94,8 +95,8 @@ def pack_rows(
             positions[r, offset : offset + n] = position_ids[i, keep]
             start[i] = r * packed_width + offset - first[i]
             offset += n
-        positions[r, offset:] = torch.arange(packed_width - offset)  # the dummy sequence at the row's end
-    return ids, positions, torch.tensor(start, dtype=torch.long)
+        positions[r, offset:] = torch.arange(packed_width - offset, device=device)  # the dummy sequence at the row's end
+    return ids, positions, torch.tensor(start, dtype=torch.long, device=device)
 
 
 @dataclass
@@ -115,11 +116,11 @@ def score_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: 
     that is not ``pad_id`` (where transformers' sequence classifiers read their score)."""
     batch, width = input_ids.shape
     real = attention_mask.bool()
-    columns = torch.arange(width).expand(batch, width)
+    columns = torch.arange(width, device=input_ids.device).expand(batch, width)
     last = (columns * (real & (input_ids != pad_id))).argmax(dim=1)  # (B,)
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     if not packed:
-        return ScoreLayout(input_ids, positions, attention_mask, torch.arange(batch) * width + last)
+        return ScoreLayout(input_ids, positions, attention_mask, torch.arange(batch, device=input_ids.device) * width + last)
     ids, packed_positions, start = pack_rows(input_ids, real, positions)
     return ScoreLayout(ids, packed_positions, None, start + last)
 
