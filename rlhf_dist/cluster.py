@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from rlhf_dist.config import Config, RoleResources, RunPlan, TrainerPlan, needs_reference
+from rlhf_dist.config import Config, RoleResources, RunPlan, TrainerPlan, actor_counts, needs_reference
 from rlhf_dist.modeling import token_vocab_size
 from rlhf_dist.placement import Slot, actor_env, init_ray, place, spawn
 from rlhf_dist.preemption import Interrupted
@@ -173,16 +173,9 @@ def start_roles(
 ) -> Roles:
     """Place and start all actors, join the trainer groups and the weight-transfer group.
     ``recovery`` replaces lost engines (default: up to ``max_restarts``, reported on stderr, no actors file)."""
-    res, t, to = cfg.resources, cfg.trainer, cfg.timeouts
-    counts = {
-        "generation": cfg.rollout.num_engines, "policy": t.world_size, "reward": cfg.reward.num_actors,
-    }
-    if needs_reference(cfg):
-        counts["reference"] = cfg.reference.num_actors
-    if cfg.algo.needs_critic:
-        counts["critic"] = t.world_size
+    res, to = cfg.resources, cfg.timeouts
     started = time.perf_counter()
-    slots = place_roles(cfg, counts)
+    slots = place_roles(cfg, actor_counts(cfg))
     placed = time.perf_counter()
     generation = start_engines(cfg, "generation", policy_path, slots["generation"])
     sampling = {"temperature": cfg.rollout.temperature, "max_new_tokens": cfg.rollout.max_new_tokens}

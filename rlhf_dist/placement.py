@@ -3,7 +3,8 @@
 Only config decides placement. ``separate`` gives each role its own placement
 group (one bundle per actor); ``colocated`` builds one placement group whose
 bundle ``i`` holds actor ``i`` of every role, so trainer, critic, reference,
-reward and engines share a GPU (fractional ``gpus`` per role).
+reward and engines share one whole GPU, each actor taking its role's fraction
+(``gpus``) of it.
 """
 
 from __future__ import annotations
@@ -59,10 +60,6 @@ def role_bundle(res: RoleResources) -> dict[str, float]:
     return bundle
 
 
-def _add(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in set(a) | set(b)}
-
-
 @dataclass(frozen=True)
 class Layout:
     """Where every actor goes, decided before any placement group exists (pure arithmetic)."""
@@ -73,16 +70,23 @@ class Layout:
 
 def layout(placement: str, per_role: dict[str, RoleResources], counts: dict[str, int]) -> Layout:
     """``separate``: a placement group per role with one bundle per actor. ``colocated``: one group
-    ``colocated`` whose bundle ``i`` holds the summed resources of actor ``i`` of every role."""
+    ``colocated`` whose bundle ``i`` holds actor ``i`` of every role: their CPUs summed, and one
+    whole GPU if any of them has a GPU share (the actors take their fractions inside it)."""
     if placement == "separate":
         return Layout(
             {role: [role_bundle(per_role[role])] * n for role, n in counts.items()},
             {role: [(role, i) for i in range(n)] for role, n in counts.items()},
         )
-    bundles: list[dict[str, float]] = [{} for _ in range(max(counts.values()))]
-    for role, n in counts.items():
-        for i in range(n):
-            bundles[i] = _add(bundles[i], role_bundle(per_role[role]))
+    bundles: list[dict[str, float]] = []
+    for i in range(max(counts.values())):
+        sharing = [per_role[role] for role, n in counts.items() if n > i]
+        bundle = {"CPU": sum(res.cpus for res in sharing)}
+        if any(res.gpus for res in sharing):
+            # A whole GPU, not the sum of the fractions: Ray packs fractional bundles onto the
+            # fullest GPU that fits them, which could put two ranks of one process group on one
+            # GPU (NCCL refuses it: "Duplicate GPU detected").
+            bundle["GPU"] = 1.0
+        bundles.append(bundle)
     return Layout({"colocated": bundles}, {role: [("colocated", i) for i in range(n)] for role, n in counts.items()})
 
 

@@ -35,7 +35,7 @@ from rlhf_dist.config.groups import (
     SFTConfig,
     TrainerConfig,
 )
-from rlhf_dist.config.plan import RunPlan, SupervisedPlan, TrainerPlan, needs_reference, updates_once
+from rlhf_dist.config.plan import RunPlan, SupervisedPlan, TrainerPlan, actor_counts, needs_reference, updates_once
 from rlhf_dist.config.runtime import (
     LOGPROB_TOLERANCE,
     CheckpointConfig,
@@ -79,6 +79,7 @@ __all__ = [
     "TrainerConfig",
     "TrainerPlan",
     "WeightSyncConfig",
+    "actor_counts",
     "as_dict",
     "register_configs",
     "supervised_plan",

@@ -244,9 +244,12 @@ class RolloutConfig:
     # vLLM tensor-parallel size per engine: its workers are the engine actor's subprocesses, on the
     # GPUs of its placement bundle (on CPU, on its cores; needs resources.vllm_in_process=false).
     tensor_parallel_size: int = 1
-    # vLLM memory fraction of GPU memory (on CPU: of the NUMA node's RAM); used when kv_cache_gib=0.
+    # vLLM's budget (weights, activations, KV cache) as a fraction of its GPU's memory, which must be
+    # free when the engine starts (on CPU: of the NUMA node's RAM); the KV cache gets what the rest leaves
+    # when kv_cache_gib=0. Colocated: at most 1 - the other roles' resources.<role>.gpus on GPU 0.
     gpu_memory_utilization: float = 0.5
-    # Explicit KV-cache size per engine in GiB; 0 sizes it from gpu_memory_utilization.
+    # Explicit KV-cache size per engine in GiB (sized for CPU runs; the GPU presets set 0); 0 sizes it
+    # from gpu_memory_utilization. A colocated GPU run needs 0: a fixed size ignores the engine's share.
     kv_cache_gib: float = 0.25
     # Maximum sequence length (prompt + response) of the engine.
     max_model_len: int = 256

@@ -65,6 +65,18 @@ def needs_reference(cfg: Config) -> bool:
     return cfg.algo.uses_kl or cfg.reference.monitor
 
 
+def actor_counts(cfg: Config) -> dict[str, int]:
+    """Actors per role of a PPO run, for the roles it starts (no critic without GAE, no reference
+    without ``needs_reference``): what placement lays out and validation sizes GPUs for."""
+    t = cfg.trainer
+    counts = {"generation": cfg.rollout.num_engines, "policy": t.world_size, "reward": cfg.reward.num_actors}
+    if needs_reference(cfg):
+        counts["reference"] = cfg.reference.num_actors
+    if cfg.algo.needs_critic:
+        counts["critic"] = t.world_size
+    return counts
+
+
 def updates_once(cfg: Config) -> bool:
     """A PPO step is one optimizer step (one epoch of one minibatch) and nothing before it needs
     pi_old (no KL in the reward, no rollout correction): the update's own forward then gives the

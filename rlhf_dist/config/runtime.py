@@ -12,7 +12,8 @@ from rlhf_dist.config.errors import _check_positive, _fail
 class RoleResources:
     # Logical CPUs reserved per actor of this role.
     cpus: float = 1.0
-    # GPUs per actor of this role (fractions share a GPU when colocated).
+    # GPUs per actor of this role; colocated, its fraction of the bundle's one GPU and its planned share
+    # of that GPU's memory (the engine's rollout.gpu_memory_utilization must leave it free).
     gpus: float = 0.0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from rlhf_dist.config.errors import _fail
 from rlhf_dist.config.groups import GROUP_ESTIMATORS
-from rlhf_dist.config.plan import RunPlan, SupervisedPlan, derive_run_plan, derive_supervised_plan
+from rlhf_dist.config.plan import RunPlan, SupervisedPlan, actor_counts, derive_run_plan, derive_supervised_plan
 from rlhf_dist.config.runtime import ResourcesConfig
 from rlhf_dist.config.schema import GROUPS, Config
 
@@ -30,6 +30,7 @@ def validate_config(cfg: Config) -> RunPlan:
     _check_device(cfg)
     _check_placement(cfg)
     _check_ipc_sync(cfg)
+    _check_gpu_memory(cfg)
     _check_lengths(cfg)
     return derive_run_plan(cfg)
 
@@ -43,7 +44,7 @@ def supervised_plan(cfg: Config, stage: str, num_rows: int | None = None) -> Sup
     _check_seed(cfg)
     for group in (*SUPERVISED_GROUPS, stage):
         getattr(cfg, group).validate()
-    _check_trainer_gpus(cfg.resources)
+    _check_gpu_shares(cfg.resources, {"policy": cfg.trainer.world_size}, on_gpu=("policy",))
     t, st = cfg.trainer, getattr(cfg, stage)
     if st.batch_size % t.world_size:
         _fail(f"{stage}.batch_size", st.batch_size, f"must be divisible by trainer.world_size={t.world_size}")
@@ -119,33 +120,79 @@ def _check_device(cfg: Config) -> None:
         _fail("rollout.sleep_level", r.sleep_level, "needs resources.device=cuda (vLLM has no sleep mode on CPU)")
 
 
-def _check_trainer_gpus(res: ResourcesConfig) -> None:
-    if res.device == "cuda" and res.policy.gpus <= 0:
-        _fail("resources.policy.gpus", res.policy.gpus, "must be > 0 when resources.device=cuda")
+def _check_gpu_shares(res: ResourcesConfig, counts: dict[str, int], on_gpu: tuple[str, ...]) -> None:
+    """On CUDA: every role of ``on_gpu`` (its actors load a model) has a GPU share, and no layout can
+    put two ranks of one process group on one GPU (NCCL refuses them: "Duplicate GPU detected")."""
+    if res.device != "cuda":
+        return
+    for role in on_gpu:
+        if getattr(res, role).gpus <= 0:
+            _fail(f"resources.{role}.gpus", getattr(res, role).gpus,
+                  "must be > 0 when resources.device=cuda (its actors load a model on the GPU)")
+    if res.placement == "colocated":
+        # Bundle i is one whole GPU (placement.layout) holding actor i of every role, so the ranks of
+        # a group are on different GPUs; the fractions must fit in it. Bundle 0 holds an actor of
+        # every role: the largest sum.
+        shares = {role: getattr(res, role).gpus for role in counts}
+        if sum(shares.values()) > 1.0 + 1e-9:  # (decimal shares such as 0.4 + 0.2 + 0.1 sum with rounding)
+            terms = " + ".join(f"resources.{role}.gpus={g:g}" for role, g in shares.items())
+            _fail("resources.*.gpus", round(sum(shares.values()), 6),
+                  f"colocated GPU 0 holds an actor of every role ({terms}): lower them to sum to <= 1")
+        return
+    for role in ("policy", "critic"):
+        n, gpus = counts.get(role, 0), getattr(res, role).gpus
+        if n > 1 and gpus % 1:
+            # A bundle per rank, each a fraction: Ray packs them onto the fullest GPU that fits.
+            _fail(f"resources.{role}.gpus", gpus,
+                  f"with resources.placement=separate, part of a GPU per rank lets Ray put two of the "
+                  f"trainer.world_size={n} DeepSpeed ranks on one GPU (NCCL refuses it); use a whole number "
+                  "(1: a GPU per rank), or resources.placement=colocated")
 
 
 def _check_placement(cfg: Config) -> None:
-    """GPUs per bundle: colocated roles share one GPU (so no NCCL between them); apart, an engine's
-    bundle holds exactly its tensor-parallel group."""
+    """GPUs per bundle: colocated roles share one whole GPU per bundle (so no NCCL between them);
+    apart, an engine's bundle holds exactly its tensor-parallel group and a trainer rank whole GPUs.
+    That also keeps the NCCL weight-transfer group (policy rank 0 and every engine's workers) on
+    distinct GPUs: apart, every engine's bundle is whole GPUs; colocated, NCCL is refused."""
     res, r = cfg.resources, cfg.rollout
     if res.placement == "colocated" and res.weight_sync_backend == "nccl":
         _fail("resources.weight_sync_backend", "nccl",
               "NCCL cannot join a trainer and an engine on one GPU; use ipc with placement=colocated")
-    _check_trainer_gpus(res)
+    counts = actor_counts(cfg)
+    # policy first: the role no CUDA run does without
+    on_gpu = [role for role in ("policy", "generation", "critic", "reference") if role in counts]
+    if cfg.reward.model_weight:  # a reward function or endpoint needs no GPU
+        on_gpu.append("reward")
+    _check_gpu_shares(res, counts, tuple(on_gpu))
     if res.placement == "colocated" and res.device == "cuda":
-        # Bundle i holds actor i of every role; with TP 1 and at most one GPU per bundle, engine i
-        # shares trainer rank i's GPU.
+        # Bundle i holds actor i of every role on one GPU: engine i shares trainer rank i's GPU.
         if r.tensor_parallel_size > 1:
             _fail("rollout.tensor_parallel_size", r.tensor_parallel_size,
                   "must be 1 with resources.placement=colocated")
-        shared = sum(g.gpus for g in res.roles().values())
-        if shared > 1.0:
-            _fail("resources.*.gpus", shared, "colocated roles share one GPU per bundle: their gpus must sum to <= 1")
     elif res.device == "cuda" and res.generation.gpus != r.tensor_parallel_size:
         # One engine is one actor on one placement bundle, and a bundle never spans nodes: its GPUs
         # are exactly the engine's tensor-parallel group, on one node.
         _fail("resources.generation.gpus", res.generation.gpus,
               f"must equal rollout.tensor_parallel_size={r.tensor_parallel_size} (the GPUs of one engine)")
+
+
+def _check_gpu_memory(cfg: Config) -> None:
+    """vLLM's share of a colocated GPU. On CUDA an engine takes rollout.gpu_memory_utilization of its
+    GPU's memory (weights, activations, KV cache) and refuses to start unless that much is free;
+    colocated, the roles beside it on GPU 0 hold their shares (resources.<role>.gpus) meanwhile."""
+    res, r = cfg.resources, cfg.rollout
+    if res.device != "cuda" or res.placement != "colocated":
+        return
+    if r.kv_cache_gib:
+        _fail("rollout.kv_cache_gib", r.kv_cache_gib,
+              "a fixed KV cache ignores rollout.gpu_memory_utilization, the engine's share of a colocated GPU; "
+              "set it to 0")
+    others = {role: getattr(res, role).gpus for role in actor_counts(cfg) if role != "generation"}
+    held = sum(others.values())
+    if r.gpu_memory_utilization + held > 1.0 + 1e-9:
+        terms = " + ".join(f"resources.{role}.gpus={g:g}" for role, g in others.items())
+        _fail("rollout.gpu_memory_utilization", r.gpu_memory_utilization,
+              f"engine 0 shares its GPU with {terms} = {held:g}: set it <= {1.0 - held:g}, or lower those shares")
 
 
 def _check_ipc_sync(cfg: Config) -> None:

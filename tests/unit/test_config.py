@@ -25,12 +25,14 @@ from rlhf_dist.config import (
     RunPlan,
     SupervisedPlan,
     TrainerConfig,
+    actor_counts,
     register_configs,
     updates_once,
     supervised_plan,
     to_config,
     validate_config,
 )
+from rlhf_dist.placement import layout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -149,6 +151,17 @@ def test_vllm_in_process_is_a_preset_choice(compose, preset, in_process):
     assert to_config(compose([f"resources={preset}"])).resources.vllm_in_process is in_process
 
 
+# GPU shares of a CUDA run that pass on their own, for the rows about something else. Separate: a
+# whole GPU per actor. Colocated: one GPU per bundle, 0.5 (engine) + 4 x 0.125 = 1 exactly, and the
+# engine's vLLM budget 0.5 = 1 - 0.5 (the other four roles' shares).
+ROLES = ("generation", "policy", "critic", "reference", "reward")
+SEPARATE_GPUS = {"resources__device": "cuda", **{f"resources__{role}__gpus": 1 for role in ROLES}}
+COLOCATED_GPUS = {
+    "resources__device": "cuda", "resources__placement": "colocated", "resources__weight_sync_backend": "ipc",
+    "resources__vllm_in_process": True, **{f"resources__{role}__gpus": 0.125 for role in ROLES},
+    "resources__generation__gpus": 0.5, "rollout__gpu_memory_utilization": 0.5, "rollout__kv_cache_gib": 0.0,
+}
+
 # (overrides, exact message prefix, a fragment of the fix the message must also name)
 BAD_VALUES = [
     ({"trainer__zero_stage": 7}, "trainer.zero_stage=7:", "0, 1, 2 or 3"),
@@ -197,24 +210,40 @@ BAD_VALUES = [
     ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl", "resources__placement": "colocated",
       "resources__policy__gpus": 0.5}, "resources.weight_sync_backend='nccl':", "use ipc with placement=colocated"),
     ({"resources__weight_sync_backend": "ipc"}, "resources.weight_sync_backend='ipc':", "use gloo on CPU"),
-    ({"resources__device": "cuda", "resources__weight_sync_backend": "ipc", "resources__policy__gpus": 1,
-      "resources__generation__gpus": 1}, "resources.weight_sync_backend='ipc':", "placement=colocated"),
-    ({"resources__device": "cuda", "resources__weight_sync_backend": "ipc", "resources__placement": "colocated",
-      "resources__policy__gpus": 0.5, "resources__generation__gpus": 0.5},
-     "resources.vllm_in_process=False:", "ipc needs it true"),
-    ({"resources__device": "cuda", "resources__weight_sync_backend": "ipc", "resources__placement": "colocated",
-      "resources__vllm_in_process": True, "resources__policy__gpus": 0.5, "resources__generation__gpus": 0.5,
-      "rollout__num_engines": 3}, "rollout.num_engines=3:", "trainer.world_size=2"),
-    ({"resources__device": "cuda", "resources__weight_sync_backend": "ipc", "resources__placement": "colocated",
-      "resources__policy__gpus": 0.6, "resources__generation__gpus": 0.6}, "resources.*.gpus=1.2:", "sum to <= 1"),
+    ({**SEPARATE_GPUS, "resources__weight_sync_backend": "ipc"}, "resources.weight_sync_backend='ipc':",
+     "placement=colocated"),
+    ({**COLOCATED_GPUS, "resources__vllm_in_process": False}, "resources.vllm_in_process=False:", "ipc needs it true"),
+    ({**COLOCATED_GPUS, "rollout__num_engines": 3}, "rollout.num_engines=3:", "trainer.world_size=2"),
+    # GPU 0 holds an actor of every role: generation 0.6 + policy 0.6 + reward, reference, critic 0.125 each = 1.575
+    ({**COLOCATED_GPUS, "resources__policy__gpus": 0.6, "resources__generation__gpus": 0.6},
+     "resources.*.gpus=1.575:", "lower them to sum to <= 1"),
+    # a role whose actors load a model gets no GPU: on a colocated GPU as apart
+    ({**COLOCATED_GPUS, "resources__reference__gpus": 0.0}, "resources.reference.gpus=0.0:",
+     "must be > 0 when resources.device=cuda"),
+    ({**SEPARATE_GPUS, "resources__weight_sync_backend": "nccl", "resources__reward__gpus": 0.0,
+      "reward__model_weight": 1.0, "reward__model_path": "/m"}, "resources.reward.gpus=0.0:", "load a model on the GPU"),
+    # apart, trainer.world_size=2 ranks of a fraction each: Ray may pack both onto one GPU
+    ({**SEPARATE_GPUS, "resources__weight_sync_backend": "nccl", "resources__policy__gpus": 0.5},
+     "resources.policy.gpus=0.5:", "two of the trainer.world_size=2 DeepSpeed ranks on one GPU"),
+    ({**SEPARATE_GPUS, "resources__weight_sync_backend": "nccl", "resources__critic__gpus": 0.5},
+     "resources.critic.gpus=0.5:", "use a whole number (1: a GPU per rank), or resources.placement=colocated"),
+    ({**SEPARATE_GPUS, "resources__weight_sync_backend": "nccl", "resources__policy__gpus": 1.5},
+     "resources.policy.gpus=1.5:", "use a whole number"),
+    # the NCCL weight-transfer group: an engine apart is whole GPUs (its TP group), never a fraction
+    ({**SEPARATE_GPUS, "resources__weight_sync_backend": "nccl", "resources__generation__gpus": 0.5},
+     "resources.generation.gpus=0.5:", "must equal rollout.tensor_parallel_size=1"),
+    # vLLM's budget beside the others' shares on GPU 0: policy + reward + reference + critic = 4 x 0.125 = 0.5
+    ({**COLOCATED_GPUS, "rollout__gpu_memory_utilization": 0.6}, "rollout.gpu_memory_utilization=0.6:",
+     ("resources.policy.gpus=0.125 + resources.reward.gpus=0.125 + resources.reference.gpus=0.125 + "
+      "resources.critic.gpus=0.125 = 0.5: set it <= 0.5")),
+    ({**COLOCATED_GPUS, "rollout__kv_cache_gib": 0.25}, "rollout.kv_cache_gib=0.25:", "set it to 0"),
     ({"rollout__sleep_level": 1}, "rollout.sleep_level=1:", "no sleep mode on CPU"),
     ({"rollout__sleep_level": 3}, "rollout.sleep_level=3:", "0 (never), 1 or 2"),
     ({"trainer__offload_optimizer": True, "trainer__zero_stage": 1}, "trainer.offload_optimizer=True:", "2 or 3"),
     # device=cuda with every role still at 0 GPUs
     ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl"}, "resources.policy.gpus=0.0:", "cuda"),
     # a tensor-parallel engine holds its TP GPUs in its one bundle (so on one node)
-    ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl", "resources__policy__gpus": 1,
-      "resources__generation__gpus": 1, "rollout__tensor_parallel_size": 2},
+    ({**SEPARATE_GPUS, "resources__weight_sync_backend": "nccl", "rollout__tensor_parallel_size": 2},
      "resources.generation.gpus=1:", "must equal rollout.tensor_parallel_size=2"),
 ]
 
@@ -382,6 +411,42 @@ def test_colocated_gpu_preset_shares_each_gpu_and_sleeps_its_engines(compose):
     assert (res.placement, res.weight_sync_backend, res.vllm_in_process) == ("colocated", "ipc", True)
     assert cfg.rollout.sleep_level == 1
     assert sum(r.gpus for r in res.roles().values()) <= 1.0  # bundle 0 holds one actor of every role
+    # vLLM's budget is a fraction of the GPU: 0.35 <= 1 - (policy 0.2 + critic 0.2 + reference 0.1 + reward 0.1)
+    assert (cfg.rollout.kv_cache_gib, cfg.rollout.gpu_memory_utilization) == (0.0, 0.35)
+
+
+@pytest.mark.parametrize("preset", ["gpu_node", "gpu_2x8"])
+def test_gpu_presets_size_vllm_by_a_fraction_of_its_own_gpu(compose, preset):
+    rollout = to_config(compose([f"resources={preset}"])).rollout
+    assert (rollout.kv_cache_gib, rollout.gpu_memory_utilization) == (0.0, 0.85)
+
+
+def test_cpu_runs_keep_the_fixed_kv_cache(compose):
+    # the schema default and the default run (local_cpu): 0.25 GiB of KV cache, as before the GPU presets moved
+    for rollout in (Config().rollout, to_config(compose([])).rollout):
+        assert (rollout.kv_cache_gib, rollout.gpu_memory_utilization) == (0.25, 0.5)
+
+
+def test_colocated_grpo_with_three_ranks_validates_and_takes_three_gpus(compose):
+    # GRPO (no critic) with 3 policy ranks and 1 engine on resources=gpu_colocated:
+    #   samples 24 x 4 = 96, minibatch 48 -> 48 / 3 = 16 per rank, 2 micro-batches of 8
+    cfg = to_config(compose(["resources=gpu_colocated", "algo=grpo", "trainer.world_size=3",
+                             "rollout.batch_size=24", "algo.minibatch_size=48"]))
+    validate_config(cfg)
+    counts = actor_counts(cfg)
+    assert counts == {"generation": 1, "policy": 3, "reward": 1, "reference": 1}
+    plan = layout(cfg.resources.placement, cfg.resources.roles(), counts)
+    # bundle 0: generation 2 + policy 2 + reward 1 + reference 1 = 6 CPUs; bundles 1, 2: a policy rank's 2;
+    # each one whole GPU
+    assert plan.groups == {"colocated": [{"GPU": 1.0, "CPU": 6.0}, {"GPU": 1.0, "CPU": 2.0}, {"GPU": 1.0, "CPU": 2.0}]}
+
+
+def test_supervised_stages_refuse_fractional_ranks_apart():
+    cfg = config_with(resources__device="cuda", resources__policy__gpus=0.5)
+    for stage in ("sft", "rm"):
+        with pytest.raises(ConfigError, match=r"^resources\.policy\.gpus=0\.5: .* trainer\.world_size=2 DeepSpeed"):
+            supervised_plan(cfg, stage)
+    supervised_plan(config_with(resources__device="cuda", resources__policy__gpus=0.5, trainer__world_size=1), "sft")
 
 
 def test_kl_in_loss_refuses_k1_with_a_nonzero_coefficient():

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from rlhf_dist.config import RoleResources
+from rlhf_dist.config import Config, RoleResources, actor_counts
 from rlhf_dist.placement import layout, role_bundle
 from rlhf_dist.roles.spec import RankSpec
 
@@ -33,8 +33,7 @@ def test_separate_gives_every_role_its_own_group_one_bundle_per_actor():
     }
 
 
-def test_colocated_bundle_i_sums_actor_i_of_every_role():
-    # GPU shares chosen as binary fractions, so the sums are exact
+def test_colocated_bundle_i_holds_actor_i_of_every_role_on_one_whole_gpu():
     per_role = {
         "generation": RoleResources(cpus=1.0, gpus=0.25), "policy": RoleResources(cpus=1.0, gpus=0.25),
         "critic": RoleResources(cpus=1.0, gpus=0.25), "reference": RoleResources(cpus=1.0, gpus=0.125),
@@ -43,23 +42,58 @@ def test_colocated_bundle_i_sums_actor_i_of_every_role():
     counts = {"generation": 2, "policy": 2, "critic": 2, "reference": 1, "reward": 1}
     plan = layout("colocated", per_role, counts)
     # width = the largest count = 2 bundles
-    # bundle 0: all five roles: CPU 1 + 1 + 1 + 1 + 0.5 = 4.5; GPU 3 x 0.25 + 2 x 0.125 = 1.0 (one GPU)
-    # bundle 1: generation, policy, critic only: CPU 3; GPU 3 x 0.25 = 0.75
-    assert plan.groups == {"colocated": [{"CPU": 4.5, "GPU": 1.0}, {"CPU": 3.0, "GPU": 0.75}]}
+    # bundle 0: all five roles: CPU 1 + 1 + 1 + 1 + 0.5 = 4.5; one whole GPU (their fractions: 1.0)
+    # bundle 1: generation, policy, critic only: CPU 3; one whole GPU too, though their fractions
+    # sum to 0.75 (a 0.75 bundle could share a GPU with another bundle's ranks)
+    assert plan.groups == {"colocated": [{"CPU": 4.5, "GPU": 1.0}, {"CPU": 3.0, "GPU": 1.0}]}
     assert plan.slots == {
         "generation": [("colocated", 0), ("colocated", 1)], "policy": [("colocated", 0), ("colocated", 1)],
         "critic": [("colocated", 0), ("colocated", 1)], "reference": [("colocated", 0)], "reward": [("colocated", 0)],
     }
 
 
-def test_colocated_without_gpus_has_no_gpu_key_and_a_gpu_role_adds_only_its_own():
+def test_colocated_grpo_with_three_ranks_takes_three_whole_gpus():
+    # GRPO (no critic), trainer.world_size=3, one engine, resources=gpu_colocated's shares. Sized by
+    # the sums, bundles 1 and 2 would be {"GPU": 0.2} each, and Ray packs such bundles onto the
+    # fullest GPU that fits: ranks 1 and 2 of the policy's NCCL group on one GPU.
+    per_role = {
+        "generation": RoleResources(cpus=2.0, gpus=0.4), "policy": RoleResources(cpus=2.0, gpus=0.2),
+        "reference": RoleResources(cpus=1.0, gpus=0.1), "reward": RoleResources(cpus=1.0, gpus=0.1),
+    }
+    plan = layout("colocated", per_role, {"generation": 1, "policy": 3, "reward": 1, "reference": 1})
+    # bundle 0: generation 2 + policy 2 + reward 1 + reference 1 = 6 CPUs; bundles 1, 2: policy's 2
+    assert plan.groups == {"colocated": [{"CPU": 6.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]}
+    assert plan.slots["policy"] == [("colocated", 0), ("colocated", 1), ("colocated", 2)]
+    assert plan.slots["generation"] == plan.slots["reward"] == plan.slots["reference"] == [("colocated", 0)]
+
+
+def test_colocated_ppo_with_fewer_engines_than_ranks_keeps_one_gpu_per_bundle():
+    # PPO, 2 engines, 4 policy and 4 critic ranks: bundles 2 and 3 hold policy + critic only
+    # (fractions 0.25 + 0.25 = 0.5 each: by the sums, the two would fit on one GPU)
+    per_role = {role: RoleResources(cpus=1.0, gpus=0.25) for role in ("generation", "policy", "critic")}
+    plan = layout("colocated", per_role, {"generation": 2, "policy": 4, "critic": 4})
+    # bundles 0, 1: 3 roles -> 3 CPUs; bundles 2, 3: 2 roles -> 2 CPUs; each one whole GPU
+    assert plan.groups == {"colocated": [{"CPU": 3.0, "GPU": 1.0}] * 2 + [{"CPU": 2.0, "GPU": 1.0}] * 2}
+
+
+def test_colocated_without_gpus_has_no_gpu_key_and_a_gpu_role_makes_the_bundle_a_whole_gpu():
     cpu = RoleResources(cpus=1.0, gpus=0.0)
-    # CPU only: bundle 0 = 1 + 1 = 2 CPUs, bundle 1 = 1 CPU (only the 2-actor role reaches it)
+    # CPU only (every CPU run): bundle 0 = 1 + 1 = 2 CPUs, bundle 1 = 1 CPU (only the 2-actor role reaches it)
     plan = layout("colocated", {"generation": cpu, "reward": cpu}, {"generation": 2, "reward": 1})
     assert plan.groups == {"colocated": [{"CPU": 2.0}, {"CPU": 1.0}]}
-    # a GPU role beside a CPU-only one: bundle 0 = CPU 1 + 2 = 3, GPU 0 + 0.5 = 0.5
+    # a GPU role beside a CPU-only one: bundle 0 = CPU 1 + 2 = 3 and one whole GPU (the actor takes 0.5 of it)
     plan = layout("colocated", {"reward": cpu, "policy": RoleResources(cpus=2.0, gpus=0.5)}, {"reward": 1, "policy": 1})
-    assert plan.groups == {"colocated": [{"CPU": 3.0, "GPU": 0.5}]}
+    assert plan.groups == {"colocated": [{"CPU": 3.0, "GPU": 1.0}]}
+
+
+def test_the_default_cpu_run_has_a_one_cpu_bundle_per_actor():
+    # Defaults: PPO (a critic), KL 0.05 (a reference), 1 engine, trainer.world_size=2, 1 reward
+    # actor, every role 1 CPU and no GPU, placement=separate
+    cfg = Config()
+    counts = actor_counts(cfg)
+    assert counts == {"generation": 1, "policy": 2, "reward": 1, "reference": 1, "critic": 2}
+    plan = layout(cfg.resources.placement, cfg.resources.roles(), counts)
+    assert plan.groups == {role: [{"CPU": 1.0}] * n for role, n in counts.items()}
 
 
 def test_rank_spec_is_frozen_and_checks_its_rank():
