@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_dist.seeds import ENGINE_TURN, derive_seed
+from rlhf_dist.core.seeds import ENGINE_TURN, derive_seed
 from rlhf_dist.worker_group import RoleError
 
 # Markers of the turns in a transcript (the rollout samples table).

@@ -15,7 +15,6 @@ The reward function lives here, in the package, so that Ray actors can import it
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import random
 import threading
@@ -25,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from rlhf_dist import reviews, tiny_model
+from rlhf_dist import tiny_model
+from rlhf_dist.tasks.base import Recipe
+from rlhf_dist.tasks.reviews import corpus as reviews
 
 REWARD_FUNCTION = "rlhf_dist.bench_workloads:positive_word_count"
 NUM_PROMPTS = 2048  # prompt pool; each step samples rollout.batch_size of them
@@ -38,14 +39,14 @@ def positive_word_count(prompt: str, response: str) -> float:
     return float(sum(w in _POSITIVE for w in reviews.words(response)))
 
 
-W1_RECIPE = tiny_model.Recipe(
+W1_RECIPE = Recipe(
     name="bench-w1-noeos-v1", corpus_lines=6000, hidden_size=128, intermediate_size=256, split_digits=False,
     pretrain_steps=300, batch_size=32, learning_rate=3e-3, end_with_eos=False,
 )  # fmt: skip
 # ~25 M parameters: 8 x (4 x 512^2 attention + 3 x 512 x 1408 MLP) + 2 x 512 x 512 embeddings.
 # 40 steps x 8 texts take ~1.5 min on 2 cores: about the </s> rate and little else, which is what
 # the workload needs (responses of very different lengths).
-W2_RECIPE = tiny_model.Recipe(
+W2_RECIPE = Recipe(
     name="bench-w2-eos-v1", corpus_lines=3000, hidden_size=512, intermediate_size=1408, split_digits=False,
     pretrain_steps=40, batch_size=8, learning_rate=2e-3, num_layers=8,
 )  # fmt: skip
@@ -56,7 +57,7 @@ W2_MAX_SENTENCES = 12  # a w2 pretraining text holds 1..12 review sentences (~10
 class Workload:
     name: str
     description: str
-    recipe: tiny_model.Recipe
+    recipe: Recipe
     prompts_per_step: int
     samples_per_prompt: int
     max_new_tokens: int
@@ -160,4 +161,4 @@ class LatencyRewardServer:
 
 def cache_root(cache_dir: str = "") -> pathlib.Path:
     """Where the benchmark models live: ``cache_dir``, else the embedded models' cache."""
-    return pathlib.Path(cache_dir or os.environ.get(tiny_model.CACHE_ENV) or tiny_model.default_model_dir().parent)
+    return pathlib.Path(cache_dir) if cache_dir else tiny_model.cache_root()

@@ -10,7 +10,16 @@ from dataclasses import dataclass, field
 
 import ray
 
-from rlhf_dist.config import Config, RoleResources, RunPlan, TrainerPlan, actor_counts, needs_reference
+from rlhf_dist.config import (
+    Config,
+    RoleResources,
+    RunPlan,
+    TrainerPlan,
+    actor_counts,
+    needs_reference,
+    trainer_collective_timeout_s,
+    weight_sync_timeout_s,
+)
 from rlhf_dist.modeling import token_vocab_size
 from rlhf_dist.placement import Slot, actor_env, init_ray, place, spawn
 from rlhf_dist.preemption import Interrupted
@@ -70,9 +79,26 @@ class Roles:
         try:
             return self.generation.generate(prompt_ids, seeds, greedy=greedy, rows=rows)
         except RoleError as e:
-            if not self.recovery.replace_lost_engines(self, e):
+            if not self.replace_lost_engines(e):
                 raise
         return self.generation.generate(prompt_ids, seeds, greedy=greedy, rows=rows)
+
+    def replace_lost_engines(self, error: RoleError) -> bool:
+        """Recover from ``error`` of a generation call: False when it cannot (not a lost actor, or
+        no engine restarts left in ``recovery``'s budget) and the caller re-raises; True once each
+        lost engine is back in its placement slot, every engine has joined a new weight-transfer
+        group and received the current policy weights: the call can be retried."""
+        if not error.lost_actor or not self.recovery.restarts.take():
+            return False
+        started = time.perf_counter()
+        lost = self.generation.respawn_lost(self.recovery.start_timeout_s)
+        self.weights.reconnect()
+        self.recovery.record(self)
+        restarts = self.recovery.restarts
+        self.recovery.notify(f"rlhf_dist: {error}; replaced engine ranks {lost} and re-synced weights version "
+                             f"{self.weights.version} in {time.perf_counter() - started:.0f}s "
+                             f"(restart {restarts.count}/{restarts.limit}), retrying")
+        return True
 
     def processes(self, timeout_s: float) -> dict[str, list[int]]:
         """The process id of every actor, by role and rank (what to look at, or kill, from outside)."""
@@ -83,7 +109,7 @@ class Roles:
 def rank_spec(cfg: Config, rank: int, world_size: int, model_path: str) -> RankSpec:
     """The spec of one actor: rank ``rank`` of ``world_size``, loading ``model_path``."""
     return RankSpec(rank=rank, world_size=world_size, device=cfg.resources.device, seed=cfg.seed,
-                    timeout_s=cfg.timeouts.weight_sync_s, model_path=model_path)
+                    timeout_s=trainer_collective_timeout_s(cfg), model_path=model_path)
 
 
 def place_roles(cfg: Config, counts: dict[str, int]) -> dict[str, list[Slot]]:
@@ -158,11 +184,9 @@ def connect_weights(cfg: Config, policy: PolicyGroup, generation: GenerationGrou
     res, ws, dtype = cfg.resources, cfg.weight_sync, cfg.model.dtype
     # Two probe sequences per trainer rank: every ZeRO rank runs the same number of forward passes.
     probe = probe_sequences(token_vocab_size(policy_path), 2 * cfg.trainer.world_size, cfg.seed)
-    # With rollouts more than one step ahead, a sync is queued behind a generation on the engines.
-    timeout_s = cfg.timeouts.weight_sync_s + (cfg.timeouts.generate_s if cfg.rollout.max_staleness > 1 else 0.0)
     weights = WeightSync(policy, generation, res.weight_sync_backend, cfg.rollout.tensor_parallel_size,
-                         timeout_s, probe=probe, verify_every=ws.verify_every, tolerance=ws.tolerance(dtype),
-                         bucket_bytes=int(res.weight_sync_bucket_mb * 2**20))
+                         weight_sync_timeout_s(cfg), probe=probe, verify_every=ws.verify_every,
+                         tolerance=ws.tolerance(dtype), bucket_bytes=int(res.weight_sync_bucket_mb * 2**20))
     if ws.verify_every:
         weights.verify()
     return weights

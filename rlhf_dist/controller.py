@@ -14,19 +14,22 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_dist import algorithms as A
 from rlhf_dist.agent import env_metrics, env_rows, with_env_returns
 from rlhf_dist.checkpoint import Checkpointer, TrainState
 from rlhf_dist.cluster import Roles
 from rlhf_dist.config import AlgoConfig, Config, needs_reference, updates_once
+from rlhf_dist.core.advantages import estimate_advantages, neutralise_dropped
+from rlhf_dist.core.experience import Experience, collate, pad_right
+from rlhf_dist.core.kl import kl_estimate
+from rlhf_dist.core.losses import rollout_correction
+from rlhf_dist.core.schedule import AdaptiveKLController, FixedKLController
+from rlhf_dist.core.stats import masked_mean, masked_sum
 from rlhf_dist.data import PromptSet
-from rlhf_dist.experience import Experience, collate, pad_right
-from rlhf_dist.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_dist.preemption import Preemption
+from rlhf_dist.registry import import_function
 from rlhf_dist.roles.groups import RewardGroup
-from rlhf_dist.roles.reward import import_function
-from rlhf_dist.run_logger import RunLogger
 from rlhf_dist.rollout import RolloutBatch, RolloutQueue, sample_seeds
+from rlhf_dist.run_logger import RunLogger
 from rlhf_dist.timeline import Timeline
 from rlhf_dist.worker_group import Pending, wait_all
 
@@ -73,10 +76,10 @@ def advantages_for(
     algo: AlgoConfig, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
     values: torch.Tensor | None, n: int, kl_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``algorithms.estimate_advantages`` with ``algo``'s estimator; the KL penalty enters the
+    """``core.advantages.estimate_advantages`` with ``algo``'s estimator; the KL penalty enters the
     reward only when ``algo.kl_in == "reward"`` (otherwise it is a loss term)."""
     beta = kl_coef if algo.kl_in == "reward" else 0.0
-    return A.estimate_advantages(
+    return estimate_advantages(
         algo.estimator, scores, kl, mask, values, n, beta, algo.gamma, algo.lam, algo.whiten_rewards
     )
 
@@ -138,15 +141,15 @@ def step_metrics(
         "reward/std": valid.std().item() if len(valid) > 1 else 0.0,
         "reward/dropped": float((~kept).sum()),
         "kl/mean": sequence_kl.mean().item(),  # per sequence, summed over tokens
-        "kl/token_mean": A.masked_mean(kl, mask).item(),
+        "kl/token_mean": masked_mean(kl, mask).item(),
         "kl/coef": kl_coef,
         "loss/policy": policy_stats["policy_loss"],
         "ppo/clipfrac": policy_stats["clipfrac"],
         "ppo/approx_kl": policy_stats["approx_kl"],
         "ppo/lr": policy_stats["lr"],
-        "entropy/mean": A.masked_mean(entropy, mask).item(),
+        "entropy/mean": masked_mean(entropy, mask).item(),
         "response_length/mean": mask.sum(-1).mean().item(),
-        "logprob_gap/mean": A.masked_mean((engine_logprobs - old_logprobs).abs(), mask).item(),
+        "logprob_gap/mean": masked_mean((engine_logprobs - old_logprobs).abs(), mask).item(),
         **times,
         "time/step": step_s,
         "throughput/gen_tokens_per_s": float(mask.sum()) / max(times["time/generate"], 1e-9),
@@ -186,7 +189,7 @@ def kl_and_correction(
         return torch.zeros_like(mask), None, {}
     kl = torch.zeros_like(old_logprobs) if ref_logprobs is None else kl_estimate(
         old_logprobs, ref_logprobs, algo.kl_estimator)
-    weights, correction = A.rollout_correction(
+    weights, correction = rollout_correction(
         old_logprobs, engine_logprobs, mask, algo.rollout_correction, algo.rollout_is_cap
     )
     return kl, weights, correction
@@ -229,7 +232,7 @@ def rl_step(
     mask = exp.response_mask
     engine_logprobs = pad_right([g.response_logprobs for g in gens], mask.shape[1])
     raw_scores = torch.tensor(batch.scores)
-    scores, kept = A.neutralise_dropped(raw_scores, n)
+    scores, kept = neutralise_dropped(raw_scores, n)
     truncated = torch.tensor([g.truncated for g in gens], dtype=torch.bool)  # cut off by max_new_tokens
     trained = kept & ~truncated if algo.mask_truncated else kept  # DAPO's overlong filtering
     one_pass = updates_once(cfg)
@@ -252,7 +255,7 @@ def rl_step(
     if one_pass:
         policy_stats, old_logprobs, entropy = policy_stats
         kl, _, correction = kl_and_correction(old_logprobs, ref_logprobs, engine_logprobs, mask, algo)
-    sequence_kl = A.masked_sum(kl, mask, dim=-1)
+    sequence_kl = masked_sum(kl, mask, dim=-1)
     kl_ctl.update(sequence_kl.mean().item(), len(gens))
     metrics = step_metrics(
         raw_scores, kept, kl, sequence_kl, mask, entropy, engine_logprobs, old_logprobs, kl_coef,

@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 
 from rlhf_dist.config import DataConfig
-from rlhf_dist.seeds import EPOCH_ORDER, REVIEW_PROMPTS, derive_seed, split_index
+from rlhf_dist.core.seeds import EPOCH_ORDER, derive_seed
+from rlhf_dist.models.chat import conversation_text, prompt_token_ids
+from rlhf_dist.registry import TASKS
+from rlhf_dist.tasks.base import Task, load_task
 
 
 class DataError(ValueError):
@@ -80,57 +83,29 @@ def read_rows(
     return rows, skipped
 
 
+def _builtin_task(source: str) -> Task:
+    """The built-in task of a ``builtin:<name>`` source (``rlhf_dist.registry.TASKS``)."""
+    name = source.removeprefix("builtin:")
+    if name not in TASKS:
+        raise DataError(f"unknown builtin source {source!r}: use builtin:<name> with a name of {', '.join(TASKS)}")
+    return load_task(name)
+
+
 def builtin_prompt_rows(name: str, num: int, seed: int, split: str) -> list[dict]:
-    """Prompt rows of a builtin prompt set (``builtin:reviews``, ``builtin:arithmetic``, ``builtin:calculator``)."""
-    if name == "builtin:reviews":
-        from rlhf_dist.reviews import make_prompts
-
-        return [{"prompt": p} for p in make_prompts(num, derive_seed(REVIEW_PROMPTS, seed, split_index(split)))]
-    if name == "builtin:arithmetic":
-        from rlhf_dist.arithmetic import make_problems
-
-        return make_problems(num, seed, split)
-    if name == "builtin:calculator":
-        from rlhf_dist.calculator import make_problems
-
-        return make_problems(num, seed, split)
-    raise DataError(f"unknown builtin prompt set {name!r}")
-
-
-def has_chat_template(tokenizer, enabled: bool) -> bool:
-    """Whether to apply the tokenizer's chat template: it has one and ``data.chat_template`` is on."""
-    return enabled and bool(getattr(tokenizer, "chat_template", None))
-
-
-def prompt_token_ids(tokenizer, text: str, cfg: DataConfig) -> list[int]:
-    """The policy's input for a prompt: the chat template's user turn and generation prompt when
-    the tokenizer has a template (and ``data.chat_template``), else the text as is."""
-    if has_chat_template(tokenizer, cfg.chat_template):
-        chat = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer(chat, add_special_tokens=False)["input_ids"]
-    return tokenizer(text)["input_ids"]
-
-
-def conversation_text(tokenizer, prompt: str, response: str, use_template: bool) -> str:
-    """What a reward model reads: the chat-templated exchange, or prompt + response."""
-    if has_chat_template(tokenizer, use_template):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
-        )
-    return prompt + response
+    """Prompt rows of a builtin prompt set ``builtin:<task>``, from the task's ``prompts``."""
+    return _builtin_task(name).prompts(num, seed, split)
 
 
 def _rows(source: str, key: str, kind: str, cfg: DataConfig, seed: int, split: str) -> tuple[list[dict], int]:
-    """Rows of an SFT or preference source: builtin:reviews (the embedded task) or a file."""
+    """Rows of an SFT or preference source: ``builtin:<task>`` (a task with supervised rows) or a file."""
     if source.startswith("builtin:"):
-        from rlhf_dist.feedback import supervised_rows
-
+        task = _builtin_task(source)
+        if task.supervised_rows is None:
+            raise DataError(f"{key}={source!r}: the {task.name} task has no demonstrations or preference pairs")
         num = cfg.num_builtin_sft if kind == "sft" else cfg.num_builtin_pairs
         if split == "test":
             num = max(1, num // 8)
-        return supervised_rows(kind, num, seed, split, cfg.annotator_noise), 0
+        return task.supervised_rows(kind, num, seed, split, cfg.annotator_noise), 0
     text_keys = ("prompt", "response") if kind == "sft" else ("prompt", "chosen", "rejected")
     return read_rows(Path(source).expanduser(), cfg.on_bad_row, text_keys, key)
 
@@ -166,7 +141,7 @@ def load_sft(source: str, cfg: DataConfig, tokenizer, max_len: int, seed: int, s
     rows, skipped = _rows(source, key, "sft", cfg, seed, split)
     prompts, responses = [], []
     for row in rows:
-        p = prompt_token_ids(tokenizer, row["prompt"], cfg)
+        p = prompt_token_ids(tokenizer, row["prompt"], cfg.chat_template)
         r = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if len(p) + len(r) > max_len:
             skipped = _too_long(cfg, key, skipped, len(p) + len(r), max_len, row["prompt"])
@@ -230,7 +205,7 @@ def load_prompts(
     texts, ids_list, metadata = [], [], []
     for row in rows:
         text = row["prompt"]
-        ids = prompt_token_ids(tokenizer, text, cfg)
+        ids = prompt_token_ids(tokenizer, text, cfg.chat_template)
         if len(ids) > max_prompt_len:
             if cfg.on_bad_row == "error":
                 raise DataError(

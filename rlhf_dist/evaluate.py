@@ -27,9 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlhf_dist import algorithms as A
 from rlhf_dist.cli import entry_point
 from rlhf_dist.config import Config, ConfigError, as_dict, validate_config
+from rlhf_dist.core.stats import sequence_kl, win_rate
 
 if TYPE_CHECKING:  # the heavy modules load only once the config is valid
     from rlhf_dist.controller import HeldOut
@@ -59,19 +59,19 @@ def summarize_policy(
     """The evaluation arithmetic of one policy against the baseline (pure; unit-tested)."""
     out = {
         "reward_mean": statistics.fmean(rewards),
-        "kl_to_baseline": A.sequence_kl(logprobs, baseline_logprobs),
+        "kl_to_baseline": sequence_kl(logprobs, baseline_logprobs),
         "response_length": statistics.fmean(lengths),
     }
     if gold is not None and baseline_gold is not None:
         out["gold_mean"] = statistics.fmean(gold)
-        out["win_rate"] = A.win_rate(gold, baseline_gold)
+        out["win_rate"] = win_rate(gold, baseline_gold)
     return out
 
 
 def gold_function(cfg: Config) -> Callable[[str, str], float] | None:
     """The gold metric (``eval.gold_function``), its signature checked, and the reward function's
     checked too: both fail in a second, before any actor starts."""
-    from rlhf_dist.roles.reward import import_function
+    from rlhf_dist.registry import import_function
     from rlhf_dist.train import check_reward_function
 
     if cfg.reward.function_weight:

@@ -16,30 +16,27 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from rlhf_dist.algorithms import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.experience import Experience, PairBatch, TensorRows, collate, pad_sequences
-from rlhf_dist.packing import ScoreLayout, TokenLayout, score_layout, token_layout
-
-TINY = "tiny"
-TINY_ARITH = "tiny-arith"
-TINY_CALC = "tiny-calc"
+from rlhf_dist.core.experience import Experience, PairBatch, TensorRows, collate, pad_sequences
+from rlhf_dist.core.packing import ScoreLayout, TokenLayout, score_layout, token_layout
+from rlhf_dist.core.stats import entropy_from_logits, logprobs_from_logits
+from rlhf_dist.registry import TASKS
+from rlhf_dist.tasks.base import load_task
 
 
 def resolve_model_path(path: str, cache_dir: str, key: str = "model.path") -> str:
-    """An embedded model name ("tiny", "tiny-arith", "tiny-calc") -> its directory, built and cached on first
-    use; an existing local path (or one starting with / . ~) -> its absolute path, which must be a
-    Hugging Face model directory; anything else is a hub id, whose config.json is fetched now (or
-    found in the hub cache). A path that cannot be used raises FileNotFoundError: the commands
-    print it as one line naming ``key`` (the config key the path came from), before any actor starts."""
-    from rlhf_dist import tiny_model
+    """An embedded model name (a built-in task's tiny policy: ``TaskEntry.model``, e.g. "tiny") -> its
+    directory, built and cached on first use; an existing local path (or one starting with / . ~) ->
+    its absolute path, which must be a Hugging Face model directory; anything else is a hub id, whose
+    config.json is fetched now (or found in the hub cache). A path that cannot be used raises
+    FileNotFoundError: the commands print it as one line naming ``key`` (the config key the path
+    came from), before any actor starts."""
+    task_name = {entry.model: name for name, entry in TASKS.items()}.get(path)
+    if task_name is not None:
+        from rlhf_dist import tiny_model  # the builder imports transformers and tokenizers: only when used
 
-    root = Path(cache_dir) if cache_dir else tiny_model.default_model_dir().parent
-    if path == TINY:
-        return str(tiny_model.build_tiny_policy(root / tiny_model.MODEL_NAME))
-    if path == TINY_ARITH:
-        return str(tiny_model.build_tiny_arith_policy(root / tiny_model.ARITH_MODEL_NAME))
-    if path == TINY_CALC:
-        return str(tiny_model.build_tiny_calc_policy(root / tiny_model.CALC_MODEL_NAME))
+        task = load_task(task_name)
+        root = Path(cache_dir) if cache_dir else tiny_model.cache_root()
+        return str(tiny_model.build_task_policy(task, root / task.recipe.name))
     local = Path(path).expanduser()
     if path.startswith(("/", ".", "~")) or local.exists():
         if not local.exists():

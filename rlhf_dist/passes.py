@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlhf_dist.config import Config, needs_reference, updates_once
-from rlhf_dist.experience import Experience, collate, pad_right
+from rlhf_dist.core.experience import Experience, collate, pad_right
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.timeline import Timeline
 from rlhf_dist.worker_group import Pending

@@ -27,8 +27,8 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     from transformers import AutoTokenizer
 
     from rlhf_dist.cluster import stage_actors, start_trainer_group
+    from rlhf_dist.core.experience import collate_pairs
     from rlhf_dist.data import load_preferences
-    from rlhf_dist.experience import collate_pairs
     from rlhf_dist.modeling import resolve_model_path
     from rlhf_dist.roles.reward import NORMALIZATION_FILE
     from rlhf_dist.run_logger import RunLogger

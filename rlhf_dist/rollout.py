@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rlhf_dist import algorithms as A
 from rlhf_dist.agent import env_rows, with_env_returns
 from rlhf_dist.config import Config
+from rlhf_dist.core.advantages import informative_groups, overlong_penalty
+from rlhf_dist.core.seeds import ENGINE_SAMPLE, REFILL_PROMPTS, derive_seed
 from rlhf_dist.data import PromptSampler, PromptSet
 from rlhf_dist.passes import StreamedPasses, padded, streamed_passes
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.roles.groups import SyncInFlight
-from rlhf_dist.seeds import ENGINE_SAMPLE, REFILL_PROMPTS, derive_seed
 from rlhf_dist.timeline import Timeline
 from rlhf_dist.worker_group import RoleError
 
@@ -103,7 +103,7 @@ class RolloutBatch:
 
 class GroupFilter:
     """DAPO's dynamic sampling over the rounds of one step: keeps the prompt groups with unequal
-    rewards (``algorithms.informative_groups``) until ``want`` are in, for at most ``max_rounds``
+    rewards (``core.advantages.informative_groups``) until ``want`` are in, for at most ``max_rounds``
     rounds. ``next_count`` sizes the next round from the share of informative groups so far;
     ``result`` is the step's batch: the first ``want`` informative groups in draw order, filled up
     with uninformative ones (advantage 0) when the rounds ran out."""
@@ -115,7 +115,7 @@ class GroupFilter:
     def add(self, draw: Draw, generations: list[Generation], scores: list[float],
             streamed: list[dict[str, list[float]]]) -> None:
         self.rounds += 1
-        useful = A.informative_groups(torch.tensor(scores, dtype=torch.float64), self.n).tolist()
+        useful = informative_groups(torch.tensor(scores, dtype=torch.float64), self.n).tolist()
         streamed = streamed or [{} for _ in scores]
         for g, keep in enumerate(useful):
             rows = range(g * self.n, (g + 1) * self.n)
@@ -252,7 +252,7 @@ class Rollout:
         if not reward.overlong_buffer:
             return None
         lengths = torch.tensor([len(g.response_ids) for g in generations])
-        return A.overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, reward.overlong_buffer,
+        return overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, reward.overlong_buffer,
                                   reward.overlong_penalty)
 
     def _batch(self, columns: tuple[list, list, list, list, list, list], times: dict[str, float],
@@ -332,7 +332,7 @@ class RolloutQueue:
         try:
             self.roles.weights.sync(version)
         except RoleError as e:
-            if self.in_flight or not self.roles.recovery.replace_lost_engines(self.roles, e):
+            if self.in_flight or not self.roles.replace_lost_engines(e):
                 raise
             self.roles.weights.sync(version)
 
@@ -370,7 +370,7 @@ class RolloutQueue:
         except RoleError as e:
             # A lost engine is replaced in place when nothing else is queued on the engines; with
             # rollouts in flight the run restarts from its last checkpoint (train.run_with_restarts).
-            if self.ahead or not self.roles.recovery.replace_lost_engines(self.roles, e):
+            if self.ahead or not self.roles.replace_lost_engines(e):
                 raise
             batch = self._issue(step).result()  # per-sample seeds: the samples the lost engine would have made
         batch.times["time/rollout_wait"] = time.time() - waited

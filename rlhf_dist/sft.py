@@ -15,8 +15,8 @@ import torch
 
 from rlhf_dist.cli import entry_point
 from rlhf_dist.config import Config, as_dict, supervised_plan
+from rlhf_dist.core.seeds import EPOCH_ORDER, derive_seed
 from rlhf_dist.preemption import PREEMPTION
-from rlhf_dist.seeds import EPOCH_ORDER, derive_seed
 
 MODEL_DIR = "model"
 
@@ -37,8 +37,8 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     from transformers import AutoTokenizer
 
     from rlhf_dist.cluster import stage_actors, start_trainer_group
+    from rlhf_dist.core.experience import collate
     from rlhf_dist.data import load_sft
-    from rlhf_dist.experience import collate
     from rlhf_dist.modeling import resolve_model_path
     from rlhf_dist.run_logger import RunLogger
 

@@ -1,19 +1,13 @@
 """Builds the tiny default models from scratch, since nothing can be downloaded at run time.
 
-The policy is a 2-layer Llama (hidden 128, byte-level BPE vocab 512) pretrained for a few
-seconds on `reviews.make_corpus`, so it writes review-like text with a mix of positive and
-negative words: a starting point the "positive reviews" reward can move. The arithmetic
-policy is the same recipe, smaller (hidden 64), with one token per digit, pretrained for
-~25 s on `arithmetic.make_corpus` (a quarter of its answers wrong): it samples the right
-answer to roughly a fifth of held-out problems, room for the exact-match reward to act on.
-The calculator policy is the arithmetic recipe (800 steps, ~38 s) on `calculator.make_corpus`,
-with the tool tags as atomic tokens: it calls the tool on about a quarter of its samples and
-answers greedily without it (docs/results.md), so RL has to teach it to call.
-All models are saved with `save_pretrained` and load with the same `from_pretrained` / vLLM
-code paths as real checkpoints. Builds are cached by path, atomic (temp dir + rename,
-`.complete` marker written last) and deterministic given the seed.
+Each built-in task (``rlhf_dist.registry.TASKS``) has a tiny policy: a small Llama with a
+byte-level BPE tokenizer trained on the task's corpus (``Task.corpus``), pretrained on it for
+seconds, in the shape of the task's ``Recipe`` (``rlhf_dist/tasks/<name>``, where each recipe's
+comment says what the policy can do before RL). All models are saved with `save_pretrained` and
+load with the same `from_pretrained` / vLLM code paths as real checkpoints. Builds are cached by
+path, atomic (temp dir + rename, `.complete` marker written last) and deterministic given the seed.
 
-    python -m rlhf_dist.tiny_model [--task reviews|arithmetic|calculator | --family qwen3 ...] [path]
+    python -m rlhf_dist.tiny_model [--task NAME] [--family qwen3 ...] [path]     (NAME: a key of TASKS)
 """
 
 from __future__ import annotations
@@ -41,11 +35,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlhf_dist import arithmetic, calculator, reviews
+from rlhf_dist.registry import TASKS
+from rlhf_dist.tasks.base import Recipe, Task, load_task
 
 CACHE_ENV = "RLHF_DIST_CACHE"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
-VOCAB_SIZE = 512  # BPE target; a corpus with fewer merges (arithmetic) ends smaller
+VOCAB_SIZE = 512  # BPE target; a corpus with fewer merges (digits split one per token) ends smaller
 HEAD_DIM = 32  # a head size vLLM's CPU attention supports
 WARMUP_STEPS = 20
 NUM_THREADS = 2
@@ -53,70 +48,23 @@ _COMPLETE = ".complete"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """What differs between the tiny models: shape, tokenizer and pretraining budget."""
-
-    name: str  # cache directory name; bump its suffix when the recipe or corpus changes
-    corpus_lines: int  # pretraining corpus size
-    hidden_size: int  # num_attention_heads = hidden_size / HEAD_DIM
-    intermediate_size: int  # MLP width
-    split_digits: bool  # pre-tokenize every digit on its own, so numbers are digit sequences
-    pretrain_steps: int
-    batch_size: int  # corpus lines per step
-    learning_rate: float  # peak, after WARMUP_STEPS; cosine decay to a tenth
-    num_layers: int = 2  # decoder layers
-    # Each corpus line ends with </s> in pretraining, so the model learns to stop; without it the
-    # model never samples </s> and every completion runs to max_new_tokens (throughput benchmarks).
-    end_with_eos: bool = True
-    # Atomic tokens, not special (skip_special_tokens=True keeps them in decoded text): tool tags.
-    tool_tokens: tuple[str, ...] = ()
+def cache_root() -> pathlib.Path:
+    """Where the tiny models live: `$RLHF_DIST_CACHE`, else ~/.cache/rlhf_dist."""
+    return pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "rlhf_dist")
 
 
-REVIEWS = Recipe(
-    name="tiny-llama-v1", corpus_lines=6000, hidden_size=128, intermediate_size=256,
-    split_digits=False, pretrain_steps=300, batch_size=32, learning_rate=3e-3,
-)  # fmt: skip
-# Smaller than REVIEWS so that 4x its steps fit in ~25 s on one thread; at hidden 128 that
-# time bought half the steps and held-out accuracy stayed near 10%.
-ARITHMETIC = Recipe(
-    name="tiny-arith-v1", corpus_lines=20000, hidden_size=64, intermediate_size=128,
-    split_digits=True, pretrain_steps=1200, batch_size=64, learning_rate=3e-3,
-)  # fmt: skip
-# The arithmetic shape, 800 steps (~38 s). Measured with scripts/check_calculator_model.py on 200
-# test problems: greedy accuracy 0.05 (tool on 11 %), tool on 26 % of T=1 samples, and with the
-# tool forced the final answer copies the result on 82 %. The copy is what varies with the build:
-# seed 1 of the same recipe copied on 5 %, hidden 96 x 600 steps on 84 % but greedy accuracy 0.24.
-CALCULATOR = Recipe(
-    name="tiny-calc-v1", corpus_lines=20000, hidden_size=64, intermediate_size=128,
-    split_digits=True, pretrain_steps=800, batch_size=64, learning_rate=3e-3,
-    tool_tokens=calculator.TOOL_TOKENS,
-)  # fmt: skip
-MODEL_NAME = REVIEWS.name
-ARITH_MODEL_NAME = ARITHMETIC.name
-CALC_MODEL_NAME = CALCULATOR.name
+def default_model_dir(name: str) -> pathlib.Path:
+    """Where the tiny model `name` (a `Recipe.name`) lives: `cache_root() / name`."""
+    return cache_root() / name
 
 
-def default_model_dir(name: str = MODEL_NAME) -> pathlib.Path:
-    """Where a tiny model lives: `$RLHF_DIST_CACHE/<name>`, else under ~/.cache/rlhf_dist;
-    `name` defaults to the review policy's."""
-    root = os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "rlhf_dist"
-    return pathlib.Path(root) / name
-
-
-def build_tiny_policy(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Build (or reuse, if `path/.complete` exists) the tokenizer + pretrained tiny Llama policy."""
-    return build_tiny_lm(path, reviews.make_corpus(REVIEWS.corpus_lines, seed), REVIEWS, seed)
-
-
-def build_tiny_arith_policy(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Build (or reuse) the tiny arithmetic policy, pretrained on `arithmetic.make_corpus`."""
-    return build_tiny_lm(path, arithmetic.make_corpus(ARITHMETIC.corpus_lines, seed), ARITHMETIC, seed)
-
-
-def build_tiny_calc_policy(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Build (or reuse) the tiny calculator policy, pretrained on `calculator.make_corpus`."""
-    return build_tiny_lm(path, calculator.make_corpus(CALCULATOR.corpus_lines, seed), CALCULATOR, seed)
+def build_task_policy(task: Task | str, path: str | os.PathLike | None = None, seed: int = 0) -> pathlib.Path:
+    """Build (or reuse, if `path/.complete` exists) the tiny policy of a built-in task (a Task or
+    its name in TASKS), pretrained on its corpus; `path` defaults to `default_model_dir(recipe.name)`."""
+    if isinstance(task, str):
+        task = load_task(task)
+    path = default_model_dir(task.recipe.name) if path is None else path
+    return build_tiny_lm(path, task.corpus(task.recipe.corpus_lines, seed), task.recipe, seed)
 
 
 def build_tiny_lm(path: str | os.PathLike, lines: list[str], recipe: Recipe, seed: int = 0) -> pathlib.Path:
@@ -129,17 +77,20 @@ def build_tiny_lm(path: str | os.PathLike, lines: list[str], recipe: Recipe, see
 
 
 def build_tiny_reward_model(
-    path: str | os.PathLike, policy_path: str | os.PathLike, seed: int = 0
+    path: str | os.PathLike, policy_path: str | os.PathLike, recipe: Recipe, seed: int = 0
 ) -> pathlib.Path:
-    """Build (or reuse) a randomly initialised LlamaForSequenceClassification (num_labels=1)
-    with the policy's tokenizer; it exercises hosting an AutoModelForSequenceClassification."""
+    """Build (or reuse) a randomly initialised LlamaForSequenceClassification (num_labels=1) of
+    `recipe`'s shape with the policy's tokenizer; it exercises hosting an
+    AutoModelForSequenceClassification."""
     policy_path = pathlib.Path(policy_path)
     if not (policy_path / _COMPLETE).exists():
         raise FileNotFoundError(
             f"policy_path={policy_path} is not a built tiny policy (no {_COMPLETE}); "
-            "call build_tiny_policy(policy_path) first"
+            "call build_task_policy(<task>, policy_path) first"
         )
-    return _build_atomically(pathlib.Path(path), seed, lambda tmp: _build_reward_model_into(tmp, policy_path, seed))
+    return _build_atomically(
+        pathlib.Path(path), seed, lambda tmp: _build_reward_model_into(tmp, policy_path, recipe, seed)
+    )
 
 
 @dataclass(frozen=True)
@@ -234,12 +185,12 @@ def _build_policy_into(out: pathlib.Path, lines: list[str], recipe: Recipe, seed
     model.save_pretrained(out)
 
 
-def _build_reward_model_into(out: pathlib.Path, policy_path: pathlib.Path, seed: int) -> None:
+def _build_reward_model_into(out: pathlib.Path, policy_path: pathlib.Path, recipe: Recipe, seed: int) -> None:
     for name in _TOKENIZER_FILES:  # copied, not re-saved, so the files stay byte-identical
         shutil.copyfile(policy_path / name, out / name)
     tokenizer = AutoTokenizer.from_pretrained(out)
     with _seeded_cpu(seed):
-        model = LlamaForSequenceClassification(_llama_config(tokenizer, REVIEWS, num_labels=1))
+        model = LlamaForSequenceClassification(_llama_config(tokenizer, recipe, num_labels=1))
     model.save_pretrained(out)
 
 
@@ -352,27 +303,21 @@ def _warmup_cosine(step: int, total_steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-_BUILDERS: dict[str, tuple[Callable[[str | os.PathLike, int], pathlib.Path], str]] = {
-    "reviews": (build_tiny_policy, MODEL_NAME),
-    "arithmetic": (build_tiny_arith_policy, ARITH_MODEL_NAME),
-    "calculator": (build_tiny_calc_policy, CALC_MODEL_NAME),
-}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="Build a tiny policy (cached) and print its path.")
     parser.add_argument("path", nargs="?", type=pathlib.Path, default=None, help="default: default_model_dir(<name>)")
-    parser.add_argument("--task", choices=sorted(_BUILDERS), default="reviews", help="which policy to build")
+    parser.add_argument("--task", choices=list(TASKS), default="reviews", help="which task's policy to build")
     parser.add_argument("--family", choices=sorted(FAMILIES), default=None,
-                        help="instead: a random-init model of this family with the review tokenizer")
+                        help="instead: a random-init model of this family with the --task policy's tokenizer")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.family:
-        tokenizer = build_tiny_policy(default_model_dir())
-        print(build_random_lm(args.path or default_model_dir(f"random-{args.family}"), args.family, tokenizer, args.seed))
+        tokenizer = build_task_policy(args.task)
+        # Cached by path: another task's tokenizer needs another directory.
+        name = f"random-{args.family}" + ("" if args.task == parser.get_default("task") else f"-{args.task}")
+        print(build_random_lm(args.path or default_model_dir(name), args.family, tokenizer, args.seed))
         return
-    build, name = _BUILDERS[args.task]
-    print(build(args.path or default_model_dir(name), args.seed))
+    print(build_task_policy(args.task, args.path, args.seed))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ POLICY_DIR = "policy"
 
 def check_reward_function(path: str, key: str = "reward.function") -> None:
     """Import the reward function and bind its signature: fails in a second, not after the actors start."""
-    from rlhf_dist.roles.reward import import_function, takes_metadata
+    from rlhf_dist.registry import import_function, takes_metadata
 
     try:
         takes_metadata(import_function(path, key), path, key)
@@ -35,8 +35,8 @@ def check_reward_function(path: str, key: str = "reward.function") -> None:
 
 
 def check_environment(spec: dict) -> None:
-    """Import the environment class and bind its arguments (``rlhf_dist.envs.env_factory``)."""
-    from rlhf_dist.envs import env_factory
+    """Import the environment class and bind its arguments (``rlhf_dist.registry.env_factory``)."""
+    from rlhf_dist.registry import env_factory
 
     try:
         env_factory(spec)

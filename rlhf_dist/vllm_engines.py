@@ -21,14 +21,19 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+from vllm.distributed.utils import (
+    stateless_destroy_torch_distributed_process_group,
+    stateless_init_torch_distributed_process_group,
+)
 from vllm.distributed.weight_transfer.base import (
     WeightTransferEngine,
     WeightTransferInitInfo,
     WeightTransferUpdateInfo,
 )
 from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
-from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine, NCCLWeightTransferInitInfo
+
+from rlhf_dist.weight_sync import AbortableComm
 
 
 def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -51,7 +56,8 @@ class CheckpointReload:
     lifecycle, then every tied module re-processed from its updated parameter.
 
     Goes first in the bases, before a ``WeightTransferEngine``: it replaces the engine's
-    ``start_weight_update`` / ``finish_weight_update``."""
+    ``start_weight_update`` / ``update_weights`` / ``finish_weight_update``; a transport changes
+    how an update is received in ``receive_update``."""
 
     model: torch.nn.Module
     model_config: Any
@@ -65,6 +71,23 @@ class CheckpointReload:
         # 'weight_loader'"): checkpoint-format weights load inside this lifecycle.
         initialize_layerwise_reload(self.model)
 
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        try:
+            self.receive_update(update_info)
+        except BaseException:
+            # A receive cut short (a peer lost, a timeout) leaves layers half-loaded inside the
+            # lifecycle, and vLLM's worker ends the update without finishing it: the next
+            # start_weight_update would skip those layers (initialize_layerwise_reload) and
+            # process them early with this attempt's tensors, ignoring the rest. Finishing it here
+            # puts real tensors back (old weights, new ones, or some of each) until the full sync
+            # that follows a recovery replaces them all.
+            self.finish_weight_update()
+            raise
+
+    def receive_update(self, update_info: dict[str, Any]) -> None:
+        """Receive and load one update: by default the engine's own ``update_weights``."""
+        super().update_weights(update_info)  # type: ignore[misc]
+
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
@@ -73,8 +96,31 @@ class CheckpointReload:
             module.quant_method.process_weights_after_loading(module)
 
 
+@dataclass(kw_only=True)
+class NcclInitInfo(NCCLWeightTransferInitInfo):
+    timeout_s: float  # bound on one update's receive (PyNccl has no timeout of its own)
+
+
 class NcclEngine(CheckpointReload, NCCLWeightTransferEngine):
-    """vLLM's NCCL engine (GPU), loading through ``CheckpointReload``."""
+    """vLLM's NCCL engine (GPU), loading through ``CheckpointReload``, each receive bounded by the
+    sync's timeout: past it the communicator is aborted (``weight_sync.AbortableComm``), so that a
+    trainer lost mid-broadcast cannot leave this worker waiting on the GPU for ever."""
+
+    init_info_cls = NcclInitInfo
+
+    def init_transfer_engine(self, init_info: NcclInitInfo) -> None:
+        super().init_transfer_engine(init_info)
+        where = f"NCCL group at {init_info.master_address}:{init_info.master_port}"
+        self.model_update_group = AbortableComm(self.model_update_group, where)  # vLLM's shutdown calls its destroy
+        self.timeout_s = init_info.timeout_s
+
+    def receive_update(self, update_info: dict[str, Any]) -> None:
+        if self.model_update_group is None:
+            raise RuntimeError("NCCL weight transfer not initialized: call init_weight_transfer_engine first")
+        # The whole of vLLM's update_weights: it ends with a device synchronize, where the host
+        # would wait on a stuck broadcast of the unpacked path.
+        self.model_update_group.within(self.timeout_s, "weight update from the trainer",
+                                       lambda: super(NcclEngine, self).receive_update(update_info))
 
 
 class IpcEngine(CheckpointReload, IPCWeightTransferEngine):
@@ -132,9 +178,9 @@ class GlooWeightTransferEngine(CheckpointReload, WeightTransferEngine[GlooInitIn
             timeout=timedelta(seconds=init_info.timeout_s),
         )
 
-    def update_weights(self, update_info: dict[str, Any]) -> None:
-        # The base class ends with torch.accelerator.synchronize(), which has nothing
-        # to do on CPU; gloo's broadcast is synchronous once wait() returns.
+    def receive_update(self, update_info: dict[str, Any]) -> None:
+        # Not the engine's own update_weights: it ends with torch.accelerator.synchronize(),
+        # which has nothing to do on CPU; gloo's broadcast is synchronous once wait() returns.
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
@@ -169,4 +215,7 @@ class GlooWeightTransferEngine(CheckpointReload, WeightTransferEngine[GlooInitIn
             self.model.load_weights(tensors)
 
     def shutdown(self) -> None:
-        self._group = None
+        """Leave the group (before joining a new one); idempotent."""
+        if self._group is not None:
+            group, self._group = self._group, None
+            stateless_destroy_torch_distributed_process_group(group)

@@ -25,12 +25,19 @@ tensors of a bucket packed into one flat byte buffer, one broadcast per bucket (
 0 sends one broadcast per tensor. The metadata (names, dtypes, shapes, bucket size) goes
 through ``update_weights``' argument; tensors never go through RPC arguments (vLLM's msgpack
 transport turns them into lists).
+
+Every broadcast is bounded on both ends by the sync's timeout (gloo: the group's own; NCCL:
+``AbortableComm``, PyNccl having none). A broadcast that fails (a peer lost or stopped) closes the
+group at the end that saw it; the controller replaces a lost engine, and every engine and trainer
+rank 0 join a new group (``roles.groups.WeightSync.reconnect``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -93,13 +100,13 @@ def update_info(specs: list[ParamSpec], transport: str, bucket_bytes: int) -> di
 def engine_init_info(
     transport: str, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float, bucket_bytes: int
 ) -> dict:
-    """``init_weight_transfer_engine`` payload for one engine joining the group."""
+    """``init_weight_transfer_engine`` payload for one engine joining the group; ``timeout_s`` bounds
+    each of its receives."""
     if transport == "ipc":
         return {"packed": False}  # no group to join: handles come with every update
-    info = {"master_address": host, "master_port": port, "rank_offset": rank_offset, "world_size": world_size}
-    if transport == "gloo":
-        info["timeout_s"] = timeout_s
-    else:
+    info = {"master_address": host, "master_port": port, "rank_offset": rank_offset, "world_size": world_size,
+            "timeout_s": timeout_s}
+    if transport == "nccl":
         info["packed"] = bucket_bytes > 0
         if bucket_bytes:
             info["packed_buffer_size_bytes"] = bucket_bytes
@@ -170,17 +177,112 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-class GlooWeightSender:
+def _one_line(error: BaseException) -> str:
+    """``Type: first line`` of an error, without the source location gloo puts first."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: " + re.sub(r"^\[\S+:\d+\] ", "", first)
+
+
+class AbortableComm:
+    """A PyNccl communicator whose transfers a deadline can cut short (both ends of the NCCL
+    transport use it: ``NcclWeightSender``, ``vllm_engines.NcclEngine``).
+
+    PyNccl has no timeout: a broadcast with a peer that died (an engine lost mid-sync, or the
+    trainer) spins on the GPU for ever, and the host waits for it in a stream synchronize.
+    ``within`` runs a transfer under a timer that aborts the communicator (PyNccl's ``destroy`` is
+    ncclCommAbort, which makes NCCL's kernels return and frees the communicator), so that wait
+    ends, the process stays usable, and the transfer raises ``TimeoutError``; the engines then join
+    a new group (``WeightSync.reconnect``). ``broadcast`` and the abort share a lock so that an
+    abort never frees the communicator while this thread enqueues a collective on it; an abort
+    that cannot get the lock within ``ENQUEUE_GRACE_S`` goes ahead (an enqueue blocked inside
+    NCCL is what the abort is there to end)."""
+
+    ENQUEUE_GRACE_S = 5.0
+
+    def __init__(self, comm, where: str) -> None:
+        self.comm, self.where = comm, where  # where: "NCCL group at <rank 0's host>:<port>", for error messages
+        self.aborted = False
+        self._lock = threading.Lock()
+
+    def broadcast(self, tensor: torch.Tensor, src: int, stream=None) -> None:
+        with self._lock:
+            if self.aborted:  # PyNccl's own broadcast would return without sending anything
+                raise RuntimeError(f"the communicator of the {self.where} was aborted")
+            self.comm.broadcast(tensor, src=src, stream=stream)
+
+    def destroy(self) -> None:
+        """Abort and free the communicator (idempotent); what vLLM's engine calls on shutdown."""
+        locked = self._lock.acquire(timeout=self.ENQUEUE_GRACE_S)
+        try:
+            if not self.aborted:
+                self.aborted = True
+                self.comm.destroy()
+        finally:
+            if locked:
+                self._lock.release()
+
+    def within(self, timeout_s: float, what: str, transfer: Callable[[], None]) -> None:
+        """``transfer()``, the communicator aborted if it has not returned after ``timeout_s``."""
+        if self.aborted:
+            raise RuntimeError(f"the communicator of the {self.where} was aborted")
+        timer = threading.Timer(timeout_s, self.destroy)
+        timer.daemon = True
+        timer.start()
+        try:
+            transfer()
+        finally:
+            timer.cancel()
+            timer.join()  # an abort already under way finishes first
+            if self.aborted:  # what ended the transfer (or it ended as the timer fired): the communicator is gone
+                raise TimeoutError(f"{what} did not finish within {timeout_s:g}s ({self.where}): a peer was "
+                                   "lost or stopped; the communicator was aborted")
+
+
+class _GroupSender:
+    """What the gloo and NCCL senders share: a broadcast that fails closes the group, and rank 0
+    still walks the rest of the parameters. Under ZeRO-3 the parameter iterator gathers every
+    bucket in a collective of all trainer ranks, and the other ranks gather them all: a rank 0
+    that stopped half-way would leave them waiting in a gather until DeepSpeed's timeout, and the
+    trainer group out of step for good. After a failure the engines must join a new group
+    (``init_weight_sender`` replaces this sender)."""
+
+    _group = None
+    where = ""  # the group's rendezvous (rank 0's node), for error messages
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        tensors = iter(named_tensors)
+        try:
+            if self._group is None:
+                raise RuntimeError(f"the weight-transfer group ({self.where}) was closed after a failed broadcast; "
+                                   "the engines must join a new one first")
+            self._send(tensors)
+        except Exception:
+            for _ in tensors:
+                pass
+            self.close()
+            raise
+
+    def _send(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class GlooWeightSender(_GroupSender):
     """Trainer rank 0's end of the gloo group (group rank 0 is the source): the tensors of each
     bucket (``bucket_bounds`` of ``specs``, the order they are sent in) copied into one flat
     buffer, one broadcast per bucket; a bucket of one tensor goes as it is. The buffer (the size
-    of the largest bucket) is allocated once: a fresh one per sync would cost its page faults."""
+    of the largest bucket) is allocated once: a fresh one per sync would cost its page faults.
+    Every broadcast is bounded by ``timeout_s`` (gloo's own timeout); a peer that died fails it
+    at once ("Connection closed by peer")."""
 
     def __init__(
         self, host: str, port: int, world_size: int, timeout_s: float, specs: list[ParamSpec], bucket_bytes: int
     ) -> None:
         from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
+        self.where = f"gloo group at {host}:{port}"
         self._group = stateless_init_torch_distributed_process_group(
             host, port, 0, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s)
         )
@@ -189,57 +291,99 @@ class GlooWeightSender:
         self._flat = torch.empty(max((sum(self._sizes[a:b]) for a, b in self._bounds if b - a > 1), default=0),
                                  dtype=torch.uint8)
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        tensors = iter(named_tensors)
-        for start, end in self._bounds:
-            # The group is not registered with torch.distributed's world, so use the
-            # ProcessGroup's own broadcast, whose root is a group rank.
+    def _send(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        for k, (start, end) in enumerate(self._bounds):
             if end - start == 1:
-                self._group.broadcast(next(tensors)[1].detach().contiguous().cpu(), 0).wait()
-                continue
-            flat = self._flat[: sum(self._sizes[start:end])]  # free again: the last broadcast has returned
-            offset = 0
-            for size in self._sizes[start:end]:
-                # A copy as each arrives: a ZeRO-3 tensor is partitioned again once the iterator moves on.
-                flat[offset : offset + size].copy_(as_bytes(next(tensors)[1]))
-                offset += size
-            self._group.broadcast(flat, 0).wait()
+                data = next(tensors)[1].detach().contiguous().cpu()
+            else:
+                data = self._flat[: sum(self._sizes[start:end])]  # free again: the last broadcast has returned
+                offset = 0
+                for size in self._sizes[start:end]:
+                    # A copy as each arrives: a ZeRO-3 tensor is partitioned again once the iterator moves on.
+                    data[offset : offset + size].copy_(as_bytes(next(tensors)[1]))
+                    offset += size
+            try:
+                # The group is not registered with torch.distributed's world, so use the
+                # ProcessGroup's own broadcast, whose root is a group rank.
+                self._group.broadcast(data, 0).wait()
+            except RuntimeError as e:
+                raise RuntimeError(f"weight broadcast to the engines failed at bucket {k + 1} of {len(self._bounds)} "
+                                   f"({self.where}): {_one_line(e)}") from e
 
     def close(self) -> None:
-        self._group = None
+        """Leave the group (its sockets and, on rank 0, its rendezvous store); idempotent."""
+        if self._group is not None:
+            from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+            group, self._group = self._group, None
+            stateless_destroy_torch_distributed_process_group(group)
 
 
-class NcclWeightSender:
+def _cloned_on(stream, tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, copy) of each tensor, for vLLM's packed producer, which draws from its iterator and
+    packs on side streams of its own (``packed_tensor._get_streams``).
+
+    Drawing from ``tensors`` runs the ZeRO-3 gather of a bucket, and leaving a bucket frees its
+    gathered parameters. DeepSpeed orders each on the stream current at the time: the gather's
+    completion is waited for on it, and ``free_param`` records only it for the allocator; in
+    training that is one stream. Inside the producer the current stream is whichever side stream
+    it is filling, and its buffers do not end where our buckets do: a bucket gathered while one
+    side stream is current could have its tensors copied on the other, before the gather is done,
+    and be freed, with only the stream current then recorded, before the copy has read it. So the gather,
+    the copy and the free all run on ``stream`` (the caller's), as in any other pass; the side
+    stream then waits for the copy before packing it, and the copy is recorded on the side stream,
+    since the producer drops it as soon as the packing is enqueued there."""
+    while True:
+        with torch.cuda.stream(stream):
+            item = next(tensors, None)
+            if item is None:
+                return
+            name, tensor = item
+            copy = tensor.detach().clone()  # vLLM packs a buffer only once it is full: the gather may be gone by then
+        packing = torch.cuda.current_stream()
+        packing.wait_stream(stream)
+        copy.record_stream(packing)
+        yield name, copy
+
+
+class NcclWeightSender(_GroupSender):
     """Trainer rank 0's end of vLLM's NCCL weight-transfer group: with ``bucket_bytes``, vLLM's
-    packed broadcast (buffers of that size, double-buffered), else one broadcast per tensor."""
+    packed broadcast (buffers of that size, double-buffered), else one broadcast per tensor. A
+    whole send is bounded by ``timeout_s`` (``AbortableComm``; PyNccl has no timeout)."""
 
     def __init__(
         self, host: str, port: int, world_size: int, timeout_s: float, specs: list[ParamSpec], bucket_bytes: int
     ) -> None:
         from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
-        del timeout_s, specs  # PyNccl has no timeout (the controller bounds the call); vLLM packs by itself
-        self._comm = trainer_init({"master_address": host, "master_port": port, "world_size": world_size}, rank=0)
-        self._bucket_bytes = bucket_bytes
+        del specs  # vLLM packs by itself
+        self.where = f"NCCL group at {host}:{port}"
+        comm = trainer_init({"master_address": host, "master_port": port, "world_size": world_size}, rank=0)
+        self._group = AbortableComm(comm, self.where)
+        self._timeout_s, self._bucket_bytes = timeout_s, bucket_bytes
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def _send(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self._group.within(self._timeout_s, "weight broadcast to the engines", lambda: self._broadcast(tensors))
+
+    def _broadcast(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        stream = torch.cuda.current_stream()
         if self._bucket_bytes:
             from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
 
-            # A clone: vLLM concatenates a buffer's tensors only once it is full, after a ZeRO-3
-            # gather that produced the first of them may have been released.
             packed_nccl_broadcast_producer(
-                iterator=iter(named_tensors), group=self._comm, src=0,
-                post_iter_func=lambda item: item[1].detach().clone(), buffer_size_bytes=self._bucket_bytes,
-            )
+                iterator=_cloned_on(stream, tensors), group=self._group, src=0,
+                post_iter_func=lambda item: item[1], buffer_size_bytes=self._bucket_bytes,
+            )  # returns once its streams are drained
             return
-        stream = torch.cuda.current_stream()
-        for _, tensor in named_tensors:
-            self._comm.broadcast(tensor.detach().contiguous(), src=0, stream=stream)
+        for _, tensor in tensors:  # all on the current stream, as ZeRO-3's gathers and frees
+            self._group.broadcast(tensor.detach().contiguous(), src=0, stream=stream)
         stream.synchronize()
 
     def close(self) -> None:
-        self._comm = None
+        """Destroy the communicator (ncclCommAbort, also of a broadcast still in flight); idempotent."""
+        if self._group is not None:
+            group, self._group = self._group, None
+            group.destroy()
 
 
 class IpcWeightExporter:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -102,6 +102,45 @@ def wait_all(*pending: Pending, finished: dict[int, float] | None = None) -> lis
             if finished is not None and all(r in values for r in owner[ref].refs):
                 finished[pending.index(owner[ref])] = time.perf_counter()
     return [p.combine([values[r] for r in p.refs]) for p in pending]
+
+
+def wait_collective(*pending: Pending, settle: bool) -> list[Any]:
+    """``wait_all`` for calls that are the ends of one collective (a weight broadcast: the engines
+    receiving, trainer rank 0 sending). Its ends fail together and in no set order: an engine lost
+    mid-broadcast fails the sender at once ("Connection closed by peer"), often before Ray reports
+    the engine lost. So after the first failure the other ends are waited for (each at most its
+    call's timeout from then) until one turns out lost, and that error is raised, the one a
+    recovery can act on; else the first. ``settle``: wait for every end all the same, so that none
+    is still running in the collective and no failure is left unread (Ray would log it)."""
+    try:
+        return wait_all(*pending)
+    except RoleError as first:
+        lost = first if first.lost_actor else None
+        if settle or lost is None:
+            for error in _failures(pending):
+                lost = lost or (error if error.lost_actor else None)
+                if lost is not None and not settle:
+                    break
+        if lost is None or lost is first:
+            raise
+        raise lost  # its own cause, the actor's death, stays
+
+
+def _failures(pending: Sequence[Pending]) -> Iterator[RoleError]:
+    """The errors of the ranks of ``pending`` as they answer, each waited for at most its call's
+    timeout from now (a rank that has not answered by then is left running)."""
+    start = time.monotonic()
+    owner = {ref: p for p in pending for ref in p.refs}
+    waiting = list(owner)
+    while waiting:
+        remaining = max(start + owner[r].timeout_s for r in waiting) - time.monotonic()
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(remaining, 0.0))
+        if not ready:
+            return
+        try:
+            _get(owner[ready[0]], ready[0])
+        except RoleError as e:
+            yield e
 
 
 class WorkerGroup:

@@ -70,7 +70,7 @@ def build_model(path: Path) -> Path:
 def batch(vocab: int):
     import torch
 
-    from rlhf_dist.experience import collate
+    from rlhf_dist.core.experience import collate
 
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, vocab, (PROMPT,), generator=gen).tolist() for _ in LENGTHS]

@@ -51,7 +51,7 @@ def realised_ceiling(pipeline_dir: Path) -> float:
     rest were flipped by the label noise); regenerated from the run's resolved config."""
     from omegaconf import OmegaConf
 
-    from rlhf_dist.feedback import annotator_score, preference_rows
+    from rlhf_dist.tasks.reviews.feedback import annotator_score, preference_rows
 
     cfg = OmegaConf.load(pipeline_dir / ".hydra" / "config.yaml")
     rows = preference_rows(max(1, cfg.data.num_builtin_pairs // 8), cfg.seed, cfg.data.annotator_noise, "test")

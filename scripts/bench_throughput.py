@@ -174,13 +174,13 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from rlhf_dist import algorithms as A
     from rlhf_dist.cluster import shutdown_ray, start_roles
     from rlhf_dist.config import updates_once
     from rlhf_dist.controller import advantages_for, sample_seeds
+    from rlhf_dist.core.advantages import neutralise_dropped
+    from rlhf_dist.core.experience import collate
+    from rlhf_dist.core.kl import kl_estimate
     from rlhf_dist.data import PromptSampler, load_prompts
-    from rlhf_dist.experience import collate
-    from rlhf_dist.kl import kl_estimate
 
     cfg, plan = compose(overrides)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
@@ -211,7 +211,7 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
             t = time.perf_counter()
             ref = roles.reference.logprobs_async(exp).result()
             row["reference"] = time.perf_counter() - t
-            kept_scores, kept = A.neutralise_dropped(scores, n)
+            kept_scores, kept = neutralise_dropped(scores, n)
             if updates_once(cfg):  # as rl_step: the update's own forward gives the old logprobs
                 row["values"] = 0.0
                 adv, _ = advantages_for(cfg.algo, kept_scores, torch.zeros_like(exp.response_mask),

@@ -31,7 +31,8 @@ from transformers import AutoTokenizer, DynamicCache, LlamaForCausalLM, PreTrain
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rlhf_dist import calculator, tiny_model  # noqa: E402 -- after the repo is on sys.path
+from rlhf_dist import tiny_model  # noqa: E402 -- after the repo is on sys.path
+from rlhf_dist.tasks import calculator  # noqa: E402
 
 MAX_TURNS = 3
 MAX_NEW_TOKENS = 40
@@ -145,12 +146,11 @@ def check(path: pathlib.Path, num: int, seed: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--path", type=pathlib.Path, default=None,
-                        help="where the policy is (built there if missing); default: default_model_dir(CALC_MODEL_NAME)")
+                        help="where the policy is (built there if missing); default: default_model_dir(RECIPE.name)")
     parser.add_argument("--num", type=int, default=200, help="held-out (test split) problems")
     parser.add_argument("--seed", type=int, default=0, help="pretraining seed (when building) and sampling seed")
     args = parser.parse_args()
-    path = tiny_model.build_tiny_calc_policy(args.path or tiny_model.default_model_dir(tiny_model.CALC_MODEL_NAME),
-                                             args.seed)
+    path = tiny_model.build_task_policy(calculator.TASK, args.path, args.seed)
     torch.set_num_threads(tiny_model.NUM_THREADS)
     figures = check(pathlib.Path(path), args.num, args.seed)
     print(f"{path}, {args.num} test problems, at most {MAX_TURNS} turns / {MAX_NEW_TOKENS} tokens")

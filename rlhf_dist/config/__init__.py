@@ -19,9 +19,12 @@ second, before any actor starts.
 from rlhf_dist.config.errors import ConfigError
 from rlhf_dist.config.groups import (
     BUILTIN_PROMPTS,
+    BUILTIN_SUPERVISED,
     ESTIMATORS,
     GROUP_ESTIMATORS,
+    KL_ESTIMATORS,
     LOSS_AGGS,
+    LR_SCHEDULES,
     RATIO_LEVELS,
     ROLLOUT_CORRECTIONS,
     AlgoConfig,
@@ -35,7 +38,16 @@ from rlhf_dist.config.groups import (
     SFTConfig,
     TrainerConfig,
 )
-from rlhf_dist.config.plan import RunPlan, SupervisedPlan, TrainerPlan, actor_counts, needs_reference, updates_once
+from rlhf_dist.config.plan import (
+    RunPlan,
+    SupervisedPlan,
+    TrainerPlan,
+    actor_counts,
+    needs_reference,
+    trainer_collective_timeout_s,
+    updates_once,
+    weight_sync_timeout_s,
+)
 from rlhf_dist.config.runtime import (
     LOGPROB_TOLERANCE,
     CheckpointConfig,
@@ -50,11 +62,14 @@ from rlhf_dist.config.validate import SUPERVISED_GROUPS, supervised_plan, valida
 
 __all__ = [
     "BUILTIN_PROMPTS",
+    "BUILTIN_SUPERVISED",
     "ESTIMATORS",
     "GROUPS",
     "GROUP_ESTIMATORS",
     "LOGPROB_TOLERANCE",
+    "KL_ESTIMATORS",
     "LOSS_AGGS",
+    "LR_SCHEDULES",
     "RATIO_LEVELS",
     "ROLLOUT_CORRECTIONS",
     "SUPERVISED_GROUPS",
@@ -85,6 +100,8 @@ __all__ = [
     "supervised_plan",
     "needs_reference",
     "to_config",
+    "trainer_collective_timeout_s",
     "updates_once",
     "validate_config",
+    "weight_sync_timeout_s",
 ]

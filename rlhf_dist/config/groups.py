@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_dist.config.errors import _check_fraction, _check_positive, _fail
+from rlhf_dist.registry import TASKS
 
 
 @dataclass
 class ModelConfig:
-    # Policy to fine-tune: a Hugging Face hub id, a local directory, or an embedded model the
-    # project builds and caches locally: "tiny" (reviews), "tiny-arith" (arithmetic) or "tiny-calc" (calculator).
+    # Policy to fine-tune: a Hugging Face hub id, a local directory, or the embedded tiny policy of a
+    # built-in task, built and cached locally on first use (its model name in rlhf_dist.registry.TASKS).
     path: str = "tiny"
     # Critic backbone (a value head is added on top); empty means "same as path".
     critic_path: str = ""
@@ -29,26 +30,27 @@ class ModelConfig:
         _check_positive("model", self, "max_prompt_len")
 
 
-BUILTIN_PROMPTS = ("builtin:reviews", "builtin:arithmetic", "builtin:calculator")
+# The built-in sources: every task's prompt set; demonstrations and preference pairs of the tasks that have them.
+BUILTIN_PROMPTS = tuple(f"builtin:{name}" for name in TASKS)
+BUILTIN_SUPERVISED = tuple(f"builtin:{name}" for name, entry in TASKS.items() if entry.supervised)
 
 
 @dataclass
 class DataConfig:
-    # Training prompts: builtin:reviews (the positive-reviews task), builtin:arithmetic (the
-    # verifiable task's train split), builtin:calculator (the agent task's), or a JSONL file whose rows
-    # have a "prompt" key; the other keys of a row are its metadata, passed to reward functions and
-    # environments (e.g. a reference answer).
+    # Training prompts: builtin:<task> (a built-in task's train split, BUILTIN_PROMPTS; builtin:reviews
+    # is the positive-reviews task), or a JSONL file whose rows have a "prompt" key; the other keys of
+    # a row are its metadata, passed to reward functions and environments (e.g. a reference answer).
     prompts: str = "builtin:reviews"
-    # Held-out prompts scored every eval.every_steps: builtin:arithmetic or builtin:calculator (test
-    # split), a JSONL file, or "" (none).
+    # Held-out prompts scored every eval.every_steps: builtin:<task> (its test split), a JSONL file,
+    # or "" (none).
     eval_prompts: str = ""
     # Number of prompts generated for a builtin prompt set.
     num_builtin_prompts: int = 2048
     # What to do with a malformed row (bad JSON or UTF-8, missing or empty text, too long): skip
     # (counted and logged) or error (stops, naming file and line).
     on_bad_row: str = "skip"
-    # SFT demonstrations: builtin:reviews (the embedded task), or a JSONL file / Hugging Face
-    # datasets directory whose rows have "prompt" and "response".
+    # SFT demonstrations: builtin:reviews (the embedded task; BUILTIN_SUPERVISED), or a JSONL file /
+    # Hugging Face datasets directory whose rows have "prompt" and "response".
     sft: str = "builtin:reviews"
     # Held-out demonstrations for the SFT loss before and after training: a source, "" (none), or
     # "auto": the test split of a builtin data.sft, none for a file (so a real data set is never
@@ -80,8 +82,8 @@ class DataConfig:
             value = getattr(self, key)
             if key.startswith("eval_") and value == "auto":
                 continue
-            if value.startswith("builtin:") and value != "builtin:reviews":
-                _fail(f"data.{key}", value, "use builtin:reviews or a JSONL file / datasets directory")
+            if value.startswith("builtin:") and value not in BUILTIN_SUPERVISED:
+                _fail(f"data.{key}", value, f"use {', '.join(BUILTIN_SUPERVISED)} or a JSONL file / datasets directory")
         if not 0.0 <= self.annotator_noise < 0.5:
             _fail("data.annotator_noise", self.annotator_noise, "must be in [0, 0.5)")
 
@@ -123,6 +125,8 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # need rollout.n > 1 samples per
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 RATIO_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -201,7 +205,7 @@ class AlgoConfig:
         return self.kl_coef > 0 or self.kl_controller == "adaptive"
 
     def validate(self) -> None:
-        choices = {"estimator": ESTIMATORS, "loss_agg": LOSS_AGGS, "kl_estimator": ("k1", "k2", "k3"),
+        choices = {"estimator": ESTIMATORS, "loss_agg": LOSS_AGGS, "kl_estimator": KL_ESTIMATORS,
                    "kl_in": ("reward", "loss"), "kl_controller": ("fixed", "adaptive"),
                    "rollout_correction": ROLLOUT_CORRECTIONS, "ratio_level": RATIO_LEVELS}
         for name, allowed in choices.items():
@@ -280,9 +284,10 @@ class RolloutConfig:
     dynamic_sampling: bool = False
     # Rounds of generation a step may draw with dynamic_sampling (1 = the step's own prompts only).
     max_sampling_rounds: int = 3
-    # Multi-turn rollouts against an environment (rlhf_dist.envs): a Hydra node whose _target_ is the
-    # environment class and whose other keys are its arguments, e.g. {_target_: rlhf_dist.calculator.CalculatorEnv};
-    # {} is single-turn. max_new_tokens then bounds the whole response, model and environment tokens.
+    # Multi-turn rollouts against an environment (rlhf_dist.tasks.base.Environment): a Hydra node whose
+    # _target_ is the environment class and whose other keys are its arguments, e.g.
+    # {_target_: rlhf_dist.tasks.calculator.CalculatorEnv}; {} is single-turn. max_new_tokens then bounds
+    # the whole response, model and environment tokens.
     env: dict[str, Any] = field(default_factory=dict)
     # Model turns per multi-turn sample at most (rollout.env).
     max_turns: int = 4
@@ -350,7 +355,7 @@ class TrainerConfig:
             _fail("trainer.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
         if self.offload_optimizer and self.zero_stage < 2:
             _fail("trainer.offload_optimizer", True, f"needs trainer.zero_stage 2 or 3 (got {self.zero_stage})")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
+        if self.lr_schedule not in LR_SCHEDULES:
             _fail("trainer.lr_schedule", self.lr_schedule, "use constant, linear or cosine")
         nonnegative = ("grad_clip", "weight_decay", "warmup_steps", "max_tokens_per_micro_batch", "logprob_chunk_tokens")
         if any(getattr(self, n) < 0 for n in nonnegative):
@@ -364,7 +369,7 @@ class RewardConfig:
     # Weight of the Python function named by `function`.
     function_weight: float = 1.0
     # Import path "module:function", called as fn(prompt, response) or fn(prompt, response, metadata) -> float.
-    function: str = "rlhf_dist.reviews:positive_sentiment_reward"
+    function: str = "rlhf_dist.tasks.reviews:positive_sentiment_reward"
     # Weight of the AutoModelForSequenceClassification reward model at `model_path`.
     model_weight: float = 0.0
     # Directory or hub id of the reward model.

@@ -3,7 +3,8 @@
 The DeepSpeed trainer group reads the three fields of ``TrainerPlan`` (its batch arithmetic and
 its LR schedule), whichever stage it trains for; each stage's plan adds the sizes that stage
 counts in: PPO's ``RunPlan`` samples and minibatches, the supervised stages' ``SupervisedPlan``
-rows of demonstrations or preference pairs.
+rows of demonstrations or preference pairs. The process groups' timeouts are derived here too,
+from ``timeouts.*`` (``weight_sync_timeout_s``, ``trainer_collective_timeout_s``).
 """
 
 from __future__ import annotations
@@ -98,3 +99,25 @@ def derive_supervised_plan(cfg: Config, stage: str, num_rows: int) -> Supervised
         grad_accum_steps=micro_batches_per_step(t, per_rank),
         optimizer_steps=st.epochs * steps_per_epoch,
     )
+
+
+def weight_sync_timeout_s(cfg: Config) -> float:
+    """The bound on one weight sync, on the controller and at both ends of the broadcast:
+    ``timeouts.weight_sync_s``, plus a generation when rollouts run more than one step ahead (the
+    engines apply a sync only between generations, so it is queued behind one)."""
+    return cfg.timeouts.weight_sync_s + (cfg.timeouts.generate_s if cfg.rollout.max_staleness > 1 else 0.0)
+
+
+def trainer_collective_timeout_s(cfg: Config) -> float:
+    """DeepSpeed's process-group timeout on the trainer ranks: past it a rank waiting in a collective
+    fails, and on GPUs the NCCL watchdog kills its process. So it is no shorter than the longest wait
+    the controller allows, and the controller reports a slow call first, in one line. A rank waits
+    for its peers within one call of its group, as long as that call's bound at most: the
+    rendezvous of ``setup`` (``timeouts.actor_start_s``); train, logprobs, values, checkpoint save
+    and load with their barriers, the policy export (``timeouts.train_s``); the weight broadcast
+    (``weight_sync_timeout_s``), where ZeRO-3 ranks wait in their next gather while rank 0 sends,
+    with ``rollout.max_staleness >= 2`` until the engines have finished a generation. Plus one
+    more weight sync: a broadcast cut short at its bound still has rank 0 gather the rest of the
+    parameters with its peers (``weight_sync._GroupSender``)."""
+    sync = weight_sync_timeout_s(cfg)
+    return max(cfg.timeouts.actor_start_s, cfg.timeouts.train_s, sync) + sync

@@ -73,11 +73,12 @@ class GenerationEngine:
             enable_sleep_mode=cfg.sleep_level > 0,
         )
         self.version = 0  # the policy version served: set by every weight update (and a resume)
+        self.updating = False  # from start_weight_update to the update's end (vLLM's worker keeps its own flag)
         self.agent = None
         if cfg.env:
             from rlhf_dist.agent import AgentLoop
-            from rlhf_dist.data import has_chat_template
-            from rlhf_dist.envs import env_factory
+            from rlhf_dist.models.chat import has_chat_template
+            from rlhf_dist.registry import env_factory
 
             chat = has_chat_template(self.llm.get_tokenizer(), chat_template)
             self.agent = AgentLoop(self.llm, env_factory(cfg.env), self._turn_params, cfg.max_turns,
@@ -206,17 +207,27 @@ class GenerationEngine:
 
     def start_weight_update(self) -> None:
         self.llm.start_weight_update()
+        self.updating = True
 
     def update_weights(self, update_info: dict) -> None:
-        self.llm.update_weights({"update_info": update_info})
+        try:
+            self.llm.update_weights({"update_info": update_info})
+        except BaseException:
+            self.updating = False  # vLLM's worker ends an update whose receive failed
+            raise
 
     def finish_weight_update(self, version: int) -> None:
         self.llm.finish_weight_update(weight_version=str(version))
+        self.updating = False
         self.version = version
         # Cached KV blocks were computed with the old weights; vLLM would reuse them for a
         # repeated prefix (e.g. the same held-out prompts every evaluation).
         self.llm.reset_prefix_cache()
 
     def shutdown_weight_transfer(self) -> None:
-        """Leave the weight-transfer group (before joining a new one, after a peer was lost)."""
+        """Leave the weight-transfer group (before joining a new one, after a peer was lost). vLLM
+        refuses to during an update: one started but never received (a sync that stopped when
+        another engine was found lost) is finished first, on the weights it had."""
+        if self.updating:
+            self.finish_weight_update(self.version)
         self.llm.shutdown_weight_transfer_engine()

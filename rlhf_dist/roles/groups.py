@@ -14,10 +14,10 @@ import ray
 import torch
 
 from rlhf_dist.config import AlgoConfig
-from rlhf_dist.experience import Experience, PairBatch, collate, concat, split_sizes
+from rlhf_dist.core.experience import Experience, PairBatch, collate, concat, split_sizes
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.weight_sync import ParamSpec, engine_init_info, merge_ipc_handles, update_info, worst_probe_gap
-from rlhf_dist.worker_group import Pending, RoleError, WorkerGroup, get_one, wait_all
+from rlhf_dist.worker_group import Pending, RoleError, WorkerGroup, get_one, wait_all, wait_collective
 
 
 def _flatten(parts: list[list]) -> list:
@@ -271,7 +271,9 @@ class Broadcast:
         return [sending, receiving]
 
     def send(self) -> None:
-        wait_all(*self.send_async())
+        """Both ends, waited for until each has finished: a recovery (``WeightSync.reconnect``) needs
+        trainer rank 0 and the engines out of the broadcast before they join a new group."""
+        wait_collective(*self.send_async(), settle=True)
 
     def release(self) -> None:
         """Nothing outlives a broadcast."""
@@ -298,7 +300,9 @@ class SyncInFlight:
         self.sync, self.version, self.pending, self.probe = sync, version, pending, probe
 
     def wait(self) -> None:
-        wait_all(*self.pending)
+        # Not settled: a lost engine restarts every role (train.run_with_restarts), which stops
+        # the ends still in the broadcast.
+        wait_collective(*self.pending, settle=False)
         if self.probe is not None:
             engine_lps, (trainer_lps, _) = wait_all(*self.probe)
             self.sync.check_probe(engine_lps, trainer_lps, self.version)

@@ -8,50 +8,23 @@ step naming the sample, ``drop`` returns NaN for it and the controller excludes 
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import math
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from rlhf_dist.config import RewardConfig
+from rlhf_dist.registry import import_function, takes_metadata
 from rlhf_dist.roles.spec import RankSpec
 
 
 class RewardError(ValueError):
     """A reward source failed or returned a non-finite score; the message names the sample."""
-
-
-def import_function(path: str, key: str = "reward.function") -> Callable[..., float]:
-    """Resolve ``"package.module:function"`` (or ``"package.module.function"``); an error names
-    ``key``, the config key that gave ``path``."""
-    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"{key}={path!r}: cannot import it ({e})") from e
-    if not callable(fn):
-        raise ValueError(f"{key}={path!r}: {type(fn).__name__} is not callable")
-    return fn
-
-
-def takes_metadata(fn: Callable[..., float], path: str, key: str = "reward.function") -> bool:
-    """Whether ``fn`` is called as fn(prompt, response, metadata) or fn(prompt, response)."""
-    sig = inspect.signature(fn)
-    for args, with_metadata in ((("p", "r", {}), True), (("p", "r"), False)):
-        try:
-            sig.bind(*args)
-            return with_metadata
-        except TypeError:
-            continue
-    raise ValueError(f"{key}={path!r}: signature {sig} must accept (prompt, response[, metadata])")
 
 
 def post_scores(cfg: RewardConfig, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
@@ -161,8 +134,8 @@ class RewardScorer:
 
     @torch.no_grad()
     def _model_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from rlhf_dist.data import conversation_text
-        from rlhf_dist.experience import pad_sequences
+        from rlhf_dist.core.experience import pad_sequences
+        from rlhf_dist.models.chat import conversation_text
 
         texts = [conversation_text(self.tokenizer, p, r, self.chat_template) for p, r in zip(prompts, responses)]
         scores: list[float] = []

@@ -13,7 +13,7 @@ class RankSpec:
     world_size: int  # how many actors its role (or group) has
     device: str  # where its model runs: cpu or cuda (resources.device)
     seed: int  # the run's seed (cfg.seed); each role derives its own streams from it and the rank
-    timeout_s: float  # bound on the collectives it joins (timeouts.weight_sync_s)
+    timeout_s: float  # bound on the collectives of its process group (config.trainer_collective_timeout_s)
     model_path: str  # the model directory it loads ("" when it loads none)
 
     def __post_init__(self) -> None:

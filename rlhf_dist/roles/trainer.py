@@ -22,9 +22,13 @@ from pathlib import Path
 
 import torch
 
-from rlhf_dist import algorithms as A
 from rlhf_dist.config import AlgoConfig, ModelConfig, RunPlan, TrainerConfig, TrainerPlan
-from rlhf_dist.experience import Experience, PairBatch, TensorRows
+from rlhf_dist.core.experience import Experience, PairBatch, TensorRows
+from rlhf_dist.core.losses import actor_loss, pairwise_loss, sft_loss, value_loss
+from rlhf_dist.core.packing import budget_micro_batches
+from rlhf_dist.core.schedule import lr_multiplier
+from rlhf_dist.core.seeds import MINIBATCH_ORDER, derive_seed
+from rlhf_dist.core.stats import masked_sum
 from rlhf_dist.modeling import (
     load_causal_lm,
     load_critic,
@@ -34,9 +38,7 @@ from rlhf_dist.modeling import (
     response_values,
     write_model_dir,
 )
-from rlhf_dist.packing import budget_micro_batches
 from rlhf_dist.roles.spec import RankSpec
-from rlhf_dist.seeds import MINIBATCH_ORDER, derive_seed
 
 
 def node_endpoint() -> tuple[str, int]:
@@ -126,6 +128,8 @@ class _DeepSpeedRank:
         # rank, and a rank killed while holding that lock (a run stopped during start-up) leaves
         # every later run waiting on it until timeouts.actor_start_s.
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+        # No shorter than any wait the controller allows (config.trainer_collective_timeout_s): past it
+        # NCCL's watchdog kills the process.
         deepspeed.init_distributed(
             dist_backend="nccl" if self.device == "cuda" else "gloo",
             timeout=timedelta(seconds=self.collective_timeout_s),
@@ -144,7 +148,7 @@ class _DeepSpeedRank:
             optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda s: A.lr_multiplier(s, self.cfg.warmup_steps, self.plan.optimizer_steps, self.cfg.lr_schedule),
+            lambda s: lr_multiplier(s, self.cfg.warmup_steps, self.plan.optimizer_steps, self.cfg.lr_schedule),
         )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule,
@@ -419,7 +423,7 @@ class PolicyTrainer(_DeepSpeedRank):
                 old = logprobs.detach()
                 if micro.row_index is not None:
                     one_pass.append((micro.row_index, old, entropy.detach()))
-            return A.actor_loss(
+            return actor_loss(
                 logprobs, old, micro.ref_logprobs, micro.advantages, entropy, micro.response_mask,
                 algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip, agg=algo.loss_agg,
                 max_len=self.max_new_tokens, rollout_weights=micro.rollout_weights, ratio_level=algo.ratio_level,
@@ -491,7 +495,7 @@ class SFTTrainer(_SupervisedRank):
 
         def loss_fn(micro: Experience, totals: dict[str, float]):
             logprobs, _ = self._logprobs(micro, 1.0)
-            loss = A.sft_loss(logprobs, micro.response_mask, totals["tokens"])
+            loss = sft_loss(logprobs, micro.response_mask, totals["tokens"])
             return loss, {"loss": loss.item()}
 
         return self._train(exp, 1, loss_fn)
@@ -501,7 +505,7 @@ class SFTTrainer(_SupervisedRank):
         """(summed NLL, token count) of this rank's shard of held-out demonstrations."""
         self.engine.eval()
         (logprobs,) = self._per_row(exp, lambda micro: self._logprobs(micro, 1.0)[0])
-        return -A.masked_sum(logprobs, exp.response_mask).item(), exp.response_mask.sum().item()
+        return -masked_sum(logprobs, exp.response_mask).item(), exp.response_mask.sum().item()
 
 
 class RewardModelTrainer(_SupervisedRank):
@@ -520,7 +524,7 @@ class RewardModelTrainer(_SupervisedRank):
         def loss_fn(micro: PairBatch, totals: dict[str, float]):
             chosen, rejected = pair_scores(self.engine, micro, self.engine.module.config.pad_token_id,
                                            self.cfg.packing)
-            loss, stats = A.pairwise_loss(chosen, rejected, totals["sequences"])
+            loss, stats = pairwise_loss(chosen, rejected, totals["sequences"])
             return loss, {"loss": loss.item(), **stats}
 
         return self._train(pairs, 1, loss_fn)
@@ -559,7 +563,7 @@ class CriticTrainer(_DeepSpeedRank):
     def train(self, exp: Experience, epochs: int) -> dict[str, float]:
         def loss_fn(micro: Experience, totals: dict[str, float]):
             values = response_values(self.engine, micro, self.cfg.packing)
-            loss, stats = A.value_loss(values, micro.old_values, micro.returns, micro.response_mask,
+            loss, stats = value_loss(values, micro.old_values, micro.returns, micro.response_mask,
                                        self.value_clip_eps, totals["tokens"])
             return loss, {"value_loss": loss.item(), "value_clipfrac": stats["clipfrac"]}
 

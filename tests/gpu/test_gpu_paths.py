@@ -20,8 +20,9 @@ import socket
 import pytest
 import torch
 
-from rlhf_dist import algorithms as A
-from rlhf_dist.experience import Experience, collate, collate_pairs
+from rlhf_dist.core.experience import Experience, collate, collate_pairs
+from rlhf_dist.core.losses import actor_loss, pairwise_loss, sft_loss, value_loss
+from rlhf_dist.core.stats import logprobs_from_logits
 from rlhf_dist.modeling import (
     PROBE_TOLERANCE,
     load_causal_lm,
@@ -150,7 +151,7 @@ def test_chunked_logprobs_equal_the_models_own_logits(policy, exp, float32_padde
     width, steps = exp.prompt_width, exp.response_mask.shape[1]
     logits = policy(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids,
                     use_cache=False).logits[:, width - 1 : width + steps - 1]
-    expected = A.logprobs_from_logits(logits.float() / TEMPERATURE, exp.response_ids) * exp.response_mask
+    expected = logprobs_from_logits(logits.float() / TEMPERATURE, exp.response_ids) * exp.response_mask
     for packed in (False, True):
         with off_device(DEVICE):
             got, _ = response_logprobs(policy, exp, TEMPERATURE, packed=packed, chunk_tokens=CHUNK)
@@ -199,12 +200,12 @@ def test_actor_and_sft_losses_backward(policy, exp, dtype):
     try:
         with off_device(DEVICE):
             logprobs, entropy = response_logprobs(policy, exp, TEMPERATURE, True, packed=True, chunk_tokens=CHUNK)
-            loss, stats = A.actor_loss(
+            loss, stats = actor_loss(
                 logprobs, exp.old_logprobs, exp.ref_logprobs, exp.advantages, entropy, exp.response_mask, 0.2,
                 clip_eps_high=0.28, dual_clip=3.0, agg="token_mean", max_len=30, rollout_weights=None,
                 entropy_coef=0.01, kl_coef=0.1, kl_estimator="k3",
             )
-            loss = loss + A.sft_loss(logprobs, exp.response_mask)
+            loss = loss + sft_loss(logprobs, exp.response_mask)
             loss.backward()
     finally:
         policy.eval()
@@ -215,7 +216,7 @@ def test_actor_and_sft_losses_backward(policy, exp, dtype):
 def test_value_loss_backward(critic, exp, dtype):
     with off_device(DEVICE):
         values = response_values(critic, exp, packed=True)
-        loss, _ = A.value_loss(values, exp.old_values, exp.returns, exp.response_mask, 0.2)
+        loss, _ = value_loss(values, exp.old_values, exp.returns, exp.response_mask, 0.2)
         loss.backward()
     assert torch.isfinite(loss) and loss.device.type == DEVICE
     _assert_gradients_finite_on_device(critic)
@@ -225,7 +226,7 @@ def test_pairwise_loss_backward(reward_model, pair_rows, dtype):
     pairs = pair_rows.map_tensors(lambda t: t.to(DEVICE))
     with off_device(DEVICE):
         chosen, rejected = pair_scores(reward_model, pairs, reward_model.config.pad_token_id, packed=True)
-        loss, _ = A.pairwise_loss(chosen, rejected)
+        loss, _ = pairwise_loss(chosen, rejected)
         loss.backward()
     assert torch.isfinite(loss) and loss.device.type == DEVICE
     _assert_gradients_finite_on_device(reward_model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from rlhf_dist.calculator import CalculatorEnv
+from rlhf_dist.tasks.calculator import CalculatorEnv
 
 HANG_S = 600.0  # far past the test's timeouts.env_step_s: only the timeout can end the call
 

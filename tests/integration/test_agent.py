@@ -15,13 +15,15 @@ import time
 import pytest
 import torch
 
-from rlhf_dist import algorithms as A
 from rlhf_dist.agent import ENV_MARK, env_rows
 from rlhf_dist.cluster import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
 from rlhf_dist.controller import run_rl
+from rlhf_dist.core.advantages import grpo_advantages
+from rlhf_dist.core.experience import collate
+from rlhf_dist.core.losses import policy_loss
+from rlhf_dist.core.stats import broadcast_to_tokens
 from rlhf_dist.data import load_prompts
-from rlhf_dist.experience import collate
 from rlhf_dist.modeling import resolve_model_path
 from rlhf_dist.run_logger import RunLogger
 from tests.conftest import compose_config
@@ -106,8 +108,8 @@ def test_multi_turn_rollouts_train_on_the_sampled_tokens_and_survive_a_hanging_t
     # Observation tokens carry no gradient: the policy loss on this batch, by position.
     logprobs = trainer_logprobs.detach().clone().requires_grad_(True)
     scores = torch.tensor([float(g.env["return"]) if not g.env["error"] else 0.0 for g in gens])
-    advantages = A.broadcast_to_tokens(A.grpo_advantages(scores, 4), exp.response_mask)
-    loss, _ = A.policy_loss(logprobs, trainer_logprobs + 0.1, advantages, exp.response_mask, clip_eps=0.2)
+    advantages = broadcast_to_tokens(grpo_advantages(scores, 4), exp.response_mask)
+    loss, _ = policy_loss(logprobs, trainer_logprobs + 0.1, advantages, exp.response_mask, clip_eps=0.2)
     loss.backward()
     assert logprobs.grad[exp.response_mask == 0].abs().max() == 0
 

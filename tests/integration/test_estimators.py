@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from rlhf_dist import algorithms as A
 from rlhf_dist.cluster import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
 from rlhf_dist.controller import evaluate, make_kl_controller, rl_step
+from rlhf_dist.core.advantages import informative_groups
+from rlhf_dist.core.experience import collate
 from rlhf_dist.data import load_prompts
-from rlhf_dist.experience import collate
 from rlhf_dist.modeling import resolve_model_path
 from rlhf_dist.rollout import RolloutQueue
 from rlhf_dist.timeline import Timeline
@@ -100,7 +100,7 @@ def test_critic_free_estimators_one_step_each():
     # DAPO: the step holds 8 groups of 4, informative ones unless the rounds ran out (then filled)
     dapo, batch = results["dapo"], batches["dapo"]
     assert len(batch.generations) == 32 and 1 <= dapo["rollout/sampling_rounds"] <= 3
-    informative = A.informative_groups(torch.tensor(batch.scores), 4).sum().item()
+    informative = informative_groups(torch.tensor(batch.scores), 4).sum().item()
     assert informative == 8 - dapo["rollout/filled_groups"]
     assert dapo["rollout/prompts_sampled"] >= dapo["rollout/filtered_groups"] + informative
     assert dapo["rollout/filtered_groups"] > 0 and dapo["rollout/sampling_rounds"] >= 2  # this seed refills

@@ -18,10 +18,10 @@ import socket
 import pytest
 import torch
 
-from rlhf_dist import algorithms as A
 from rlhf_dist.config import AlgoConfig, ModelConfig, TrainerConfig
 from rlhf_dist.config.plan import RunPlan
-from rlhf_dist.experience import collate
+from rlhf_dist.core.experience import collate
+from rlhf_dist.core.losses import actor_loss
 from rlhf_dist.modeling import load_causal_lm, response_logprobs
 from rlhf_dist.tiny_model import build_random_lm
 
@@ -105,7 +105,7 @@ def _expected(model_path: str, exp, agg: str, per_micro: int | None = None) -> t
     total_loss = 0.0
     for part in chunks:
         logprobs, entropy = response_logprobs(model, part, TEMPERATURE, with_entropy=True)
-        loss, _ = A.actor_loss(
+        loss, _ = actor_loss(
             logprobs, part.old_logprobs, None, part.advantages, entropy, part.response_mask, 0.2,
             clip_eps_high=None, dual_clip=None, agg=agg, max_len=40, rollout_weights=None,
             entropy_coef=0.0, kl_coef=None, kl_estimator="k3",

@@ -256,16 +256,34 @@ def test_lost_engine_and_reference_recovered_then_a_full_disk_ends_the_run_clean
     wait_until(proc, lambda: checkpoint(ckpts, 2).exists(), "the checkpoint of step 2")
     reference = pid(out, "reference")
     os.kill(reference, signal.SIGKILL)
-    # Then the checkpoint filesystem fills up: the checkpoint of step 4 cannot be written.
-    wait_until(proc, lambda: pid(out, "reference") != reference and checkpoint(ckpts, 3).exists()
-               and not checkpoint(ckpts, 2).exists(), "the restart and the checkpoint of step 3")
-    fill(small_disk)
+    # The restarted roles redo step 2. Then the engine dies in the middle of step 3's weight sync: it is
+    # stopped (idle) once step 2 is logged, trainer rank 0 once the checkpoint of step 3 is written;
+    # resumed, the engine starts the update and waits in the broadcast for the trainer, and is killed
+    # there. The trainer's send, resumed, fails at once ("Connection closed by peer"): the engine is
+    # replaced, every end joins a new group, and step 3 goes on. Meanwhile the checkpoint filesystem
+    # fills up: the checkpoint of step 4 cannot be written.
+    wait_until(proc, lambda: pid(out, "reference") != reference and len(rows(out)) >= 3, "the restart and step 2")
+    engine, trainer = pid(out, "generation"), pid(out, "policy")
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        wait_until(proc, lambda: checkpoint(ckpts, 3).exists() and not checkpoint(ckpts, 2).exists(),
+                   "the checkpoint of step 3")
+        fill(small_disk)
+        os.kill(trainer, signal.SIGSTOP)
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    time.sleep(2)  # the engine answers start_weight_update and enters update_weights (milliseconds here)
+    os.kill(engine, signal.SIGKILL)
+    os.kill(trainer, signal.SIGCONT)
     assert finish(proc) == 1
 
     console = console_of(out)
     # found by the first engine call after the kill: the start of step 1's weight sync
-    assert "generation.start_weight_update: actor rank 0 died" in console and "replaced engine ranks [0]" in console
+    assert "generation.start_weight_update: actor rank 0 died" in console
     assert "reference.logprobs: actor rank 0 died" in console
+    # found in the broadcast: the engine's loss is reported, not the trainer's failed send that may come first
+    assert "generation.update_weights: actor rank 0 died" in console
+    assert console.count("replaced engine ranks [0]") == 2
     assert f"restarting every role from {checkpoint(ckpts, 2)} (restart 1/2)" in console
     error = error_line(out)
     assert error.startswith("rlhf_dist: error: checkpoint step_000004 not written (")
@@ -278,4 +296,4 @@ def test_lost_engine_and_reference_recovered_then_a_full_disk_ends_the_run_clean
     assert verify(checkpoint(ckpts, 3)) == ""
     assert [p.name for p in ckpts.iterdir() if not p.name.startswith(".tmp-")] == ["step_000003"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "failed" and summary["restarts/roles"] == 1 and summary["restarts/engines"] == 1
+    assert summary["status"] == "failed" and summary["restarts/roles"] == 1 and summary["restarts/engines"] == 2

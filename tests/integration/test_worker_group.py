@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 import ray
 
-from rlhf_dist.worker_group import RoleError, WorkerGroup
+from rlhf_dist.worker_group import RoleError, WorkerGroup, wait_collective
 
 
 class _Worker:
@@ -57,6 +58,10 @@ class _Ranked:
         time.sleep(seconds)  # rank 0: e.g. blocked in a collective with rank 1
         return 7
 
+    def die_after(self, seconds: float) -> None:
+        time.sleep(seconds)
+        os._exit(1)
+
 
 def test_first_failure_ends_the_wait_without_waiting_for_the_others(group):
     actors = [ray.remote(_Ranked).options(num_cpus=0.25).remote(r) for r in range(2)]
@@ -101,3 +106,25 @@ def test_a_call_on_one_actor_names_that_actors_rank(group):
     with pytest.raises(RoleError, match=r"\(actor ranks \[0\] did not answer\)"):
         timed_out.call_on_async(0, "work_or_fail", 8.0).result()
     ranked.kill()
+
+
+def test_the_ends_of_a_collective_report_the_lost_one_even_when_another_fails_first(group):
+    # A weight broadcast: the sender (policy rank 1 here) fails at once when a receiver dies ("Connection
+    # closed by peer"), before Ray reports the receiver lost; that loss is what a recovery acts on.
+    senders = WorkerGroup("policy", [ray.remote(_Ranked).options(num_cpus=0.25).remote(r) for r in range(2)], 30)
+    receivers = WorkerGroup("generation", [ray.remote(_Ranked).options(num_cpus=0.25).remote(0)], 30)
+    assert senders.call_async("ping").result() == [0, 1] and receivers.call_async("ping").result() == [0]
+    lost = r"^generation\.die_after: actor rank 0 died \("
+    # settle: every end is waited for (policy rank 0 works 3 s) before the error is raised
+    start = time.monotonic()
+    with pytest.raises(RoleError, match=lost) as settled:
+        wait_collective(senders.call_async("work_or_fail", 3.0), receivers.call_async("die_after", 1.0), settle=True)
+    assert settled.value.lost_actor and 3 <= time.monotonic() - start < 20
+    # not settled: raised once the loss is known, without waiting for rank 0's 20 s
+    receivers = WorkerGroup("generation", [ray.remote(_Ranked).options(num_cpus=0.25).remote(0)], 30)
+    assert receivers.call_async("ping").result() == [0]
+    start = time.monotonic()
+    with pytest.raises(RoleError, match=lost):
+        wait_collective(senders.call_async("work_or_fail", 20.0), receivers.call_async("die_after", 1.0), settle=False)
+    assert time.monotonic() - start < 10
+    senders.kill()

@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 
-from rlhf_dist import algorithms as A
 from rlhf_dist.agent import EnvError, env_metrics, observation_ids, with_env_returns
-from rlhf_dist.envs import Environment, env_factory
-from rlhf_dist.experience import collate
+from rlhf_dist.core.advantages import gae, reinforce_pp_advantages, token_rewards
+from rlhf_dist.core.experience import collate
+from rlhf_dist.core.losses import policy_loss
+from rlhf_dist.core.stats import broadcast_to_tokens
+from rlhf_dist.registry import env_factory
 from rlhf_dist.roles.generation import Generation
+from rlhf_dist.tasks.base import Environment
 
 # A response of 5 tokens: a model token, two observation tokens, two model tokens (then padding).
 MASK = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0, 0.0]])
@@ -25,20 +28,20 @@ def test_gae_skips_the_observation_between_two_turns():
     #   t4: delta = 1 - 0.75 = 0.25                 A4 = 0.25
     #   t3: delta = 0 + 0.75 - 0.25 = 0.5           A3 = 0.5 + 0.25 = 0.75
     #   t0: delta = 0 + 0.25 - 0.5 = -0.25          A0 = -0.25 + 0.75 = 0.5   (bootstraps from t3, not t1)
-    adv, ret = A.gae(rewards, values, MASK, gamma=1.0, lam=1.0)
+    adv, ret = gae(rewards, values, MASK, gamma=1.0, lam=1.0)
     torch.testing.assert_close(adv, torch.tensor([[0.5, 0, 0, 0.75, 0.25, 0]]))
     torch.testing.assert_close(ret, torch.tensor([[1.0, 0, 0, 1.0, 1.0, 0]]))
     # gamma = lam = 0.5: one discount step per valid token, none for the observation:
     #   t4: A4 = 0.25; t3: delta = 0.5 * 0.75 - 0.25 = 0.125, A3 = 0.125 + 0.25 * 0.25 = 0.1875
     #   t0: delta = 0.5 * 0.25 - 0.5 = -0.375, A0 = -0.375 + 0.25 * 0.1875 = -0.328125
-    adv, _ = A.gae(rewards, values, MASK, gamma=0.5, lam=0.5)
+    adv, _ = gae(rewards, values, MASK, gamma=0.5, lam=0.5)
     torch.testing.assert_close(adv, torch.tensor([[-0.328125, 0, 0, 0.1875, 0.25, 0]]))
 
 
 def test_token_rewards_put_the_score_on_the_last_model_token():
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]])  # row 2: an observation first
     kl = torch.full((2, 5), 0.5)
-    rewards = A.token_rewards(torch.tensor([2.0, 3.0]), kl, mask, kl_coef=0.1)
+    rewards = token_rewards(torch.tensor([2.0, 3.0]), kl, mask, kl_coef=0.1)
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, -0.05, 0, 1.95, 0], [0, 2.95, 0, 0, 0]]))
 
 
@@ -49,14 +52,14 @@ def test_reinforce_pp_returns_carry_over_the_observation():
     returns = torch.tensor([[0.25, 0.0, 0.0, 0.5, 1.0, 0.0]])
     valid = torch.tensor([0.25, 0.5, 1.0])
     expected = (returns - valid.mean()) / (valid.std() + 1e-8) * MASK
-    torch.testing.assert_close(A.reinforce_pp_advantages(rewards, MASK, gamma=0.5), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(reinforce_pp_advantages(rewards, MASK, gamma=0.5), expected, atol=1e-6, rtol=0)
 
 
 def test_observation_tokens_carry_no_loss_gradient():
     logprobs = torch.full((1, 6), -1.0, requires_grad=True)
     old = torch.full((1, 6), -1.0)
-    advantages = A.broadcast_to_tokens(torch.tensor([1.0]), MASK)
-    loss, _ = A.policy_loss(logprobs, old, advantages, MASK, clip_eps=0.2)
+    advantages = broadcast_to_tokens(torch.tensor([1.0]), MASK)
+    loss, _ = policy_loss(logprobs, old, advantages, MASK, clip_eps=0.2)
     loss.backward()
     assert logprobs.grad[0, [1, 2, 5]].abs().max() == 0  # observation and padding
     assert (logprobs.grad[0, [0, 3, 4]] != 0).all()

@@ -1,4 +1,4 @@
-"""Hand-derived checks for rlhf_dist.algorithms (KL estimators and controllers: test_kl.py): masked
+"""Hand-derived checks for rlhf_dist.core's stats, advantages, losses and schedule (KL estimators and controllers: test_kl.py): masked
 statistics, rewards and advantages, the estimator table, losses and their options, LR schedule; each
 expected number is worked out in a comment."""
 
@@ -8,8 +8,32 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_dist import algorithms as alg
-from rlhf_dist.config import ESTIMATORS, GROUP_ESTIMATORS
+from rlhf_dist import config
+from rlhf_dist.core.advantages import (
+    GROUP_ESTIMATORS,
+    GROUP_STD_EPS,
+    TOKEN_ESTIMATORS,
+    dr_grpo_advantages,
+    estimate_advantages,
+    gae,
+    grpo_advantages,
+    neutralise_dropped,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    token_rewards,
+)
+from rlhf_dist.core.losses import actor_loss, aggregate_loss, policy_loss, value_loss
+from rlhf_dist.core.schedule import lr_multiplier
+from rlhf_dist.core.stats import (
+    broadcast_to_tokens,
+    entropy_from_logits,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    whiten_scores,
+)
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
 F64 = torch.float64
@@ -28,27 +52,27 @@ MASK = t64([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 def test_masked_sum_and_mean():
     # valid entries: 1, 2 (row 0) and 4 (row 1)
     # all: sum = 7, mean = 7 / 3; per row: sums [3, 4], means [3/2, 4/1]
-    assert_close(alg.masked_sum(X, MASK), t64(7.0), **TOL)
-    assert_close(alg.masked_mean(X, MASK), t64(7.0 / 3.0), **TOL)
-    assert_close(alg.masked_sum(X, MASK, dim=1), t64([3.0, 4.0]), **TOL)
-    assert_close(alg.masked_mean(X, MASK, dim=1), t64([1.5, 4.0]), **TOL)
+    assert_close(masked_sum(X, MASK), t64(7.0), **TOL)
+    assert_close(masked_mean(X, MASK), t64(7.0 / 3.0), **TOL)
+    assert_close(masked_sum(X, MASK, dim=1), t64([3.0, 4.0]), **TOL)
+    assert_close(masked_mean(X, MASK, dim=1), t64([1.5, 4.0]), **TOL)
     # a bool mask selects the same entries
-    assert_close(alg.masked_mean(X, MASK.bool()), t64(7.0 / 3.0), **TOL)
+    assert_close(masked_mean(X, MASK.bool()), t64(7.0 / 3.0), **TOL)
 
 
 def test_masked_var():
     # valid 1, 2, 4; mean 7/3; deviations -4/3, -1/3, 5/3; squares 16/9 + 1/9 + 25/9 = 42/9
     # biased: 42/9 / 3 = 14/9; unbiased: 42/9 / 2 = 7/3
-    assert_close(alg.masked_var(X, MASK, unbiased=False), t64(14.0 / 9.0), **TOL)
-    assert_close(alg.masked_var(X, MASK, unbiased=True), t64(7.0 / 3.0), **TOL)
+    assert_close(masked_var(X, MASK, unbiased=False), t64(14.0 / 9.0), **TOL)
+    assert_close(masked_var(X, MASK, unbiased=True), t64(7.0 / 3.0), **TOL)
 
 
 def test_masked_var_unbiased_needs_two_valid_positions():
     one_valid = t64([[1.0, 0.0]])
     with pytest.raises(ValueError, match="at least 2 valid positions"):
-        alg.masked_var(t64([[3.0, 9.0]]), one_valid, unbiased=True)
+        masked_var(t64([[3.0, 9.0]]), one_valid, unbiased=True)
     # biased variance of a single value is 0
-    assert_close(alg.masked_var(t64([[3.0, 9.0]]), one_valid, unbiased=False), t64(0.0), **TOL)
+    assert_close(masked_var(t64([[3.0, 9.0]]), one_valid, unbiased=False), t64(0.0), **TOL)
 
 
 def test_masked_whiten():
@@ -57,10 +81,10 @@ def test_masked_whiten():
     # valid 1, 5, 3; mean 3; deviations -2, 2, 0; squares sum 8; unbiased var 8/2 = 4; std 2
     # whitened valid: (-2/2, 2/2, 0/2) = (-1, 1, 0)
     # padding gets the same map: (40 - 3)/2 = 18.5, (-9 - 3)/2 = -6, (9 - 3)/2 = 3
-    out = alg.masked_whiten(x, mask, shift_mean=True, eps=0.0)
+    out = masked_whiten(x, mask, shift_mean=True, eps=0.0)
     assert_close(out, t64([[-1.0, 1.0, 18.5], [0.0, -6.0, 3.0]]), **TOL)
     # shift_mean=False adds the mean 3 back: valid (2, 4, 3)
-    out = alg.masked_whiten(x, mask, shift_mean=False, eps=0.0)
+    out = masked_whiten(x, mask, shift_mean=False, eps=0.0)
     assert_close(out * mask, t64([[2.0, 4.0, 0.0], [3.0, 0.0, 0.0]]), **TOL)
 
 
@@ -70,10 +94,10 @@ def test_token_rewards_puts_score_at_last_valid_token():
     mask = t64([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     # penalty -0.5 * kl: row 0 (-0.05, -0.1, -0.15); row 1 (-0.2, -0.25, padding -> 0)
     # score at last valid token: row 0 index 2 -> -0.15 + 2 = 1.85; row 1 index 1 -> -0.25 - 1 = -1.25
-    rewards = alg.token_rewards(scores, kl, mask, kl_coef=0.5)
+    rewards = token_rewards(scores, kl, mask, kl_coef=0.5)
     assert_close(rewards, t64([[-0.05, -0.1, 1.85], [-0.2, -1.25, 0.0]]), **TOL)
     # same with a bool mask
-    assert_close(alg.token_rewards(scores, kl, mask.bool(), kl_coef=0.5), rewards, **TOL)
+    assert_close(token_rewards(scores, kl, mask.bool(), kl_coef=0.5), rewards, **TOL)
 
 
 def test_token_rewards_refuses_rows_without_a_response_token():
@@ -81,21 +105,21 @@ def test_token_rewards_refuses_rows_without_a_response_token():
     kl = t64([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
     mask = t64([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
     with pytest.raises(ValueError, match=r"^token_rewards: rows \[1\] of the batch have no response token"):
-        alg.token_rewards(t64([1.0, 2.0, 3.0]), kl, mask, kl_coef=0.5)
+        token_rewards(t64([1.0, 2.0, 3.0]), kl, mask, kl_coef=0.5)
     with pytest.raises(ValueError, match=r"rows \[1\]"):
-        alg.token_rewards(t64([1.0, 2.0, 3.0]), kl, mask.bool(), kl_coef=0.5)
+        token_rewards(t64([1.0, 2.0, 3.0]), kl, mask.bool(), kl_coef=0.5)
 
 
 def test_whiten_scores():
     # s = (1, 2, 3, 6); mean 3; deviations (-2, -1, 0, 3); squares sum 14; unbiased std sqrt(14/3)
     std = math.sqrt(14.0 / 3.0)
-    out = alg.whiten_scores(t64([1.0, 2.0, 3.0, 6.0]), eps=0.0)
+    out = whiten_scores(t64([1.0, 2.0, 3.0, 6.0]), eps=0.0)
     assert_close(out, t64([-2.0 / std, -1.0 / std, 0.0, 3.0 / std]), **TOL)
 
 
 def test_whiten_scores_single_score_is_centered_not_nan():
     # B == 1: s - mean(s) = 5 - 5 = 0 (an unbiased std of one value would be NaN)
-    assert_close(alg.whiten_scores(t64([5.0])), t64([0.0]), **TOL)
+    assert_close(whiten_scores(t64([5.0])), t64([0.0]), **TOL)
 
 
 def test_gae_with_padding():
@@ -114,7 +138,7 @@ def test_gae_with_padding():
     #   delta_1 = 2.0 + 0.9*7.0*0 - 0.2 = 1.8         A_1 = 1.8
     #   delta_0 = 0.5 + 0.9*0.2 - 1.0 = -0.32         A_0 = -0.32 + 0.45*1.8 = 0.49
     #   returns = (0.49 + 1.0, 1.8 + 0.2, 0) = (1.49, 2.0, 0)
-    advantages, returns = alg.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
     assert_close(advantages, t64([[0.5575, 0.35, -1.0], [0.49, 1.8, 0.0]]), **TOL)
     assert_close(returns, t64([[1.0575, 1.35, 1.0], [1.49, 2.0, 0.0]]), **TOL)
 
@@ -134,7 +158,7 @@ def test_grpo_advantages():
     # (an interleaved layout would group (1, 3, 0) and (2, 0, 4) and give other numbers)
     s3 = math.sqrt(3.0)
     assert_close(
-        alg.grpo_advantages(SCORES, n=3, eps=0.0),
+        grpo_advantages(SCORES, n=3, eps=0.0),
         t64([-1.0, 0.0, 1.0, -1.0 / s3, -1.0 / s3, 2.0 / s3]),
         **TOL,
     )
@@ -142,13 +166,13 @@ def test_grpo_advantages():
     # are above it, so the default gives exactly the eps = 0 numbers
     std1 = 4.0 / s3
     expected = t64([-1.0, 0.0, 1.0, (-4 / 3) / std1, (-4 / 3) / std1, (8 / 3) / std1])
-    assert_close(alg.grpo_advantages(SCORES, n=3), expected, **TOL)
+    assert_close(grpo_advantages(SCORES, n=3), expected, **TOL)
 
 
 def test_grpo_advantages_equal_scores_give_zero_not_nan():
     # group 0 = (5, 5): deviations 0, std 0 -> 0 / max(0, 1e-4) = 0
     # group 1 = (1, 3): mean 2, deviations (-1, 1), unbiased var 2 / 1 = 2 -> (-1, 1) / max(sqrt(2), 1e-4)
-    out = alg.grpo_advantages(t64([5.0, 5.0, 1.0, 3.0]), n=2)
+    out = grpo_advantages(t64([5.0, 5.0, 1.0, 3.0]), n=2)
     d = math.sqrt(2.0)
     assert_close(out, t64([0.0, 0.0, -1.0 / d, 1.0 / d]), **TOL)
 
@@ -158,10 +182,10 @@ def test_grpo_advantages_do_not_amplify_float_noise():
     #   squares 3 * 6.25e-14 + 5.625e-13 = 7.5e-13, unbiased var 7.5e-13 / 3 = 2.5e-13, std 5e-7
     #   std floored at 1e-4: (-2.5e-7, 7.5e-7) / 1e-4 = (-0.0025, 0.0075)
     #   (the old std + 1e-6 gave -2.5e-7 / 1.5e-6 = -0.1667 and 7.5e-7 / 1.5e-6 = +0.5)
-    out = alg.grpo_advantages(t64([0.0, 0.0, 0.0, 1e-6]), n=4)
+    out = grpo_advantages(t64([0.0, 0.0, 0.0, 1e-6]), n=4)
     assert_close(out, t64([-0.0025, -0.0025, -0.0025, 0.0075]), **TOL)
     # the same in float32 around 0.5, where 0.5 + 1e-6 is itself rounded: all |A| < 0.01
-    out32 = alg.grpo_advantages(torch.tensor([0.5, 0.5, 0.5, 0.5 + 1e-6]), n=4)
+    out32 = grpo_advantages(torch.tensor([0.5, 0.5, 0.5, 0.5 + 1e-6]), n=4)
     assert out32.abs().max().item() < 0.01, out32
 
 
@@ -169,14 +193,14 @@ def test_grpo_std_floor_only_acts_below_it():
     # group 0 = (0, 1e-4): mean 5e-5, deviations (-5e-5, 5e-5), std sqrt(2 * 2.5e-9 / 1) = 7.07e-5
     #   < 1e-4, so floored: (-5e-5, 5e-5) / 1e-4 = (-0.5, 0.5)
     # group 1 = (0, 1): mean 0.5, std sqrt(0.5) > 1e-4: (-0.5, 0.5) / sqrt(0.5) = (-1/sqrt(2), 1/sqrt(2))
-    out = alg.grpo_advantages(t64([0.0, 1e-4, 0.0, 1.0]), n=2)
+    out = grpo_advantages(t64([0.0, 1e-4, 0.0, 1.0]), n=2)
     a = 1.0 / math.sqrt(2.0)
     assert_close(out, t64([-0.5, 0.5, -a, a]), **TOL)
-    assert alg.GROUP_STD_EPS == 1e-4
+    assert GROUP_STD_EPS == 1e-4
 
 
 def test_group_estimators_validate_n():
-    for fn in (alg.grpo_advantages, alg.dr_grpo_advantages, alg.rloo_advantages):
+    for fn in (grpo_advantages, dr_grpo_advantages, rloo_advantages):
         # one sample per prompt has no group baseline
         with pytest.raises(ValueError, match="n=1"):
             fn(SCORES, n=1)
@@ -187,7 +211,7 @@ def test_group_estimators_validate_n():
 
 def test_dr_grpo_advantages():
     # r - mean_g, no std: group 0 mean 2 -> (-1, 0, 1); group 1 mean 4/3 -> (-4/3, -4/3, 8/3)
-    out = alg.dr_grpo_advantages(SCORES, n=3)
+    out = dr_grpo_advantages(SCORES, n=3)
     assert_close(out, t64([-1.0, 0.0, 1.0, -4.0 / 3.0, -4.0 / 3.0, 8.0 / 3.0]), **TOL)
 
 
@@ -196,7 +220,7 @@ def test_rloo_advantages():
     # group 0: 1 - (2+3)/2 = -1.5;  2 - (1+3)/2 = 0;  3 - (1+2)/2 = 1.5
     # group 1: 0 - (0+4)/2 = -2;    0 - (0+4)/2 = -2; 4 - (0+0)/2 = 4
     # (check: n/(n-1) * (r - mean_g) = 1.5 * (-1, 0, 1) and 1.5 * (-4/3, -4/3, 8/3))
-    out = alg.rloo_advantages(SCORES, n=3)
+    out = rloo_advantages(SCORES, n=3)
     assert_close(out, t64([-1.5, 0.0, 1.5, -2.0, -2.0, 4.0]), **TOL)
 
 
@@ -204,8 +228,8 @@ def test_broadcast_to_tokens():
     mask = t64([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     # row 0 gets 2 on its two valid tokens, row 1 gets -3 on its one; padding 0
     expected = t64([[2.0, 2.0, 0.0], [-3.0, 0.0, 0.0]])
-    assert_close(alg.broadcast_to_tokens(t64([2.0, -3.0]), mask), expected, **TOL)
-    assert_close(alg.broadcast_to_tokens(t64([2.0, -3.0]), mask.bool()), expected, **TOL)
+    assert_close(broadcast_to_tokens(t64([2.0, -3.0]), mask), expected, **TOL)
+    assert_close(broadcast_to_tokens(t64([2.0, -3.0]), mask.bool()), expected, **TOL)
 
 
 def test_reinforce_pp_advantages_with_padding():
@@ -221,9 +245,9 @@ def test_reinforce_pp_advantages_with_padding():
     # unbiased var 2.7 / 4 = 0.675; masked_whiten divides by sqrt(0.675 + 1e-8); padding -> 0
     std = math.sqrt(0.675 + 1e-8)
     expected = t64([[-0.9 / std, -0.65 / std, -0.15 / std], [0.85 / std, 0.85 / std, 0.0]])
-    out = alg.reinforce_pp_advantages(rewards, mask, gamma=gamma)
+    out = reinforce_pp_advantages(rewards, mask, gamma=gamma)
     assert_close(out, expected, **TOL)
-    assert_close(alg.reinforce_pp_advantages(rewards, mask.bool(), gamma=gamma), expected, **TOL)
+    assert_close(reinforce_pp_advantages(rewards, mask.bool(), gamma=gamma), expected, **TOL)
 
 
 # ---------------------------------------------------------------- the estimator table and dropped samples
@@ -232,14 +256,14 @@ def test_reinforce_pp_advantages_with_padding():
 def test_dropped_scores_take_their_group_mean():
     # n=2: group [1, nan] -> nan becomes 1 (mean of the kept 1); group [nan, nan] -> batch mean of
     # kept scores (1 + 3 + 5) / 3 = 3; group [3, 5] untouched.
-    filled, kept = alg.neutralise_dropped(torch.tensor([1.0, NAN, NAN, NAN, 3.0, 5.0]), n=2)
+    filled, kept = neutralise_dropped(torch.tensor([1.0, NAN, NAN, NAN, 3.0, 5.0]), n=2)
     assert_close(filled, torch.tensor([1.0, 1.0, 3.0, 3.0, 3.0, 5.0]), **TOL)
     assert kept.tolist() == [True, False, False, False, True, True]
 
 
 def test_all_dropped_is_an_error():
     with pytest.raises(ValueError, match="every sample of the step was dropped"):
-        alg.neutralise_dropped(torch.tensor([NAN, NAN]), n=1)
+        neutralise_dropped(torch.tensor([NAN, NAN]), n=1)
 
 
 EST_MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
@@ -249,7 +273,7 @@ EST_SCORES = torch.tensor([1.0, 3.0, 2.0, 2.0])
 
 def estimate(estimator, kl_coef, values=None, gamma=1.0, lam=0.95):
     # EST_SCORES as 2 prompts x n=2 samples, scores not whitened
-    return alg.estimate_advantages(estimator, EST_SCORES, EST_KL, EST_MASK, values, 2, kl_coef, gamma, lam, False)
+    return estimate_advantages(estimator, EST_SCORES, EST_KL, EST_MASK, values, 2, kl_coef, gamma, lam, False)
 
 
 def test_grpo_with_kl_coef_zero_ignores_kl():
@@ -295,7 +319,7 @@ def test_reinforce_pp_with_whitened_scores():
     # deviations (-2a/3, -2a/3, 4a/3), squares 24a^2/9 = 4/3, unbiased var 2/3, std sqrt(2/3)
     # whitened: (-2a/3) / sqrt(2/3) = -1/sqrt(3), (4a/3) / sqrt(2/3) = 2/sqrt(3); padding 0
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    adv, returns = alg.estimate_advantages(
+    adv, returns = estimate_advantages(
         "reinforce_pp", torch.tensor([1.0, 3.0]), torch.zeros(2, 2), mask, None, 2, 0.0, 1.0, 0.95, True
     )
     r = 1 / math.sqrt(3)
@@ -310,8 +334,19 @@ def test_unknown_estimator_names_it():
 
 def test_estimator_table_holds_the_config_names():
     # rlhf_dist.config (no torch) validates algo.estimator against its own tuples: they must agree
-    assert set(ESTIMATORS) == set(alg.TOKEN_ESTIMATORS) | set(alg.GROUP_ESTIMATORS)
-    assert set(GROUP_ESTIMATORS) == set(alg.GROUP_ESTIMATORS)
+    assert set(config.ESTIMATORS) == set(TOKEN_ESTIMATORS) | set(GROUP_ESTIMATORS)
+    assert set(config.GROUP_ESTIMATORS) == set(GROUP_ESTIMATORS)
+
+
+def test_every_choice_list_of_config_is_the_math_s_own():
+    # config validates a value against its tuple; the math raises on any other name: they must agree
+    from rlhf_dist.core import kl, losses, schedule
+
+    assert config.LOSS_AGGS == losses.LOSS_AGGS
+    assert config.ROLLOUT_CORRECTIONS == losses.ROLLOUT_CORRECTIONS
+    assert config.RATIO_LEVELS == losses.RATIO_LEVELS
+    assert config.KL_ESTIMATORS == tuple(kl.KL_ESTIMATORS)
+    assert config.LR_SCHEDULES == schedule.LR_SCHEDULES
 
 
 def _policy_inputs():
@@ -335,7 +370,7 @@ def test_policy_loss_clipping_and_stats():
     # loss = (-e^0.1 - 1.2 - e^-0.5 + 2e^0.3 + 1.6) / 5 ; clipfrac = 2/5
     # approx_kl = 0.5 * (0.01 + 0.09 + 0.25 + 0.09 + 0.25) / 5 = 0.5 * 0.69 / 5 = 0.069
     expected = (-math.exp(0.1) - 1.2 - math.exp(-0.5) + 2 * math.exp(0.3) + 1.6) / 5
-    loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2)
+    loss, stats = policy_loss(logprobs, old, advantages, mask, clip_eps=0.2)
     assert_close(loss, t64(expected), **TOL)
     assert isinstance(stats["clipfrac"], float) and isinstance(stats["approx_kl"], float)
     assert_close(stats["clipfrac"], 0.4, **TOL)
@@ -344,7 +379,7 @@ def test_policy_loss_clipping_and_stats():
 
 def test_policy_loss_gradient_is_zero_where_clipped():
     logprobs, old, advantages, mask = _policy_inputs()
-    loss, _ = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2)
+    loss, _ = policy_loss(logprobs, old, advantages, mask, clip_eps=0.2)
     loss.backward()
     # where the unclipped term is active: d/dlogp (-A * e^(logp - old)) / 5 = -A * ratio / 5
     # (0,0): -e^0.1/5; (0,2): -e^-0.5/5; (1,0): 2e^0.3/5; clipped tokens and padding: 0
@@ -366,7 +401,7 @@ def test_value_loss_clipping():
     # (1,0) v-old = -1 -> -0.5, v_clip -0.5: (-1+2)^2 = 1 vs (-0.5+2)^2 = 2.25 -> 2.25, clipped
     # (1,1) v-old = 0, v_clip 1.0: 1 vs 1                                     -> 1, not clipped
     # loss = 0.5 * (2.25 + 0.25 + 4 + 2.25 + 1) / 5 = 0.5 * 9.75 / 5 = 0.975; clipfrac = 2/5
-    loss, stats = alg.value_loss(values, old, returns, mask, clip_eps=0.5)
+    loss, stats = value_loss(values, old, returns, mask, clip_eps=0.5)
     assert_close(loss, t64(0.975), **TOL)
     assert isinstance(stats["clipfrac"], float)
     assert_close(stats["clipfrac"], 0.4, **TOL)
@@ -381,21 +416,21 @@ AGG_MASK = t64([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
 def test_aggregate_loss_modes():
     # valid: row 0 (1, 2), row 1 (4, 6, 8); total 21 over 5 tokens
     # token_mean: 21 / 5 = 4.2
-    assert_close(alg.aggregate_loss(AGG_X, AGG_MASK, "token_mean"), t64(4.2), **TOL)
+    assert_close(aggregate_loss(AGG_X, AGG_MASK, "token_mean"), t64(4.2), **TOL)
     # seq_mean_token_mean: row means 3/2 = 1.5 and 18/3 = 6 -> (1.5 + 6) / 2 = 3.75
-    assert_close(alg.aggregate_loss(AGG_X, AGG_MASK, "seq_mean_token_mean"), t64(3.75), **TOL)
+    assert_close(aggregate_loss(AGG_X, AGG_MASK, "seq_mean_token_mean"), t64(3.75), **TOL)
     # seq_mean_token_sum_norm, max_len 4: 21 / (B * max_len) = 21 / 8 = 2.625
-    out = alg.aggregate_loss(AGG_X, AGG_MASK, "seq_mean_token_sum_norm", max_len=4)
+    out = aggregate_loss(AGG_X, AGG_MASK, "seq_mean_token_sum_norm", max_len=4)
     assert_close(out, t64(2.625), **TOL)
     # a bool mask selects the same tokens
-    assert_close(alg.aggregate_loss(AGG_X, AGG_MASK.bool(), "seq_mean_token_mean"), t64(3.75), **TOL)
+    assert_close(aggregate_loss(AGG_X, AGG_MASK.bool(), "seq_mean_token_mean"), t64(3.75), **TOL)
 
 
 def test_aggregate_loss_errors():
     with pytest.raises(ValueError, match="unknown loss agg 'sum'"):
-        alg.aggregate_loss(AGG_X, AGG_MASK, "sum")
+        aggregate_loss(AGG_X, AGG_MASK, "sum")
     with pytest.raises(ValueError, match="needs max_len"):
-        alg.aggregate_loss(AGG_X, AGG_MASK, "seq_mean_token_sum_norm")
+        aggregate_loss(AGG_X, AGG_MASK, "seq_mean_token_sum_norm")
 
 
 # rows 1 and 3 have no response token
@@ -407,14 +442,14 @@ def test_seq_mean_aggregations_refuse_rows_without_a_response_token():
     # seq_mean_token_mean: row 1's mean would be 0 / 0 = NaN and make the whole loss NaN
     for agg, max_len in (("seq_mean_token_mean", None), ("seq_mean_token_sum_norm", 4)):
         with pytest.raises(ValueError, match=r"rows \[1, 3\] of the batch have no response token") as excinfo:
-            alg.aggregate_loss(EMPTY_ROWS_X, EMPTY_ROWS_MASK, agg, max_len)
+            aggregate_loss(EMPTY_ROWS_X, EMPTY_ROWS_MASK, agg, max_len)
         assert f"aggregate_loss(agg='{agg}')" in str(excinfo.value)
     # token_mean is well defined while some row has a token: (1 + 2 + 4) / 3 = 7/3
-    out = alg.aggregate_loss(EMPTY_ROWS_X, EMPTY_ROWS_MASK, "token_mean")
+    out = aggregate_loss(EMPTY_ROWS_X, EMPTY_ROWS_MASK, "token_mean")
     assert_close(out, t64(7.0 / 3.0), **TOL)
     # ... and refused when none has (0 / 0)
     with pytest.raises(ValueError, match=r"rows \[0, 1\] of the batch have no response token"):
-        alg.aggregate_loss(AGG_X, torch.zeros_like(AGG_MASK), "token_mean")
+        aggregate_loss(AGG_X, torch.zeros_like(AGG_MASK), "token_mean")
 
 
 def test_policy_loss_refuses_rows_without_a_response_token():
@@ -422,7 +457,7 @@ def test_policy_loss_refuses_rows_without_a_response_token():
     mask = mask.clone()
     mask[1] = 0.0  # row 1 has no response token
     with pytest.raises(ValueError, match=r"rows \[1\] of the batch have no response token"):
-        alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg="seq_mean_token_mean")
+        policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg="seq_mean_token_mean")
 
 
 # ---------------------------------------------------------------- policy loss options
@@ -444,7 +479,7 @@ def test_policy_loss_explicit_defaults_match_old_numbers():
         # < -A * c = 2 * 100), change nothing -- but dual_clip adds its stat
         {"clip_eps_high": 0.2, "dual_clip": 100.0},
     ):
-        loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, **kwargs)
+        loss, stats = policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, **kwargs)
         assert_close(loss, t64(expected), **TOL)
         assert_close(stats["clipfrac"], 0.4, **TOL)
         assert_close(stats["approx_kl"], 0.069, **TOL)
@@ -460,7 +495,7 @@ def test_policy_loss_clip_higher_changes_which_tokens_clip():
     # others as with eps = 0.2: -e^0.1, -e^-0.5, 2e^0.3
     # loss = (-e^0.1 - e^0.3 - e^-0.5 + 2e^0.3 + 1.6) / 5; clipfrac = 1/5
     expected = (-math.exp(0.1) - math.exp(0.3) - math.exp(-0.5) + 2 * math.exp(0.3) + 1.6) / 5
-    loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, clip_eps_high=0.4)
+    loss, stats = policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, clip_eps_high=0.4)
     assert_close(loss, t64(expected), **TOL)
     assert_close(stats["clipfrac"], 0.2, **TOL)
     loss.backward()
@@ -493,7 +528,7 @@ def test_policy_loss_dual_clip_caps_negative_advantage_tokens():
     # loss = (3 + e^0.1 - 1.2 + 6 + 2e^0.5) / 5; dual_clipfrac = 2/5; clipfrac = 1/5 ((0,2))
     # approx_kl = 0.5 * (4 + 0.01 + 4 + 2.25 + 0.25) / 5 = 0.5 * 10.51 / 5 = 1.051
     expected = (3.0 + math.exp(0.1) - 1.2 + 6.0 + 2 * math.exp(0.5)) / 5
-    loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, dual_clip=3.0)
+    loss, stats = policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, dual_clip=3.0)
     assert_close(loss, t64(expected), **TOL)
     assert isinstance(stats["dual_clipfrac"], float)
     assert_close(stats["dual_clipfrac"], 0.4, **TOL)
@@ -509,7 +544,7 @@ def test_policy_loss_without_dual_clip_leaves_large_ratio_uncapped():
     logprobs, old, advantages, mask = _dual_clip_inputs()
     # same tokens without the cap: (0,0) e^2 and (1,0) 2e^1.5 stay
     expected = (math.exp(2.0) + math.exp(0.1) - 1.2 + 2 * math.exp(1.5) + 2 * math.exp(0.5)) / 5
-    loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2)
+    loss, stats = policy_loss(logprobs, old, advantages, mask, clip_eps=0.2)
     assert_close(loss, t64(expected), **TOL)
     assert "dual_clipfrac" not in stats
 
@@ -518,25 +553,25 @@ def test_policy_loss_dual_clip_must_exceed_one():
     logprobs, old, advantages, mask = _dual_clip_inputs()
     for c in (1.0, 0.5):
         with pytest.raises(ValueError, match="dual_clip must be > 1"):
-            alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, dual_clip=c)
+            policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, dual_clip=c)
 
 
 def test_policy_loss_agg_modes():
     logprobs, old, advantages, mask = _policy_inputs()
     # seq_mean_token_mean: (mean(row 0 over 3) + mean(row 1 over 2)) / 2
     expected = (sum(ROW0) / 3 + sum(ROW1) / 2) / 2
-    loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg="seq_mean_token_mean")
+    loss, stats = policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg="seq_mean_token_mean")
     assert_close(loss, t64(expected), **TOL)
     # stats stay token means over valid tokens whatever the agg
     assert_close(stats["clipfrac"], 0.4, **TOL)
     # seq_mean_token_sum_norm with max_len 4: sum of the 5 losses / (2 * 4)
     expected = (sum(ROW0) + sum(ROW1)) / 8
-    loss, _ = alg.policy_loss(
+    loss, _ = policy_loss(
         logprobs, old, advantages, mask, clip_eps=0.2, agg="seq_mean_token_sum_norm", max_len=4
     )
     assert_close(loss, t64(expected), **TOL)
     with pytest.raises(ValueError, match="unknown loss agg 'mean'"):
-        alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg="mean")
+        policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg="mean")
 
 
 # ---------------------------------------------------------------- the actor loss (policy + entropy + KL)
@@ -564,7 +599,7 @@ def test_actor_loss_adds_entropy_bonus_and_kl_term():
     # k2 = 0.5 d^2 = (0.5, 0, 0.5, 2, 0), token mean 3 / 5 = 0.6;  KL term 0.1 * 0.6 = +0.06
     # loss = P - 0.03 + 0.06
     policy = (sum(ROW0) + sum(ROW1)) / 5
-    loss, stats = alg.actor_loss(
+    loss, stats = actor_loss(
         logprobs, old, ref, advantages, entropy, mask, 0.2, **ACTOR_OPTIONS,
         entropy_coef=0.01, kl_coef=0.1, kl_estimator="k2",
     )
@@ -590,11 +625,11 @@ def test_actor_loss_without_bonus_or_kl_term_is_the_policy_loss():
     logprobs, old, _, advantages, entropy, mask = _actor_inputs()
     # entropy_coef 0 and kl_coef None: loss = P exactly; no reference logprobs needed; entropy is
     # still reported (token mean 3) but gets no gradient
-    loss, stats = alg.actor_loss(
+    loss, stats = actor_loss(
         logprobs, old, None, advantages, entropy, mask, 0.2, **ACTOR_OPTIONS,
         entropy_coef=0.0, kl_coef=None, kl_estimator="k3",
     )
-    policy, _ = alg.policy_loss(logprobs, old, advantages, mask, 0.2)
+    policy, _ = policy_loss(logprobs, old, advantages, mask, 0.2)
     assert torch.equal(loss, policy)
     assert "kl_loss" not in stats
     assert_close(stats["entropy"], 3.0, **TOL)
@@ -606,7 +641,7 @@ def test_actor_loss_kl_coef_zero_still_reports_the_kl():
     logprobs, old, ref, advantages, entropy, mask = _actor_inputs()
     # kl_coef 0 (an adaptive controller may reach it): the term adds 0 * kl, kl_loss is still reported
     # k3 = e^-d - 1 + d: (e^-1, 0, e - 2, e^-2 + 1, 0), token mean (e^-1 + e + e^-2 - 1) / 5
-    loss, stats = alg.actor_loss(
+    loss, stats = actor_loss(
         logprobs, old, ref, advantages, entropy, mask, 0.2, **ACTOR_OPTIONS,
         entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3",
     )
@@ -620,7 +655,7 @@ def test_actor_loss_reduces_every_term_by_the_same_agg():
     # policy (ROW0 / 3 + ROW1 / 2) / 2; entropy (6/3 + 9/2) / 2 = 3.25; k2 (1/3 + 2/2) / 2 = 2/3
     # loss = policy - 0.01 * 3.25 + 0.1 * 2/3; the reported entropy stays the token mean 3
     policy = (sum(ROW0) / 3 + sum(ROW1) / 2) / 2
-    loss, stats = alg.actor_loss(
+    loss, stats = actor_loss(
         logprobs, old, ref, advantages, entropy, mask, 0.2, **{**ACTOR_OPTIONS, "agg": "seq_mean_token_mean"},
         entropy_coef=0.01, kl_coef=0.1, kl_estimator="k2",
     )
@@ -635,7 +670,7 @@ def test_entropy_from_logits():
     # (0,1) p = (1/4, 1/4, 1/2): logsumexp = ln(1 + 1 + 2) = ln 4;
     #       sum p*l = 1/2 * ln 2; H = 2 ln 2 - 0.5 ln 2 = 1.5 ln 2
     expected = torch.tensor([[math.log(3.0), 1.5 * math.log(2.0)]], dtype=torch.float32)
-    assert_close(alg.entropy_from_logits(logits), expected, **TOL)
+    assert_close(entropy_from_logits(logits), expected, **TOL)
 
 
 def test_logprobs_from_logits():
@@ -645,14 +680,14 @@ def test_logprobs_from_logits():
     # (0,1) label 0: 1 - logsumexp(1, 2, 3) = 1 - (3 + ln(1 + e^-1 + e^-2)) = -2 - ln(1 + e^-1 + e^-2)
     tail = -2.0 - math.log(1.0 + math.exp(-1.0) + math.exp(-2.0))
     expected = torch.tensor([[-math.log(2.0), tail]], dtype=torch.float32)
-    assert_close(alg.logprobs_from_logits(logits, labels), expected, **TOL)
+    assert_close(logprobs_from_logits(logits, labels), expected, **TOL)
 
 
 def test_logprobs_from_logits_upcasts_bf16():
     # 1, 2, 3 are exact in bf16, so a float32 computation gives -2 - ln(1 + e^-1 + e^-2) = -2.407606
     # to 1e-6; a bf16 result (about 3 significant digits, wrong dtype) would fail
     logits = torch.tensor([[[1.0, 2.0, 3.0]]], dtype=torch.bfloat16)
-    out = alg.logprobs_from_logits(logits, torch.tensor([[0]]))
+    out = logprobs_from_logits(logits, torch.tensor([[0]]))
     tail = -2.0 - math.log(1.0 + math.exp(-1.0) + math.exp(-2.0))
     assert_close(out, torch.tensor([[tail]], dtype=torch.float32), **TOL)
 
@@ -660,27 +695,27 @@ def test_logprobs_from_logits_upcasts_bf16():
 def test_lr_multiplier_warmup():
     # warmup 4: (step + 1) / 4 -> 0.25, 0.5, 0.75, 1.0 for steps 0..3, for any schedule
     for schedule in ("constant", "linear", "cosine"):
-        got = [alg.lr_multiplier(s, 4, 12, schedule) for s in range(4)]
+        got = [lr_multiplier(s, 4, 12, schedule) for s in range(4)]
         assert_close(got, [0.25, 0.5, 0.75, 1.0], **TOL)
     # no warmup: step 0 is already past it
-    assert_close(alg.lr_multiplier(0, 0, 10, "constant"), 1.0, **TOL)
+    assert_close(lr_multiplier(0, 0, 10, "constant"), 1.0, **TOL)
 
 
 def test_lr_multiplier_decay():
     # warmup 4, total 12: progress = (step - 4) / 8, clamped to [0, 1]
     # constant: always 1
-    assert_close(alg.lr_multiplier(9, 4, 12, "constant"), 1.0, **TOL)
-    assert_close(alg.lr_multiplier(50, 4, 12, "constant"), 1.0, **TOL)
+    assert_close(lr_multiplier(9, 4, 12, "constant"), 1.0, **TOL)
+    assert_close(lr_multiplier(50, 4, 12, "constant"), 1.0, **TOL)
     # linear: 1 - progress; step 4 -> 1, step 6 -> 1 - 2/8 = 0.75, step 12 -> 0, step 20 -> 0
-    got = [alg.lr_multiplier(s, 4, 12, "linear") for s in (4, 6, 12, 20)]
+    got = [lr_multiplier(s, 4, 12, "linear") for s in (4, 6, 12, 20)]
     assert_close(got, [1.0, 0.75, 0.0, 0.0], **TOL)
     # cosine: 0.5 * (1 + cos(pi * progress));
     # step 4 -> 1; step 6 -> 0.5 * (1 + cos(pi/4)) = 0.5 + sqrt(2)/4 = 0.8535534;
     # step 8 -> 0.5 * (1 + cos(pi/2)) = 0.5; step 12 and 20 -> 0.5 * (1 + cos(pi)) = 0
-    got = [alg.lr_multiplier(s, 4, 12, "cosine") for s in (4, 6, 8, 12, 20)]
+    got = [lr_multiplier(s, 4, 12, "cosine") for s in (4, 6, 8, 12, 20)]
     assert_close(got, [1.0, 0.5 + math.sqrt(2.0) / 4, 0.5, 0.0, 0.0], **TOL)
 
 
 def test_lr_multiplier_unknown_schedule_names_it():
     with pytest.raises(ValueError, match="unknown lr schedule 'exponential'"):
-        alg.lr_multiplier(0, 4, 12, "exponential")
+        lr_multiplier(0, 4, 12, "exponential")

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from rlhf_dist.arithmetic import (
+from rlhf_dist.tasks.arithmetic import (
     MAX_OPERAND,
     WRONG_FRACTION,
     accuracy,

@@ -298,7 +298,7 @@ def test_cli_bad_gold_function_is_one_line_before_any_actor(tmp_path):
 def test_ppo_needs_no_pad_token(tiny_policy, tmp_path):
     from transformers import AutoTokenizer
 
-    from rlhf_dist.experience import collate
+    from rlhf_dist.core.experience import collate
     from rlhf_dist.modeling import load_causal_lm, response_logprobs
 
     model_dir = copy_model(tiny_policy, tmp_path / "no-pad", tokenizer_pad=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_dist import calculator as C
+from rlhf_dist.tasks import calculator as C
 from rlhf_dist.tiny_model import _train_tokenizer
 
 

@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from rlhf_dist.config import (
+    GROUPS,
     AlgoConfig,
     Config,
-    GROUPS,
     ConfigError,
     ResourcesConfig,
     RunPlan,
@@ -27,9 +27,9 @@ from rlhf_dist.config import (
     TrainerConfig,
     actor_counts,
     register_configs,
-    updates_once,
     supervised_plan,
     to_config,
+    updates_once,
     validate_config,
 )
 from rlhf_dist.placement import layout
@@ -356,14 +356,14 @@ def test_hf_model_preset_requires_a_path(compose):
 def test_cli_bad_reward_function_fails_before_any_actor(tmp_path):
     # The import path is resolved and its signature bound in the driver, before Ray starts.
     proc = subprocess.run(
-        [sys.executable, "-m", "rlhf_dist.train", "reward.function=rlhf_dist.reviews:nope", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "rlhf_dist.train", "reward.function=rlhf_dist.tasks.reviews:nope", f"hydra.run.dir={tmp_path}"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=False, timeout=120,
     )
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("rlhf_dist:")]
     assert errors == [
-        "rlhf_dist: error: reward.function='rlhf_dist.reviews:nope': cannot import it "
-        "(module 'rlhf_dist.reviews' has no attribute 'nope')"
+        "rlhf_dist: error: reward.function='rlhf_dist.tasks.reviews:nope': cannot import it "
+        "(module 'rlhf_dist.tasks.reviews' has no attribute 'nope')"
     ]
     assert not (tmp_path / "metrics.jsonl").exists()
 
@@ -477,3 +477,21 @@ def test_rollout_corrections_with_a_cap_above_one_validate(mode, cap):
 def test_every_algo_preset_validates(compose, preset):
     # no preset may combine kl_in=loss with k1 (or any other refused setting)
     validate_config(to_config(compose([f"algo={preset}"])))
+
+
+def test_collective_timeouts_cover_the_longest_wait_the_controller_allows():
+    from rlhf_dist.config import trainer_collective_timeout_s, weight_sync_timeout_s
+
+    # Defaults: timeouts.actor_start_s=300, train_s=600, weight_sync_s=120, generate_s=300, max_staleness=0.
+    #   sync    = weight_sync_s = 120 (no rollout more than one step ahead)
+    #   trainer = max(actor_start 300, train 600, sync 120) + sync 120 = 720
+    cfg = Config()
+    assert (weight_sync_timeout_s(cfg), trainer_collective_timeout_s(cfg)) == (120.0, 720.0)
+    # max_staleness=2: a sync waits behind a generation: sync = 120 + 300 = 420; trainer = 600 + 420 = 1020
+    ahead = config_with(rollout__max_staleness=2)
+    assert (weight_sync_timeout_s(ahead), trainer_collective_timeout_s(ahead)) == (420.0, 1020.0)
+    assert weight_sync_timeout_s(config_with(rollout__max_staleness=1)) == 120.0  # it waits for its rollout first
+    # The longest call is the sync itself: sync = 1000; trainer = 1000 + 1000 = 2000 (a sync cut short at its
+    # bound still gathers the rest with its peers); a slow start: max(900, 600, 120) + 120 = 1020
+    assert trainer_collective_timeout_s(config_with(timeouts__weight_sync_s=1000.0)) == 2000.0
+    assert trainer_collective_timeout_s(config_with(timeouts__actor_start_s=900.0)) == 1020.0

@@ -12,8 +12,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_dist import algorithms as alg
-from rlhf_dist.config import RATIO_LEVELS, ConfigError, needs_reference, validate_config
+from rlhf_dist import config
+from rlhf_dist.config import ConfigError, needs_reference, validate_config
+from rlhf_dist.core.advantages import informative_groups, overlong_penalty
+from rlhf_dist.core.losses import RATIO_LEVELS, policy_loss
+from rlhf_dist.core.stats import masked_mean
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.rollout import Draw, GroupFilter, RolloutBatch, refill_prompts
 from tests.conftest import compose_config
@@ -27,7 +30,7 @@ def t64(data):
 
 
 def test_config_names_the_same_ratio_levels():
-    assert RATIO_LEVELS == alg.RATIO_LEVELS
+    assert config.RATIO_LEVELS == RATIO_LEVELS
 
 
 # Row 0: two tokens with log ratios 0.2 and -0.1, A = +1. Row 1: one token (t=1 is padding) with
@@ -40,7 +43,7 @@ ADV = t64([[1.0, 1.0], [1.0, 0.0]])
 
 def test_gspo_loss_and_gradient_by_hand():
     logprobs = NEW.clone().requires_grad_(True)
-    loss, stats = alg.policy_loss(logprobs, OLD, ADV, MASK, 0.2, agg="seq_mean_token_mean", ratio_level="sequence")
+    loss, stats = policy_loss(logprobs, OLD, ADV, MASK, 0.2, agg="seq_mean_token_mean", ratio_level="sequence")
     # s_0 = exp((0.2 - 0.1) / 2) = exp(0.05) = 1.0512711 inside [0.8, 1.2]: row 0's terms are -s_0.
     # s_1 = exp(0.3) = 1.3498588 > 1.2: clipped, -A * 1.2 = -1.2 is the larger, no gradient.
     # loss = mean over rows of each row's token mean = (-1.0512711 - 1.2) / 2 = -1.1256355
@@ -65,11 +68,11 @@ def test_gspo_token_form_equals_the_sequence_objective():
     mask = t64([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
     adv = t64([1.5, -0.5, 2.0]).unsqueeze(1) * mask
     new = new0.clone().requires_grad_(True)
-    loss, _ = alg.policy_loss(new, old, adv, mask, 0.1, clip_eps_high=0.15, agg="seq_mean_token_mean",
+    loss, _ = policy_loss(new, old, adv, mask, 0.1, clip_eps_high=0.15, agg="seq_mean_token_mean",
                               ratio_level="sequence")
     loss.backward()
     ref = new0.clone().requires_grad_(True)
-    s = torch.exp(alg.masked_mean(ref - old, mask, dim=1))
+    s = torch.exp(masked_mean(ref - old, mask, dim=1))
     a = adv[:, 0]
     expected = torch.maximum(-a * s, -a * torch.clamp(s, 0.9, 1.15)).mean()
     expected.backward()
@@ -81,7 +84,7 @@ def test_gspo_composes_with_the_rollout_weights():
     # weights [0.5, 1] on row 0 and 2 on row 1 scale each token's term:
     # row 0: (-0.5 s_0 - s_0) / 2 = -0.75 s_0; row 1: -1.2 * 2 = -2.4; loss = (-0.75 s_0 - 2.4) / 2
     weights = t64([[0.5, 1.0], [2.0, 0.0]])
-    loss, _ = alg.policy_loss(NEW, OLD, ADV, MASK, 0.2, agg="seq_mean_token_mean", ratio_level="sequence",
+    loss, _ = policy_loss(NEW, OLD, ADV, MASK, 0.2, agg="seq_mean_token_mean", ratio_level="sequence",
                               rollout_weights=weights)
     assert_close(loss, t64((-0.75 * math.exp(0.05) - 2.4) / 2), **TOL)
 
@@ -89,31 +92,31 @@ def test_gspo_composes_with_the_rollout_weights():
 def test_token_level_ratio_differs_where_the_tokens_do():
     # token level on the same rows: row 0's terms are -e^0.2 = -1.2214 -> clipped to -1.2 (the larger)
     # and -e^-0.1 = -0.904837; row 1: -1.2 (clipped). loss = ((-1.2 - 0.904837) / 2 - 1.2) / 2
-    loss, stats = alg.policy_loss(NEW, OLD, ADV, MASK, 0.2, agg="seq_mean_token_mean")
+    loss, stats = policy_loss(NEW, OLD, ADV, MASK, 0.2, agg="seq_mean_token_mean")
     assert_close(loss, t64(((-1.2 - math.exp(-0.1)) / 2 - 1.2) / 2), **TOL)
     assert stats["clipfrac"] == pytest.approx(2 / 3, abs=1e-9)
     with pytest.raises(ValueError, match="ratio_level"):
-        alg.policy_loss(NEW, OLD, ADV, MASK, 0.2, ratio_level="sentence")
+        policy_loss(NEW, OLD, ADV, MASK, 0.2, ratio_level="sentence")
 
 
 def test_overlong_penalty_at_the_buffer_edges():
     # L = 10, C = 4: 0 up to 6 tokens, then (6 - l) / 4: 7 -> -0.25, 8 -> -0.5, 10 -> -1; beyond L: -1
     lengths = torch.tensor([0, 6, 7, 8, 10, 12])
-    assert_close(alg.overlong_penalty(lengths, 10, 4), torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]), **TOL)
-    assert_close(alg.overlong_penalty(lengths, 10, 4, factor=0.5),
+    assert_close(overlong_penalty(lengths, 10, 4), torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]), **TOL)
+    assert_close(overlong_penalty(lengths, 10, 4, factor=0.5),
                  torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5, -0.5]), **TOL)
-    assert not alg.overlong_penalty(lengths, 10, 0).any()  # buffer 0 is off
+    assert not overlong_penalty(lengths, 10, 0).any()  # buffer 0 is off
     # C = L: the penalty falls over the whole budget, -l / L
-    assert_close(alg.overlong_penalty(torch.tensor([0, 5, 10]), 10, 10), torch.tensor([0.0, -0.5, -1.0]), **TOL)
+    assert_close(overlong_penalty(torch.tensor([0, 5, 10]), 10, 10), torch.tensor([0.0, -0.5, -1.0]), **TOL)
     with pytest.raises(ValueError, match="buffer=11"):
-        alg.overlong_penalty(lengths, 10, 11)
+        overlong_penalty(lengths, 10, 11)
 
 
 def test_informative_groups():
     nan = math.nan
     scores = t64([1, 1, 1, 1,  0, 1, 0, 0,  nan, 1, nan, nan,  nan, 0, 1, nan,  0.5, 0.5, nan, 0.5])
     # all equal; one differs; one valid score (no baseline); two valid and unequal; valid ones equal
-    assert alg.informative_groups(scores, 4).tolist() == [False, True, False, True, False]
+    assert informative_groups(scores, 4).tolist() == [False, True, False, True, False]
 
 
 def draw(prompts: list[int], n: int) -> Draw:

@@ -4,7 +4,7 @@ import pytest
 
 from rlhf_dist.config import DataConfig
 from rlhf_dist.data import DataError, PromptSampler, load_prompts, read_rows
-from rlhf_dist.reviews import make_prompts
+from rlhf_dist.tasks.reviews.corpus import make_prompts
 
 
 class WordTokenizer:

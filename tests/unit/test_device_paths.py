@@ -14,9 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_dist import algorithms as A
-from rlhf_dist.experience import collate, collate_pairs
-from rlhf_dist.modeling import load_causal_lm, load_critic, load_reward_model, pair_scores, response_logprobs, response_values
+from rlhf_dist.core.experience import collate, collate_pairs
+from rlhf_dist.core.losses import actor_loss, pairwise_loss, sft_loss, value_loss
+from rlhf_dist.modeling import (
+    load_causal_lm,
+    load_critic,
+    load_reward_model,
+    pair_scores,
+    response_logprobs,
+    response_values,
+)
 from rlhf_dist.roles.reference import ReferenceModel
 from rlhf_dist.roles.spec import RankSpec
 
@@ -43,12 +50,12 @@ def policy(tiny_policy):
 def test_policy_and_sft_passes_with_their_losses_stay_on_the_inputs_device(policy, exp, packed, chunk):
     with torch.device("meta"):
         logprobs, entropy = response_logprobs(policy, exp, 0.7, True, packed=packed, chunk_tokens=chunk)
-        loss, _ = A.actor_loss(
+        loss, _ = actor_loss(
             logprobs, exp.old_logprobs, exp.ref_logprobs, exp.advantages, entropy, exp.response_mask, 0.2,
             clip_eps_high=None, dual_clip=None, agg="token_mean", max_len=6, rollout_weights=None,
             entropy_coef=0.01, kl_coef=0.1, kl_estimator="k3",
         )
-        (loss + A.sft_loss(logprobs, exp.response_mask)).backward()
+        (loss + sft_loss(logprobs, exp.response_mask)).backward()
     assert logprobs.device.type == "cpu" and torch.isfinite(loss)
 
 
@@ -67,7 +74,7 @@ def test_critic_values_and_value_loss_stay_on_the_inputs_device(tiny_policy, exp
     critic = load_critic(tiny_policy, "float32")
     with torch.device("meta"):
         values = response_values(critic, exp, packed)
-        loss, _ = A.value_loss(values, exp.old_values, exp.returns, exp.response_mask, 0.2)
+        loss, _ = value_loss(values, exp.old_values, exp.returns, exp.response_mask, 0.2)
         loss.backward()
     assert values.device.type == "cpu" and torch.isfinite(loss)
 
@@ -79,6 +86,6 @@ def test_reward_model_scores_and_pairwise_loss_stay_on_the_inputs_device(tiny_re
     pairs = collate_pairs([[5, 6, 7], [8]], [[9, 10], [11, 12, 13, 14]], pad)
     with torch.device("meta"):
         chosen, rejected = pair_scores(model, pairs, pad, packed=packed)
-        loss, _ = A.pairwise_loss(chosen, rejected)
+        loss, _ = pairwise_loss(chosen, rejected)
         loss.backward()
     assert chosen.device.type == "cpu" and torch.isfinite(loss)

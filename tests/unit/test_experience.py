@@ -1,10 +1,10 @@
-"""rlhf_dist.experience: padding layout of a rollout batch, splitting across actors, ragged rows."""
+"""rlhf_dist.core.experience: padding layout of a rollout batch, splitting across actors, ragged rows."""
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_dist.experience import Experience, collate, concat, pad_right, split_sizes
+from rlhf_dist.core.experience import Experience, collate, concat, pad_right, split_sizes
 from rlhf_dist.modeling import micro_batches
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
@@ -49,23 +49,24 @@ def test_collate_empty_response_keeps_one_masked_in_pad():
 
 
 def test_collated_empty_response_passes_the_math_guards_and_a_hand_made_one_does_not():
-    from rlhf_dist import algorithms as alg
+    from rlhf_dist.core.advantages import token_rewards
+    from rlhf_dist.core.losses import aggregate_loss
 
     # collate gives the empty response one valid (pad) position, so the score has a token to sit on:
     # rows [[], [8]] -> T = 1, mask [[1], [1]]; kl 0 -> rewards = scores on column 0 = [[2], [3]]
     exp = collate([[5], [6, 7]], [[], [8]], pad_id=9)
     kl = torch.zeros(2, 1)
-    rewards = alg.token_rewards(torch.tensor([2.0, 3.0]), kl, exp.response_mask, kl_coef=0.1)
+    rewards = token_rewards(torch.tensor([2.0, 3.0]), kl, exp.response_mask, kl_coef=0.1)
     assert_close(rewards, torch.tensor([[2.0], [3.0]]), **TOL)
     # seq_mean_token_mean of ones: each row's mean is 1 -> (1 + 1) / 2 = 1
-    loss = alg.aggregate_loss(torch.ones(2, 1), exp.response_mask, "seq_mean_token_mean")
+    loss = aggregate_loss(torch.ones(2, 1), exp.response_mask, "seq_mean_token_mean")
     assert_close(loss, torch.tensor(1.0), **TOL)
     # the same batch with row 0's mask zeroed (not built by collate) is refused, naming row 0
     unguarded = exp.with_fields(response_mask=torch.tensor([[0.0], [1.0]]))
     with pytest.raises(ValueError, match=r"rows \[0\] of the batch have no response token"):
-        alg.token_rewards(torch.tensor([2.0, 3.0]), kl, unguarded.response_mask, kl_coef=0.1)
+        token_rewards(torch.tensor([2.0, 3.0]), kl, unguarded.response_mask, kl_coef=0.1)
     with pytest.raises(ValueError, match=r"rows \[0\] of the batch have no response token"):
-        alg.aggregate_loss(torch.ones(2, 1), unguarded.response_mask, "seq_mean_token_mean")
+        aggregate_loss(torch.ones(2, 1), unguarded.response_mask, "seq_mean_token_mean")
 
 
 def test_collate_all_responses_empty():

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from rlhf_dist import feedback, reviews
-from rlhf_dist.feedback import annotator_score
+from rlhf_dist.tasks.reviews import corpus, feedback
+from rlhf_dist.tasks.reviews.feedback import annotator_score
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,7 @@ def test_annotator_score_by_hand(response, expected):
 
 def test_sample_response_uses_the_prompts_domain_and_ends_with_a_full_stop():
     rng = random.Random(0)
-    food = set(reviews.DOMAINS["food"][0])
+    food = set(corpus.DOMAINS["food"][0])
     others = set(feedback._ALL_NOUNS) - food
     for _ in range(200):
         response = feedback.sample_response("review : the pasta was", rng)

@@ -1,5 +1,5 @@
 """Hand-derived checks for the KL estimators (k1, k2, k3, their clamps and expected gradients) and
-the KL controllers in rlhf_dist.kl; each expected number is worked out in a comment."""
+the KL controllers (rlhf_dist.core.kl, rlhf_dist.core.schedule); each expected number is worked out in a comment."""
 
 import math
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_dist import algorithms as alg
-from rlhf_dist import kl as K
+from rlhf_dist.core import kl as K
+from rlhf_dist.core import schedule
+from rlhf_dist.core.advantages import token_rewards
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
 F64 = torch.float64
@@ -107,7 +108,7 @@ def test_k3_outlier_token_is_a_bounded_reward_penalty():
     # row 0: d = (-100, 0), score 1, kl_coef 0.05, float32; k3 = (10 [capped], 0)
     # rewards = (-0.05 * 10, -0.05 * 0 + 1) = (-0.5, 1.0)  (unclamped: (-inf, 1.0))
     kl = K.kl_k3(torch.tensor([[-100.0, 0.0]]), torch.zeros(1, 2))
-    rewards = alg.token_rewards(torch.tensor([1.0]), kl, torch.ones(1, 2), kl_coef=0.05)
+    rewards = token_rewards(torch.tensor([1.0]), kl, torch.ones(1, 2), kl_coef=0.05)
     assert_close(rewards, torch.tensor([[-0.5, 1.0]]), **TOL)
 
 
@@ -143,31 +144,31 @@ def test_kl_estimator_expected_gradients_as_a_loss():
 
 
 def test_fixed_kl_controller():
-    ctl = K.FixedKLController(0.05)
+    ctl = schedule.FixedKLController(0.05)
     # never moves, whatever the measured KL
     assert ctl.update(current_kl=100.0, n_steps=64) == 0.05
     assert ctl.update(current_kl=0.0, n_steps=64) == 0.05
     assert ctl.value == 0.05
-    restored = K.FixedKLController(1.0)
+    restored = schedule.FixedKLController(1.0)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == 0.05
 
 
 def test_adaptive_kl_controller_updates():
-    ctl = K.AdaptiveKLController(init_value=0.1, target=6.0, horizon=100)
+    ctl = schedule.AdaptiveKLController(init_value=0.1, target=6.0, horizon=100)
     # KL 9: e = 9/6 - 1 = 0.5 -> clipped to 0.2; value = 0.1 * (1 + 0.2 * 10/100) = 0.1 * 1.02 = 0.102
     assert_close(ctl.update(current_kl=9.0, n_steps=10), 0.102, **TOL)
     # KL 5.4: e = 0.9 - 1 = -0.1 (inside the clip); value = 0.102 * (1 - 0.1 * 20/100) = 0.102 * 0.98 = 0.09996
     assert_close(ctl.update(current_kl=5.4, n_steps=20), 0.09996, **TOL)
     assert_close(ctl.value, 0.09996, **TOL)
     # state round-trip, then KL 0: e = -1 -> clipped to -0.2; value = 0.09996 * (1 - 0.2 * 50/100) = 0.089964
-    restored = K.AdaptiveKLController(init_value=1.0, target=6.0, horizon=100)
+    restored = schedule.AdaptiveKLController(init_value=1.0, target=6.0, horizon=100)
     restored.load_state_dict(ctl.state_dict())
     assert_close(restored.update(current_kl=0.0, n_steps=50), 0.089964, **TOL)
 
 
 def test_adaptive_kl_controller_validates():
     with pytest.raises(ValueError, match="target must be > 0"):
-        K.AdaptiveKLController(init_value=0.1, target=0.0, horizon=100)
+        schedule.AdaptiveKLController(init_value=0.1, target=0.0, horizon=100)
     with pytest.raises(ValueError, match="horizon must be > 0"):
-        K.AdaptiveKLController(init_value=0.1, target=6.0, horizon=0)
+        schedule.AdaptiveKLController(init_value=0.1, target=6.0, horizon=0)

@@ -2,7 +2,7 @@
 
 import torch
 
-from rlhf_dist.experience import PairBatch
+from rlhf_dist.core.experience import PairBatch
 from rlhf_dist.modeling import in_chunks, micro_batches
 
 

@@ -9,8 +9,9 @@ within float32 rounding, on responses from 1 to 30 tokens.
 import pytest
 import torch
 
-from rlhf_dist import algorithms as A
-from rlhf_dist.experience import collate
+from rlhf_dist.core.experience import collate
+from rlhf_dist.core.losses import actor_loss, aggregate_loss, loss_total
+from rlhf_dist.core.packing import budget_micro_batches, token_layout
 from rlhf_dist.modeling import (
     CriticModel,
     check_token_outputs,
@@ -19,7 +20,6 @@ from rlhf_dist.modeling import (
     response_logprobs,
     response_values,
 )
-from rlhf_dist.packing import budget_micro_batches, token_layout
 from rlhf_dist.tiny_model import FAMILIES, build_random_lm
 
 
@@ -83,20 +83,20 @@ def test_aggregate_loss_parts_with_the_batch_total_add_up_to_the_batch_loss():
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     # token_mean: (1 + 2 + 3 + 4 + 5 + 6) / 6 = 3.5; the parts rows {0} and {1, 2} with total 6:
     # 3 / 6 + 18 / 6 = 0.5 + 3.0
-    assert A.aggregate_loss(x, m, "token_mean").item() == pytest.approx(3.5, abs=1e-6)
-    parts = [A.aggregate_loss(x[s], m[s], "token_mean", total=6.0).item() for s in (slice(0, 1), slice(1, 3))]
+    assert aggregate_loss(x, m, "token_mean").item() == pytest.approx(3.5, abs=1e-6)
+    parts = [aggregate_loss(x[s], m[s], "token_mean", total=6.0).item() for s in (slice(0, 1), slice(1, 3))]
     assert parts == pytest.approx([0.5, 3.0], abs=1e-6)
     # a micro-batch of one row alone (the old per-micro-batch mean) would weigh row 0 as 1.5
     # seq_mean_token_mean: row means 1.5, 3, 5 -> 9.5 / 3; parts 1.5 / 3 and 8 / 3
-    parts = [A.aggregate_loss(x[s], m[s], "seq_mean_token_mean", total=3.0).item() for s in (slice(0, 1), slice(1, 3))]
+    parts = [aggregate_loss(x[s], m[s], "seq_mean_token_mean", total=3.0).item() for s in (slice(0, 1), slice(1, 3))]
     assert parts == pytest.approx([0.5, 8 / 3], abs=1e-6)
     # sum_norm with max_len 4: sum / (S * 4) = 21 / 12; parts 3 / 12 and 18 / 12
-    parts = [A.aggregate_loss(x[s], m[s], "seq_mean_token_sum_norm", 4, total=3.0).item()
+    parts = [aggregate_loss(x[s], m[s], "seq_mean_token_sum_norm", 4, total=3.0).item()
              for s in (slice(0, 1), slice(1, 3))]
     assert parts == pytest.approx([0.25, 1.5], abs=1e-6)
-    assert A.loss_total(m, "token_mean") == 6.0 and A.loss_total(m, "seq_mean_token_mean") == 3.0
+    assert loss_total(m, "token_mean") == 6.0 and loss_total(m, "seq_mean_token_mean") == 3.0
     with pytest.raises(ValueError, match="total=0"):
-        A.aggregate_loss(x, m, "token_mean", total=0.0)
+        aggregate_loss(x, m, "token_mean", total=0.0)
 
 
 def test_chunked_head_outputs_and_their_gradients_equal_one_chunk():
@@ -139,7 +139,7 @@ def test_packed_chunked_passes_equal_padded_ones_on_every_family(family, batch, 
     for packed, chunk in ((False, 0), (True, 0), (True, 7)):
         model.zero_grad()
         logprobs, entropy = response_logprobs(model, batch, 0.7, True, packed=packed, chunk_tokens=chunk)
-        loss, _ = A.actor_loss(
+        loss, _ = actor_loss(
             logprobs, batch.old_logprobs, None, batch.advantages, entropy, batch.response_mask, 0.2,
             clip_eps_high=None, dual_clip=None, agg="token_mean", max_len=30, rollout_weights=None,
             entropy_coef=0.01, kl_coef=None, kl_estimator="k3",
@@ -177,7 +177,7 @@ def test_a_model_whose_logits_are_transformed_otherwise_is_refused(tiny_policy, 
 
 
 def test_packed_reward_model_scores_equal_padded_ones(tiny_reward_model):
-    from rlhf_dist.experience import collate_pairs
+    from rlhf_dist.core.experience import collate_pairs
     from rlhf_dist.modeling import load_reward_model, pair_scores
 
     model = load_reward_model(tiny_reward_model, "float32")  # checks packed scores on a probe batch

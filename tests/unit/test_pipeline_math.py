@@ -5,14 +5,15 @@ import math
 import pytest
 import torch
 
-from rlhf_dist import algorithms as A
+from rlhf_dist.core.losses import pairwise_loss, sft_loss
+from rlhf_dist.core.stats import sequence_kl, win_rate
 from rlhf_dist.evaluate import summarize_policy
 
 
 def test_pairwise_loss_by_hand():
     chosen = torch.tensor([2.0, 0.0, -1.0])
     rejected = torch.tensor([0.0, 0.0, 1.0])
-    loss, stats = A.pairwise_loss(chosen, rejected)
+    loss, stats = pairwise_loss(chosen, rejected)
     # margins 2, 0, -2: -log sigmoid(m) = log(1 + e^-m)
     expected = (math.log(1 + math.exp(-2)) + math.log(2) + math.log(1 + math.exp(2))) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -23,7 +24,7 @@ def test_pairwise_loss_by_hand():
 def test_pairwise_loss_gradient_pushes_the_margin_up():
     chosen = torch.tensor([0.5], requires_grad=True)
     rejected = torch.tensor([0.5], requires_grad=True)
-    A.pairwise_loss(chosen, rejected)[0].backward()
+    pairwise_loss(chosen, rejected)[0].backward()
     # d/dm -log sigmoid(m) at m=0 is -1/2
     assert chosen.grad.item() == pytest.approx(-0.5) and rejected.grad.item() == pytest.approx(0.5)
 
@@ -31,23 +32,23 @@ def test_pairwise_loss_gradient_pushes_the_margin_up():
 def test_sft_loss_is_the_token_mean_nll():
     logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    assert A.sft_loss(logprobs, mask).item() == pytest.approx((1 + 2 + 3) / 3)
+    assert sft_loss(logprobs, mask).item() == pytest.approx((1 + 2 + 3) / 3)
 
 
 def test_win_rate_counts_ties_half():
-    assert A.win_rate([2.0, 1.0, 0.0, -1.0], [1.0, 1.0, 1.0, -2.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert win_rate([2.0, 1.0, 0.0, -1.0], [1.0, 1.0, 1.0, -2.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
     with pytest.raises(ValueError):
-        A.win_rate([1.0], [])
+        win_rate([1.0], [])
 
 
 def test_sequence_kl_by_hand():
     policy = [[-0.5, -1.0], [-0.2]]
     base = [[-1.0, -1.5], [-0.7]]
     # (0.5 + 0.5 + 0.5) summed per sequence: 1.0 and 0.5; mean 0.75
-    assert A.sequence_kl(policy, base) == pytest.approx(0.75)
-    assert A.sequence_kl(policy, policy) == 0.0
+    assert sequence_kl(policy, base) == pytest.approx(0.75)
+    assert sequence_kl(policy, policy) == 0.0
     with pytest.raises(ValueError, match="token counts"):
-        A.sequence_kl([[-1.0]], [[-1.0, -2.0]])
+        sequence_kl([[-1.0]], [[-1.0, -2.0]])
 
 
 def test_summarize_policy():

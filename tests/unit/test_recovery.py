@@ -105,3 +105,58 @@ def test_the_start_summary_names_each_part_in_whole_seconds():
                   start_s={"ray": 7.2, "policy": 55.6, "generation": 65.5, "weight_sync": 0.4})
     assert roles.start_summary() == "ray 7s, policy 56s, generation 66s, weight_sync 0s"
     assert Roles(None, None, None, None, None, None, None).start_summary() == ""  # type: ignore[arg-type]
+
+
+class _LLM:
+    """vLLM's ``LLM`` as far as the weight-transfer calls go: it refuses to leave a group during an
+    update, as its worker does; ``receive_fails`` makes update_weights fail (a peer lost mid-broadcast)."""
+
+    def __init__(self, receive_fails: bool = False) -> None:
+        self.calls: list[str] = []
+        self.active, self.receive_fails = False, receive_fails
+
+    def start_weight_update(self) -> None:
+        self.calls.append("start")
+        self.active = True
+
+    def update_weights(self, request: dict) -> None:
+        self.calls.append("update")
+        if self.receive_fails:
+            self.active = False  # vLLM's worker ends an update whose receive failed
+            raise RuntimeError("Connection closed by peer")
+
+    def finish_weight_update(self, weight_version: str) -> None:
+        assert self.active, "finish_weight_update called without a matching start_weight_update"
+        self.calls.append(f"finish {weight_version}")
+        self.active = False
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        assert not self.active, "Cannot release a trainer connection during a weight update"
+        self.calls.append("shutdown")
+
+
+def _engine(llm: _LLM):
+    from rlhf_dist.roles.generation import GenerationEngine
+
+    engine = GenerationEngine.__new__(GenerationEngine)  # no vLLM: only the weight-transfer calls
+    engine.llm, engine.version, engine.updating = llm, 3, False
+    return engine
+
+
+def test_a_surviving_engine_leaves_its_group_whatever_stage_its_update_reached():
+    # A sync stopped at start_weight_update when another engine was found lost: this one's update was
+    # started, never received; leaving the group for the recovery's new one finishes it on its weights.
+    started = _engine(_LLM())
+    started.start_weight_update()
+    started.shutdown_weight_transfer()
+    assert started.llm.calls == ["start", "finish 3", "shutdown"] and started.version == 3
+    # A receive that failed (the broadcast lost a peer): vLLM ended the update already.
+    failed = _engine(_LLM(receive_fails=True))
+    failed.start_weight_update()
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        failed.update_weights({})
+    failed.shutdown_weight_transfer()
+    assert failed.llm.calls == ["start", "update", "shutdown"]

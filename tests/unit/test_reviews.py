@@ -1,6 +1,6 @@
 import pytest
 
-from rlhf_dist.reviews import (
+from rlhf_dist.tasks.reviews.corpus import (
     NEGATIVE_WORDS,
     NEUTRAL_WORDS,
     POSITIVE_WORDS,

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from rlhf_dist.config import RewardConfig
-from rlhf_dist.roles.reward import RewardError, RewardScorer, import_function
+from rlhf_dist.registry import import_function
+from rlhf_dist.roles.reward import RewardError, RewardScorer
 from tests.conftest import local_http_server, local_scorer, send_json
 
 
@@ -125,13 +126,15 @@ def test_reward_model_scores_are_normalised_with_the_saved_statistics(tiny_rewar
 
 
 def test_import_function_both_spellings():
-    from rlhf_dist.reviews import positive_sentiment_reward
+    from rlhf_dist.tasks.reviews import positive_sentiment_reward
 
-    assert import_function("rlhf_dist.reviews:positive_sentiment_reward") is positive_sentiment_reward
-    assert import_function("rlhf_dist.reviews.positive_sentiment_reward") is positive_sentiment_reward
+    assert import_function("rlhf_dist.tasks.reviews:positive_sentiment_reward") is positive_sentiment_reward
+    assert import_function("rlhf_dist.tasks.reviews.positive_sentiment_reward") is positive_sentiment_reward
 
 
-@pytest.mark.parametrize("path", ["rlhf_dist.reviews:nope", "no_such_module:f", "rlhf_dist.reviews:POSITIVE_WORDS"])
+@pytest.mark.parametrize(
+    "path", ["rlhf_dist.tasks.reviews:nope", "no_such_module:f", "rlhf_dist.tasks.reviews.corpus:POSITIVE_WORDS"]
+)
 def test_import_function_errors_name_the_key(path):
     with pytest.raises(ValueError, match=rf"^reward\.function='{path}'"):
         import_function(path)

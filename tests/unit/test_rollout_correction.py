@@ -1,4 +1,4 @@
-"""Hand-derived checks for the off-policy rollout correction (algorithms.rollout_correction) and for
+"""Hand-derived checks for the off-policy rollout correction (core.losses.rollout_correction) and for
 the policy loss it weights; each expected number is worked out in a comment."""
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_dist import algorithms as alg
-from rlhf_dist.config import ROLLOUT_CORRECTIONS
+from rlhf_dist import config
+from rlhf_dist.core.losses import ROLLOUT_CORRECTIONS, actor_loss, policy_loss, rollout_correction
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
 F64 = torch.float64
@@ -37,11 +37,11 @@ def rollout_logprobs():
 
 def test_config_names_the_same_modes():
     # rlhf_dist.config (no torch) validates algo.rollout_correction against its own tuple
-    assert ROLLOUT_CORRECTIONS == alg.ROLLOUT_CORRECTIONS
+    assert config.ROLLOUT_CORRECTIONS == ROLLOUT_CORRECTIONS
 
 
 def test_tis_truncates_one_token_at_the_cap():
-    weights, stats = alg.rollout_correction(OLD, rollout_logprobs(), MASK, "tis", CAP)
+    weights, stats = rollout_correction(OLD, rollout_logprobs(), MASK, "tis", CAP)
     # min(rho, 2) on valid tokens: (1.5, 2 [3 truncated], 0.4 | 0.6, 1, padding 0)
     assert_close(weights, t64(W_TIS), **TOL)
     # 1 of the 5 valid tokens has rho > 2
@@ -50,7 +50,7 @@ def test_tis_truncates_one_token_at_the_cap():
 
 
 def test_mis_drops_tokens_outside_the_band_on_both_sides():
-    weights, stats = alg.rollout_correction(OLD, rollout_logprobs(), MASK, "mis", CAP)
+    weights, stats = rollout_correction(OLD, rollout_logprobs(), MASK, "mis", CAP)
     # band [1/2, 2]: 3 > 2 and 0.4 < 0.5 get 0; the kept tokens keep their IS weight rho (IcePop's M(k) = k)
     assert_close(weights, t64(W_MIS), **TOL)
     # 2 of the 5 valid tokens dropped
@@ -60,7 +60,7 @@ def test_mis_drops_tokens_outside_the_band_on_both_sides():
 
 @pytest.mark.parametrize("mode", ["none", "tis", "mis"])
 def test_stats_ignore_padding_and_give_the_mismatch_kl(mode):
-    weights, stats = alg.rollout_correction(OLD, rollout_logprobs(), MASK, mode, CAP)
+    weights, stats = rollout_correction(OLD, rollout_logprobs(), MASK, mode, CAP)
     # valid rho: 1.5, 3, 0.4, 0.6, 1 (the padding 100 is not counted)
     # ratio_mean = 6.5 / 5 = 1.3; ratio_max = 3 (raw, before truncation)
     # k3 of KL(pi_rollout || pi_old), tokens sampled from pi_rollout: rho - 1 - log rho per token;
@@ -80,8 +80,8 @@ def test_overflowing_ratio_gives_finite_weights():
     old = t64([[1000.0, 0.0], [0.0, 1000.0]])
     rollout = t64([[0.0, 0.0], [0.0, 0.0]])
     mask = t64([[1.0, 1.0], [1.0, 0.0]])
-    tis, tis_stats = alg.rollout_correction(old, rollout, mask, "tis", CAP)
-    mis, _ = alg.rollout_correction(old, rollout, mask, "mis", CAP)
+    tis, tis_stats = rollout_correction(old, rollout, mask, "tis", CAP)
+    mis, _ = rollout_correction(old, rollout, mask, "mis", CAP)
     # tis: min(inf, 2) = 2; mis: inf is outside [0.5, 2] -> 0 (not inf * 0 = NaN); rho = 1 elsewhere
     assert_close(tis, t64([[2.0, 1.0], [1.0, 0.0]]), **TOL)
     assert_close(mis, t64([[0.0, 1.0], [1.0, 0.0]]), **TOL)
@@ -92,7 +92,7 @@ def test_overflowing_ratio_gives_finite_weights():
 
 def test_weights_carry_no_gradient():
     old = OLD.clone().requires_grad_(True)
-    weights, _ = alg.rollout_correction(old, rollout_logprobs(), MASK, "tis", CAP)
+    weights, _ = rollout_correction(old, rollout_logprobs(), MASK, "tis", CAP)
     assert not weights.requires_grad
 
 
@@ -102,12 +102,12 @@ def test_weights_carry_no_gradient():
 )
 def test_bad_mode_or_cap_is_refused(mode, cap, message):
     with pytest.raises(ValueError, match=message):
-        alg.rollout_correction(OLD, rollout_logprobs(), MASK, mode, cap)
+        rollout_correction(OLD, rollout_logprobs(), MASK, mode, cap)
 
 
 def test_a_batch_without_response_tokens_is_refused():
     with pytest.raises(ValueError, match="no response token"):
-        alg.rollout_correction(OLD, rollout_logprobs(), torch.zeros_like(MASK), "none", CAP)
+        rollout_correction(OLD, rollout_logprobs(), torch.zeros_like(MASK), "none", CAP)
 
 
 # ---------------------------------------------------------------- the weighted policy loss
@@ -135,8 +135,8 @@ def _weighted(values, weights):
 @pytest.mark.parametrize(("mode", "w"), [("tis", W_TIS), ("mis", W_MIS)], ids=["tis", "mis"])
 def test_policy_loss_with_weights_is_the_hand_weighted_loss(mode, w):
     logprobs, old, advantages, mask = _policy_inputs()
-    weights, _ = alg.rollout_correction(old, rollout_logprobs(), mask, mode, CAP)
-    loss, stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, rollout_weights=weights)
+    weights, _ = rollout_correction(old, rollout_logprobs(), mask, mode, CAP)
+    loss, stats = policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, rollout_weights=weights)
     # token_mean: sum_t w_t l_t / 5, the denominator still the 5 valid tokens (mis: dropped ones count)
     # tis: (1.5 (-e^0.1) + 2 (-1.2) + 0.4 (-e^-0.5) + 0.6 (2e^0.3) + 1 (1.6)) / 5
     # mis: (1.5 (-e^0.1) + 0.6 (2e^0.3) + 1.6) / 5
@@ -151,7 +151,7 @@ def test_policy_loss_with_weights_is_the_hand_weighted_loss(mode, w):
 
 def test_dropped_tokens_keep_their_place_in_the_sequence_mean():
     logprobs, old, advantages, mask = _policy_inputs()
-    loss, _ = alg.policy_loss(
+    loss, _ = policy_loss(
         logprobs, old, advantages, mask, clip_eps=0.2, agg="seq_mean_token_mean", rollout_weights=t64(W_MIS)
     )
     # row 0 keeps 1 of 3 tokens but is still divided by 3; row 1 keeps 2 of 2:
@@ -164,8 +164,8 @@ def test_dropped_tokens_keep_their_place_in_the_sequence_mean():
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
 def test_all_ones_weights_leave_the_policy_loss_unchanged(agg):
     logprobs, old, advantages, mask = _policy_inputs()
-    plain, plain_stats = alg.policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg=agg)
-    ones, ones_stats = alg.policy_loss(
+    plain, plain_stats = policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, agg=agg)
+    ones, ones_stats = policy_loss(
         logprobs, old, advantages, mask, clip_eps=0.2, agg=agg, rollout_weights=torch.ones_like(mask)
     )
     # x * 1.0 is exact in floating point
@@ -181,7 +181,7 @@ def test_actor_loss_weights_the_policy_term_only():
     entropy = t64([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]]).requires_grad_(True)
     ref_gap = t64([[1.0, 0.0, -1.0], [2.0, 0.0, 30.0]])
     ref = logprobs.detach() - ref_gap
-    loss, stats = alg.actor_loss(
+    loss, stats = actor_loss(
         logprobs, old, ref, advantages, entropy, mask, 0.2, clip_eps_high=None, dual_clip=None, agg="token_mean",
         max_len=None, rollout_weights=t64(W_MIS), entropy_coef=0.01, kl_coef=0.1, kl_estimator="k2",
     )

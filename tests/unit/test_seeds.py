@@ -1,9 +1,9 @@
-"""rlhf_dist.seeds: every derived seed, computed by hand. These numbers pin the multipliers: a
+"""rlhf_dist.core.seeds: every derived seed, computed by hand. These numbers pin the multipliers: a
 change here changes the prompts, samples and minibatch orders of every run (see the module)."""
 
 import pytest
 
-from rlhf_dist.seeds import (
+from rlhf_dist.core.seeds import (
     ENGINE_SAMPLE,
     EPOCH_ORDER,
     FEEDBACK,

@@ -1,6 +1,6 @@
 """Tokenizers of the tiny models (training one takes well under a second; no model is built)."""
 
-from rlhf_dist.arithmetic import make_corpus
+from rlhf_dist.tasks.arithmetic import make_corpus
 from rlhf_dist.tiny_model import _train_tokenizer
 
 

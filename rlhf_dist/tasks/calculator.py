@@ -21,22 +21,19 @@ The problem space (90 * 90 = 8100 products) is split by a hash of the problem te
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 
-from rlhf_dist.arithmetic import _draw, parse_answer  # _draw: every problem once before any repeats
-from rlhf_dist.envs import Environment
+from rlhf_dist.tasks.arithmetic import parse_answer
+from rlhf_dist.tasks.base import Environment, Recipe, Task, draw, split_problems
 
 MIN_OPERAND = 10
 MAX_OPERAND = 99
-TEST_PERCENT = 20  # share of the problem space, by hash, held out for evaluation
 # Share of corpus lines that call the tool. The choice "tool or answer" is made at one token
 # (see make_corpus), where the model learns P(tool) ~ TOOL_FRACTION for every problem: sampled,
 # it calls the tool about that often; greedy, it does so only where it is unsure of the
-# product's first digit. See tiny_model.CALCULATOR for the figures this gives.
+# product's first digit. See RECIPE for the figures this gives.
 TOOL_FRACTION = 0.3
-SPLITS = ("train", "test")
 TOOL_OPEN, TOOL_CLOSE = "<calc>", "</calc>"
 RESULT_OPEN, RESULT_CLOSE = "<result>", "</result>"
 TOOL_TOKENS = (TOOL_OPEN, TOOL_CLOSE, RESULT_OPEN, RESULT_CLOSE)  # atomic, non-special tokens of the policy
@@ -44,24 +41,16 @@ ERROR = "error"  # the tool's result for an expression it does not evaluate
 MAX_DIGITS = 12  # per operand; a longer number is an error, so no call does unbounded work
 
 
-def _is_test(a: int, b: int) -> bool:
-    # sha256, not hash(): str hashes are salted per process, and the split must never move.
-    digest = hashlib.sha256(f"{a} * {b}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT
-
-
 def _problem_space(split: str) -> list[tuple[int, int]]:
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: use one of {SPLITS}")
     operands = range(MIN_OPERAND, MAX_OPERAND + 1)
-    return [(a, b) for a in operands for b in operands if _is_test(a, b) == (split == "test")]
+    return split_problems([(a, b) for a in operands for b in operands], split, lambda p: f"{p[0]} * {p[1]}")
 
 
 def make_problems(num: int, seed: int, split: str) -> list[dict[str, str]]:
     """`num` rows {"prompt": "37 * 41 =", "answer": "1517"} from the `split` ("train" or "test")
     part of the problem space; distinct until the split is exhausted. Deterministic given seed."""
     rng = random.Random(seed)
-    return [{"prompt": f"{a} * {b} =", "answer": str(a * b)} for a, b in _draw(num, rng, _problem_space(split))]
+    return [{"prompt": f"{a} * {b} =", "answer": str(a * b)} for a, b in draw(num, rng, _problem_space(split))]
 
 
 def make_corpus(num_lines: int, seed: int, tool_fraction: float = TOOL_FRACTION) -> list[str]:
@@ -78,7 +67,7 @@ def make_corpus(num_lines: int, seed: int, tool_fraction: float = TOOL_FRACTION)
     rng = random.Random(seed)
     num_tool = round(num_lines * tool_fraction)
     lines = []
-    for i, (a, b) in enumerate(_draw(num_lines, rng, _problem_space("train"))):
+    for i, (a, b) in enumerate(draw(num_lines, rng, _problem_space("train"))):
         call = f"{TOOL_OPEN}{a} * {b}{TOOL_CLOSE}{RESULT_OPEN}{a * b}{RESULT_CLOSE} " if i < num_tool else ""
         lines.append(f"{a} * {b} = {call}{a * b}")
     rng.shuffle(lines)
@@ -146,3 +135,18 @@ def _answer_of(metadata: dict[str, str]) -> str:
     if not isinstance(answer, str):
         raise TypeError(f"metadata['answer']={answer!r}: pass the answer as a decimal string, e.g. '1517'")
     return answer
+
+
+# The tiny policy: the arithmetic shape, 800 steps (~38 s), with the tool tags as atomic tokens.
+# Measured with scripts/check_calculator_model.py on 200 test problems: greedy accuracy 0.05 (tool
+# on 11 %), tool on 26 % of T=1 samples, and with the tool forced the final answer copies the result
+# on 82 %: it answers greedily without the tool, so RL has to teach it to call. The copy is what
+# varies with the build: seed 1 of the same recipe copied on 5 %, hidden 96 x 600 steps on 84 % but
+# greedy accuracy 0.24.
+RECIPE = Recipe(
+    name="tiny-calc-v1", corpus_lines=20000, hidden_size=64, intermediate_size=128,
+    split_digits=True, pretrain_steps=800, batch_size=64, learning_rate=3e-3,
+    tool_tokens=TOOL_TOKENS,
+)  # fmt: skip
+
+TASK = Task(name="calculator", model="tiny-calc", recipe=RECIPE, prompts=make_problems, corpus=make_corpus)

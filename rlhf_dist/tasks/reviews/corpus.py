@@ -5,13 +5,15 @@ Text is lowercase, space-separated words with punctuation as separate tokens
 ("the film was wonderful and the acting was great ."), which keeps the tiny model's
 tokenizer and the reward's word matching trivially aligned. The vocabulary (word lists,
 domains, descriptors, intensifiers) and ``words`` are public: the embedded InstructGPT task
-(``feedback.py``) writes its demonstrations and judges them with the same ones.
+(``reviews/feedback.py``) writes its demonstrations and judges them with the same ones.
 """
 
 from __future__ import annotations
 
 import random
 import re
+
+from rlhf_dist.core.seeds import REVIEW_PROMPTS, derive_seed, split_index
 
 POSITIVE_WORDS: tuple[str, ...] = (
     "good", "great", "wonderful", "excellent", "amazing", "delicious", "brilliant", "lovely",
@@ -142,6 +144,12 @@ def make_prompts(num: int, seed: int) -> list[str]:
     which decides the sentiment. Deterministic given seed."""
     rng = random.Random(seed)
     return [_fill(rng.choice(_PROMPT_TEMPLATES), rng) for _ in range(num)]
+
+
+def prompt_rows(num: int, seed: int, split: str) -> list[dict[str, str]]:
+    """``builtin:reviews``: ``num`` rows {"prompt": prefix} of ``split``, each split drawn from its
+    own seed (the prefixes have no answer to hold out, so the splits differ by seed only)."""
+    return [{"prompt": p} for p in make_prompts(num, derive_seed(REVIEW_PROMPTS, seed, split_index(split)))]
 
 
 _POSITIVE = frozenset(POSITIVE_WORDS)

@@ -1,11 +1,11 @@
 """A verifiable task, "arithmetic": two-operand sums and differences with an exact-match reward.
 
-Pure Python (no torch), like `reviews.py`. A problem is "a op b" with operands 0..MAX_OPERAND,
+Pure Python (no torch), like `reviews/`. A problem is "a op b" with operands 0..MAX_OPERAND,
 op in {+, -} and a non-negative result, so every answer is a canonical decimal string
 (no sign, no leading zeros). Prompts read "12 + 7 =" and the expected response " 19".
 
 The problem space (50 * 50 sums + 1275 differences = 3775 problems) is split by a hash
-of the problem text, so "train" and "test" are disjoint and a problem's split never depends
+of the problem text (`base.split_problems`), so "train" and "test" are disjoint and a problem's split never depends
 on seeds or sample counts: held-out accuracy is measured on problems the pretraining corpus
 never contained. (Commuted sums, "7 + 12" vs "12 + 7", are distinct problems and may fall
 in different splits.)
@@ -13,22 +13,15 @@ in different splits.)
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 
+from rlhf_dist.tasks.base import Recipe, Task, draw, split_problems
+
 MAX_OPERAND = 49
-TEST_PERCENT = 20  # share of the problem space, by hash, held out for evaluation
 # Share of corpus lines whose answer is off by 1 to 3. At 0.25 the tiny policy samples (T=1)
 # the right answer for ~22% of held-out problems; at 0.4 it was ~18%.
 WRONG_FRACTION = 0.25
-SPLITS = ("train", "test")
-
-
-def _is_test(a: int, op: str, b: int) -> bool:
-    # sha256, not hash(): str hashes are salted per process, and the split must never move.
-    digest = hashlib.sha256(f"{a} {op} {b}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT
 
 
 def _solve(a: int, op: str, b: int) -> int:
@@ -36,8 +29,6 @@ def _solve(a: int, op: str, b: int) -> int:
 
 
 def _problem_space(split: str) -> list[tuple[int, str, int]]:
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: use one of {SPLITS}")
     space = [
         (a, op, b)
         for a in range(MAX_OPERAND + 1)
@@ -45,17 +36,7 @@ def _problem_space(split: str) -> list[tuple[int, str, int]]:
         for b in range(MAX_OPERAND + 1)
         if _solve(a, op, b) >= 0
     ]
-    return [p for p in space if _is_test(*p) == (split == "test")]
-
-
-def _draw(num: int, rng: random.Random, space: list[tuple]) -> list[tuple]:
-    """num problems: every problem of the space once (shuffled) before any repeats (also calculator.py's)."""
-    drawn: list[tuple] = []
-    while len(drawn) < num:
-        epoch = list(space)
-        rng.shuffle(epoch)
-        drawn.extend(epoch[: num - len(drawn)])
-    return drawn
+    return split_problems(space, split, lambda p: f"{p[0]} {p[1]} {p[2]}")
 
 
 def make_problems(num: int, seed: int, split: str) -> list[dict[str, str]]:
@@ -64,7 +45,7 @@ def make_problems(num: int, seed: int, split: str) -> list[dict[str, str]]:
     rng = random.Random(seed)
     return [
         {"prompt": f"{a} {op} {b} =", "answer": str(_solve(a, op, b))}
-        for a, op, b in _draw(num, rng, _problem_space(split))
+        for a, op, b in draw(num, rng, _problem_space(split))
     ]
 
 
@@ -78,7 +59,7 @@ def make_corpus(num_lines: int, seed: int, wrong_fraction: float = WRONG_FRACTIO
     rng = random.Random(seed)
     num_wrong = round(num_lines * wrong_fraction)
     lines = []
-    for i, (a, op, b) in enumerate(_draw(num_lines, rng, _problem_space("train"))):
+    for i, (a, op, b) in enumerate(draw(num_lines, rng, _problem_space("train"))):
         answer = _solve(a, op, b)
         if i < num_wrong:
             offset = rng.choice((1, 2, 3))
@@ -121,3 +102,16 @@ def accuracy(responses: list[str], answers: list[str]) -> float:
     if len(responses) != len(answers) or not responses:
         raise ValueError(f"got {len(responses)} responses and {len(answers)} answers; need equal, non-zero counts")
     return sum(exact_match_reward("", r, {"answer": a}) for r, a in zip(responses, answers)) / len(responses)
+
+
+# The tiny policy: the reviews shape, smaller (hidden 64), with one token per digit, pretrained for
+# ~25 s on make_corpus (a quarter of its answers wrong): it samples the right answer to roughly a
+# fifth of held-out problems, room for the exact-match reward to act on. Smaller than the reviews
+# recipe so that 4x its steps fit in ~25 s on one thread; at hidden 128 that time bought half the
+# steps and held-out accuracy stayed near 10%.
+RECIPE = Recipe(
+    name="tiny-arith-v1", corpus_lines=20000, hidden_size=64, intermediate_size=128,
+    split_digits=True, pretrain_steps=1200, batch_size=64, learning_rate=3e-3,
+)  # fmt: skip
+
+TASK = Task(name="arithmetic", model="tiny-arith", recipe=RECIPE, prompts=make_problems, corpus=make_corpus)

@@ -38,7 +38,7 @@ MINIBATCH_ORDER = SeedStream(("optimizer_step", "epoch", "rank"), (1_000_003, 79
 EPOCH_ORDER = SeedStream(("epoch",), (7919, 1))
 # (seed, split): the builtin:reviews prompt set of a split.
 REVIEW_PROMPTS = SeedStream(("split",), (1, 1_000_003))
-# (seed, split, draw): the embedded InstructGPT task's random draws (feedback.py); each draw
+# (seed, split, draw): the embedded InstructGPT task's random draws (tasks/reviews/feedback.py); each draw
 # (demonstrations, their prompts, preference pairs, their prompts) has its own number.
 FEEDBACK = SeedStream(("split", "draw"), (7919, 1_000_003, 1))
 

@@ -2,7 +2,7 @@
 
 Everything the three stages need, offline and deterministic given a seed:
 
-* **Prompts**: the review prefixes of ``reviews.make_prompts`` ("review : the pasta was").
+* **Prompts**: the review prefixes of ``corpus.make_prompts`` ("review : the pasta was").
 * **Demonstrations** (SFT): continuations written by simulated labellers of mixed quality:
   a third positive, a third negative, a third mixed or neutral, like real demonstrations.
 * **Preferences** (reward model): two continuations sampled for the same prompt, ranked by the
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import random
 
-from rlhf_dist import reviews
-from rlhf_dist.seeds import FEEDBACK, derive_seed, split_index
+from rlhf_dist.core.seeds import FEEDBACK, derive_seed, split_index
+from rlhf_dist.tasks.reviews import corpus
 
-_NOUN_DOMAIN = {noun: nouns for nouns, _ in reviews.DOMAINS.values() for noun in nouns}
+_NOUN_DOMAIN = {noun: nouns for nouns, _ in corpus.DOMAINS.values() for noun in nouns}
 _ALL_NOUNS = tuple(sorted(_NOUN_DOMAIN))
-_POSITIVE = frozenset(reviews.POSITIVE_WORDS)
-_NEGATIVE = frozenset(reviews.NEGATIVE_WORDS)
+_POSITIVE = frozenset(corpus.POSITIVE_WORDS)
+_NEGATIVE = frozenset(corpus.NEGATIVE_WORDS)
 MAX_REWARDED_POSITIVES = 3
 
 # Continuations of a prompt that ends where an adjective fits ("... the pasta was").
@@ -52,7 +52,7 @@ def annotator_score(prompt: str, response: str) -> float:
     del prompt  # the annotator judges the continuation; the prompt is the same for both
     seen: set[str] = set()
     positives = negatives = repeats = 0
-    for word in reviews.words(response):
+    for word in corpus.words(response):
         if word not in _POSITIVE and word not in _NEGATIVE:
             continue
         if word in seen:
@@ -71,28 +71,28 @@ def sample_response(prompt: str, rng: random.Random) -> str:
     words = prompt.split()
     nouns = next((_NOUN_DOMAIN[w] for w in reversed(words) if w in _NOUN_DOMAIN), _ALL_NOUNS)
     m = rng.choice(nouns)
-    i = rng.choice(reviews.INTENSIFIERS)
+    i = rng.choice(corpus.INTENSIFIERS)
     kind = rng.randrange(3)
     if kind < 2:
-        pool = reviews.POSITIVE_WORDS if kind == 0 else reviews.NEGATIVE_WORDS
+        pool = corpus.POSITIVE_WORDS if kind == 0 else corpus.NEGATIVE_WORDS
         a, b = rng.sample(pool, 2)
         template = rng.choice(_ONE if rng.random() < 0.5 else _TWO)
     elif rng.random() < 0.5:
-        a, b = rng.choice(reviews.POSITIVE_WORDS), rng.choice(reviews.NEGATIVE_WORDS)
+        a, b = rng.choice(corpus.POSITIVE_WORDS), rng.choice(corpus.NEGATIVE_WORDS)
         if rng.random() < 0.5:
             a, b = b, a
         template = rng.choice(_CONTRAST)
     else:
         a = b = ""
         template = rng.choice(_NEUTRAL)
-    d, d2 = rng.sample(reviews.NEUTRAL_DESCRIPTORS, 2)
+    d, d2 = rng.sample(corpus.NEUTRAL_DESCRIPTORS, 2)
     return template.format(a=a, b=b, m=m, i=i, d=d, d2=d2)
 
 
 def sft_rows(num: int, seed: int, split: str = "train") -> list[dict]:
     """``{"prompt", "response"}`` demonstrations."""
     rng = random.Random(derive_seed(FEEDBACK, seed, split_index(split), 11))
-    prompts = reviews.make_prompts(num, derive_seed(FEEDBACK, seed, split_index(split), 12))
+    prompts = corpus.make_prompts(num, derive_seed(FEEDBACK, seed, split_index(split), 12))
     return [{"prompt": p, "response": sample_response(p, rng)} for p in prompts]
 
 
@@ -105,7 +105,7 @@ def preference_rows(num: int, seed: int, noise: float, split: str = "train") -> 
     prompt_rng = random.Random(derive_seed(FEEDBACK, seed, split_index(split), 22))
     rows: list[dict] = []
     while len(rows) < num:
-        prompt = reviews.make_prompts(1, prompt_rng.randrange(2**31))[0]
+        prompt = corpus.make_prompts(1, prompt_rng.randrange(2**31))[0]
         a, b = sample_response(prompt, rng), sample_response(prompt, rng)
         ga, gb = annotator_score(prompt, a), annotator_score(prompt, b)
         if ga == gb:

@@ -1,5 +1,5 @@
-"""KL penalties: the per-token estimators k1, k2, k3 of KL(pi || ref) (Schulman 2020), clamped, and
-the fixed and adaptive KL coefficient controllers (Ziegler et al. 2019).
+"""KL penalties: the per-token estimators k1, k2, k3 of KL(pi || ref) (Schulman 2020), clamped.
+The coefficient's controllers are in ``rlhf_dist.core.schedule``.
 
 Pure functions over tensors and floats; per-token tensors are ``(B, T)`` over response positions.
 """
@@ -65,7 +65,7 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.expm1(-log_ratio) + log_ratio, max=KL_VALUE_CLAMP)
 
 
-_KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
@@ -75,55 +75,8 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -
     loss, per state with the token sampled from pi: k1 0, k2 grad KL(pi || ref), k3 grad KL(ref || pi).
     Shape: (B, T), (B, T) -> (B, T).
     """
-    if kind not in _KL_ESTIMATORS:
+    if kind not in KL_ESTIMATORS:
         raise ValueError(
-            f"unknown KL estimator kind {kind!r}; expected one of {tuple(_KL_ESTIMATORS)}"
+            f"unknown KL estimator kind {kind!r}; expected one of {tuple(KL_ESTIMATORS)}"
         )
-    return _KL_ESTIMATORS[kind](logprobs, ref_logprobs)
-
-
-class FixedKLController:
-    """KL penalty coefficient that never changes."""
-
-    def __init__(self, value: float):
-        self.value = value
-
-    def update(self, current_kl: float, n_steps: int) -> float:
-        return self.value
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-
-
-class AdaptiveKLController:
-    """KL penalty coefficient steered toward a target KL (Ziegler et al. 2019).
-
-    ``current_kl`` is the measured KL(pi || ref) per sequence, ``n_steps`` the number of
-    samples (or steps) since the last update, ``horizon`` how many of them a full
-    proportional correction takes.
-    """
-
-    def __init__(self, init_value: float, target: float, horizon: float):
-        if target <= 0:
-            raise ValueError(f"AdaptiveKLController target must be > 0 (a KL), got {target}")
-        if horizon <= 0:
-            raise ValueError(f"AdaptiveKLController horizon must be > 0, got {horizon}")
-        self.value = init_value
-        self.target = target
-        self.horizon = horizon
-
-    def update(self, current_kl: float, n_steps: int) -> float:
-        # e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-        return self.value
-
-    def state_dict(self) -> dict[str, float]:
-        # target and horizon come from config; only the coefficient is training state.
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
+    return KL_ESTIMATORS[kind](logprobs, ref_logprobs)

@@ -1,0 +1,1 @@
+"""The model side: loading, forward passes, chat templates."""

@@ -1,0 +1,1 @@
+"""The Ray actors, one module per role, and the groups the controller calls them through."""
