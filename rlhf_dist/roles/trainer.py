@@ -225,6 +225,10 @@ class _DeepSpeedRank:
                 minibatches += 1
         out = {k: v / minibatches for k, v in sums.items()}
         out["lr"] = self.engine.get_lr()[0]
+        if self.device == "cuda":
+            # Engines sharing this GPU (colocated) wake into it next: hand back the blocks the
+            # caching allocator keeps from the update's activations, or the wake-up may not fit.
+            torch.cuda.empty_cache()
         return out
 
     def accumulate(self, minibatch: TensorRows, loss_fn) -> dict[str, float]:
