@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlhf_dist.config import Config, ConfigError, register_configs, to_config
-from rlhf_dist.preemption import PREEMPTION, Interrupted
+from rlhf_dist.driver.preemption import PREEMPTION, Interrupted
 
 register_configs()
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -45,7 +45,7 @@ def run_guarded(run: Stage, cfg: Config, out_dir: Path, group: str, how_to_resum
     run stopped by a signal (``Interrupted``) ends with one line, ``how_to_resume``, and exit
     code 128 + the signal number."""
     from rlhf_dist.checkpoint import CheckpointError
-    from rlhf_dist.data import DataError
+    from rlhf_dist.driver.data import DataError
     from rlhf_dist.worker_group import RoleError
 
     try:

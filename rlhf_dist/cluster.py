@@ -20,9 +20,10 @@ from rlhf_dist.config import (
     trainer_collective_timeout_s,
     weight_sync_timeout_s,
 )
+from rlhf_dist.driver.preemption import Interrupted
+from rlhf_dist.driver.run_logger import RunLogger
 from rlhf_dist.modeling import token_vocab_size
 from rlhf_dist.placement import Slot, actor_env, init_ray, place, spawn
-from rlhf_dist.preemption import Interrupted
 from rlhf_dist.recovery import EngineRecovery, Restarts
 from rlhf_dist.roles.generation import Generation, GenerationEngine
 from rlhf_dist.roles.groups import (
@@ -40,7 +41,6 @@ from rlhf_dist.roles.reference import ReferenceModel
 from rlhf_dist.roles.reward import RewardScorer
 from rlhf_dist.roles.spec import RankSpec
 from rlhf_dist.roles.trainer import CriticTrainer, PolicyTrainer, RewardModelTrainer, SFTTrainer
-from rlhf_dist.run_logger import RunLogger
 from rlhf_dist.weight_sync import probe_sequences
 from rlhf_dist.worker_group import RoleError, WorkerGroup, wait_all
 

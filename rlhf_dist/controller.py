@@ -1,20 +1,23 @@
-"""The RL controller: one iteration, top to bottom, in the algorithm's order.
+"""The RL loop: ``run_rl`` (steps, evaluation, checkpoints) and ``rl_step``, one iteration top to
+bottom in the algorithm's order:
 
-generate -> score -> reference/old logprobs (and values) -> advantages ->
-policy (and critic) epochs on the trainer groups -> broadcast weights -> log.
+take the step's rollout (``rollout.RolloutQueue``: the engines generate it, up to
+``rollout.max_staleness`` steps ahead, and the reward actors score it as it streams, after the
+engines received the newest weights) -> reference and old logprobs, critic values
+(``passes_before_update``; some already passed while it streamed, ``rlhf_dist.passes``) -> KL and
+off-policy correction -> advantages -> policy and critic epochs on the trainer groups -> metrics
+(``driver.metrics``) -> log, evaluate (``evaluation``), checkpoint (``checkpoint``).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
-from rlhf_dist.agent import env_metrics, env_rows, with_env_returns
+from rlhf_dist.agent import env_metrics
 from rlhf_dist.checkpoint import Checkpointer, TrainState
 from rlhf_dist.cluster import Roles
 from rlhf_dist.config import AlgoConfig, Config, needs_reference, updates_once
@@ -23,14 +26,14 @@ from rlhf_dist.core.experience import Experience, collate, pad_right
 from rlhf_dist.core.kl import kl_estimate
 from rlhf_dist.core.losses import rollout_correction
 from rlhf_dist.core.schedule import AdaptiveKLController, FixedKLController
-from rlhf_dist.core.stats import masked_mean, masked_sum
-from rlhf_dist.data import PromptSet
-from rlhf_dist.preemption import Preemption
-from rlhf_dist.registry import import_function
-from rlhf_dist.roles.groups import RewardGroup
-from rlhf_dist.rollout import RolloutBatch, RolloutQueue, sample_seeds
-from rlhf_dist.run_logger import RunLogger
-from rlhf_dist.timeline import Timeline
+from rlhf_dist.core.stats import masked_sum
+from rlhf_dist.driver.data import PromptSet
+from rlhf_dist.driver.metrics import ROLLOUT_COLUMNS, GapWatch, OverlongWatch, sample_metrics, step_metrics
+from rlhf_dist.driver.preemption import Preemption
+from rlhf_dist.driver.run_logger import RunLogger
+from rlhf_dist.driver.timeline import Timeline
+from rlhf_dist.evaluation import EVAL_COLUMNS, eval_summary, evaluate
+from rlhf_dist.rollout import RolloutBatch, RolloutQueue
 from rlhf_dist.worker_group import Pending, wait_all
 
 
@@ -63,9 +66,6 @@ class Timer:
         return [None if p is None else next(done) for _, p in phases.values()]
 
 
-EVAL_SEED_STEP = 2**20  # evaluation samples draw seeds no training step uses
-
-
 def make_kl_controller(algo: AlgoConfig) -> FixedKLController | AdaptiveKLController:
     if algo.kl_controller == "adaptive":
         return AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
@@ -82,100 +82,6 @@ def advantages_for(
     return estimate_advantages(
         algo.estimator, scores, kl, mask, values, n, beta, algo.gamma, algo.lam, algo.whiten_rewards
     )
-
-
-class GapWatch:
-    """Warns once when ``logprob_gap/mean`` (engine vs trainer logprobs of the sampled tokens)
-    exceeds ``threshold``, and keeps the largest gap for summary.json (``logprob_gap/max``)."""
-
-    def __init__(self, threshold: float, logger: RunLogger) -> None:
-        self.threshold, self.logger, self.warned = threshold, logger, False
-
-    def observe(self, step: int, gap: float) -> None:
-        if not self.warned and not gap <= self.threshold:
-            self.warned = True
-            self.logger.message(
-                f"rlhf_dist: warning: step {step}: logprob_gap/mean {gap:.3g} > {self.threshold:g}: the engines "
-                f"sample from another policy than the trainer's (weight_sync.gap_warn)"
-            )
-        largest = self.logger.extra_summary.get("logprob_gap/max", 0.0)
-        self.logger.add_summary({"logprob_gap/max": gap if math.isnan(gap) else max(largest, gap)})
-
-
-class OverlongWatch:
-    """Warns once when DAPO's overlong shaping penalises most of a step's responses: the buffer
-    (``reward.overlong_buffer``) then covers responses of the length the task needs, and the policy
-    learns to answer short rather than right (docs/results.md: a 4-token budget)."""
-
-    SHARE = 0.5
-
-    def __init__(self, logger: RunLogger) -> None:
-        self.logger, self.warned = logger, False
-
-    def observe(self, step: int, metrics: dict[str, float]) -> None:
-        share = metrics.get("reward/overlong_frac", 0.0)
-        if not self.warned and share > self.SHARE:
-            self.warned = True
-            self.logger.message(
-                f"rlhf_dist: warning: step {step}: {share:.0%} of the responses got the overlong penalty "
-                f"({metrics['response_length/truncated_frac']:.0%} were cut off): reward.overlong_buffer covers "
-                "the lengths the task needs; raise rollout.max_new_tokens or lower reward.overlong_buffer"
-            )
-
-
-ROLLOUT_COLUMNS = ["step", "prompt", "response", "reward", "kl"]
-
-
-def step_metrics(
-    raw_scores: torch.Tensor, kept: torch.Tensor, kl: torch.Tensor, sequence_kl: torch.Tensor, mask: torch.Tensor,
-    entropy: torch.Tensor, engine_logprobs: torch.Tensor, old_logprobs: torch.Tensor, kl_coef: float,
-    policy_stats: dict[str, float], critic_stats: dict[str, float] | None, times: dict[str, float], step_s: float,
-) -> dict[str, float]:
-    """One iteration's logged metrics. ``raw_scores`` (B,) as scored (NaN where dropped), ``kept``
-    (B,) bool, ``sequence_kl`` (B,) the per-token ``kl`` (B, T) summed over each response; ``entropy``,
-    ``engine_logprobs`` and ``old_logprobs`` (B, T); ``times`` the ``time/*`` phases, ``step_s``
-    the whole iteration; the trainer groups' stats (``critic_stats`` None or empty without a critic)."""
-    valid = raw_scores[kept]
-    metrics = {
-        "reward/mean": valid.mean().item(),
-        "reward/std": valid.std().item() if len(valid) > 1 else 0.0,
-        "reward/dropped": float((~kept).sum()),
-        "kl/mean": sequence_kl.mean().item(),  # per sequence, summed over tokens
-        "kl/token_mean": masked_mean(kl, mask).item(),
-        "kl/coef": kl_coef,
-        "loss/policy": policy_stats["policy_loss"],
-        "ppo/clipfrac": policy_stats["clipfrac"],
-        "ppo/approx_kl": policy_stats["approx_kl"],
-        "ppo/lr": policy_stats["lr"],
-        "entropy/mean": masked_mean(entropy, mask).item(),
-        "response_length/mean": mask.sum(-1).mean().item(),
-        "logprob_gap/mean": masked_mean((engine_logprobs - old_logprobs).abs(), mask).item(),
-        **times,
-        "time/step": step_s,
-        "throughput/gen_tokens_per_s": float(mask.sum()) / max(times["time/generate"], 1e-9),
-    }
-    if "kl_loss" in policy_stats:
-        metrics["loss/kl"] = policy_stats["kl_loss"]
-    if critic_stats:
-        metrics["loss/value"] = critic_stats["value_loss"]
-        metrics["ppo/value_clipfrac"] = critic_stats["value_clipfrac"]
-    return metrics
-
-
-def sample_metrics(
-    step: int, gens: list, kept: torch.Tensor, truncated: torch.Tensor, mask_truncated: bool
-) -> dict[str, float]:
-    """How old the step's samples are (policy updates between sampling and ``step``) and how many
-    were cut off by the length budget (and, with ``algo.mask_truncated``, left out of the gradient)."""
-    staleness = [step - g.version for g in gens]
-    metrics = {
-        "rollout/staleness_mean": sum(staleness) / len(staleness),
-        "rollout/staleness_max": float(max(staleness)),
-        "response_length/truncated_frac": truncated.float().mean().item(),
-    }
-    if mask_truncated:
-        metrics["rollout/masked_truncated"] = float((kept & truncated).sum())
-    return metrics
 
 
 def kl_and_correction(
@@ -272,73 +178,6 @@ def rl_step(
     return metrics, [[step, batch.texts[i], gens[i].transcript or gens[i].text, batch.scores[i], kls[i]] for i in shown]
 
 
-EVAL_SAMPLES_SHOWN = 8  # held-out responses kept per evaluation (W&B table, eval_samples.jsonl)
-EVAL_COLUMNS = ["after_steps", "prompt", "response", "reward", "gold"]
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """The first ``eval.num_prompts`` held-out prompts and the engine seed of each: every
-    evaluation, and every policy evaluated, samples its responses with the same seeds."""
-
-    token_ids: list[list[int]]
-    texts: list[str]
-    metadata: list[dict]
-    seeds: list[int]  # all 0 for greedy decoding (eval.greedy)
-
-
-def held_out(cfg: Config, prompts: PromptSet) -> HeldOut:
-    count = min(cfg.eval.num_prompts, len(prompts))
-    seeds = [0] * count if cfg.eval.greedy else sample_seeds(cfg.seed, EVAL_SEED_STEP, count)
-    return HeldOut(prompts.token_ids[:count], prompts.texts[:count], prompts.metadata[:count], seeds)
-
-
-def score_held_out(
-    held: HeldOut, responses: list[str], reward: RewardGroup, gold_fn: Callable[[str, str], float] | None
-) -> tuple[list[float], list[float] | None]:
-    """The reward actors' score of each response (NaN: dropped, reward.on_invalid=drop) and, with a
-    gold function (``eval.gold_function``), its gold score (None without one)."""
-    scores = reward.score_async(held.texts, responses, held.metadata).result()
-    gold = [gold_fn(p, r) for p, r in zip(held.texts, responses)] if gold_fn else None
-    return scores, gold
-
-
-def held_out_rows(cfg: Config, held: HeldOut) -> list[dict] | None:
-    """The rows the environments of multi-turn samples are made from (None: single-turn)."""
-    return env_rows(held.texts, held.metadata) if cfg.rollout.env else None
-
-
-def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> tuple[dict[str, float], list[list]]:
-    """Responses to the held-out prompts (greedy, or sampled with fixed seeds: ``eval.greedy``),
-    scored by the reward actors (for an exact-match reward, ``eval/reward_mean`` is the held-out
-    accuracy) and, when ``eval.gold_function`` is set, by that gold metric (``eval/gold_mean``),
-    which is only reported, never optimised. Returns the metrics and the first responses as rows
-    of (prompt, response, reward, gold or None)."""
-    held = held_out(cfg, eval_prompts)
-    count = len(held.texts)
-    gens = roles.generate(held.token_ids, held.seeds, greedy=cfg.eval.greedy, rows=held_out_rows(cfg, held))
-    responses = [g.text for g in gens]
-    gold_fn = import_function(cfg.eval.gold_function, "eval.gold_function") if cfg.eval.gold_function else None
-    scores, gold = score_held_out(held, responses, roles.reward, gold_fn)
-    scores = with_env_returns(scores, gens, cfg.reward.env_weight, "drop")  # a failed environment scores nothing
-    finite = [s for s in scores if math.isfinite(s)]
-    metrics = {"eval/reward_mean": sum(finite) / max(len(finite), 1), "eval/num_prompts": float(count)}
-    if gold is not None:
-        metrics["eval/gold_mean"] = sum(gold) / count
-    if (env := env_metrics(gens)):
-        metrics.update({"eval/tool_calls_mean": env["env/tool_calls_mean"], "eval/turns_mean": env["env/turns_mean"]})
-    shown = gold or [None] * count
-    rows = [[held.texts[i], gens[i].transcript or responses[i], scores[i], shown[i]]
-            for i in range(min(EVAL_SAMPLES_SHOWN, count))]
-    return metrics, rows
-
-
-def _eval_summary(when: str, metrics: dict[str, float]) -> dict[str, float]:
-    """``eval/reward_mean`` -> ``eval/<when>_reward_mean`` (and the gold score, if any) for summary.json."""
-    return {f"eval/{when}_{k.removeprefix('eval/')}": v for k, v in metrics.items()
-            if k in ("eval/reward_mean", "eval/gold_mean", "eval/tool_calls_mean")}
-
-
 def run_rl(
     cfg: Config, roles: Roles, prompts: PromptSet, eval_prompts: PromptSet | None, logger: RunLogger,
     checkpoints: Checkpointer | None = None, start: TrainState | None = None, preemption: Preemption | None = None,
@@ -362,7 +201,7 @@ def run_rl(
     every = cfg.eval.every_steps if eval_prompts is not None else 0
     if every and start.step == 0:
         initial, samples = evaluate(cfg, roles, eval_prompts)
-        logger.add_summary(_eval_summary("initial", initial))
+        logger.add_summary(eval_summary("initial", initial))
         logger.table("eval/samples", EVAL_COLUMNS, [[0, *row] for row in samples], step=0)
     for step in range(start.step, cfg.total_steps):
         started = time.perf_counter()
@@ -377,7 +216,7 @@ def run_rl(
             rollouts.sync_engines(step + 1)
             evaluation, samples = evaluate(cfg, roles, eval_prompts)
             metrics.update(evaluation)
-            logger.add_summary(_eval_summary("final", metrics))
+            logger.add_summary(eval_summary("final", metrics))
             logger.table("eval/samples", EVAL_COLUMNS, [[step + 1, *row] for row in samples], step=step)
         logger.log(step, metrics)
         stopping = preemption is not None and preemption.requested and step + 1 < cfg.total_steps

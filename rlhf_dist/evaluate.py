@@ -32,12 +32,12 @@ from rlhf_dist.config import Config, ConfigError, as_dict, validate_config
 from rlhf_dist.core.stats import sequence_kl, win_rate
 
 if TYPE_CHECKING:  # the heavy modules load only once the config is valid
-    from rlhf_dist.controller import HeldOut
+    from rlhf_dist.driver.run_logger import RunLogger
+    from rlhf_dist.evaluation import HeldOut
     from rlhf_dist.roles.generation import Generation
     from rlhf_dist.roles.groups import GenerationGroup
-    from rlhf_dist.run_logger import RunLogger
 
-# Samples kept in eval.json (training keeps controller.EVAL_SAMPLES_SHOWN per evaluation in its table).
+# Samples kept in eval.json (training keeps evaluation.EVAL_SAMPLES_SHOWN per evaluation in its table).
 NUM_SAMPLES_SHOWN = 16
 
 
@@ -86,8 +86,8 @@ def load_held_out(cfg: Config, tokenizer_path: str) -> HeldOut:
     """The held-out prompts, tokenized with the baseline's tokenizer."""
     from transformers import AutoTokenizer
 
-    from rlhf_dist.controller import held_out
-    from rlhf_dist.data import load_prompts
+    from rlhf_dist.driver.data import load_prompts
+    from rlhf_dist.evaluation import held_out
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     prompts = load_prompts(cfg.data.eval_prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed, split="test")
@@ -128,10 +128,10 @@ def write_report(
 
 def run(cfg: Config, out_dir: Path, group: str) -> dict:
     from rlhf_dist.cluster import place_roles, stage_actors, start_engines, start_reward, wait_started
-    from rlhf_dist.controller import score_held_out
+    from rlhf_dist.driver.preemption import PREEMPTION
+    from rlhf_dist.driver.run_logger import RunLogger
+    from rlhf_dist.evaluation import score_held_out
     from rlhf_dist.modeling import resolve_model_path
-    from rlhf_dist.preemption import PREEMPTION
-    from rlhf_dist.run_logger import RunLogger
 
     validate(cfg)
     gold_fn = gold_function(cfg)

@@ -34,8 +34,8 @@ import torch
 
 from rlhf_dist.config import Config, needs_reference, updates_once
 from rlhf_dist.core.experience import Experience, collate, pad_right
+from rlhf_dist.driver.timeline import Timeline
 from rlhf_dist.roles.generation import Generation
-from rlhf_dist.timeline import Timeline
 from rlhf_dist.worker_group import Pending
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from typing import Any
 
 from rlhf_dist.cli import entry_point
 from rlhf_dist.config import Config, ConfigError, supervised_plan, validate_config
-from rlhf_dist.preemption import PREEMPTION
+from rlhf_dist.driver.preemption import PREEMPTION
 
 STAGES = ("sft", "reward_model", "ppo", "evaluate")
 PENDING = "<output of an earlier stage>"  # placeholder path while validating up front

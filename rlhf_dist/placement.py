@@ -19,7 +19,7 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_dist.config import ResourcesConfig, RoleResources
-from rlhf_dist.preemption import PREEMPTION
+from rlhf_dist.driver.preemption import PREEMPTION
 from rlhf_dist.worker_group import RoleError
 
 

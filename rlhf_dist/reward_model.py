@@ -18,7 +18,7 @@ import torch
 
 from rlhf_dist.cli import entry_point
 from rlhf_dist.config import Config, as_dict, supervised_plan
-from rlhf_dist.preemption import PREEMPTION
+from rlhf_dist.driver.preemption import PREEMPTION
 from rlhf_dist.sft import MODEL_DIR, batches
 
 
@@ -28,10 +28,10 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
 
     from rlhf_dist.cluster import stage_actors, start_trainer_group
     from rlhf_dist.core.experience import collate_pairs
-    from rlhf_dist.data import load_preferences
+    from rlhf_dist.driver.data import load_preferences
+    from rlhf_dist.driver.run_logger import RunLogger
     from rlhf_dist.modeling import resolve_model_path
     from rlhf_dist.roles.reward import NORMALIZATION_FILE
-    from rlhf_dist.run_logger import RunLogger
 
     init = resolve_model_path(cfg.rm.init_path or cfg.model.path, cfg.cache_dir,
                               "rm.init_path" if cfg.rm.init_path else "model.path")

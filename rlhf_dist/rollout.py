@@ -37,11 +37,11 @@ from rlhf_dist.agent import env_rows, with_env_returns
 from rlhf_dist.config import Config
 from rlhf_dist.core.advantages import informative_groups, overlong_penalty
 from rlhf_dist.core.seeds import ENGINE_SAMPLE, REFILL_PROMPTS, derive_seed
-from rlhf_dist.data import PromptSampler, PromptSet
+from rlhf_dist.driver.data import PromptSampler, PromptSet
+from rlhf_dist.driver.timeline import Timeline
 from rlhf_dist.passes import StreamedPasses, padded, streamed_passes
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.roles.groups import SyncInFlight
-from rlhf_dist.timeline import Timeline
 from rlhf_dist.worker_group import RoleError
 
 if TYPE_CHECKING:

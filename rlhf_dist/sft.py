@@ -16,7 +16,7 @@ import torch
 from rlhf_dist.cli import entry_point
 from rlhf_dist.config import Config, as_dict, supervised_plan
 from rlhf_dist.core.seeds import EPOCH_ORDER, derive_seed
-from rlhf_dist.preemption import PREEMPTION
+from rlhf_dist.driver.preemption import PREEMPTION
 
 MODEL_DIR = "model"
 
@@ -38,9 +38,9 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
 
     from rlhf_dist.cluster import stage_actors, start_trainer_group
     from rlhf_dist.core.experience import collate
-    from rlhf_dist.data import load_sft
+    from rlhf_dist.driver.data import load_sft
+    from rlhf_dist.driver.run_logger import RunLogger
     from rlhf_dist.modeling import resolve_model_path
-    from rlhf_dist.run_logger import RunLogger
 
     base = resolve_model_path(cfg.model.path, cfg.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(base)

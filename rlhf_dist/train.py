@@ -18,8 +18,8 @@ from rlhf_dist.config import Config, ConfigError, RunPlan, as_dict, validate_con
 if TYPE_CHECKING:  # the heavy modules load only once the config is valid
     from rlhf_dist.checkpoint import Checkpointer
     from rlhf_dist.cluster import Roles
-    from rlhf_dist.data import PromptSet
-    from rlhf_dist.run_logger import RunLogger
+    from rlhf_dist.driver.data import PromptSet
+    from rlhf_dist.driver.run_logger import RunLogger
 
 POLICY_DIR = "policy"
 
@@ -51,9 +51,9 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
 
     from rlhf_dist.checkpoint import Checkpointer, TrainState, read_state
     from rlhf_dist.cluster import stage_actors
-    from rlhf_dist.data import load_prompts
+    from rlhf_dist.driver.data import load_prompts
+    from rlhf_dist.driver.run_logger import RunLogger
     from rlhf_dist.modeling import resolve_model_path
-    from rlhf_dist.run_logger import RunLogger
 
     plan = validate_config(cfg)
     if cfg.reward.function_weight:
@@ -113,7 +113,7 @@ def run_with_restarts(
     from rlhf_dist.checkpoint import read_state
     from rlhf_dist.cluster import shutdown_ray, start_roles
     from rlhf_dist.controller import run_rl
-    from rlhf_dist.preemption import PREEMPTION, Interrupted
+    from rlhf_dist.driver.preemption import PREEMPTION, Interrupted
     from rlhf_dist.recovery import EngineRecovery, Restarts
     from rlhf_dist.worker_group import RoleError
 

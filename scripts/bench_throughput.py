@@ -176,11 +176,12 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
 
     from rlhf_dist.cluster import shutdown_ray, start_roles
     from rlhf_dist.config import updates_once
-    from rlhf_dist.controller import advantages_for, sample_seeds
+    from rlhf_dist.controller import advantages_for
     from rlhf_dist.core.advantages import neutralise_dropped
     from rlhf_dist.core.experience import collate
     from rlhf_dist.core.kl import kl_estimate
-    from rlhf_dist.data import PromptSampler, load_prompts
+    from rlhf_dist.driver.data import PromptSampler, load_prompts
+    from rlhf_dist.rollout import sample_seeds
 
     cfg, plan = compose(overrides)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)

@@ -23,9 +23,9 @@ from rlhf_dist.core.advantages import grpo_advantages
 from rlhf_dist.core.experience import collate
 from rlhf_dist.core.losses import policy_loss
 from rlhf_dist.core.stats import broadcast_to_tokens
-from rlhf_dist.data import load_prompts
+from rlhf_dist.driver.data import load_prompts
+from rlhf_dist.driver.run_logger import RunLogger
 from rlhf_dist.modeling import resolve_model_path
-from rlhf_dist.run_logger import RunLogger
 from tests.conftest import compose_config
 from tests.integration.agent_envs import hangs
 

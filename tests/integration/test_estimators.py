@@ -11,13 +11,14 @@ import torch
 
 from rlhf_dist.cluster import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
-from rlhf_dist.controller import evaluate, make_kl_controller, rl_step
+from rlhf_dist.controller import make_kl_controller, rl_step
 from rlhf_dist.core.advantages import informative_groups
 from rlhf_dist.core.experience import collate
-from rlhf_dist.data import load_prompts
+from rlhf_dist.driver.data import load_prompts
+from rlhf_dist.driver.timeline import Timeline
+from rlhf_dist.evaluation import evaluate
 from rlhf_dist.modeling import resolve_model_path
 from rlhf_dist.rollout import RolloutQueue
-from rlhf_dist.timeline import Timeline
 from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow

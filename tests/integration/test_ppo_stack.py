@@ -17,8 +17,8 @@ from rlhf_dist.cluster import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
 from rlhf_dist.controller import run_rl
 from rlhf_dist.core.experience import collate
-from rlhf_dist.data import load_prompts
-from rlhf_dist.run_logger import RunLogger
+from rlhf_dist.driver.data import load_prompts
+from rlhf_dist.driver.run_logger import RunLogger
 from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from rlhf_dist.config import ConfigError, DataConfig, RewardConfig, supervised_plan, validate_config
-from rlhf_dist.data import DataError, load_preferences, load_prompts, load_sft
+from rlhf_dist.driver.data import DataError, load_preferences, load_prompts, load_sft
 from rlhf_dist.roles.reward import RewardError
 from tests.conftest import REPO, compose_config, local_http_server, local_scorer, send_json
 

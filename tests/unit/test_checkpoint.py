@@ -21,7 +21,7 @@ from rlhf_dist.checkpoint import (
     write_state,
 )
 from rlhf_dist.config import CheckpointConfig, LoggerConfig, as_dict
-from rlhf_dist.run_logger import RunLogger
+from rlhf_dist.driver.run_logger import RunLogger
 
 
 def _make(root, step: int, payload: bytes = b"weights") -> None:

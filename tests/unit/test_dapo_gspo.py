@@ -200,8 +200,8 @@ def test_presets_compose_and_their_options_are_checked():
 
 def test_overlong_watch_warns_once_when_the_buffer_covers_most_responses(tmp_path, capsys):
     from rlhf_dist.config import LoggerConfig
-    from rlhf_dist.controller import OverlongWatch
-    from rlhf_dist.run_logger import RunLogger
+    from rlhf_dist.driver.metrics import OverlongWatch
+    from rlhf_dist.driver.run_logger import RunLogger
 
     watch = OverlongWatch(RunLogger(LoggerConfig(progress_bar=False), tmp_path, {}, 4, ""))
     watch.observe(0, {"response_length/truncated_frac": 0.0})  # shaping off: nothing to say

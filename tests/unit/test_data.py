@@ -1,9 +1,9 @@
-"""rlhf_dist.data: JSONL rows, prompt loading with a length limit, and the step-keyed sampler."""
+"""rlhf_dist.driver.data: JSONL rows, prompt loading with a length limit, and the step-keyed sampler."""
 
 import pytest
 
 from rlhf_dist.config import DataConfig
-from rlhf_dist.data import DataError, PromptSampler, load_prompts, read_rows
+from rlhf_dist.driver.data import DataError, PromptSampler, load_prompts, read_rows
 from rlhf_dist.tasks.reviews.corpus import make_prompts
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rlhf_dist.config import DataConfig
-from rlhf_dist.data import DataError, load_preferences, load_prompts, load_sft, read_rows
+from rlhf_dist.driver.data import DataError, load_preferences, load_prompts, load_sft, read_rows
 from rlhf_dist.models.chat import conversation_text
 from tests.unit.test_data import WordTokenizer, write_rows
 

@@ -1,4 +1,4 @@
-"""SIGTERM/SIGINT handling (rlhf_dist/preemption.py, cli.run_guarded): the first signal asks the
+"""SIGTERM/SIGINT handling (rlhf_dist/driver/preemption.py, cli.run_guarded): the first signal asks the
 loop to stop between steps, the second exits at once; the command ends with one line and 128 + the
 signal number. Real signals, sent to this process or to a child process."""
 
@@ -17,7 +17,7 @@ import pytest
 from rlhf_dist.checkpoint import Checkpointer
 from rlhf_dist.cli import resume_command
 from rlhf_dist.config import CheckpointConfig
-from rlhf_dist.preemption import Interrupted, Preemption
+from rlhf_dist.driver.preemption import Interrupted, Preemption
 from tests.conftest import REPO
 
 
@@ -106,7 +106,7 @@ STAGE = """
 import signal, sys, time
 from pathlib import Path
 from rlhf_dist.cli import run_guarded
-from rlhf_dist.preemption import PREEMPTION
+from rlhf_dist.driver.preemption import PREEMPTION
 
 def stage(cfg, out_dir, group):
     for step in range(1000):

@@ -11,7 +11,7 @@ import pytest
 
 from rlhf_dist import tiny_model
 from rlhf_dist.config import BUILTIN_PROMPTS, BUILTIN_SUPERVISED, ConfigError, DataConfig
-from rlhf_dist.data import DataError, builtin_prompt_rows, load_sft
+from rlhf_dist.driver.data import DataError, builtin_prompt_rows, load_sft
 from rlhf_dist.modeling import resolve_model_path
 from rlhf_dist.registry import TASKS
 from rlhf_dist.tasks.base import Task, load_task

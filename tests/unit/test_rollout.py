@@ -46,8 +46,8 @@ def gen(i: int, length: int) -> tuple[int, Generation]:
 
 
 def test_streamed_passes_go_by_full_micro_batches_of_each_engine_and_come_back_in_sample_order():
+    from rlhf_dist.driver.timeline import Timeline
     from rlhf_dist.passes import StreamedPasses
-    from rlhf_dist.timeline import Timeline
 
     calls = []
     passes = StreamedPasses([recording_pass("reference", 2, calls),
@@ -67,8 +67,8 @@ def test_streamed_passes_go_by_full_micro_batches_of_each_engine_and_come_back_i
 
 
 def test_an_empty_response_keeps_its_padded_position_like_the_whole_batch_pass():
+    from rlhf_dist.driver.timeline import Timeline
     from rlhf_dist.passes import StreamedPasses, padded
-    from rlhf_dist.timeline import Timeline
 
     passes = StreamedPasses([recording_pass("reference", 4, [])], Timeline(enabled=False), step=0)
     passes.add(0, [(0, Generation([1], [], [], "")), (1, Generation([1], [7, 8], [0.0, 0.0], ""))])

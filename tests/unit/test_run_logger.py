@@ -1,4 +1,4 @@
-"""rlhf_dist.run_logger: the run summary arithmetic, metrics.jsonl per step, refusing a used directory.
+"""rlhf_dist.driver.run_logger: the run summary arithmetic, metrics.jsonl per step, refusing a used directory.
 How a resumed run's logs continue is tested with the checkpoints (test_checkpoint.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rlhf_dist.config import LoggerConfig
-from rlhf_dist.run_logger import RunLogger, summarize
+from rlhf_dist.driver.run_logger import RunLogger, summarize
 
 
 def test_summarize_fifths():

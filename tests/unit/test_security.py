@@ -93,7 +93,7 @@ def readable_bytes(path: Path) -> bytes:
 
 def test_wandb_api_key_is_never_written_or_printed(tmp_path, monkeypatch, capfd):
     from rlhf_dist.config import Config
-    from rlhf_dist.run_logger import RunLogger
+    from rlhf_dist.driver.run_logger import RunLogger
     from tests.wandb_reader import read_offline_run
 
     monkeypatch.setenv("WANDB_API_KEY", SECRET)

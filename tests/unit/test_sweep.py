@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlhf_dist.sweep import collect_trials, markdown_table
+from rlhf_dist.driver.sweep import collect_trials, markdown_table
 
 
 def job(sweep, name, overrides, summary):

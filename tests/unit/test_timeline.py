@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rlhf_dist.timeline import Timeline
+from rlhf_dist.driver.timeline import Timeline
 
 
 def test_chrome_trace_has_a_thread_per_track_and_spans_in_microseconds(tmp_path):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from rlhf_dist.config import LOGPROB_TOLERANCE, LoggerConfig, WeightSyncConfig
-from rlhf_dist.controller import GapWatch
-from rlhf_dist.run_logger import RunLogger
+from rlhf_dist.driver.metrics import GapWatch
+from rlhf_dist.driver.run_logger import RunLogger
 from rlhf_dist.weight_sync import ProbeGap, probe_sequences, worst_probe_gap
 
 
