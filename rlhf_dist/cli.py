@@ -22,7 +22,9 @@ from rlhf_dist.config import Config, ConfigError, register_configs, to_config
 from rlhf_dist.driver.preemption import PREEMPTION, Interrupted
 
 register_configs()
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# conf/ of the repository, installed as the package rlhf_dist.conf (pyproject.toml): found the same
+# way in a checkout (an editable install maps it) and in an installed wheel.
+CONF_PATH = "pkg://rlhf_dist.conf"
 
 Stage = Callable[[Config, Path, str], dict[str, Any]]
 
@@ -85,4 +87,4 @@ def entry_point(
         return summary.get(objective)
 
     main.__module__ = f"rlhf_dist.{name}"  # Hydra names the job (and its log file) after this module
-    return hydra.main(version_base=None, config_path=CONF_DIR, config_name=config_name)(main)
+    return hydra.main(version_base=None, config_path=CONF_PATH, config_name=config_name)(main)

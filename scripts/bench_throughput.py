@@ -93,12 +93,11 @@ def merge(overrides: list[str], replacing: list[str]) -> list[str]:
 def compose(overrides: list[str]):
     """(Config, RunPlan) of ``overrides`` as ``rlhf_dist.train`` would build them; raises on a refused one."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
 
-    from rlhf_dist.cli import CONF_DIR
     from rlhf_dist.config import to_config, validate_config
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+    with initialize_config_module(config_module="rlhf_dist.conf", version_base=None):
         cfg = to_config(hydra_compose("config", overrides=overrides))
     return cfg, validate_config(cfg)
 

@@ -161,7 +161,8 @@ def test_the_package_builds_from_the_copied_files(stack, tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert {"rlhf_dist/train.py", "rlhf_dist/config/__init__.py", "rlhf_dist/roles/trainer.py"} <= set(names)
+    assert {"rlhf_dist/train.py", "rlhf_dist/config/__init__.py", "rlhf_dist/roles/trainer.py",
+            "rlhf_dist/conf/config.yaml", "rlhf_dist/conf/algo/ppo.yaml"} <= set(names)
     first_line = (REPO / "README.md").read_text().splitlines()[0]
     assert first_line in metadata  # the readme pyproject.toml names was there to build from
 
@@ -175,9 +176,11 @@ def test_the_image_command_composes_its_config_from_the_image_files(stack, tmp_p
     (context / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
     cmd = exec_form(next(args for name, args in reversed(instructions(DOCKERFILES[stack])) if name == "CMD"))
     env = image_env(stack, RLHF_DIST_CACHE=str(tmp_path / "cache"))
-    where = subprocess.run([cmd[0], "-c", "import rlhf_dist.cli as c; print(c.CONF_DIR)"], cwd=context, env=env,
+    where = subprocess.run([cmd[0], "-c", "import rlhf_dist.cli as c; print(c.__file__)"], cwd=context, env=env,
                            capture_output=True, text=True, check=False, timeout=120)
-    assert where.stdout.strip() == str(context / "conf"), where.stdout + where.stderr  # the copied package runs
+    assert where.stdout.strip() == str(context / "rlhf_dist" / "cli.py"), where.stdout + where.stderr  # the copy runs
+    # Its configs were copied too (the image's editable install maps rlhf_dist.conf to them).
+    assert (context / "conf" / "__init__.py").is_file() and (context / "conf" / "config.yaml").is_file()
     proc = subprocess.run([*cmd, "--cfg", "job"], cwd=context, env=env, capture_output=True, text=True,
                           check=False, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
