@@ -129,6 +129,16 @@ def rollout_correction(
         return torch.where(valid, weights, 0.0), stats
 
 
+def _ratio(logprobs: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor, ratio_level: str) -> torch.Tensor:
+    """The ratio ``policy_loss`` clips, (B, T): per token exp(log_ratio), or GSPO-token's
+    exp(logp - sg[logp] + sg[mean_t log_ratio]) (the sequence's ratio in value, per-token gradient)."""
+    if ratio_level == "token":
+        return torch.exp(log_ratio)
+    check_response_tokens(mask, "policy_loss(ratio_level='sequence')")
+    sequence = masked_mean(log_ratio, mask, dim=1).detach().unsqueeze(1)
+    return torch.exp(logprobs - logprobs.detach() + sequence)
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -174,12 +184,7 @@ def policy_loss(
         raise ValueError(f"unknown ratio_level {ratio_level!r}; expected one of {RATIO_LEVELS}")
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logprobs - old_logprobs
-    if ratio_level == "sequence":
-        check_response_tokens(mask, "policy_loss(ratio_level='sequence')")
-        sequence = masked_mean(log_ratio, mask, dim=1).detach().unsqueeze(1)
-        ratio = torch.exp(logprobs - logprobs.detach() + sequence)
-    else:
-        ratio = torch.exp(log_ratio)
+    ratio = _ratio(logprobs, log_ratio, mask, ratio_level)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
     per_token = torch.maximum(unclipped, clipped)
@@ -191,14 +196,22 @@ def policy_loss(
     if rollout_weights is not None:
         per_token = per_token * rollout_weights.detach()
     loss = aggregate_loss(per_token, mask, agg, max_len, total)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
-            "approx_kl": masked_mean(0.5 * log_ratio**2, mask).item(),
-        }
-        if dual_clip is not None:
-            stats["dual_clipfrac"] = masked_mean(capped.to(ratio.dtype), mask).item()
-    return loss, stats
+    return loss, _clip_stats(clipped, unclipped, log_ratio, mask, capped if dual_clip is not None else None)
+
+
+@torch.no_grad()
+def _clip_stats(
+    clipped: torch.Tensor, unclipped: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor,
+    capped: torch.Tensor | None,
+) -> dict[str, float]:
+    """``policy_loss``'s stats, means over valid tokens (``dual_clipfrac`` only with a cap)."""
+    stats = {
+        "clipfrac": masked_mean((clipped > unclipped).to(log_ratio.dtype), mask).item(),
+        "approx_kl": masked_mean(0.5 * log_ratio**2, mask).item(),
+    }
+    if capped is not None:
+        stats["dual_clipfrac"] = masked_mean(capped.to(log_ratio.dtype), mask).item()
+    return stats
 
 
 def actor_loss(
