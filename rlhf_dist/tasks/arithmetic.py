@@ -97,13 +97,6 @@ def exact_match_reward(prompt: str, response: str, metadata: dict[str, str]) -> 
     return 1.0 if parse_answer(response) == answer else 0.0
 
 
-def accuracy(responses: list[str], answers: list[str]) -> float:
-    """Mean exact-match reward of responses[i] against answers[i]."""
-    if len(responses) != len(answers) or not responses:
-        raise ValueError(f"got {len(responses)} responses and {len(answers)} answers; need equal, non-zero counts")
-    return sum(exact_match_reward("", r, {"answer": a}) for r, a in zip(responses, answers)) / len(responses)
-
-
 # The tiny policy: the reviews shape, smaller (hidden 64), with one token per digit, pretrained for
 # ~25 s on make_corpus (a quarter of its answers wrong): it samples the right answer to roughly a
 # fifth of held-out problems, room for the exact-match reward to act on. Smaller than the reviews

@@ -5,7 +5,6 @@ import pytest
 from rlhf_dist.tasks.arithmetic import (
     MAX_OPERAND,
     WRONG_FRACTION,
-    accuracy,
     exact_match_reward,
     make_corpus,
     make_problems,
@@ -61,19 +60,6 @@ def test_reward_ignores_the_prompt() -> None:
 def test_reward_rejects_a_non_string_answer() -> None:
     with pytest.raises(TypeError, match=r"metadata\['answer'\]=19"):
         exact_match_reward("12 + 7 =", " 19", {"answer": 19})  # type: ignore[dict-item]
-
-
-def test_accuracy_is_the_mean_exact_match() -> None:
-    # " 19" right, "7" right, "" wrong, "019" wrong: 2 / 4 = 0.5
-    assert accuracy([" 19", "7", "", "019"], ["19", "7", "3", "19"]) == 0.5
-    assert accuracy([" 4</s>"], ["4"]) == 1.0
-    assert accuracy([" 5", " 5", " 5"], ["4", "5", "6"]) == pytest.approx(1 / 3, abs=1e-12)
-
-
-@pytest.mark.parametrize(("responses", "answers"), [([], []), ([" 1"], ["1", "2"])])
-def test_accuracy_rejects_bad_lengths(responses: list[str], answers: list[str]) -> None:
-    with pytest.raises(ValueError, match="equal, non-zero counts"):
-        accuracy(responses, answers)
 
 
 _PROMPT_RE = re.compile(r"(\d+) ([+-]) (\d+) =")
