@@ -41,7 +41,7 @@ from rlhf_dist.roles.reference import ReferenceModel
 from rlhf_dist.roles.reward import RewardScorer
 from rlhf_dist.roles.spec import RankSpec
 from rlhf_dist.roles.trainer import CriticTrainer, PolicyTrainer, RewardModelTrainer, SFTTrainer
-from rlhf_dist.weight_sync import probe_sequences
+from rlhf_dist.weight_sync.verify import probe_sequences
 from rlhf_dist.worker_group import RoleError, WorkerGroup, wait_all
 
 

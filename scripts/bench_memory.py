@@ -139,8 +139,8 @@ def sync_main(rank: int, model_path: str, repeats: int, port: int, queue) -> Non
     from transformers import AutoModelForCausalLM
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
-    from rlhf_dist.vllm_engines import GlooUpdateInfo, GlooWeightTransferEngine
-    from rlhf_dist.weight_sync import GlooWeightSender, ParamSpec, update_info
+    from rlhf_dist.weight_sync.gloo import TRANSPORT, GlooReceiver, GlooUpdateInfo, GlooWeightSender
+    from rlhf_dist.weight_sync.transport import ParamSpec
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_path)
@@ -165,11 +165,11 @@ def sync_main(rank: int, model_path: str, repeats: int, port: int, queue) -> Non
                 sender.send((n, p.data) for n, p in named)
                 times.append(time.perf_counter() - start)
         else:
-            receiver = GlooWeightTransferEngine.__new__(GlooWeightTransferEngine)
+            receiver = GlooReceiver.__new__(GlooReceiver)  # the engine's receiving end, without a vLLM model
             receiver.model, receiver.device, receiver._buckets = _CopyingModel(specs), torch.device("cpu"), {}
             receiver._group = stateless_init_torch_distributed_process_group(
                 "127.0.0.1", port + offset, 1, 2, backend="gloo")
-            info = GlooUpdateInfo(**update_info(specs, "gloo", bucket))
+            info = GlooUpdateInfo(**TRANSPORT.update_info(specs, bucket))
             for _ in range(repeats):
                 start = time.perf_counter()
                 receiver.receive_weights(info)

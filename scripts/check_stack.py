@@ -45,8 +45,9 @@ def main(stack: str) -> None:
 
     import rlhf_dist.train  # noqa: F401
 
-    plugins = entry_points(group="vllm.general_plugins")
-    assert any(e.name == "rlhf_dist_gloo" for e in plugins), "vLLM plugin not registered"
+    plugins = [e for e in entry_points(group="vllm.general_plugins") if e.name == "rlhf_dist_gloo"]
+    assert plugins, "vLLM plugin not registered"
+    plugins[0].load()  # its target resolves (an install older than the code names a module that is gone)
     print(f"rlhf_dist ready: torch {torch.__version__}{cuda}, vllm {vllm.__version__}, "
           f"deepspeed {deepspeed.__version__}, ray {ray.__version__}")
 

@@ -118,6 +118,6 @@ def trainer_collective_timeout_s(cfg: Config) -> float:
     (``weight_sync_timeout_s``), where ZeRO-3 ranks wait in their next gather while rank 0 sends,
     with ``rollout.max_staleness >= 2`` until the engines have finished a generation. Plus one
     more weight sync: a broadcast cut short at its bound still has rank 0 gather the rest of the
-    parameters with its peers (``weight_sync._GroupSender``)."""
+    parameters with its peers (``weight_sync.transport.GroupSender``)."""
     sync = weight_sync_timeout_s(cfg)
     return max(cfg.timeouts.actor_start_s, cfg.timeouts.train_s, sync) + sync

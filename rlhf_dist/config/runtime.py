@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhf_dist.config.errors import _check_positive, _fail
+from rlhf_dist.registry import TRANSPORTS
 
 
 @dataclass
@@ -29,8 +30,9 @@ class ResourcesConfig:
     # separate: one placement group per role; colocated: trainer, critic, reference,
     # reward and engines share the bundles of one placement group.
     placement: str = "separate"
-    # Weight-sync transport from the trainer to the engines: gloo (CPU), nccl (GPU), or ipc
-    # (GPU, colocated: CUDA IPC handles, for an engine sharing its GPU with a trainer rank).
+    # Weight-sync transport from the trainer to the engines, one of rlhf_dist.registry.TRANSPORTS:
+    # gloo (CPU), nccl (GPU), or ipc (GPU, colocated: CUDA IPC handles, for an engine sharing its
+    # GPU with a trainer rank).
     weight_sync_backend: str = "gloo"
     # Weight sync in buckets of about this many MiB: the tensors packed into one flat buffer per
     # broadcast (nccl: vLLM's packed mode), ZeRO-3 parameters gathered a bucket at a time; 0 sends
@@ -60,8 +62,8 @@ class ResourcesConfig:
             _fail("resources.placement", self.placement, "use separate or colocated")
         if self.weight_sync_bucket_mb < 0:
             _fail("resources.weight_sync_bucket_mb", self.weight_sync_bucket_mb, "must be >= 0 (0: one tensor at a time)")
-        if self.weight_sync_backend not in ("gloo", "nccl", "ipc"):
-            _fail("resources.weight_sync_backend", self.weight_sync_backend, "use gloo, nccl or ipc")
+        if self.weight_sync_backend not in TRANSPORTS:
+            _fail("resources.weight_sync_backend", self.weight_sync_backend, f"use one of {', '.join(TRANSPORTS)}")
         if self.num_cpus < 0:
             _fail("resources.num_cpus", self.num_cpus, "must be >= 0 (0 = number of cores)")
         _check_positive("resources", self, "threads_per_actor")

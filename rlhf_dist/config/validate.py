@@ -9,6 +9,7 @@ from rlhf_dist.config.groups import GROUP_ESTIMATORS
 from rlhf_dist.config.plan import RunPlan, SupervisedPlan, actor_counts, derive_run_plan, derive_supervised_plan
 from rlhf_dist.config.runtime import ResourcesConfig
 from rlhf_dist.config.schema import GROUPS, Config
+from rlhf_dist.registry import TRANSPORTS
 
 # What the supervised stages read besides their own group (sft or rm): no rollout, algo, reward,
 # reference or eval, so a PPO-only value cannot stop them.
@@ -27,9 +28,9 @@ def validate_config(cfg: Config) -> RunPlan:
         getattr(cfg, group).validate()
     _check_batching(cfg)
     _check_reward_sources(cfg)
+    _check_transport(cfg)
     _check_device(cfg)
     _check_placement(cfg)
-    _check_ipc_sync(cfg)
     _check_gpu_memory(cfg)
     _check_lengths(cfg)
     return derive_run_plan(cfg)
@@ -107,12 +108,29 @@ def _check_batching(cfg: Config) -> None:
             _fail(key, count, f"must be <= rollout.batch_size={r.batch_size}")
 
 
+def _check_transport(cfg: Config) -> None:
+    """The weight-sync transport's traits (rlhf_dist.registry.TRANSPORTS) against the device, the
+    placement and vLLM's process layout."""
+    res, key = cfg.resources, "resources.weight_sync_backend"
+    name, traits = res.weight_sync_backend, TRANSPORTS[res.weight_sync_backend]
+    why = f" ({traits.why})" if traits.why else ""
+    usable = " or ".join(n for n, t in TRANSPORTS.items() if res.device in t.devices and res.placement in t.placements)
+    if res.device not in traits.devices:
+        _fail(key, name, f"{name} needs resources.device={' or '.join(traits.devices)}; use {usable} on "
+                         f"{res.device.upper()}")
+    if res.placement not in traits.placements:
+        _fail(key, name, f"{name} needs resources.placement={' or '.join(traits.placements)}{why}: set it, or use "
+                         f"{usable} with placement={res.placement}")
+    if traits.in_process and not res.vllm_in_process:
+        _fail("resources.vllm_in_process", False, f"weight_sync_backend={name} needs it true{why}")
+    if not traits.grouped and cfg.rollout.num_engines > cfg.trainer.world_size:
+        _fail("rollout.num_engines", cfg.rollout.num_engines, f"must be <= trainer.world_size={cfg.trainer.world_size} "
+              f"with {name} (engine i loads the handles trainer rank i exports on its GPU)")
+
+
 def _check_device(cfg: Config) -> None:
-    """What resources.device and vLLM's process layout support: transports, TP workers, sleep mode."""
+    """What resources.device and vLLM's process layout support: TP workers, sleep mode."""
     res, r = cfg.resources, cfg.rollout
-    if res.device == "cpu" and res.weight_sync_backend in ("nccl", "ipc"):
-        _fail("resources.weight_sync_backend", res.weight_sync_backend,
-              f"{res.weight_sync_backend} needs resources.device=cuda; use gloo on CPU")
     if res.vllm_in_process and r.tensor_parallel_size > 1:
         _fail("resources.vllm_in_process", True,
               f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs vLLM's worker processes; set it to false")
@@ -153,11 +171,9 @@ def _check_placement(cfg: Config) -> None:
     """GPUs per bundle: colocated roles share one whole GPU per bundle (so no NCCL between them);
     apart, an engine's bundle holds exactly its tensor-parallel group and a trainer rank whole GPUs.
     That also keeps the NCCL weight-transfer group (policy rank 0 and every engine's workers) on
-    distinct GPUs: apart, every engine's bundle is whole GPUs; colocated, NCCL is refused."""
+    distinct GPUs: apart, every engine's bundle is whole GPUs; colocated, the nccl transport is
+    refused (its placements, ``_check_transport``)."""
     res, r = cfg.resources, cfg.rollout
-    if res.placement == "colocated" and res.weight_sync_backend == "nccl":
-        _fail("resources.weight_sync_backend", "nccl",
-              "NCCL cannot join a trainer and an engine on one GPU; use ipc with placement=colocated")
     counts = actor_counts(cfg)
     # policy first: the role no CUDA run does without
     on_gpu = [role for role in ("policy", "generation", "critic", "reference") if role in counts]
@@ -193,22 +209,6 @@ def _check_gpu_memory(cfg: Config) -> None:
         terms = " + ".join(f"resources.{role}.gpus={g:g}" for role, g in others.items())
         _fail("rollout.gpu_memory_utilization", r.gpu_memory_utilization,
               f"engine 0 shares its GPU with {terms} = {held:g}: set it <= {1.0 - held:g}, or lower those shares")
-
-
-def _check_ipc_sync(cfg: Config) -> None:
-    """Weight sync over CUDA IPC: each engine on its trainer rank's GPU, inside the actor's process."""
-    res, r = cfg.resources, cfg.rollout
-    if res.weight_sync_backend != "ipc":
-        return
-    if res.placement != "colocated":
-        _fail("resources.weight_sync_backend", "ipc",
-              "CUDA IPC needs each engine on its trainer rank's GPU: set resources.placement=colocated")
-    if not res.vllm_in_process:
-        # Handles hold Python objects that vLLM's engine-core channel would only pass by pickle.
-        _fail("resources.vllm_in_process", False, "weight_sync_backend=ipc needs it true")
-    if r.num_engines > cfg.trainer.world_size:
-        _fail("rollout.num_engines", r.num_engines, f"must be <= trainer.world_size={cfg.trainer.world_size} "
-              "with ipc (engine i shares trainer rank i's GPU)")
 
 
 def _check_lengths(cfg: Config) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from rlhf_dist.config import RolloutConfig
+from rlhf_dist.registry import TRANSPORTS
 from rlhf_dist.roles.spec import RankSpec
 
 
@@ -52,8 +53,6 @@ class GenerationEngine:
     ) -> None:
         from vllm import LLM
 
-        from rlhf_dist.weight_sync import vllm_backend_name
-
         self.cfg = cfg
         self.llm = LLM(
             model=spec.model_path,
@@ -66,7 +65,7 @@ class GenerationEngine:
             enforce_eager=cfg.enforce_eager,
             # Logprobs after temperature/top-p, i.e. of the distribution actually sampled.
             logprobs_mode="processed_logprobs",
-            weight_transfer_config={"backend": vllm_backend_name(weight_sync_backend)},
+            weight_transfer_config={"backend": TRANSPORTS[weight_sync_backend].vllm_backend},
             distributed_executor_backend=executor_backend(cfg.tensor_parallel_size, in_process),
             # rollout.sleep_level > 0 (GPU): the engine frees its GPU memory while the trainer
             # sharing the GPU trains (colocated placement).

@@ -16,7 +16,8 @@ import torch
 from rlhf_dist.config import AlgoConfig
 from rlhf_dist.core.experience import Experience, PairBatch, collate, concat, split_sizes
 from rlhf_dist.roles.generation import Generation
-from rlhf_dist.weight_sync import ParamSpec, engine_init_info, merge_ipc_handles, update_info, worst_probe_gap
+from rlhf_dist.weight_sync.transport import HandleTransport, ParamSpec, load_transport
+from rlhf_dist.weight_sync.verify import worst_probe_gap
 from rlhf_dist.worker_group import Pending, RoleError, WorkerGroup, get_one, wait_all, wait_collective
 
 
@@ -259,7 +260,7 @@ class RewardGroup(WorkerGroup):
 
 
 class Broadcast:
-    """gloo / nccl: trainer rank 0 broadcasts every full tensor to every engine worker."""
+    """A group transport (gloo, nccl): trainer rank 0 broadcasts every full tensor to every engine worker."""
 
     def __init__(self, policy: PolicyGroup, engines: GenerationGroup, info: dict, timeout_s: float) -> None:
         self.policy, self.engines, self.info, self.timeout_s = policy, engines, info, timeout_s
@@ -279,17 +280,24 @@ class Broadcast:
         """Nothing outlives a broadcast."""
 
 
-class IpcHandles(Broadcast):
-    """ipc (colocated GPUs): every trainer rank exports CUDA IPC handles of full copies on its GPU;
-    every engine loads from the one on its own GPU. The copies are freed once the engines finished."""
+class Handles(Broadcast):
+    """A handle transport (ipc, colocated GPUs): every trainer rank exports handles of full copies on
+    its GPU; every engine loads from the one on its own GPU. The copies are freed once the engines
+    finished."""
+
+    def __init__(
+        self, policy: PolicyGroup, engines: GenerationGroup, info: dict, timeout_s: float, transport: HandleTransport
+    ) -> None:
+        super().__init__(policy, engines, info, timeout_s)
+        self.transport = transport
 
     def send(self) -> None:
-        per_rank = self.policy.call_async("export_ipc_handles", timeout_s=self.timeout_s).result()
-        info = {**self.info, "ipc_handles": merge_ipc_handles(per_rank)}
+        per_rank = self.policy.call_async("export_weight_handles", timeout_s=self.timeout_s).result()
+        info = self.transport.with_handles(self.info, per_rank)
         self.engines.call_async("update_weights", info, timeout_s=self.timeout_s).result()
 
     def release(self) -> None:
-        self.policy.call_async("release_ipc_handles", timeout_s=self.timeout_s).result()
+        self.policy.call_async("release_weight_handles", timeout_s=self.timeout_s).result()
 
 
 class SyncInFlight:
@@ -310,20 +318,25 @@ class SyncInFlight:
 
 
 class WeightSync:
-    """Trainer rank 0 -> every engine worker, through vLLM's weight-transfer API; every
-    ``verify_every`` syncs, a check that every engine serves the trainer's policy."""
+    """The trainer -> every engine worker, through vLLM's weight-transfer API and the ``transport``
+    (``resources.weight_sync_backend``, ``rlhf_dist.weight_sync``); every ``verify_every`` syncs, a
+    check that every engine serves the trainer's policy."""
 
     def __init__(
         self, policy: PolicyGroup, engines: GenerationGroup, transport: str, workers_per_engine: int, timeout_s: float,
         *, probe: list[list[int]], verify_every: int, tolerance: float, bucket_bytes: int,
     ) -> None:
         self.policy, self.engines, self.timeout_s = policy, engines, timeout_s
-        self.transport, self.workers_per_engine, self.bucket_bytes = transport, workers_per_engine, bucket_bytes
+        self.transport = load_transport(transport)
+        self.workers_per_engine, self.bucket_bytes = workers_per_engine, bucket_bytes
         self.probe, self.verify_every, self.tolerance = probe, verify_every, tolerance
         self.version = 0  # the policy version the engines serve (0: the initial weights)
         self._connect()
-        sender = IpcHandles if transport == "ipc" else Broadcast
-        self.sender = sender(policy, engines, update_info(policy.weight_specs(), transport, bucket_bytes), timeout_s)
+        info = self.transport.update_info(policy.weight_specs(), bucket_bytes)
+        if isinstance(self.transport, HandleTransport):
+            self.sender: Broadcast = Handles(policy, engines, info, timeout_s, self.transport)
+        else:
+            self.sender = Broadcast(policy, engines, info, timeout_s)
 
     def _connect(self) -> None:
         host, port = self.policy.endpoint()
@@ -331,13 +344,13 @@ class WeightSync:
         world = 1 + len(self.engines) * self.workers_per_engine
         # The rendezvous needs both ends at once: issue both, then wait for both.
         infos = [
-            engine_init_info(self.transport, host, port, 1 + i * self.workers_per_engine, world, self.timeout_s,
-                             self.bucket_bytes)
+            self.transport.engine_init_info(host, port, 1 + i * self.workers_per_engine, world, self.timeout_s,
+                                            self.bucket_bytes)
             for i in range(len(self.engines))
         ]
         joins = self.engines.scatter_async("init_weight_transfer", infos, timeout_s=self.timeout_s)
         opened = self.policy.call_async(
-            "init_weight_sender", self.transport, host, port, world, self.timeout_s, self.bucket_bytes,
+            "init_weight_sender", self.transport.name, host, port, world, self.timeout_s, self.bucket_bytes,
             timeout_s=self.timeout_s,
         )
         wait_all(opened, joins)
@@ -357,9 +370,9 @@ class WeightSync:
     def sync_async(self, version: int) -> SyncInFlight:
         """Issue a sync of the current policy weights as ``version`` without waiting. The engines
         apply it after any call already queued on them (a generation in flight) and before any
-        issued later; so do the trainers. ``SyncInFlight.wait`` settles it. Sleeping engines and CUDA
-        IPC handles need each stage done before the next: then it is done before this returns."""
-        if self.transport == "ipc" or self.engines.asleep:
+        issued later; so do the trainers. ``SyncInFlight.wait`` settles it. Sleeping engines and a
+        handle transport (ipc) need each stage done before the next: then it is done before this returns."""
+        if isinstance(self.transport, HandleTransport) or self.engines.asleep:
             self._sync_in_steps(version)
             return SyncInFlight(self, version, [], None)
         engines = self.engines
@@ -375,8 +388,8 @@ class WeightSync:
         return bool(self.verify_every) and version % self.verify_every == 0
 
     def _sync_in_steps(self, version: int) -> None:
-        """The sync one stage at a time (also what sleeping engines, rollout.sleep_level, and CUDA
-        IPC handles need: each stage done before the next is issued)."""
+        """The sync one stage at a time (also what sleeping engines, rollout.sleep_level, and a
+        handle transport need: each stage done before the next is issued)."""
         self.engines.wake(["weights"])  # sleeping engines need their weight memory back first
         self.engines.call_async("start_weight_update", timeout_s=self.timeout_s).result()
         self.sender.send()

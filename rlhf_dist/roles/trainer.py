@@ -39,6 +39,7 @@ from rlhf_dist.modeling import (
     write_model_dir,
 )
 from rlhf_dist.roles.spec import RankSpec
+from rlhf_dist.weight_sync.transport import GroupTransport, ParamSpec, bucket_bounds, load_transport
 
 
 def node_endpoint() -> tuple[str, int]:
@@ -308,10 +309,8 @@ class _DeepSpeedRank:
         order = torch.cat([index for index, _ in parts]).argsort()
         return [torch.cat([o[k].cpu() for _, o in parts])[order] for k in range(len(parts[0][1]))]
 
-    def weight_specs(self) -> list:
+    def weight_specs(self) -> list[ParamSpec]:
         """(name, dtype, full shape) of every parameter, in ``named_parameters`` order."""
-        from rlhf_dist.weight_sync import ParamSpec
-
         specs = []
         for name, p in self.engine.module.named_parameters():
             shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
@@ -321,13 +320,11 @@ class _DeepSpeedRank:
     def _full_params(self, bucket_bytes: int = 0):
         """(name, full tensor) of every parameter in checkpoint naming (``named_parameters``: a tied
         tensor once, under its first name). Under ZeRO-3 the parameters are gathered a bucket at a
-        time (``weight_sync.bucket_bounds``; 0: one at a time), each gather a collective on every
+        time (``weight_sync.transport.bucket_bounds``; 0: one at a time), each gather a collective on every
         rank, and a tensor is full only until the generator leaves its bucket."""
         import contextlib
 
         import deepspeed
-
-        from rlhf_dist.weight_sync import bucket_bounds
 
         named = list(self.engine.module.named_parameters())
         # The partition the weight senders derive from the same specs: a bucket's gather is its broadcast.
@@ -371,8 +368,9 @@ class PolicyTrainer(_DeepSpeedRank):
     ) -> None:
         super().__init__(spec=spec, cfg=cfg, model_cfg=model_cfg, plan=plan)
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
-        self.sender = None  # rank 0's end of a gloo/nccl weight-transfer group
-        self.ipc_exporter = None  # every rank's CUDA IPC copies (ipc transport)
+        self.transport = None  # the weight-sync transport (init_weight_sender)
+        self.sender = None  # rank 0's end of a group transport's weight-transfer group (gloo, nccl)
+        self.exporter = None  # every rank's exported copies (a handle transport: ipc)
 
     @property
     def lr(self) -> float:
@@ -441,16 +439,17 @@ class PolicyTrainer(_DeepSpeedRank):
     def init_weight_sender(
         self, transport: str, host: str, port: int, world_size: int, timeout_s: float, bucket_bytes: int
     ) -> None:
-        """Rank 0 opens the trainer end of the weight-transfer group; other ranks have no part in it
-        (``ipc`` has no group: every rank exports handles, ``export_ipc_handles``). Every rank
-        gathers ZeRO-3 parameters in buckets of ``bucket_bytes`` from now on."""
+        """Rank 0 opens the trainer end of a group transport's weight-transfer group; other ranks have
+        no part in it (a handle transport has no group: every rank exports handles,
+        ``export_weight_handles``). Every rank gathers ZeRO-3 parameters in buckets of
+        ``bucket_bytes`` from now on."""
         self.bucket_bytes = bucket_bytes
-        if self.rank == 0 and transport != "ipc":
-            from rlhf_dist.weight_sync import make_sender
-
+        self.transport = load_transport(transport)
+        if self.rank == 0 and isinstance(self.transport, GroupTransport):
             if self.sender is not None:  # a new group after an engine restart replaces the old one
                 self.sender.close()
-            self.sender = make_sender(transport, host, port, world_size, timeout_s, self.weight_specs(), bucket_bytes)
+            self.sender = self.transport.open_sender(host, port, world_size, timeout_s, self.weight_specs(),
+                                                     bucket_bytes)
 
     def broadcast_weights(self) -> None:
         """Send every parameter (full, ZeRO-3 gathered) from rank 0; all ranks must call this."""
@@ -460,18 +459,17 @@ class PolicyTrainer(_DeepSpeedRank):
             for _ in self._full_params(self.bucket_bytes):
                 pass
 
-    def export_ipc_handles(self) -> list[dict[str, tuple]]:
-        """CUDA IPC handles of the full weights on this rank's GPU (``ipc`` transport); all ranks call it."""
-        from rlhf_dist.weight_sync import IpcWeightExporter
+    def export_weight_handles(self) -> list:
+        """Handles of the full weights on this rank's GPU (a handle transport: ipc's CUDA IPC
+        handles); all ranks call it."""
+        if self.exporter is None:
+            self.exporter = self.transport.exporter()
+        return self.exporter.export(self._full_params(self.bucket_bytes))
 
-        if self.ipc_exporter is None:
-            self.ipc_exporter = IpcWeightExporter()
-        return self.ipc_exporter.export(self._full_params(self.bucket_bytes))
-
-    def release_ipc_handles(self) -> None:
+    def release_weight_handles(self) -> None:
         """Free the copies behind the last exported handles (the engines have loaded them)."""
-        if self.ipc_exporter is not None:
-            self.ipc_exporter.release()
+        if self.exporter is not None:
+            self.exporter.release()
 
 
 class _SupervisedRank(_DeepSpeedRank):

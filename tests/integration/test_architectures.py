@@ -2,8 +2,9 @@
 
 One actor start per family: a tiny random-init model built from the family's Hugging Face config
 (tied and untied heads, q/k/v biases, q/k norms, Gemma's scaled embedding and (1 + w) norms, Phi-3's
-fused tensors), two GRPO steps with a weight sync after each, then every engine's logprobs of
-fixed sequences must equal the trainer's and differ from the initial ones. The cases also spread
+fused tensors, Granite's multipliers and logit scale), two GRPO steps with a weight sync after each,
+then every engine's logprobs of fixed sequences must equal the trainer's and differ from the initial
+ones. The cases also spread
 over ZeRO stages 0-3, two engines, a tensor-parallel engine and the overlapped pipeline
 (rollout.max_staleness=1 with TIS: the engines generate step 1 while step 0 trains, and must still
 serve the trainer's policy after the last sync). The first case then moves the trainer without a
@@ -25,7 +26,7 @@ from rlhf_dist.core.experience import collate
 from rlhf_dist.driver.data import load_prompts
 from rlhf_dist.driver.run_logger import RunLogger
 from rlhf_dist.tiny_model import build_random_lm
-from rlhf_dist.weight_sync import probe_sequences
+from rlhf_dist.weight_sync.verify import probe_sequences
 from rlhf_dist.worker_group import RoleError
 from tests.conftest import compose_config
 
@@ -47,6 +48,9 @@ CASES = {  # family -> overrides
     "gemma3": ["trainer=zero0", "trainer.max_tokens_per_micro_batch=64", "trainer.logprob_chunk_tokens=16"],
     # without a KL penalty, and not monitoring the KL, no reference actor is started; one tensor per broadcast
     "phi3": ["trainer=zero2", "algo.kl_coef=0", "reference.monitor=false", "resources.weight_sync_bucket_mb=0"],
+    # logits / logits_scaling: applied by the trainer and the reference from the hidden states
+    # (modeling.LOGIT_SCALES), by vLLM's Granite in its own logits processor; the defaults otherwise
+    "granite": [],
 }
 
 
@@ -107,7 +111,7 @@ def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
     if family == "llama-tied":
         from transformers import AutoModelForCausalLM
 
-        from rlhf_dist.weight_sync import bucket_bounds
+        from rlhf_dist.weight_sync.transport import bucket_bounds
 
         sizes = [p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(model).parameters()]
         bounds = bucket_bounds(sizes, int(0.05 * 2**20))

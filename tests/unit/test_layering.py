@@ -19,7 +19,8 @@ from tests.conftest import REPO
 
 
 def test_every_import_contract_is_kept():
-    # Layers, no cycles, light config, pure tasks and math; the report names each broken import.
+    # Layers, one module per weight-sync transport, no cycles, light config, pure tasks and math;
+    # the report names each broken import.
     lint = Path(sys.executable).with_name("lint-imports")
     out = subprocess.run([str(lint), "--no-cache"], capture_output=True, text=True, cwd=REPO, check=False)
     assert out.returncode == 0, out.stdout[out.stdout.find("Broken contracts"):] + out.stderr

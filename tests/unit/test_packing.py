@@ -3,7 +3,8 @@
 The layouts and the partition are checked on hand-built rows; the forward passes on the model
 families users train (tiny random-init models from their Hugging Face configs): packed and
 chunked logprobs, entropies, values, losses and gradients equal the padded, unchunked ones
-within float32 rounding, on responses from 1 to 30 tokens.
+within float32 rounding, on responses from 1 to 30 tokens, and the logprobs from the hidden
+states equal those of the model's own logits (its logit scale or soft-cap included).
 """
 
 import pytest
@@ -12,8 +13,11 @@ import torch
 from rlhf_dist.core.experience import collate
 from rlhf_dist.core.losses import actor_loss, aggregate_loss, loss_total
 from rlhf_dist.core.packing import budget_micro_batches, token_layout
+from rlhf_dist.core.stats import logprobs_from_logits
 from rlhf_dist.modeling import (
+    LOGIT_SCALES,
     CriticModel,
+    LogitTransform,
     check_token_outputs,
     head_outputs,
     load_causal_lm,
@@ -108,7 +112,7 @@ def test_chunked_head_outputs_and_their_gradients_equal_one_chunk():
     for chunk in (0, 4):
         head.zero_grad()
         hidden.grad = None
-        lp, ent = head_outputs(head, hidden, labels, 0.7, 5.0, True, chunk)
+        lp, ent = head_outputs(head, hidden, labels, 0.7, LogitTransform(scale=0.5, softcap=5.0), True, chunk)
         (lp.sum() + 0.1 * ent.sum()).backward()
         results.append((lp.detach(), ent.detach(), hidden.grad.clone(), head.weight.grad.clone()))
     for full, chunked in zip(*results):
@@ -131,9 +135,40 @@ def batch():
     )
 
 
+@pytest.fixture(scope="module")
+def family_path(tiny_policy, tmp_path_factory):
+    """family -> the directory of its tiny random-init model, built once for this module."""
+    paths = {}
+
+    def path(family: str) -> str:
+        if family not in paths:
+            paths[family] = str(build_random_lm(tmp_path_factory.mktemp(family) / family, family, tiny_policy))
+        return paths[family]
+
+    return path
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_packed_chunked_passes_equal_padded_ones_on_every_family(family, batch, tiny_policy, tmp_path_factory):
-    path = str(build_random_lm(tmp_path_factory.mktemp(family) / family, family, tiny_policy))
+def test_logprobs_from_hidden_states_equal_the_models_own_logits_on_every_family(family, batch, family_path):
+    # expected: log_softmax(forward(...).logits / T) at the response tokens, the logits of the
+    # model's own forward (Granite's / logits_scaling, Cohere's * logit_scale, Gemma 2's soft-cap);
+    # response token t (column P + t) is predicted at position P + t - 1
+    model = load_causal_lm(family_path(family), "float32").eval()
+    width, steps = batch.prompt_width, batch.response_mask.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False).logits
+        expected = logprobs_from_logits(logits[:, width - 1 : width + steps - 1].float() / 0.7, batch.response_ids)
+        expected = expected * batch.response_mask
+        for packed, chunk in ((False, 0), (True, 0), (True, 7)):
+            got, _ = response_logprobs(model, batch, 0.7, packed=packed, chunk_tokens=chunk)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6,
+                                       msg=lambda m: f"{family} packed={packed} chunk={chunk}: {m}")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_chunked_passes_equal_padded_ones_on_every_family(family, batch, family_path):
+    path = family_path(family)
     model = load_causal_lm(path, "float32")  # runs check_token_outputs too
     results = {}
     for packed, chunk in ((False, 0), (True, 0), (True, 7)):
@@ -174,6 +209,13 @@ def test_a_model_whose_logits_are_transformed_otherwise_is_refused(tiny_policy, 
     enable_token_outputs(model)
     with pytest.raises(ValueError, match="llama-probe: logprobs from the hidden states .padded. differ"):
         check_token_outputs(model, "llama-probe")
+
+
+def test_a_family_whose_transform_is_not_reproduced_is_refused_at_start(family_path, monkeypatch):
+    # Granite without its LOGIT_SCALES line: the logits the hidden states give are 8x the model's
+    monkeypatch.delitem(LOGIT_SCALES, "granite")
+    with pytest.raises(ValueError, match=r"granite: logprobs from the hidden states \(padded\) differ .* by 0\.\d"):
+        load_causal_lm(family_path("granite"), "float32")
 
 
 def test_packed_reward_model_scores_equal_padded_ones(tiny_reward_model):

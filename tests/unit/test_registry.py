@@ -1,6 +1,7 @@
-"""rlhf_dist.registry: every built-in task entry resolves to its Task, the traits config reads
-without importing a task match the Task, and what config, data and model loading offer are
-exactly the registry's tasks (a registry of strings cannot rot unseen)."""
+"""rlhf_dist.registry: every built-in task entry resolves to its Task and every weight-sync
+transport entry to its Transport, the traits config reads without importing them match what they
+are, and what config, data, model loading and vLLM offer are exactly the registry's entries (a
+registry of strings cannot rot unseen)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf_dist import tiny_model
-from rlhf_dist.config import BUILTIN_PROMPTS, BUILTIN_SUPERVISED, ConfigError, DataConfig
+from rlhf_dist.config import BUILTIN_PROMPTS, BUILTIN_SUPERVISED, ConfigError, DataConfig, ResourcesConfig
 from rlhf_dist.driver.data import DataError, builtin_prompt_rows, load_sft
 from rlhf_dist.modeling import resolve_model_path
-from rlhf_dist.registry import TASKS
+from rlhf_dist.registry import TASKS, TRANSPORTS
 from rlhf_dist.tasks.base import Task, load_task
+from rlhf_dist.weight_sync.transport import GroupTransport, HandleTransport, load_transport
 from tests.conftest import REPO, compose_config
 
 
@@ -73,3 +75,41 @@ def test_a_task_config_names_its_own_task(path: pathlib.Path):
     cfg = compose_config([f"task={path.stem}"])
     assert cfg.model.path == TASKS[path.stem].model
     assert cfg.data.prompts == f"builtin:{path.stem}"
+
+
+# ----------------------------------------------------------------------------- weight-sync transports
+
+
+@pytest.mark.parametrize("name", list(TRANSPORTS))
+def test_every_transport_entry_resolves_to_a_transport_whose_traits_it_states(name):
+    from vllm.distributed.weight_transfer.base import WeightTransferEngine
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    from rlhf_dist.weight_sync.plugin import register_vllm_plugin
+    from rlhf_dist.weight_sync.reload import CheckpointReload
+
+    transport, entry = load_transport(name), TRANSPORTS[name]
+    assert transport.name == name
+    # grouped: rank 0 opens a group and broadcasts (the sync may be issued ahead); else every rank exports
+    # handles and the sync goes stage by stage: what roles.groups and roles.trainer do with each kind.
+    assert isinstance(transport, GroupTransport) is entry.grouped
+    assert isinstance(transport, HandleTransport) is not entry.grouped
+    assert entry.devices and set(entry.devices) <= {"cpu", "cuda"}  # resources.device's values
+    assert entry.placements and set(entry.placements) <= {"separate", "colocated"}  # resources.placement's
+    # What vLLM's factory does inside every engine process: look the backend up, load the class.
+    register_vllm_plugin()
+    engine = WeightTransferEngineFactory._registry[entry.vllm_backend]()
+    assert engine is transport.engine_class()
+    assert issubclass(engine, CheckpointReload) and issubclass(engine, WeightTransferEngine)
+
+
+def test_config_accepts_exactly_the_registry_transports():
+    for name, entry in TRANSPORTS.items():
+        ResourcesConfig(device=entry.devices[0], placement=entry.placements[0], weight_sync_backend=name).validate()
+    backends = [entry.vllm_backend for entry in TRANSPORTS.values()]
+    assert len(set(backends)) == len(backends)  # one engine per name in vLLM's factory
+    names = ", ".join(TRANSPORTS)
+    with pytest.raises(ConfigError, match=rf"^resources\.weight_sync_backend='rdma': use one of {names}$"):
+        ResourcesConfig(weight_sync_backend="rdma").validate()
+    with pytest.raises(ValueError, match=r"unknown weight-sync transport 'rdma': use one of gloo, "):
+        load_transport("rdma")

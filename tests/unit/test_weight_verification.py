@@ -11,7 +11,7 @@ from torch import nn
 from rlhf_dist.config import LOGPROB_TOLERANCE, LoggerConfig, WeightSyncConfig
 from rlhf_dist.driver.metrics import GapWatch
 from rlhf_dist.driver.run_logger import RunLogger
-from rlhf_dist.weight_sync import ProbeGap, probe_sequences, worst_probe_gap
+from rlhf_dist.weight_sync.verify import ProbeGap, probe_sequences, worst_probe_gap
 
 
 def test_probe_is_fixed_by_the_seed_and_inside_the_vocabulary():
@@ -48,7 +48,7 @@ class _Head(nn.Module):
 
 
 def test_tied_modules_are_those_sharing_a_parameter():
-    from rlhf_dist.vllm_engines import tied_modules
+    from rlhf_dist.weight_sync.reload import tied_modules
 
     shared = nn.Parameter(torch.zeros(4, 2))
     model = nn.ModuleDict({
@@ -82,17 +82,19 @@ def test_gap_watch_warns_once_and_keeps_the_largest_gap(tmp_path, capsys):
 
 def test_every_transport_resolves_to_an_engine_behind_the_one_reload_lifecycle():
     # What vLLM's factory does inside every engine process: look the backend up, load the class.
+    from vllm.distributed.weight_transfer.base import WeightTransferEngine
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
     from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
     from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
-    from rlhf_dist.vllm_engines import CheckpointReload
-    from rlhf_dist.weight_sync import register_vllm_plugin, vllm_backend_name
+    from rlhf_dist.registry import TRANSPORTS
+    from rlhf_dist.weight_sync.plugin import register_vllm_plugin
+    from rlhf_dist.weight_sync.reload import CheckpointReload
 
     register_vllm_plugin()
-    bases = {"gloo": object, "nccl": NCCLWeightTransferEngine, "ipc": IPCWeightTransferEngine}
-    for transport, base in bases.items():
-        engine = WeightTransferEngineFactory._registry[vllm_backend_name(transport)]()
-        assert issubclass(engine, base) and issubclass(engine, CheckpointReload)
+    bases = {"nccl": NCCLWeightTransferEngine, "ipc": IPCWeightTransferEngine}  # vLLM's own engines underneath
+    for transport, entry in TRANSPORTS.items():
+        engine = WeightTransferEngineFactory._registry[entry.vllm_backend]()
+        assert issubclass(engine, bases.get(transport, WeightTransferEngine)) and issubclass(engine, CheckpointReload)
         assert engine.start_weight_update is CheckpointReload.start_weight_update
         assert engine.finish_weight_update is CheckpointReload.finish_weight_update
