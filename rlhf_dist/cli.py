@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rlhf_dist.config import Config, ConfigError, register_configs, to_config
 from rlhf_dist.driver.preemption import PREEMPTION, Interrupted
+from rlhf_dist.driver.run_logger import check_wandb_credentials
 
 register_configs()
 # conf/ of the repository, installed as the package rlhf_dist.conf (pyproject.toml): found the same
@@ -40,6 +43,32 @@ def resume_command(module: str, overrides: list[str], out_dir: Path, resume: str
     args += [o for o in overrides if not o.startswith("resume=")]
     args += [*([resume] if resume else []), f"hydra.run.dir={out_dir}"]
     return "resume with: " + shlex.join(args)
+
+
+class OutputDirCheck(Callback):
+    """Hydra callback (conf/config.yaml): an output directory that cannot be made or written ends the
+    command with one line and exit code 1, before Hydra makes it (its own attempt fails with a
+    traceback of pathlib's frames)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_writable("hydra.run.dir", config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_writable("hydra.sweep.dir", config)
+
+
+def check_writable(key: str, config: DictConfig) -> None:
+    """Make the directory at ``key`` of ``config`` and write a file in it, as Hydra and the run will.
+    Read from the config Hydra then uses: its ``${now:...}`` is resolved once per config."""
+    directory = str(OmegaConf.select(config, key))
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        print(f"rlhf_dist: error: {key}={directory!r}: cannot write the run's output there "
+              f"({type(e).__name__}: {e.strerror or e}); choose another {key}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run_guarded(run: Stage, cfg: Config, out_dir: Path, group: str, how_to_resume: str = "") -> dict[str, Any]:
@@ -65,14 +94,16 @@ def entry_point(
     resume: str | None = None,
 ) -> Callable[[], Any]:
     """The Hydra main of ``python -m rlhf_dist.<name>`` on ``conf/<config_name>.yaml``: ``validate``
-    runs first (a bad value exits 2 in about a second); the return value, ``summary[objective]``,
-    is what a sweeper optimises. SIGTERM/SIGINT stop the run between steps (``preemption``);
-    ``resume`` is the override that continues it (see ``resume_command``)."""
+    runs first, then an online W&B run's credentials are looked up (a bad value, or no key, exits 2
+    in about a second); the return value, ``summary[objective]``, is what a sweeper optimises.
+    SIGTERM/SIGINT stop the run between steps (``preemption``); ``resume`` is the override that
+    continues it (see ``resume_command``)."""
 
     def main(raw: DictConfig) -> float | None:
         try:
             cfg = to_config(raw)
             validate(cfg)
+            check_wandb_credentials(cfg.logger)
         except ConfigError as e:
             print(f"rlhf_dist: config error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -10,6 +10,7 @@ reward and engines share one whole GPU, each actor taking its role's fraction
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_dist.config import ResourcesConfig, RoleResources
+from rlhf_dist.config import ConfigError, ResourcesConfig, RoleResources
 from rlhf_dist.driver.preemption import PREEMPTION
 from rlhf_dist.worker_group import RoleError
 
@@ -46,10 +47,32 @@ def init_ray(res: ResourcesConfig, actor_logs: bool) -> None:
         return
     common: dict[str, Any] = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=actor_logs)
     if res.ray_address:
+        check_reachable(res.ray_address)
         ray.init(address=res.ray_address, **common)
     else:
         ray.init(num_cpus=res.num_cpus or os.cpu_count(), _system_config=LOCAL_RAY_SYSTEM_CONFIG, **common)
     PREEMPTION.rearm()  # ray.init replaced the driver's SIGTERM handler with its own
+
+
+def check_reachable(address: str) -> None:
+    """Refuse, in seconds, a ``resources.ray_address`` where no Ray cluster listens: Ray 2.60's
+    ``ray.init`` retries it without end, printing "Failed to connect to GCS" lines."""
+    from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads it (pinned Ray)
+
+    fix = "start the cluster (`ray start --head`), or leave resources.ray_address empty for a local one"
+    target = address
+    try:
+        if address.startswith("ray://"):  # Ray Client's server (default port 10001)
+            host, _, port = address.removeprefix("ray://").partition(":")
+            target = f"{host}:{port or 10001}"
+        else:  # host:port, or "auto": RAY_ADDRESS, else the newest cluster started on this machine
+            target = canonicalize_bootstrap_address(address) or address
+        host, _, port = target.rpartition(":")
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except (OSError, ValueError) as e:  # refused, unresolvable, no running cluster ("auto"), malformed
+        at = f" at {target}" if target != address else ""
+        raise ConfigError(f"resources.ray_address={address!r}: no Ray cluster answers{at} "
+                          f"({type(e).__name__}: {e}); {fix}") from None
 
 
 def role_bundle(res: RoleResources) -> dict[str, float]:
@@ -90,18 +113,38 @@ def layout(placement: str, per_role: dict[str, RoleResources], counts: dict[str,
     return Layout({"colocated": bundles}, {role: [("colocated", i) for i in range(n)] for role, n in counts.items()})
 
 
+def check_fits(plan: Layout, cluster: dict[str, float], num_cpus: int) -> None:
+    """Refuse a ``plan`` that needs more CPUs or GPUs than the local cluster has (``cluster``: its
+    total resources): its placement groups could never be scheduled, and would be waited for until
+    ``timeouts.actor_start_s``. A joined cluster may grow (an autoscaler), so it is not checked."""
+    for key, kind in (("GPU", "gpus"), ("CPU", "cpus")):  # no GPU at all is the first thing to say
+        per_group = {name: sum(b.get(key, 0.0) for b in bundles) for name, bundles in plan.groups.items()}
+        need, have = sum(per_group.values()), cluster.get(key, 0.0)
+        if need <= have + 1e-9:
+            continue
+        parts = ", ".join(f"{name} {n:g}" for name, n in per_group.items() if n)
+        fix = (f"raise resources.num_cpus (now {num_cpus or 'the number of cores'})" if key == "CPU" else
+               "on a machine without GPUs use resources=local_cpu")
+        raise ConfigError(f"placement: the actors need {need:g} {key}s ({parts}) and the local Ray cluster has "
+                          f"{have:g}; {fix}, or lower resources.<role>.{kind}")
+
+
 def place(res: ResourcesConfig, counts: dict[str, int], timeout_s: float) -> dict[str, list[Slot]]:
     """Create the placement groups of ``layout`` and return the slot of every actor, by role."""
     plan = layout(res.placement, res.roles(), counts)
+    if not res.ray_address:
+        check_fits(plan, ray.cluster_resources(), res.num_cpus)
     groups = {
         name: placement_group(bundles, strategy="PACK", name=f"rlhf_dist/{name}")
         for name, bundles in plan.groups.items()
     }
     for name, pg in groups.items():
         if not pg.wait(timeout_seconds=int(timeout_s)):
+            # Ray's totals, without the resources it makes up for each placement group and node
+            totals = {k: v for k, v in ray.cluster_resources().items() if "_group_" not in k and ":" not in k}
             raise RoleError(
                 f"placement.{name}: placement group {pg.bundle_specs} could not be scheduled in {timeout_s:.0f}s; "
-                f"cluster has {ray.cluster_resources()} (lower resources.* or raise resources.num_cpus)"
+                f"cluster has {totals} (lower resources.* or raise resources.num_cpus)"
             )
     return {role: [Slot(groups[name], i) for name, i in slots] for role, slots in plan.slots.items()}
 

@@ -63,14 +63,50 @@ def get_one(role: str, op: str, rank: int, ref: ray.ObjectRef) -> Any:
     """The value of a ready ``ref`` of actor ``rank``; a failure as a one-line ``RoleError``."""
     try:
         return ray.get(ref)
-    except ray.exceptions.RayActorError as e:  # the process is gone: restartable
-        exit_type = re.search(r"Worker exit type: (\w+)", str(e))
-        how = f", exit type {exit_type.group(1)}" if exit_type else ""
-        raise RoleError(
-            f"{role}.{op}: actor rank {rank} died ({type(e).__name__}{how})", role, op, lost_actor=True,
-        ) from e
+    except ray.exceptions.RayActorError as e:
+        raise actor_error(role, op, rank, e) from e
     except Exception as e:  # RayTaskError: the call raised; report role, op, rank and cause
         raise RoleError(f"{role}.{op} failed on actor rank {rank}: {_first_line(e)}", role, op) from e
+
+
+_ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+# Where Ray's error text names the actor's node: "(pid=4918, ip=10.0.0.5, actor_id=...)" in the
+# header of a constructor's traceback, "\tip: 10.0.0.5" in the record of a dead process.
+_NODE_IP = re.compile(r"\bip(?:=|: )([0-9A-Fa-f.:]+[0-9A-Fa-f])")
+_FRAME = re.compile(r'^  File ".*", line \d+|ray::\S+ \(pid=\d+')  # a traceback frame, or Ray's task header
+
+
+def actor_error(role: str, op: str, rank: int, e: ray.exceptions.RayActorError) -> RoleError:
+    """Actor ``rank`` of ``role`` is gone (``e``): a one-line ``RoleError`` naming its node.
+
+    If its constructor raised (a bad model path, an architecture the guards refuse, out of memory,
+    an import error): "<role> rank <r> on node <ip> failed to start: <exception>", not ``lost_actor``
+    (a restart would fail the same way). Ray 2.60 keeps no exception object for that
+    (``ActorDiedError`` with ``actor_init_failed``), only its traceback's text, which ends with the
+    exception. Otherwise its process died (killed, crashed, its node lost): ``lost_actor``, a
+    restart can help."""
+    text = _ANSI_COLOUR.sub("", str(e))
+    ip = _NODE_IP.search(text)
+    if e.actor_init_failed:
+        node = f" on node {ip.group(1)}" if ip else ""
+        return RoleError(f"{role} rank {rank}{node} failed to start: {raised(text)}", role, op)
+    exit_type = re.search(r"Worker exit type: (\w+)", text)
+    how = (f", exit type {exit_type.group(1)}" if exit_type else "") + (f", node {ip.group(1)}" if ip else "")
+    # e.g. killed by the OOM killer while it loaded its model (no exception to show)
+    when = " while starting" if "The actor never ran" in text else ""
+    return RoleError(f"{role}.{op}: actor rank {rank} died{when} ({type(e).__name__}{how})", role, op,
+                     lost_actor=True)
+
+
+def raised(traceback_text: str) -> str:
+    """The exception a formatted traceback ends with, on one line ("ValueError: bad path"): what
+    follows the last frame (or Ray's task header) and that frame's indented source and carets."""
+    lines = traceback_text.rstrip().splitlines()
+    last_frame = max((i for i, line in enumerate(lines) if _FRAME.search(line)), default=-1)
+    rest = lines[last_frame + 1 :]
+    while rest and (not rest[0].strip() or rest[0][0].isspace()):
+        rest = rest[1:]
+    return " ".join(line.strip() for line in rest if line.strip()) or (lines[-1].strip() if lines else "")
 
 
 def wait_all(*pending: Pending, finished: dict[int, float] | None = None) -> list[Any]:

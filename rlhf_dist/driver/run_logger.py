@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf_dist.config import LoggerConfig
+from rlhf_dist.config import ConfigError, LoggerConfig
 
 METRICS = "metrics.jsonl"
 REPLACED = "metrics.replaced.jsonl"  # steps a resumed or restarted run did again, as first logged
@@ -19,6 +19,27 @@ def _row_step(row: dict[str, Any]) -> int:
     """The step a logged row belongs to: metrics and rollout tables carry "step"; evaluation
     tables "after_steps" (= step + 1)."""
     return row["step"] if "step" in row else row["after_steps"] - 1
+
+
+def check_wandb_credentials(cfg: LoggerConfig) -> None:
+    """An online W&B run needs credentials (an API key in WANDB_API_KEY, ~/.netrc or wandb's
+    settings, or an identity token file): without any, ``wandb.init`` ends the run with a traceback
+    (or waits at a prompt), after the data and models are loaded. Checked before anything starts,
+    as wandb looks them up, without the network (whether the server accepts the key is not checked)."""
+    if cfg.backend != "wandb" or cfg.mode != "online":
+        return
+    from wandb.errors import AuthenticationError
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth  # wandb 0.31's lookup behind wandb.init (pinned in pyproject.toml)
+
+    fix = "run `wandb login`, set WANDB_API_KEY, or log offline with logger.mode=offline"
+    host = wandb_setup.singleton().settings.base_url
+    try:
+        auth = wbauth.authenticate_session(host=host, source="rlhf_dist", prompt=False, update_session=False)
+    except AuthenticationError as e:  # a key of the wrong form, or two kinds of credentials at once
+        raise ConfigError(f"logger.mode='online': the W&B credentials for {host} are unusable ({e}); {fix}") from None
+    if auth is None:
+        raise ConfigError(f"logger.mode='online': no W&B API key is configured for {host}; {fix}")
 
 
 class RunLogger:

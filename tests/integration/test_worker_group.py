@@ -128,3 +128,69 @@ def test_the_ends_of_a_collective_report_the_lost_one_even_when_another_fails_fi
         wait_collective(senders.call_async("work_or_fail", 20.0), receivers.call_async("die_after", 1.0), settle=False)
     assert time.monotonic() - start < 10
     senders.kill()
+
+
+class _Starts:
+    """An actor of any role whose constructor raises when told to (what a bad model path does)."""
+
+    def __init__(self, fail: bool) -> None:
+        if fail:
+            raise ValueError("reward model '/m': no config.json\n(a Hugging Face model directory has one)")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def endpoint(self) -> tuple[str, int]:
+        return "127.0.0.1", 0
+
+    def setup(self, host: str, port: int) -> None:
+        pass
+
+
+def test_a_constructor_that_raises_is_one_line_naming_role_rank_and_node(group):
+    # Every role's start as cluster.start_roles / start_trainer_group waits for it: the inference
+    # roles' first call ("pid"), the trainers' setup (rank 0's "endpoint", then every rank's "setup").
+    from rlhf_dist.cluster import wait_started
+    from rlhf_dist.roles import groups
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["timeouts.actor_start_s=60"])
+    node = ray.util.get_node_ip_address()
+    starts = ray.remote(_Starts).options(num_cpus=0.1)
+    inference = {"generation": groups.GenerationGroup, "reference": groups.ReferenceGroup, "reward": groups.RewardGroup}
+    trainers = {"policy": groups.PolicyGroup, "critic": groups.CriticGroup, "sft": groups.SFTGroup,
+                "reward_model": groups.RewardModelGroup}
+    # Rank 1 of the trainers fails (rank 0 hosts the rendezvous and starts), rank 0 of the others.
+    started = {role: cls(role, [starts.remote(True)], 60) for role, cls in inference.items()}
+    started |= {role: cls(role, [starts.remote(False), starts.remote(True)], 60) for role, cls in trainers.items()}
+    for role, g in started.items():
+        trainer = role in trainers
+        with pytest.raises(RoleError) as excinfo:
+            wait_started(cfg, [] if trainer else [g], trainers=(g,) if trainer else ())
+        assert str(excinfo.value) == (
+            f"{role} rank {1 if trainer else 0} on node {node} failed to start: ValueError: reward model '/m': no config.json "
+            "(a Hugging Face model directory has one)"
+        )
+        assert not excinfo.value.lost_actor  # a restart would fail the same way
+        g.kill()
+
+
+def test_a_real_role_that_cannot_load_its_model_reports_the_loaders_message(group, tmp_path):
+    # The reference role as cluster.start_roles starts it: its placement slot, its actor environment.
+    from ray.util.placement_group import remove_placement_group
+
+    from rlhf_dist.cluster import start_reference, wait_started
+    from rlhf_dist.placement import place
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["resources.reference.cpus=0.25", "timeouts.actor_start_s=120"])
+    slots = place(cfg.resources, {"reference": 1}, 60)["reference"]
+    reference = start_reference(cfg, str(tmp_path / "no-model"), slots)
+    with pytest.raises(RoleError) as excinfo:
+        wait_started(cfg, [reference])
+    reference.kill()
+    remove_placement_group(slots[0].pg)
+    # transformers' own words (OSError: Repo id must be in the form ... '<path>'. ...), on one line
+    message = str(excinfo.value)
+    assert message.startswith(f"reference rank 0 on node {ray.util.get_node_ip_address()} failed to start: OSError: ")
+    assert f"'{tmp_path / 'no-model'}'" in message and "\n" not in message, message

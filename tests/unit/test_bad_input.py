@@ -421,3 +421,34 @@ def test_cli_unknown_key_without_plus_is_hydras_error_not_a_traceback(tmp_path):
         "Key 'bogus' not in 'TrainerConfig'",
     ]
     assert elapsed < 10.0
+
+
+def test_cli_misspelt_group_option_is_hydras_list_not_a_traceback(tmp_path):
+    proc, elapsed = run_cli("rlhf_dist.train", "algo=gpro", run_dir=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[:3] == ["In 'config': Could not find 'algo/gpro'", "", "Available options in 'algo':"]
+    assert "\tgrpo" in lines
+    assert elapsed < 10.0
+
+
+def test_cli_output_dir_that_cannot_be_written_is_one_line_before_hydra_makes_it(tmp_path):
+    # Before: Hydra's own mkdir failed with 15 lines of pathlib's traceback
+    # (hydra.run.dir=/proc/x: FileNotFoundError; under a file: NotADirectoryError).
+    (tmp_path / "a-file").write_text("")
+    proc, elapsed = run_cli("rlhf_dist.train", run_dir=tmp_path / "a-file" / "run")
+    assert proc.returncode == 1, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [(
+        f"rlhf_dist: error: hydra.run.dir='{tmp_path / 'a-file' / 'run'}': cannot write the run's output there "
+        "(NotADirectoryError: Not a directory); choose another hydra.run.dir"
+    )]
+    assert elapsed < 10.0
+    sweep = tmp_path / "a-file" / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "rlhf_dist.train", "-m", f"hydra.sweep.dir={sweep}", "seed=1,2"],
+                          cwd=REPO, capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [(
+        f"rlhf_dist: error: hydra.sweep.dir='{sweep}': cannot write the run's output there "
+        "(NotADirectoryError: Not a directory); choose another hydra.sweep.dir"
+    )]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
+import time
 
 import pytest
 
-from rlhf_dist.config import Config, RoleResources, actor_counts
-from rlhf_dist.placement import layout, role_bundle
+from rlhf_dist.config import Config, ConfigError, RoleResources, actor_counts
+from rlhf_dist.placement import check_fits, check_reachable, layout, role_bundle
 from rlhf_dist.roles.spec import RankSpec
 
 
@@ -94,6 +96,47 @@ def test_the_default_cpu_run_has_a_one_cpu_bundle_per_actor():
     assert counts == {"generation": 1, "policy": 2, "reward": 1, "reference": 1, "critic": 2}
     plan = layout(cfg.resources.placement, cfg.resources.roles(), counts)
     assert plan.groups == {role: [{"CPU": 1.0}] * n for role, n in counts.items()}
+
+
+def test_a_placement_the_local_cluster_cannot_hold_is_refused_at_once():
+    # Before: resources.num_cpus=4 for the default run's 7 one-CPU actors waited out
+    # timeouts.actor_start_s (300 s) for a placement group that could never be scheduled.
+    cfg = Config()
+    plan = layout(cfg.resources.placement, cfg.resources.roles(), actor_counts(cfg))
+    check_fits(plan, {"CPU": 7.0}, 7)  # 1 + 2 + 1 + 1 + 2 = 7 CPUs: fits exactly
+    with pytest.raises(ConfigError) as excinfo:
+        check_fits(plan, {"CPU": 4.0}, 4)
+    assert str(excinfo.value) == (
+        "placement: the actors need 7 CPUs (generation 1, policy 2, reward 1, reference 1, critic 2) and the local "
+        "Ray cluster has 4; raise resources.num_cpus (now 4), or lower resources.<role>.cpus"
+    )
+    # A GPU preset on a machine without GPUs: the missing GPUs are named, not the CPUs (also short)
+    gpu = RoleResources(cpus=2.0, gpus=1.0)
+    plan = layout("separate", {"generation": gpu, "policy": gpu}, {"generation": 1, "policy": 2})
+    with pytest.raises(ConfigError) as excinfo:
+        check_fits(plan, {"CPU": 2.0}, 0)
+    assert str(excinfo.value) == (
+        "placement: the actors need 3 GPUs (generation 1, policy 2) and the local Ray cluster has 0; on a machine "
+        "without GPUs use resources=local_cpu, or lower resources.<role>.gpus"
+    )
+
+
+def test_a_ray_address_where_no_cluster_listens_is_refused_in_seconds(monkeypatch):
+    # Before: ray.init(address="127.0.0.1:1") retried for as long as it was let (5 minutes in the
+    # try), printing "Failed to connect to GCS" lines.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # it would replace the address
+    fix = r"start the cluster \(`ray start --head`\), or leave resources.ray_address empty for a local one$"
+    started = time.monotonic()
+    # Ray reads a loopback address as the machine's own, as ray.init would
+    with pytest.raises(ConfigError, match=r"^resources.ray_address='127.0.0.1:1': no Ray cluster answers at \S+:1 "
+                                          r"\(ConnectionRefusedError: .*\); " + fix):
+        check_reachable("127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"^resources.ray_address='ray://127.0.0.1:1': no Ray cluster answers at "
+                                          r"127.0.0.1:1 \(ConnectionRefusedError: .*\); " + fix):
+        check_reachable("ray://127.0.0.1:1")
+    assert time.monotonic() - started < 10
+    with socket.create_server(("0.0.0.0", 0)) as listening:  # something answers: left to ray.init
+        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")
 
 
 def test_rank_spec_is_frozen_and_checks_its_rank():
