@@ -37,7 +37,7 @@ import torch
 from rlhf_dist.config import CheckpointConfig
 
 if TYPE_CHECKING:
-    from rlhf_dist.cluster import Roles
+    from rlhf_dist.cluster.start import Roles
 
 MANIFEST = "manifest.json"
 STATE = "state.json"
@@ -272,7 +272,7 @@ class Checkpointer:
     def save(self, roles: Roles, state: TrainState) -> Path:
         """Write the checkpoint of ``state.step``; on any failure (a full disk, a lost actor) the
         partial directory is removed, the previous checkpoint is untouched, and this raises."""
-        from rlhf_dist.worker_group import wait_all
+        from rlhf_dist.roles.worker_group import wait_all
 
         tmp = self.dir.begin(state.step)
         try:
@@ -301,7 +301,7 @@ class Checkpointer:
     def restore(self, roles: Roles, path: Path) -> TrainState:
         """Load the trainer groups from ``path``, give the engines the restored policy, and
         return the controller state (its RNGs restored)."""
-        from rlhf_dist.worker_group import wait_all
+        from rlhf_dist.roles.worker_group import wait_all
 
         wait_all(*(g.load_checkpoint_async(str(path / name)) for g, name in self._trainers(roles)))
         state = read_state(path)

@@ -77,7 +77,7 @@ def run_guarded(run: Stage, cfg: Config, out_dir: Path, group: str, how_to_resum
     code 128 + the signal number."""
     from rlhf_dist.checkpoint import CheckpointError
     from rlhf_dist.driver.data import DataError
-    from rlhf_dist.worker_group import RoleError
+    from rlhf_dist.roles.worker_group import RoleError
 
     try:
         return run(cfg, out_dir, group)

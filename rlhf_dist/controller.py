@@ -1,10 +1,10 @@
 """The RL loop: ``run_rl`` (steps, evaluation, checkpoints) and ``rl_step``, one iteration top to
 bottom in the algorithm's order:
 
-take the step's rollout (``rollout.RolloutQueue``: the engines generate it, up to
+take the step's rollout (``rollout.queue.RolloutQueue``: the engines generate it, up to
 ``rollout.max_staleness`` steps ahead, and the reward actors score it as it streams, after the
 engines received the newest weights) -> reference and old logprobs, critic values
-(``passes_before_update``; some already passed while it streamed, ``rlhf_dist.passes``) -> KL and
+(``passes_before_update``; some already passed while it streamed, ``rlhf_dist.rollout.passes``) -> KL and
 off-policy correction -> advantages -> policy and critic epochs on the trainer groups -> metrics
 (``driver.metrics``) -> log, evaluate (``evaluation``), checkpoint (``checkpoint``).
 """
@@ -17,24 +17,31 @@ from contextlib import contextmanager
 
 import torch
 
-from rlhf_dist.agent import env_metrics
 from rlhf_dist.checkpoint import Checkpointer, TrainState
-from rlhf_dist.cluster import Roles
+from rlhf_dist.cluster.start import Roles
 from rlhf_dist.config import AlgoConfig, Config, needs_reference, updates_once
-from rlhf_dist.core.advantages import estimate_advantages, neutralise_dropped
+from rlhf_dist.core.advantages import neutralise_dropped
 from rlhf_dist.core.experience import Experience, collate, pad_right
 from rlhf_dist.core.kl import kl_estimate
 from rlhf_dist.core.losses import rollout_correction
 from rlhf_dist.core.schedule import AdaptiveKLController, FixedKLController
 from rlhf_dist.core.stats import masked_sum
 from rlhf_dist.driver.data import PromptSet
-from rlhf_dist.driver.metrics import ROLLOUT_COLUMNS, GapWatch, OverlongWatch, sample_metrics, step_metrics
+from rlhf_dist.driver.metrics import (
+    ROLLOUT_COLUMNS,
+    GapWatch,
+    OverlongWatch,
+    env_metrics,
+    sample_metrics,
+    step_metrics,
+)
 from rlhf_dist.driver.preemption import Preemption
 from rlhf_dist.driver.run_logger import RunLogger
 from rlhf_dist.driver.timeline import Timeline
 from rlhf_dist.evaluation import EVAL_COLUMNS, eval_summary, evaluate
-from rlhf_dist.rollout import RolloutBatch, RolloutQueue
-from rlhf_dist.worker_group import Pending, wait_all
+from rlhf_dist.roles.worker_group import Pending, wait_all
+from rlhf_dist.rollout.queue import RolloutBatch, RolloutQueue
+from rlhf_dist.rollout.scoring import advantages_for
 
 
 class Timer:
@@ -72,18 +79,6 @@ def make_kl_controller(algo: AlgoConfig) -> FixedKLController | AdaptiveKLContro
     return FixedKLController(algo.kl_coef)
 
 
-def advantages_for(
-    algo: AlgoConfig, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
-    values: torch.Tensor | None, n: int, kl_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``core.advantages.estimate_advantages`` with ``algo``'s estimator; the KL penalty enters the
-    reward only when ``algo.kl_in == "reward"`` (otherwise it is a loss term)."""
-    beta = kl_coef if algo.kl_in == "reward" else 0.0
-    return estimate_advantages(
-        algo.estimator, scores, kl, mask, values, n, beta, algo.gamma, algo.lam, algo.whiten_rewards
-    )
-
-
 def kl_and_correction(
     old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None, engine_logprobs: torch.Tensor,
     mask: torch.Tensor, algo: AlgoConfig,
@@ -105,10 +100,10 @@ def passes_before_update(
     cfg: Config, roles: Roles, exp: Experience, streamed: dict[str, torch.Tensor], timer: Timer,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(reference logprobs, old logprobs, entropy, critic values) of ``exp``, (B, T) each: those
-    passed while the rollout streamed (``streamed``, ``rlhf_dist.passes``), the others now, all
+    passed while the rollout streamed (``streamed``, ``rollout.passes``), the others now, all
     at once (they are on different groups). None for what the run has no pass for: no reference
-    (``needs_reference``), no critic, or a step of one optimizer step, which takes its old
-    logprobs from the update's own forward (``config.updates_once``)."""
+    (``needs_reference``), no critic, or no pass for pi_old (``config.updates_once``: the
+    update's own forward gives it)."""
     def now(field: str, needed: bool, call: Callable[[Experience], Pending]) -> Pending | None:
         return call(exp) if needed and field not in streamed else None
 
@@ -126,9 +121,10 @@ def rl_step(
     step: int, cfg: Config, roles: Roles, batch: RolloutBatch, kl_ctl: FixedKLController | AdaptiveKLController,
     timeline: Timeline, started: float | None = None,
 ) -> tuple[dict[str, float], list[list]]:
-    """Train on one step's scored rollout (``rollout.RolloutQueue.take``): reference and old
-    logprobs (and values) -> advantages -> policy (and critic) epochs; a step of one optimizer step
-    (``config.updates_once``) has the update hand back the old logprobs instead. Returns the step's metrics
+    """Train on one step's scored rollout (``rollout.queue.RolloutQueue.take``): reference and old
+    logprobs (and values) -> advantages -> policy (and critic) epochs; the update hands back the
+    pi_old it used, which gives the KL and the correction where no pass before it did
+    (``config.updates_once``). Returns the step's metrics
     and its first ``logger.num_samples`` rollouts as rows of ``ROLLOUT_COLUMNS`` (reward as scored,
     KL summed over the response's tokens). The weights reach the engines at the next take.
     ``started``: when the step began (``time/step``; default: now), i.e. before its take."""
@@ -141,10 +137,9 @@ def rl_step(
     scores, kept = neutralise_dropped(raw_scores, n)
     truncated = torch.tensor([g.truncated for g in gens], dtype=torch.bool)  # cut off by max_new_tokens
     trained = kept & ~truncated if algo.mask_truncated else kept  # DAPO's overlong filtering
-    one_pass = updates_once(cfg)
     ref_logprobs, old_logprobs, entropy, values = passes_before_update(
         cfg, roles, exp, batch.streamed_fields(mask.shape[1]), timer)
-    # (one pass: the KL is not in the reward and there is no correction, so neither is needed yet)
+    # (no pi_old yet: the KL is not in the reward and there is no correction, so neither is needed yet)
     kl, weights, correction = kl_and_correction(old_logprobs, ref_logprobs, engine_logprobs, mask, algo)
     kl_coef = kl_ctl.value
     advantages, returns = advantages_for(algo, scores, kl, mask, values, n, kl_coef)
@@ -152,14 +147,13 @@ def rl_step(
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages * trained[:, None],
         old_values=values, returns=returns, rollout_weights=weights,
     )
-    update = (roles.policy.train_one_pass_async(exp, algo, kl_coef) if one_pass
-              else roles.policy.train_async(exp, algo.ppo_epochs, algo, kl_coef))
-    policy_stats, critic_stats = timer.together(
-        train=("policy", update),
+    update, critic_stats = timer.together(
+        train=("policy", roles.policy.train_async(exp, algo.ppo_epochs, algo, kl_coef)),
         critic_train=("critic", roles.critic.train_async(exp, algo.ppo_epochs) if roles.critic else None),
     )
-    if one_pass:
-        policy_stats, old_logprobs, entropy = policy_stats
+    policy_stats, used_old_logprobs, used_entropy = update
+    if old_logprobs is None:  # the update computed pi_old
+        old_logprobs, entropy = used_old_logprobs, used_entropy
         kl, _, correction = kl_and_correction(old_logprobs, ref_logprobs, engine_logprobs, mask, algo)
     sequence_kl = masked_sum(kl, mask, dim=-1)
     kl_ctl.update(sequence_kl.mean().item(), len(gens))
@@ -184,7 +178,7 @@ def run_rl(
 ) -> None:
     """Iterations from ``start.step`` (0 for a new run) to ``cfg.total_steps``, each logged as it
     finishes and checkpointed when ``checkpoints`` says it is due. Each step takes its rollout from
-    a queue that generates ``rollout.max_staleness`` steps ahead (``rollout.RolloutQueue``). With
+    a queue that generates ``rollout.max_staleness`` steps ahead (``rollout.queue.RolloutQueue``). With
     held-out prompts, evaluate before training (summary ``eval/initial_reward_mean``) and after
     every ``eval.every_steps`` steps and the last one (``eval/reward_mean`` in that step's row).
     Once ``preemption`` has seen a signal, the step in progress is finished, checkpointed, and

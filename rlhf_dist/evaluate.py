@@ -127,11 +127,11 @@ def write_report(
 
 
 def run(cfg: Config, out_dir: Path, group: str) -> dict:
-    from rlhf_dist.cluster import place_roles, stage_actors, start_engines, start_reward, wait_started
+    from rlhf_dist.cluster.start import place_roles, stage_actors, start_engines, start_reward, wait_started
     from rlhf_dist.driver.preemption import PREEMPTION
     from rlhf_dist.driver.run_logger import RunLogger
     from rlhf_dist.evaluation import score_held_out
-    from rlhf_dist.modeling import resolve_model_path
+    from rlhf_dist.models.modeling import resolve_model_path
 
     validate(cfg)
     gold_fn = gold_function(cfg)

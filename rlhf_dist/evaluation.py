@@ -9,13 +9,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rlhf_dist.agent import env_metrics, env_rows, with_env_returns
-from rlhf_dist.cluster import Roles
+from rlhf_dist.cluster.start import Roles
 from rlhf_dist.config import Config
 from rlhf_dist.driver.data import PromptSet
+from rlhf_dist.driver.metrics import env_metrics
 from rlhf_dist.registry import import_function
+from rlhf_dist.roles.agent_loop import env_rows
 from rlhf_dist.roles.groups import RewardGroup
-from rlhf_dist.rollout import sample_seeds
+from rlhf_dist.rollout.queue import sample_seeds
+from rlhf_dist.rollout.scoring import task_scores
 
 EVAL_SEED_STEP = 2**20  # evaluation samples draw seeds no training step uses
 
@@ -70,7 +72,7 @@ def evaluate(cfg: Config, roles: Roles, eval_prompts: PromptSet) -> tuple[dict[s
     responses = [g.text for g in gens]
     gold_fn = import_function(cfg.eval.gold_function, "eval.gold_function") if cfg.eval.gold_function else None
     scores, gold = score_held_out(held, responses, roles.reward, gold_fn)
-    scores = with_env_returns(scores, gens, cfg.reward.env_weight, "drop")  # a failed environment scores nothing
+    scores = task_scores(scores, gens, cfg.reward.env_weight, "drop")  # a failed environment scores nothing
     finite = [s for s in scores if math.isfinite(s)]
     metrics = {"eval/reward_mean": sum(finite) / max(len(finite), 1), "eval/num_prompts": float(count)}
     if gold is not None:

@@ -26,11 +26,11 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     """Train, measure held-out accuracy, save with the normalisation; summary.json always."""
     from transformers import AutoTokenizer
 
-    from rlhf_dist.cluster import stage_actors, start_trainer_group
+    from rlhf_dist.cluster.start import stage_actors, start_trainer_group
     from rlhf_dist.core.experience import collate_pairs
     from rlhf_dist.driver.data import load_preferences
     from rlhf_dist.driver.run_logger import RunLogger
-    from rlhf_dist.modeling import resolve_model_path
+    from rlhf_dist.models.modeling import resolve_model_path
     from rlhf_dist.roles.reward import NORMALIZATION_FILE
 
     init = resolve_model_path(cfg.rm.init_path or cfg.model.path, cfg.cache_dir,

@@ -36,11 +36,11 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     """Fine-tune, evaluate the held-out loss before and after, save; summary.json always."""
     from transformers import AutoTokenizer
 
-    from rlhf_dist.cluster import stage_actors, start_trainer_group
+    from rlhf_dist.cluster.start import stage_actors, start_trainer_group
     from rlhf_dist.core.experience import collate
     from rlhf_dist.driver.data import load_sft
     from rlhf_dist.driver.run_logger import RunLogger
-    from rlhf_dist.modeling import resolve_model_path
+    from rlhf_dist.models.modeling import resolve_model_path
 
     base = resolve_model_path(cfg.model.path, cfg.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(base)

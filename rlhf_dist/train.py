@@ -17,7 +17,7 @@ from rlhf_dist.config import Config, ConfigError, RunPlan, as_dict, validate_con
 
 if TYPE_CHECKING:  # the heavy modules load only once the config is valid
     from rlhf_dist.checkpoint import Checkpointer
-    from rlhf_dist.cluster import Roles
+    from rlhf_dist.cluster.start import Roles
     from rlhf_dist.driver.data import PromptSet
     from rlhf_dist.driver.run_logger import RunLogger
 
@@ -50,10 +50,10 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     from transformers import AutoTokenizer
 
     from rlhf_dist.checkpoint import Checkpointer, TrainState, read_state
-    from rlhf_dist.cluster import stage_actors
+    from rlhf_dist.cluster.start import stage_actors
     from rlhf_dist.driver.data import load_prompts
     from rlhf_dist.driver.run_logger import RunLogger
-    from rlhf_dist.modeling import resolve_model_path
+    from rlhf_dist.models.modeling import resolve_model_path
 
     plan = validate_config(cfg)
     if cfg.reward.function_weight:
@@ -107,15 +107,15 @@ def run_with_restarts(
     """Start every role and run PPO from ``resume_from`` (None: step 0). When a trainer, reference
     or reward actor is lost, stop every role, start them again and continue from the newest
     checkpoint, at most ``max_restarts`` times; any other failure ends the run. Returns the roles.
-    A lost engine is replaced in place instead (``recovery.EngineRecovery``, its own budget).
+    A lost engine is replaced in place instead (``cluster.restarts.EngineRecovery``, its own budget).
     A SIGTERM/SIGINT while the roles start stops the run once they have started (``Interrupted``),
     and so does an actor lost after one (the signal reached the actors too)."""
     from rlhf_dist.checkpoint import read_state
-    from rlhf_dist.cluster import shutdown_ray, start_roles
+    from rlhf_dist.cluster.restarts import EngineRecovery, Restarts
+    from rlhf_dist.cluster.start import shutdown_ray, start_roles
     from rlhf_dist.controller import run_rl
     from rlhf_dist.driver.preemption import PREEMPTION, Interrupted
-    from rlhf_dist.recovery import EngineRecovery, Restarts
-    from rlhf_dist.worker_group import RoleError
+    from rlhf_dist.roles.worker_group import RoleError
 
     # One budget each for the whole run: a restart of every role keeps the engines' count.
     restarts = Restarts(cfg.max_restarts)

@@ -19,7 +19,7 @@ import time
 CHILD = """
 import sys
 from vllm import LLM
-from rlhf_dist.modeling import resolve_model_path
+from rlhf_dist.models.modeling import resolve_model_path
 
 if __name__ == "__main__":  # vLLM spawns its engine-core process
     in_process = sys.argv[1] == "1"

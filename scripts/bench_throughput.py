@@ -4,7 +4,7 @@ after the other, each of our figures beside its limit (generation alone, trainin
     .venv/bin/python scripts/bench_throughput.py --workload w1|w2|w3 [--modes sync,overlap] [--steps 5]
         [--warmup 1] [--out bench_out/throughput]
 
-Workloads are ``rlhf_dist/bench_workloads.py``'s (the same model, prompts and reward on both sides).
+Workloads are ``scripts/bench_workloads.py``'s (the same model, prompts and reward on both sides).
 Each run takes ``--warmup`` + ``--steps`` steps; figures are medians over the ``--steps`` after the
 warm-up. Tokens/s = generated tokens of a step / its step time.
 
@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rlhf_dist import bench_workloads as B  # noqa: E402
+from scripts import bench_workloads as B  # noqa: E402
 
 SEED = 0
 PHASES = ("generate", "rollout_wait", "reward", "reference", "values", "train", "weight_sync", "step")
@@ -173,14 +173,14 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from rlhf_dist.cluster import shutdown_ray, start_roles
+    from rlhf_dist.cluster.start import shutdown_ray, start_roles
     from rlhf_dist.config import updates_once
-    from rlhf_dist.controller import advantages_for
     from rlhf_dist.core.advantages import neutralise_dropped
     from rlhf_dist.core.experience import collate
     from rlhf_dist.core.kl import kl_estimate
     from rlhf_dist.driver.data import PromptSampler, load_prompts
-    from rlhf_dist.rollout import sample_seeds
+    from rlhf_dist.rollout.queue import sample_seeds
+    from rlhf_dist.rollout.scoring import advantages_for
 
     cfg, plan = compose(overrides)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
@@ -217,8 +217,6 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
                 adv, _ = advantages_for(cfg.algo, kept_scores, torch.zeros_like(exp.response_mask),
                                         exp.response_mask, None, n, cfg.algo.kl_coef)
                 batch = exp.with_fields(ref_logprobs=ref, advantages=adv * kept[:, None])
-                t = time.perf_counter()
-                roles.policy.train_one_pass_async(batch, cfg.algo, cfg.algo.kl_coef).result()
             else:
                 t = time.perf_counter()
                 old, _ = roles.policy.logprobs_async(exp).result()
@@ -226,8 +224,8 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
                 kl = kl_estimate(old, ref, cfg.algo.kl_estimator)
                 adv, _ = advantages_for(cfg.algo, kept_scores, kl, exp.response_mask, None, n, cfg.algo.kl_coef)
                 batch = exp.with_fields(old_logprobs=old, ref_logprobs=ref, advantages=adv * kept[:, None])
-                t = time.perf_counter()
-                roles.policy.train_async(batch, cfg.algo.ppo_epochs, cfg.algo, cfg.algo.kl_coef).result()
+            t = time.perf_counter()
+            roles.policy.train_async(batch, cfg.algo.ppo_epochs, cfg.algo, cfg.algo.kl_coef).result()
             row["train"] = time.perf_counter() - t
             row["train_alone"] = row["reference"] + row["values"] + row["train"]
             t = time.perf_counter()

@@ -1,6 +1,6 @@
 """Check: is the tiny calculator policy the starting point RL needs? Measured on held-out problems.
 
-Simulates the multi-turn loop of `rlhf_dist.agent` in plain transformers: a turn is generated
+Simulates the multi-turn loop of `rlhf_dist.roles.agent_loop` in plain transformers: a turn is generated
 until EOS or the `</calc>` token, decoded from exactly its tokens to the action, and passed to
 `CalculatorEnv.step`; the observation is tokenised alone and appended, and the next turn goes on
 from the token ids (at most MAX_TURNS turns and MAX_NEW_TOKENS response tokens, model and
@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, DynamicCache, LlamaForCausalLM, PreTrain
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rlhf_dist import tiny_model  # noqa: E402 -- after the repo is on sys.path
+from rlhf_dist.models import tiny as tiny_model  # noqa: E402 -- after the repo is on sys.path
 from rlhf_dist.tasks import calculator  # noqa: E402
 
 MAX_TURNS = 3

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_smoke.sh                 # set-up (GPU stack) if needed, then the run
 #   RLHF_SMOKE_STEPS=8 bash scripts/gpu_smoke.sh extra.key=value ...
 #   RLHF_SMOKE_FAMILY=llama-tied bash scripts/gpu_smoke.sh   # a tiny random-init model of a family
-#                                   # (rlhf_dist.tiny_model.FAMILIES: llama-tied, qwen2, qwen3, gemma3, ...)
+#                                   # (rlhf_dist.models.tiny.FAMILIES: llama-tied, qwen2, qwen3, gemma3, ...)
 #
 # Two or more GPUs: the engine has a GPU to itself and the weights go over vLLM's NCCL
 # weight-transfer backend (trainer and engine on different GPUs). One GPU: everything colocated
@@ -27,7 +27,7 @@ common=(
     trainer.world_size=1 rollout.num_engines=1 logger.progress_bar=false checkpoint.every_steps=0
 )
 if [ -n "${RLHF_SMOKE_FAMILY:-}" ]; then
-    common+=("model.path=$(.venv/bin/python -m rlhf_dist.tiny_model --family "$RLHF_SMOKE_FAMILY" | tail -n 1)")
+    common+=("model.path=$(.venv/bin/python -m rlhf_dist.models.tiny --family "$RLHF_SMOKE_FAMILY" | tail -n 1)")
 fi
 if [ "$gpus" -ge 2 ]; then
     layout="separate placement, NCCL weight transfer, $gpus GPUs"

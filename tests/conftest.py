@@ -39,15 +39,15 @@ def compose_config(overrides: list[str]):
 
 @pytest.fixture(scope="session")
 def tiny_policy() -> str:
-    from rlhf_dist.tiny_model import build_task_policy
+    from rlhf_dist.models.tiny import build_task_policy
 
     return str(build_task_policy("reviews"))
 
 
 @pytest.fixture(scope="session")
 def tiny_reward_model(tiny_policy: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    from rlhf_dist.models.tiny import build_tiny_reward_model
     from rlhf_dist.tasks.base import load_task
-    from rlhf_dist.tiny_model import build_tiny_reward_model
 
     recipe = load_task("reviews").recipe  # the policy's shape
     return str(build_tiny_reward_model(tmp_path_factory.mktemp("rm") / "tiny-rm", tiny_policy, recipe))

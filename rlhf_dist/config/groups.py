@@ -274,7 +274,7 @@ class RolloutConfig:
     # Start the passes that come before the update on full micro-batches of each engine's samples
     # as they arrive, while the rest is generated and scored: the reference logprobs always, and in
     # a synchronous run (max_staleness 0, no dynamic sampling) the old logprobs and the critic's
-    # values (rlhf_dist/passes.py). false: each is one pass over the whole batch once it is scored
+    # values (rlhf_dist/rollout/passes.py). false: each is one pass over the whole batch once it is scored
     # (resources=local_cpu sets it: on shared cores the passes would slow the engines down).
     stream_passes: bool = True
     # DAPO's dynamic sampling (Yu et al. 2025): drop prompt groups whose n rewards are all equal (no

@@ -81,7 +81,8 @@ def actor_counts(cfg: Config) -> dict[str, int]:
 def updates_once(cfg: Config) -> bool:
     """A PPO step is one optimizer step (one epoch of one minibatch) and nothing before it needs
     pi_old (no KL in the reward, no rollout correction): the update's own forward then gives the
-    old logprobs, and the separate pass before it is skipped (``PolicyTrainer.train_one_pass``)."""
+    old logprobs, and the separate pass before it is skipped (``PolicyTrainer.train`` returns the
+    pi_old it used)."""
     a = cfg.algo
     one_step = a.ppo_epochs == 1 and a.minibatch_size == cfg.rollout.batch_size * cfg.rollout.n
     return one_step and a.rollout_correction == "none" and not (a.kl_in == "reward" and a.uses_kl)

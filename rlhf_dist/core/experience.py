@@ -61,7 +61,7 @@ class Experience(TensorRows):
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T)
     rollout_weights: torch.Tensor | None = None  # (B, T) float off-policy correction (algorithms.rollout_correction)
-    row_index: torch.Tensor | None = None  # (B,) long: each row's place in its batch (PolicyTrainer.train_one_pass)
+    row_index: torch.Tensor | None = None  # (B,) long: each row's place in its batch (a one-step update, PolicyTrainer.train)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -106,3 +106,20 @@ def sample_metrics(
     if mask_truncated:
         metrics["rollout/masked_truncated"] = float((kept & truncated).sum())
     return metrics
+
+
+def env_metrics(generations: list) -> dict[str, float]:
+    """``env/*`` of a step's multi-turn samples ({} for single-turn ones): turns and tool calls per
+    sample, failed calls, and ``time/env``, the seconds spent in environment calls summed over the
+    samples (they overlap generation and one another, so it can exceed the step)."""
+    stats = [g.env for g in generations if g.env is not None]
+    if not stats:
+        return {}
+    count = len(stats)
+    return {
+        "env/turns_mean": sum(s["turns"] for s in stats) / count,
+        "env/tool_calls_mean": sum(s["tool_calls"] for s in stats) / count,
+        "env/errors": float(sum(s["error"] == "error" for s in stats)),
+        "env/timeouts": float(sum(s["error"] == "timeout" for s in stats)),
+        "time/env": sum(s["seconds"] for s in stats),
+    }

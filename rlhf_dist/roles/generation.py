@@ -2,7 +2,7 @@
 
 The engine returns token ids, text and the sampling logprob of every generated
 token, and receives new policy weights through vLLM's weight-transfer API. With an
-environment (``rollout.env``) each sample is a multi-turn trajectory (``rlhf_dist.agent``).
+environment (``rollout.env``) each sample is a multi-turn trajectory (``rlhf_dist.roles.agent_loop``).
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ class GenerationEngine:
         self.updating = False  # from start_weight_update to the update's end (vLLM's worker keeps its own flag)
         self.agent = None
         if cfg.env:
-            from rlhf_dist.agent import AgentLoop
             from rlhf_dist.models.chat import has_chat_template
             from rlhf_dist.registry import env_factory
+            from rlhf_dist.roles.agent_loop import AgentLoop
 
             chat = has_chat_template(self.llm.get_tokenizer(), chat_template)
             self.agent = AgentLoop(self.llm, env_factory(cfg.env), self._turn_params, cfg.max_turns,
@@ -110,7 +110,7 @@ class GenerationEngine:
 
     def _trajectories(self, prompt_ids: list[list[int]], seeds: list[int], rows: list[dict] | None,
                       greedy: bool) -> Iterator[tuple[int, Generation]]:
-        """Multi-turn samples (``rlhf_dist.agent.AgentLoop``) as they finish."""
+        """Multi-turn samples (``rlhf_dist.roles.agent_loop.AgentLoop``) as they finish."""
         if rows is None or len(rows) != len(prompt_ids):
             raise ValueError(f"rollout.env is set: every prompt needs its row (prompt text, metadata); got "
                              f"{None if rows is None else len(rows)} rows for {len(prompt_ids)} prompts")

@@ -16,9 +16,9 @@ import torch
 from rlhf_dist.config import AlgoConfig
 from rlhf_dist.core.experience import Experience, PairBatch, collate, concat, split_sizes
 from rlhf_dist.roles.generation import Generation
+from rlhf_dist.roles.worker_group import Pending, RoleError, WorkerGroup, get_one, wait_all, wait_collective
 from rlhf_dist.weight_sync.transport import HandleTransport, ParamSpec, load_transport
 from rlhf_dist.weight_sync.verify import worst_probe_gap
-from rlhf_dist.worker_group import Pending, RoleError, WorkerGroup, get_one, wait_all, wait_collective
 
 
 def _flatten(parts: list[list]) -> list:
@@ -180,19 +180,19 @@ class PolicyGroup(TrainerGroup):
             combine=lambda outs: (concat([o[0] for o in outs]), concat([o[1] for o in outs])),
         )
 
-    def train_async(self, exp: Experience, epochs: int, algo: AlgoConfig, kl_coef: float) -> Pending[dict[str, float]]:
-        """PPO epochs of the policy with ``algo``'s loss options; ``kl_coef`` weighs a KL loss term."""
-        return self._train_async(exp, epochs=epochs, algo=algo, kl_coef=kl_coef)
+    def train_async(
+        self, exp: Experience, epochs: int, algo: AlgoConfig, kl_coef: float
+    ) -> Pending[tuple[dict[str, float], torch.Tensor, torch.Tensor | None]]:
+        """PPO epochs of the policy with ``algo``'s loss options; ``kl_coef`` weighs a KL loss term.
+        The stats, and the pi_old the update used with its entropy (``PolicyTrainer.train``: the
+        old logprobs of ``exp``, or, without them, those the update computed; entropy None when
+        given), of the whole batch."""
+        def combine(outs: list) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
+            entropy = None if outs[0][2] is None else concat([o[2] for o in outs])
+            return _mean_stats([o[0] for o in outs]), concat([o[1] for o in outs]), entropy
 
-    def train_one_pass_async(
-        self, exp: Experience, algo: AlgoConfig, kl_coef: float
-    ) -> Pending[tuple[dict[str, float], torch.Tensor, torch.Tensor]]:
-        """One optimizer step whose own forward gives pi_old (``PolicyTrainer.train_one_pass``):
-        the stats, and the old logprobs and entropy of the whole batch."""
-        def combine(outs: list) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-            return _mean_stats([o[0] for o in outs]), concat([o[1] for o in outs]), concat([o[2] for o in outs])
-
-        return self.scatter_async("train_one_pass", exp.split(len(self)), algo=algo, kl_coef=kl_coef, combine=combine)
+        return self.scatter_async("train", exp.split(len(self)), epochs=epochs, algo=algo, kl_coef=kl_coef,
+                                  combine=combine)
 
     def weight_specs(self) -> list[ParamSpec]:
         return self._on_rank0("weight_specs")

@@ -7,7 +7,7 @@ import os
 import torch
 
 from rlhf_dist.core.experience import Experience
-from rlhf_dist.modeling import in_chunks, load_causal_lm, response_logprobs
+from rlhf_dist.models.modeling import in_chunks, load_causal_lm, response_logprobs
 from rlhf_dist.roles.spec import RankSpec
 
 

@@ -76,7 +76,7 @@ class RewardScorer:
         if cfg.model_weight:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-            from rlhf_dist.modeling import score_pad_id, torch_dtype
+            from rlhf_dist.models.modeling import score_pad_id, torch_dtype
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
             self.model = AutoModelForSequenceClassification.from_pretrained(

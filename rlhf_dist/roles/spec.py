@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RankSpec:
-    """One actor's place in its role and what it runs on (built by ``cluster.rank_spec``)."""
+    """One actor's place in its role and what it runs on (built by ``cluster.start.rank_spec``)."""
 
     rank: int  # this actor's index among its role's actors (data-parallel rank, engine index)
     world_size: int  # how many actors its role (or group) has

@@ -1,365 +1,27 @@
-"""Trainer role: DeepSpeed ZeRO data-parallel groups for the policy, the critic, SFT and the reward model.
-
-Each Ray actor is one data-parallel rank. ``setup`` joins torch.distributed
-(gloo on CPU, nccl on GPU) and wraps the model with ``deepspeed.initialize``.
-Every rank receives an equal shard of the batch and cuts it into the same number of
-micro-batches (a fixed number of rows, or as many as the largest token budget needs on
-any rank), so under ZeRO-3 all ranks run the same number of forward passes (their
-parameter all-gathers must pair up).
-
-A minibatch's loss is normalised by the minibatch's own totals (its valid tokens or
-sequences, summed over all ranks), not per micro-batch: each micro-batch contributes its
-sum divided by that total, so the gradient of a minibatch is the same however it is cut
-(micro-batch size, token budget, packing, number of ranks).
-"""
+"""Trainer roles, each a ``zero_rank.DeepSpeedRank`` with its model and loss: the policy (PPO
+updates, logprobs, the weight broadcast to the engines), the critic, SFT and the reward model."""
 
 from __future__ import annotations
-
-import os
-import socket
-from datetime import timedelta
-from pathlib import Path
 
 import torch
 
 from rlhf_dist.config import AlgoConfig, ModelConfig, RunPlan, TrainerConfig, TrainerPlan
-from rlhf_dist.core.experience import Experience, PairBatch, TensorRows
+from rlhf_dist.core.experience import Experience, PairBatch
 from rlhf_dist.core.losses import actor_loss, pairwise_loss, sft_loss, value_loss
-from rlhf_dist.core.packing import budget_micro_batches
-from rlhf_dist.core.schedule import lr_multiplier
-from rlhf_dist.core.seeds import MINIBATCH_ORDER, derive_seed
 from rlhf_dist.core.stats import masked_sum
-from rlhf_dist.modeling import (
+from rlhf_dist.models.modeling import (
     load_causal_lm,
     load_critic,
     load_reward_model,
     pair_scores,
-    response_logprobs,
     response_values,
-    write_model_dir,
 )
 from rlhf_dist.roles.spec import RankSpec
-from rlhf_dist.weight_sync.transport import GroupTransport, ParamSpec, bucket_bounds, load_transport
+from rlhf_dist.roles.zero_rank import DeepSpeedRank
+from rlhf_dist.weight_sync.transport import GroupTransport, load_transport
 
 
-def node_endpoint() -> tuple[str, int]:
-    """This node's IP and a free TCP port (for a rendezvous hosted by this process)."""
-    import ray
-
-    host = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return host, s.getsockname()[1]
-
-
-CHECKPOINT_TAG = "state"  # DeepSpeed's sub-directory of a trainer checkpoint
-
-
-def safe_checkpoint_engine(ds_config):
-    """DeepSpeed's torch checkpoint engine, loading with ``torch.load(weights_only=True)``.
-
-    DeepSpeed loads its own checkpoints with ``weights_only=False``, i.e. by unpickling
-    arbitrary objects. Ours hold only tensors, containers and the three plain DeepSpeed
-    classes below, so everything else is refused: a tampered checkpoint cannot run code."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [LossScaler, ZeroStageEnum, fragment_address]
-
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    return SafeTorchCheckpointEngine(ds_config)
-
-
-def deepspeed_config(cfg: TrainerConfig, plan: TrainerPlan, dtype: str) -> dict:
-    """The trainer's micro-batch loop, not DeepSpeed's counter, marks the accumulation boundary
-    (``set_gradient_accumulation_boundary``) and scales the loss, so the batch sizes below are
-    bookkeeping only."""
-    zero: dict = {"stage": cfg.zero_stage}
-    if cfg.offload_optimizer and cfg.zero_stage >= 2:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "train_batch_size": plan.per_rank_minibatch * cfg.world_size,
-        "train_micro_batch_size_per_gpu": plan.per_rank_minibatch // plan.grad_accum_steps,
-        "gradient_accumulation_steps": plan.grad_accum_steps,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bfloat16"},
-        # We pass a torch AdamW (DeepSpeed's fused Adam needs CUDA).
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-    }
-
-
-def _stat_weight(rows: TensorRows) -> float:
-    """The weight of a micro-batch's mean stats: its valid response tokens, or its rows (pairs)."""
-    return float(rows.response_mask.sum()) if isinstance(rows, Experience) else float(len(rows))
-
-
-class _DeepSpeedRank:
-    """Shared set-up of one ZeRO data-parallel rank; subclasses own the model and loss."""
-
-    def __init__(self, *, spec: RankSpec, cfg: TrainerConfig, model_cfg: ModelConfig, plan: TrainerPlan) -> None:
-        self.cfg, self.model_cfg, self.plan = cfg, model_cfg, plan
-        self.model_path, self.rank, self.device = spec.model_path, spec.rank, spec.device
-        self.seed, self.collective_timeout_s = spec.seed, spec.timeout_s
-        self.engine = None
-        self.bucket_bytes = 0  # ZeRO-3 gathers (and weight-sync broadcasts) of about this many bytes
-
-    def endpoint(self) -> tuple[str, int]:
-        return node_endpoint()
-
-    def setup(self, master_addr: str, master_port: int) -> int:
-        """Join the data-parallel group and build the DeepSpeed engine; returns the parameter count."""
-        import deepspeed
-
-        os.environ.update(
-            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-            WORLD_SIZE=str(self.cfg.world_size), LOCAL_RANK="0",
-        )
-        if self.device == "cuda":
-            torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
-        # DeepSpeed's CPU shared-memory all-reduce serves only its inference kernels, never
-        # training. Loading it probes compilers and JIT-builds a C++ op under a file lock on every
-        # rank, and a rank killed while holding that lock (a run stopped during start-up) leaves
-        # every later run waiting on it until timeouts.actor_start_s.
-        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
-        # No shorter than any wait the controller allows (config.trainer_collective_timeout_s): past it
-        # NCCL's watchdog kills the process.
-        deepspeed.init_distributed(
-            dist_backend="nccl" if self.device == "cuda" else "gloo",
-            timeout=timedelta(seconds=self.collective_timeout_s),
-        )
-        torch.manual_seed(self.seed)  # freshly initialised heads are identical on every rank
-        model = self.build_model()
-        torch.manual_seed(self.seed + self.rank)
-        if self.cfg.offload_optimizer:
-            # The optimizer step runs on CPU: DeepSpeed's vectorised AdamW (JIT-built C++ op).
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(
-                model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay, adamw_mode=True
-            )
-        else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: lr_multiplier(s, self.cfg.warmup_steps, self.plan.optimizer_steps, self.cfg.lr_schedule),
-        )
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule,
-            config=deepspeed_config(self.cfg, self.plan, self.model_cfg.dtype),
-        )
-        self.engine.checkpoint_engine = safe_checkpoint_engine(self.engine._config)
-        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def save_checkpoint(self, directory: str) -> None:
-        """Model, optimizer, LR schedule and step counters of every rank (DeepSpeed's format, each
-        rank its partition) and this rank's torch RNG state (safetensors). A collective: all ranks
-        call it; the directory must be one every rank can write (a shared filesystem across nodes)."""
-        from safetensors.torch import save_file
-
-        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
-        save_file({"cpu": torch.get_rng_state()}, str(Path(directory) / f"rng_rank{self.rank}.safetensors"))
-
-    def load_checkpoint(self, directory: str) -> int:
-        """Restore what ``save_checkpoint`` wrote; returns the optimizer steps taken so far."""
-        from safetensors.torch import load_file
-
-        path, _ = self.engine.load_checkpoint(
-            directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
-        torch.set_rng_state(load_file(str(Path(directory) / f"rng_rank{self.rank}.safetensors"))["cpu"])
-        return self.engine.global_steps
-
-    # Subclass hooks: the model this rank trains and its learning rate.
-    def build_model(self) -> torch.nn.Module:
-        raise NotImplementedError
-
-    @property
-    def lr(self) -> float:
-        raise NotImplementedError
-
-    def _logprobs(
-        self, micro: Experience, temperature: float, entropy_grad: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logprobs, entropy), each (b, T), of a micro-batch on this rank's device (``entropy_grad``
-        False: the entropy is a metric only)."""
-        return response_logprobs(self.engine, micro, temperature, with_entropy=True, packed=self.cfg.packing,
-                                 chunk_tokens=self.cfg.logprob_chunk_tokens, entropy_grad=entropy_grad)
-
-    def _to_device(self, rows: TensorRows) -> TensorRows:
-        return rows.map_tensors(lambda t: t.to(self.engine.device))
-
-    def _minibatches(self, exp: Experience, epoch: int) -> list[Experience]:
-        """Per-rank minibatches of this epoch, shuffled by a generator keyed on (seed, optimizer
-        steps so far, epoch, rank): a different order every step, reproducible from the state."""
-        key = derive_seed(MINIBATCH_ORDER, self.seed, self.engine.global_steps, epoch, self.rank)
-        gen = torch.Generator().manual_seed(key)
-        order = torch.randperm(len(exp), generator=gen)
-        size = self.plan.per_rank_minibatch
-        return [exp.select(order[i : i + size]) for i in range(0, len(exp), size)]
-
-    # Stats that are parts of a minibatch's loss (``accumulate``).
-    LOSS_STATS = ("loss", "policy_loss", "kl_loss", "value_loss")
-
-    def _train(self, exp: TensorRows, epochs: int, loss_fn) -> dict[str, float]:
-        """Epochs x minibatches, one optimizer step per minibatch (``accumulate``, then DeepSpeed's step)."""
-        self.engine.train()
-        sums: dict[str, float] = {}  # each stat's value per minibatch, summed over minibatches
-        minibatches = 0
-        for epoch in range(epochs):
-            for minibatch in self._minibatches(exp, epoch):
-                for key, value in self.accumulate(minibatch, loss_fn).items():
-                    sums[key] = sums.get(key, 0.0) + value
-                self.engine.step()
-                minibatches += 1
-        out = {k: v / minibatches for k, v in sums.items()}
-        out["lr"] = self.engine.get_lr()[0]
-        if self.device == "cuda":
-            # Engines sharing this GPU (colocated) wake into it next: hand back the blocks the
-            # caching allocator keeps from the update's activations, or the wake-up may not fit.
-            torch.cuda.empty_cache()
-        return out
-
-    def accumulate(self, minibatch: TensorRows, loss_fn) -> dict[str, float]:
-        """Forward and backward passes over this rank's micro-batches of a minibatch, leaving its
-        gradient accumulated for the optimizer step; returns the minibatch's stats.
-
-        ``loss_fn(micro, totals)`` returns the micro-batch's part of the minibatch's loss,
-        normalised by ``totals`` (``_totals``: the minibatch's tokens and sequences on all ranks),
-        and its stats. DeepSpeed averages gradients over ranks, hence the factor world_size: the
-        gradient is exactly the minibatch loss's, whatever the micro-batches. Stats in
-        ``LOSS_STATS`` are such parts, summed (times world_size, so their mean over ranks is the
-        minibatch's loss); the others are means, weighted by tokens (or rows)."""
-        totals = self._totals(minibatch)
-        micros = self._micro_batches(minibatch)
-        parts: dict[str, float] = {}
-        weights: dict[str, float] = {}
-        for k, (index, filler) in enumerate(micros):
-            micro = self._to_device(minibatch.select(index))
-            if filler and isinstance(micro, Experience):
-                micro = micro.with_fields(row_index=None)  # not a row of the batch: no old logprobs from it
-            self.engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
-            loss, stats = loss_fn(micro, totals)
-            self.engine.backward(loss * (0.0 if filler else float(self.cfg.world_size)), scale_wrt_gas=False)
-            if filler:
-                continue
-            weight = _stat_weight(micro)
-            for key, value in stats.items():
-                w = 1.0 if key in self.LOSS_STATS else weight
-                v = value * self.cfg.world_size if key in self.LOSS_STATS else value
-                parts[key] = parts.get(key, 0.0) + w * v
-                weights[key] = weights.get(key, 0.0) + w
-        return {key: part if key in self.LOSS_STATS else part / weights[key] for key, part in parts.items()}
-
-    def _totals(self, minibatch: TensorRows) -> dict[str, float]:
-        """The minibatch's valid response tokens and sequences (rows, or pairs), summed over ranks."""
-        tokens = float(minibatch.response_mask.sum()) if isinstance(minibatch, Experience) else 0.0
-        tokens, sequences = self._all_reduce([tokens, float(len(minibatch))], "sum")
-        return {"tokens": tokens, "sequences": sequences}
-
-    def _micro_batches(self, rows: TensorRows) -> list[tuple[torch.Tensor, bool]]:
-        """(row indices, filler) of this rank's micro-batches of ``rows``: ``micro_batch_size`` rows
-        each, in order, or with ``max_tokens_per_micro_batch`` as many as that token budget needs
-        on the rank needing the most (``packing.budget_micro_batches``). A filler repeats the
-        shortest row where this rank has fewer rows than micro-batches: it runs the forward and
-        backward passes the other ranks' collectives wait for, with a loss weight of 0.
-        A collective when a token budget is set: every rank calls it."""
-        budget = self.cfg.max_tokens_per_micro_batch
-        if not budget:
-            size = self.cfg.micro_batch_size
-            return [(torch.arange(i, min(i + size, len(rows))), False) for i in range(0, len(rows), size)]
-        lengths = rows.sequence_lengths()
-        (count,) = self._all_reduce([float(len(budget_micro_batches(lengths, budget)))], "max")
-        shortest = min(range(len(lengths)), key=lambda i: (lengths[i], i))
-        return [
-            (torch.tensor(part or [shortest], dtype=torch.long), not part)
-            for part in budget_micro_batches(lengths, budget, int(count))
-        ]
-
-    def _all_reduce(self, values: list[float], op: str) -> list[float]:
-        """``values`` summed (op "sum") or maximised ("max") over the data-parallel ranks."""
-        if self.cfg.world_size == 1:
-            return values
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-        return t.tolist()
-
-    def _per_row(self, rows: TensorRows, fn) -> list[torch.Tensor]:
-        """``fn(micro)`` of each micro-batch (``_micro_batches``; a forward pass with no gradient),
-        its (b, ...) outputs put back in the rows' order: one tensor per output of ``fn``."""
-        parts = []
-        for index, filler in self._micro_batches(rows):
-            out = fn(self._to_device(rows.select(index)))
-            if not filler:
-                parts.append((index, out if isinstance(out, tuple) else (out,)))
-        order = torch.cat([index for index, _ in parts]).argsort()
-        return [torch.cat([o[k].cpu() for _, o in parts])[order] for k in range(len(parts[0][1]))]
-
-    def weight_specs(self) -> list[ParamSpec]:
-        """(name, dtype, full shape) of every parameter, in ``named_parameters`` order."""
-        specs = []
-        for name, p in self.engine.module.named_parameters():
-            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-            specs.append(ParamSpec(name, str(p.dtype).removeprefix("torch."), shape))
-        return specs
-
-    def _full_params(self, bucket_bytes: int = 0):
-        """(name, full tensor) of every parameter in checkpoint naming (``named_parameters``: a tied
-        tensor once, under its first name). Under ZeRO-3 the parameters are gathered a bucket at a
-        time (``weight_sync.transport.bucket_bounds``; 0: one at a time), each gather a collective on every
-        rank, and a tensor is full only until the generator leaves its bucket."""
-        import contextlib
-
-        import deepspeed
-
-        named = list(self.engine.module.named_parameters())
-        # The partition the weight senders derive from the same specs: a bucket's gather is its broadcast.
-        for start, end in bucket_bounds([spec.nbytes for spec in self.weight_specs()], bucket_bytes):
-            partitioned = [p for _, p in named[start:end] if hasattr(p, "ds_id")]
-            with deepspeed.zero.GatheredParameters(partitioned) if partitioned else contextlib.nullcontext():
-                for name, p in named[start:end]:
-                    yield name, p.data
-
-    def save_model(self, path: str, extra_files: dict[str, str] | None = None, replace: bool = False) -> str:
-        """Write the trained model as a Hugging Face directory (safetensors + config + tokenizer,
-        plus ``extra_files``), atomically (``replace``: swapping out an existing one); ZeRO-3
-        parameters are gathered. All ranks must call this (the gather is a collective); rank 0
-        writes and returns the path, the others ""."""
-        module = self.engine.module
-        state: dict[str, torch.Tensor] = {}
-        for name, full in self._full_params(self.bucket_bytes):  # every rank iterates: the ZeRO-3 gathers pair up
-            if self.rank == 0:
-                # A copy now: a ZeRO-3 parameter is partitioned again once the generator moves on.
-                state[name] = full.detach().cpu().clone()
-        if self.rank != 0:
-            return ""
-
-        def write(tmp):
-            from transformers import AutoTokenizer
-
-            module.save_pretrained(tmp, state_dict=state)
-            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
-            for file_name, text in (extra_files or {}).items():
-                (tmp / file_name).write_text(text)
-
-        return str(write_model_dir(path, write, replace))
-
-
-class PolicyTrainer(_DeepSpeedRank):
+class PolicyTrainer(DeepSpeedRank):
     """The policy: PPO-clip updates, logprobs, and the weight broadcast to the engines."""
 
     def __init__(
@@ -387,21 +49,29 @@ class PolicyTrainer(_DeepSpeedRank):
         logprobs, entropy = self._per_row(exp, lambda micro: self._logprobs(micro, temperature or self.temperature))
         return logprobs, entropy
 
-    def train(self, exp: Experience, epochs: int, algo: AlgoConfig, kl_coef: float) -> dict[str, float]:
+    def train(
+        self, exp: Experience, epochs: int, algo: AlgoConfig, kl_coef: float
+    ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
         """PPO-clip epochs with the loss options of ``algo``; ``kl_coef`` weighs the KL loss term
-        when ``algo.kl_in == "loss"`` (the controller owns the coefficient and its schedule)."""
-        return self._train(exp, epochs, self._actor_loss(algo, kl_coef))
+        when ``algo.kl_in == "loss"`` (the controller owns the coefficient and its schedule).
 
-    def train_one_pass(
+        Returns the stats and the pi_old the update used, (b, T) in this shard's row order, with
+        its entropy: ``exp.old_logprobs`` when given (entropy None); else, for an update of one
+        optimizer step (one epoch of one minibatch), those of that step's own forward (ratio
+        exactly 1, as TRL with ``num_iterations=1``: no separate pass), otherwise those of a pass
+        over the shard before the first epoch."""
+        if exp.old_logprobs is not None:
+            return self._train(exp, epochs, self._actor_loss(algo, kl_coef)), exp.old_logprobs, None
+        if epochs == 1 and len(exp) == self.plan.per_rank_minibatch:
+            return self._train_one_pass(exp, algo, kl_coef)
+        old_logprobs, entropy = self.logprobs(exp)
+        stats = self._train(exp.with_fields(old_logprobs=old_logprobs), epochs, self._actor_loss(algo, kl_coef))
+        return stats, old_logprobs, entropy
+
+    def _train_one_pass(
         self, exp: Experience, algo: AlgoConfig, kl_coef: float
     ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-        """``train`` for a step of one optimizer step (one epoch, one minibatch): pi_old is then
-        the policy of that step's own forward, so each micro-batch takes its old logprobs from it
-        (ratio exactly 1, as TRL with ``num_iterations=1``) and no separate pass is needed.
-        Returns the stats and this shard's (old logprobs, entropy), (b, T) in its row order."""
-        if len(exp) != self.plan.per_rank_minibatch:
-            raise ValueError(f"policy.train_one_pass: {len(exp)} samples on rank {self.rank}, not one minibatch "
-                             f"of {self.plan.per_rank_minibatch}: pi_old would be a policy already updated")
+        """One optimizer step whose micro-batches take their old logprobs from their own forward."""
         seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         stats = self._train(exp.with_fields(row_index=torch.arange(len(exp))), 1,
                             self._actor_loss(algo, kl_coef, seen))
@@ -472,7 +142,7 @@ class PolicyTrainer(_DeepSpeedRank):
             self.exporter.release()
 
 
-class _SupervisedRank(_DeepSpeedRank):
+class _SupervisedRank(DeepSpeedRank):
     """A rank of a supervised stage (SFT, reward model): its learning rate comes from the stage's config."""
 
     def __init__(
@@ -540,7 +210,7 @@ class RewardModelTrainer(_SupervisedRank):
         return chosen, rejected
 
 
-class CriticTrainer(_DeepSpeedRank):
+class CriticTrainer(DeepSpeedRank):
     """The critic: clipped value-loss updates and the values of the rollout states."""
 
     def __init__(

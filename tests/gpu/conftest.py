@@ -22,7 +22,7 @@ def check_device() -> str | None:
 def off_device(device: str) -> contextlib.AbstractContextManager:
     """A default device other than ``device``, so a tensor made without ``device=`` lands apart from
     the inputs and the pass fails as a GPU pass would: on CUDA the CPU already is the default; on
-    the CPU, the meta device stands in (as in tests/unit/test_device_paths.py)."""
+    the CPU, the meta device stands in (as in tests/unit/models/test_device_paths.py)."""
     return contextlib.nullcontext() if device == "cuda" else torch.device("meta")
 
 

@@ -23,7 +23,7 @@ import torch
 from rlhf_dist.core.experience import Experience, collate, collate_pairs
 from rlhf_dist.core.losses import actor_loss, pairwise_loss, sft_loss, value_loss
 from rlhf_dist.core.stats import logprobs_from_logits
-from rlhf_dist.modeling import (
+from rlhf_dist.models.modeling import (
     PROBE_TOLERANCE,
     load_causal_lm,
     load_critic,
@@ -277,7 +277,9 @@ def test_deepspeed_zero2_update(role, tiny_policy, tiny_reward_model, rows, pair
     before = {n: p.detach().clone() for n, p in rank.engine.module.named_parameters() if p.dim() == 2}
     if role == "policy":
         old, _ = rank.logprobs(rows)
-        stats = rank.train(rows.with_fields(old_logprobs=old), 1, AlgoConfig(kl_in="loss", kl_estimator="k3"), 0.1)
+        stats, used, _ = rank.train(rows.with_fields(old_logprobs=old), 1, AlgoConfig(kl_in="loss", kl_estimator="k3"),
+                                    0.1)
+        assert torch.equal(used, old)  # the pi_old it was given is the one it used
         loss = stats["policy_loss"]
     elif role == "critic":
         values = rank.values(rows)

@@ -15,8 +15,7 @@ import time
 import pytest
 import torch
 
-from rlhf_dist.agent import ENV_MARK, env_rows
-from rlhf_dist.cluster import shutdown_ray, start_roles
+from rlhf_dist.cluster.start import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
 from rlhf_dist.controller import run_rl
 from rlhf_dist.core.advantages import grpo_advantages
@@ -25,7 +24,8 @@ from rlhf_dist.core.losses import policy_loss
 from rlhf_dist.core.stats import broadcast_to_tokens
 from rlhf_dist.driver.data import load_prompts
 from rlhf_dist.driver.run_logger import RunLogger
-from rlhf_dist.modeling import resolve_model_path
+from rlhf_dist.models.modeling import resolve_model_path
+from rlhf_dist.roles.agent_loop import ENV_MARK, env_rows
 from tests.conftest import compose_config
 from tests.integration.agent_envs import hangs
 

@@ -19,15 +19,15 @@ import json
 import pytest
 import torch
 
-from rlhf_dist.cluster import shutdown_ray, start_roles
+from rlhf_dist.cluster.start import shutdown_ray, start_roles
 from rlhf_dist.config import needs_reference, validate_config
 from rlhf_dist.controller import run_rl
 from rlhf_dist.core.experience import collate
 from rlhf_dist.driver.data import load_prompts
 from rlhf_dist.driver.run_logger import RunLogger
-from rlhf_dist.tiny_model import build_random_lm
+from rlhf_dist.models.tiny import build_random_lm
+from rlhf_dist.roles.worker_group import RoleError
 from rlhf_dist.weight_sync.verify import probe_sequences
-from rlhf_dist.worker_group import RoleError
 from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow

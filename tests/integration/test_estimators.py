@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rlhf_dist.cluster import shutdown_ray, start_roles
+from rlhf_dist.cluster.start import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
 from rlhf_dist.controller import make_kl_controller, rl_step
 from rlhf_dist.core.advantages import informative_groups
@@ -17,8 +17,8 @@ from rlhf_dist.core.experience import collate
 from rlhf_dist.driver.data import load_prompts
 from rlhf_dist.driver.timeline import Timeline
 from rlhf_dist.evaluation import evaluate
-from rlhf_dist.modeling import resolve_model_path
-from rlhf_dist.rollout import RolloutQueue
+from rlhf_dist.models.modeling import resolve_model_path
+from rlhf_dist.rollout.queue import RolloutQueue
 from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow
@@ -101,8 +101,13 @@ def test_critic_free_estimators_one_step_each():
     # DAPO: the step holds 8 groups of 4, informative ones unless the rounds ran out (then filled)
     dapo, batch = results["dapo"], batches["dapo"]
     assert len(batch.generations) == 32 and 1 <= dapo["rollout/sampling_rounds"] <= 3
-    informative = informative_groups(torch.tensor(batch.scores), 4).sum().item()
-    assert informative == 8 - dapo["rollout/filled_groups"]
+    # the filter counted the task's scores (exact match), not the overlong-shaped ones: the first
+    # 8 - filled groups are informative on those, so none of them is all-correct (or all-wrong)
+    # answers of different lengths, which the shaping alone would have made unequal
+    task = torch.tensor([s + (len(g.response_ids) == 4) for g, s in zip(batch.generations, batch.scores)])
+    useful = informative_groups(task, 4)
+    informative = useful.sum().item()
+    assert informative == 8 - dapo["rollout/filled_groups"] and useful[:informative].all()
     assert dapo["rollout/prompts_sampled"] >= dapo["rollout/filtered_groups"] + informative
     assert dapo["rollout/filtered_groups"] > 0 and dapo["rollout/sampling_rounds"] >= 2  # this seed refills
     # overlong shaping: a 4-token response (the budget) scores its exact match (0 or 1) minus 1

@@ -22,8 +22,8 @@ from rlhf_dist.config import AlgoConfig, ModelConfig, TrainerConfig
 from rlhf_dist.config.plan import RunPlan
 from rlhf_dist.core.experience import collate
 from rlhf_dist.core.losses import actor_loss
-from rlhf_dist.modeling import load_causal_lm, response_logprobs
-from rlhf_dist.tiny_model import build_random_lm
+from rlhf_dist.models.modeling import load_causal_lm, response_logprobs
+from rlhf_dist.models.tiny import build_random_lm
 
 pytestmark = pytest.mark.slow
 

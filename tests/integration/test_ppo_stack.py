@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from rlhf_dist.cluster import shutdown_ray, start_roles
+from rlhf_dist.cluster.start import shutdown_ray, start_roles
 from rlhf_dist.config import validate_config
 from rlhf_dist.controller import run_rl
 from rlhf_dist.core.experience import collate

@@ -20,7 +20,7 @@ import json, os, subprocess, sys
 import ray
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
 from rlhf_dist.config import ResourcesConfig
-from rlhf_dist.placement import init_ray
+from rlhf_dist.cluster.placement import init_ray
 
 init_ray(ResourcesConfig(num_cpus=1), actor_logs=False)
 info = ray._private.worker.global_worker.node.address_info

@@ -8,7 +8,7 @@ import time
 import pytest
 import ray
 
-from rlhf_dist.worker_group import RoleError, WorkerGroup, wait_collective
+from rlhf_dist.roles.worker_group import RoleError, WorkerGroup, wait_collective
 
 
 class _Worker:
@@ -150,7 +150,7 @@ class _Starts:
 def test_a_constructor_that_raises_is_one_line_naming_role_rank_and_node(group):
     # Every role's start as cluster.start_roles / start_trainer_group waits for it: the inference
     # roles' first call ("pid"), the trainers' setup (rank 0's "endpoint", then every rank's "setup").
-    from rlhf_dist.cluster import wait_started
+    from rlhf_dist.cluster.start import wait_started
     from rlhf_dist.roles import groups
     from tests.conftest import compose_config
 
@@ -179,8 +179,8 @@ def test_a_real_role_that_cannot_load_its_model_reports_the_loaders_message(grou
     # The reference role as cluster.start_roles starts it: its placement slot, its actor environment.
     from ray.util.placement_group import remove_placement_group
 
-    from rlhf_dist.cluster import start_reference, wait_started
-    from rlhf_dist.placement import place
+    from rlhf_dist.cluster.placement import place
+    from rlhf_dist.cluster.start import start_reference, wait_started
     from tests.conftest import compose_config
 
     cfg = compose_config(["resources.reference.cpus=0.25", "timeouts.actor_start_s=120"])

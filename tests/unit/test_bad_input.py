@@ -119,7 +119,7 @@ def test_empty_source_is_one_error(tokenizer, tmp_path, kind, content):
     ids=["sft", "preferences"],
 )
 def test_source_with_only_bad_rows_is_one_error(tokenizer, tmp_path, kind, rows):
-    # The prompt-set case: tests/unit/test_data.py::test_load_prompts_with_nothing_usable.
+    # The prompt-set case: tests/unit/driver/test_data.py::test_load_prompts_with_nothing_usable.
     load, _ = LOADERS[kind]
     path = write_jsonl(tmp_path / f"{kind}.jsonl", rows)
     with pytest.raises(DataError) as excinfo:
@@ -209,7 +209,7 @@ def test_http_endpoint_nan_or_null_score(bad_score_server):
 
 
 def test_unusable_local_model_paths(tmp_path):
-    from rlhf_dist.modeling import resolve_model_path
+    from rlhf_dist.models.modeling import resolve_model_path
 
     (tmp_path / "weights.bin").write_bytes(b"")
     for path, problem in (
@@ -223,7 +223,7 @@ def test_unusable_local_model_paths(tmp_path):
 
 
 def test_relative_model_directory_becomes_absolute(tmp_path, monkeypatch):
-    from rlhf_dist.modeling import resolve_model_path
+    from rlhf_dist.models.modeling import resolve_model_path
 
     (tmp_path / "sft_out").mkdir()
     (tmp_path / "sft_out" / "config.json").write_text("{}")
@@ -235,7 +235,7 @@ def test_relative_model_directory_becomes_absolute(tmp_path, monkeypatch):
 def test_unknown_hub_id_is_one_error_not_a_traceback(monkeypatch):
     import huggingface_hub.constants
 
-    from rlhf_dist.modeling import resolve_model_path
+    from rlhf_dist.models.modeling import resolve_model_path
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in unit tests
     with pytest.raises(FileNotFoundError) as excinfo:
@@ -299,7 +299,7 @@ def test_ppo_needs_no_pad_token(tiny_policy, tmp_path):
     from transformers import AutoTokenizer
 
     from rlhf_dist.core.experience import collate
-    from rlhf_dist.modeling import load_causal_lm, response_logprobs
+    from rlhf_dist.models.modeling import load_causal_lm, response_logprobs
 
     model_dir = copy_model(tiny_policy, tmp_path / "no-pad", tokenizer_pad=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -343,7 +343,7 @@ def test_reward_model_stage_refuses_a_tokenizer_without_pad(tiny_policy, tmp_pat
 
 
 def test_reward_model_pads_with_the_config_pad_id(tiny_reward_model, tmp_path):
-    from rlhf_dist.modeling import load_reward_model
+    from rlhf_dist.models.modeling import load_reward_model
 
     # Different lengths, so the batch is padded; scored one at a time nothing is padded.
     prompts, responses, meta = ["the soup was", "my visit to the new cafe was"], [" great and warm .", " bad"], [{}, {}]
@@ -412,7 +412,7 @@ def test_inconsistent_supervised_config(overrides, stage, rows, message):
 
 
 def test_cli_unknown_key_without_plus_is_hydras_error_not_a_traceback(tmp_path):
-    # With "+" the key reaches to_config: tests/unit/test_config.py::test_added_unknown_key_is_rejected_by_name.
+    # With "+" the key reaches to_config: tests/unit/config/test_config.py::test_added_unknown_key_is_rejected_by_name.
     proc, elapsed = run_cli("rlhf_dist.train", "trainer.bogus=1", run_dir=tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr

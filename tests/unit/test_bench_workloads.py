@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from rlhf_dist import bench_workloads as B
 from rlhf_dist.config import RewardConfig
 from rlhf_dist.roles.reward import post_scores
+from rlhf_dist.tasks.reviews.corpus import positive_word_count
+from scripts import bench_workloads as B
 
 
 def test_reward_counts_positive_words_of_the_response_only():
     # "great" and "lovely" are positive, "bad" is negative (not subtracted), "." is no word; the prompt is ignored
-    assert B.positive_word_count("great great", "the film was great , lovely but bad .") == 2.0
-    assert B.positive_word_count("", "") == 0.0
+    assert positive_word_count("great great", "the film was great , lovely but bad .") == 2.0
+    assert positive_word_count("", "") == 0.0
 
 
 def test_http_server_scores_every_sample_with_the_rule():

@@ -175,7 +175,7 @@ def test_a_resume_is_checked_against_the_checkpointed_config():
 
 
 def test_model_dir_is_replaced_only_when_asked_and_only_once_complete(tmp_path):
-    from rlhf_dist.modeling import write_model_dir
+    from rlhf_dist.models.modeling import write_model_dir
 
     write_model_dir(tmp_path / "policy", lambda d: (d / "model.safetensors").write_text("v1"))
     with pytest.raises(FileExistsError, match="refusing to overwrite a saved model"):

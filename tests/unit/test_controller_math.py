@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from rlhf_dist.config import AlgoConfig
-from rlhf_dist.controller import Timer, advantages_for, make_kl_controller
+from rlhf_dist.controller import Timer, make_kl_controller
 from rlhf_dist.driver.metrics import step_metrics
 from rlhf_dist.driver.timeline import Timeline
-from rlhf_dist.rollout import sample_seeds
+from rlhf_dist.rollout.queue import sample_seeds
+from rlhf_dist.rollout.scoring import advantages_for
 
 NAN = math.nan
 TOL = {"atol": 1e-6, "rtol": 0.0}

@@ -27,12 +27,12 @@ def test_every_import_contract_is_kept():
 
 
 def test_the_import_graph_holds_function_local_imports():
-    # rlhf_dist.modeling imports the tiny-model builder only inside resolve_model_path: the
+    # rlhf_dist.models.modeling imports the tiny-model builder only inside resolve_model_path: the
     # layering contracts see it as an import all the same.
     graph = grimp.build_graph("rlhf_dist", cache_dir=None)
-    details = graph.get_import_details(importer="rlhf_dist.modeling", imported="rlhf_dist.tiny_model")
-    assert details and all(d["line_contents"].startswith("from rlhf_dist import tiny_model") for d in details)
-    source = (REPO / "rlhf_dist" / "modeling.py").read_text().splitlines()
+    details = graph.get_import_details(importer="rlhf_dist.models.modeling", imported="rlhf_dist.models.tiny")
+    assert details and all(d["line_contents"].startswith("from rlhf_dist.models import tiny") for d in details)
+    source = (REPO / "rlhf_dist" / "models" / "modeling.py").read_text().splitlines()
     assert all(source[d["line_number"] - 1].startswith("    ") for d in details)  # indented: inside a function
 
 

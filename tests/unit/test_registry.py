@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_dist import tiny_model
 from rlhf_dist.config import BUILTIN_PROMPTS, BUILTIN_SUPERVISED, ConfigError, DataConfig, ResourcesConfig
 from rlhf_dist.driver.data import DataError, builtin_prompt_rows, load_sft
-from rlhf_dist.modeling import resolve_model_path
+from rlhf_dist.models import tiny as tiny_model
+from rlhf_dist.models.modeling import resolve_model_path
 from rlhf_dist.registry import TASKS, TRANSPORTS
 from rlhf_dist.tasks.base import Task, load_task
 from rlhf_dist.weight_sync.transport import GroupTransport, HandleTransport, load_transport

@@ -28,7 +28,7 @@ def test_models_are_written_as_safetensors(tiny_policy, tiny_reward_model, tmp_p
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    from rlhf_dist.modeling import load_causal_lm, write_model_dir
+    from rlhf_dist.models.modeling import load_causal_lm, write_model_dir
 
     for built in (tiny_policy, tiny_reward_model):  # the embedded models
         assert weight_files(Path(built)) == (["model.safetensors"], [])
@@ -134,7 +134,7 @@ def test_trainer_checkpoints_load_without_unpickling_code(tmp_path, monkeypatch)
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from rlhf_dist.roles.trainer import safe_checkpoint_engine
+    from rlhf_dist.roles.zero_rank import safe_checkpoint_engine
 
     engine = safe_checkpoint_engine(None)
     state = {"optimizer_state_dict": {"state": {0: {"exp_avg": torch.ones(2)}}}, "loss_scaler": LossScaler(1.0),

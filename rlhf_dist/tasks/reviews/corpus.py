@@ -178,3 +178,10 @@ def positive_sentiment_reward(prompt: str, response: str) -> float:
     found = words(response)
     score = sum(w in _POSITIVE for w in found) - sum(w in _NEGATIVE for w in found)
     return max(-1.0, min(1.0, REWARD_SCALE * score / max(1, len(found))))
+
+
+def positive_word_count(prompt: str, response: str) -> float:
+    """An unbounded rule reward: how many of the response's words are positive (the throughput
+    benchmark's, ``scripts/bench_workloads.py``: it keeps rewarding longer responses)."""
+    del prompt  # only the completion is scored
+    return float(sum(w in _POSITIVE for w in words(response)))
