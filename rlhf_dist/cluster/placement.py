@@ -50,7 +50,10 @@ def init_ray(res: ResourcesConfig, actor_logs: bool) -> None:
         check_reachable(res.ray_address)
         ray.init(address=res.ray_address, **common)
     else:
-        ray.init(num_cpus=res.num_cpus or os.cpu_count(), _system_config=LOCAL_RAY_SYSTEM_CONFIG, **common)
+        # "local": a new cluster even after a `ray start` on this machine, which ray.init without an
+        # address would join (and then refuse num_cpus: "When connecting to an existing cluster ...").
+        ray.init(address="local", num_cpus=res.num_cpus or os.cpu_count(), _system_config=LOCAL_RAY_SYSTEM_CONFIG,
+                 **common)
     PREEMPTION.rearm()  # ray.init replaced the driver's SIGTERM handler with its own
 
 
@@ -129,11 +132,53 @@ def check_fits(plan: Layout, cluster: dict[str, float], num_cpus: int) -> None:
                           f"{have:g}; {fix}, or lower resources.<role>.{kind}")
 
 
+def _amounts(resources: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:g}" for k, v in resources.items() if k in ("CPU", "GPU")) or "nothing"
+
+
+def check_nodes_fit(plan: Layout, free: dict[str, dict[str, float]]) -> None:
+    """Refuse a ``plan`` the joined cluster's live nodes cannot hold now (``free``: node address ->
+    its free resources): a bundle (one actor's resources, or a colocated bundle's) that no single
+    node can hold, or more CPUs or GPUs than all nodes have free together. Both are necessary for
+    any placement, so nothing that could be scheduled is refused."""
+    needs = {key: sum(b.get(key, 0.0) for bundles in plan.groups.values() for b in bundles) for key in ("CPU", "GPU")}
+    totals = {key: sum(node.get(key, 0.0) for node in free.values()) for key in ("CPU", "GPU")}
+    def fits_a_node(bundle: dict[str, float]) -> bool:
+        return any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for node in free.values())
+
+    homeless = [name for name, bundles in plan.groups.items() if not all(map(fits_a_node, bundles))]
+    short = [key for key in ("GPU", "CPU") if needs[key] > totals[key] + 1e-9]
+    if not homeless and not short:
+        return
+    wants = ", ".join(f"{name} {len(bundles)} x {_amounts(bundles[0])}" if name != "colocated" else
+                      f"colocated bundles {', '.join(_amounts(b) for b in bundles)}"
+                      for name, bundles in plan.groups.items())
+    have = "; ".join(f"{node} {_amounts(r)}" for node, r in sorted(free.items())) or "no live node"
+    why = (f"{', '.join(homeless)} needs more than any one node has free" if homeless else
+           f"the actors need {' and '.join(f'{needs[k]:g} {k}s' for k in short)}, the nodes have "
+           f"{' and '.join(f'{totals[k]:g}' for k in short)} free")
+    raise ConfigError(f"placement: the joined Ray cluster cannot hold this layout now ({why}): {wants}; free per "
+                      f"node: {have}. Free or add nodes, lower resources.<role>.cpus/gpus, or set "
+                      "resources.check_fit=false to wait for the resources (an autoscaling cluster)")
+
+
+def free_per_node() -> dict[str, dict[str, float]]:
+    """Each live node's free resources, by its address and the start of its id (several nodes can
+    share a host), from Ray's own accounting, read now."""
+    from ray._private.state import available_resources_per_node  # DeveloperAPI of the pinned Ray
+
+    addresses = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    return {f"{addresses[node]} (node {node[:6]})": res for node, res in available_resources_per_node().items()
+            if node in addresses}
+
+
 def place(res: ResourcesConfig, counts: dict[str, int], timeout_s: float) -> dict[str, list[Slot]]:
     """Create the placement groups of ``layout`` and return the slot of every actor, by role."""
     plan = layout(res.placement, res.roles(), counts)
     if not res.ray_address:
         check_fits(plan, ray.cluster_resources(), res.num_cpus)
+    elif res.check_fit:
+        check_nodes_fit(plan, free_per_node())
     groups = {
         name: placement_group(bundles, strategy="PACK", name=f"rlhf_dist/{name}")
         for name, bundles in plan.groups.items()

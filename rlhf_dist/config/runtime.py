@@ -22,8 +22,13 @@ class RoleResources:
 class ResourcesConfig:
     # Where models run: cpu or cuda.
     device: str = "cpu"
-    # Ray cluster address: "" starts a local cluster, "auto" joins a running one.
+    # Ray cluster address: "" starts a new local cluster (whatever else runs, or ran, on the machine),
+    # "auto" joins the running one (RAY_ADDRESS, else the newest `ray start` here), or an address.
     ray_address: str = ""
+    # Before placing the actors on a joined cluster, refuse at once a layout its live nodes cannot
+    # hold now (a bundle larger than every node's free resources, or more than the cluster's free
+    # total). false: wait for the resources instead (an autoscaling cluster, or jobs that will finish).
+    check_fit: bool = True
     # Logical CPUs declared to a local Ray cluster; 0 means the number of cores.
     # May exceed the core count so that every role gets an actor on a laptop.
     num_cpus: int = 0

@@ -22,7 +22,7 @@ class _Worker:
 
 @pytest.fixture(scope="module")
 def group():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     actors = [ray.remote(_Worker).options(num_cpus=0.5).remote() for _ in range(2)]
     yield WorkerGroup("reward", actors, timeout_s=30)
     ray.shutdown()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rlhf_dist.cluster.placement import check_fits, check_reachable, layout, role_bundle
+from rlhf_dist.cluster.placement import check_fits, check_nodes_fit, check_reachable, layout, role_bundle
 from rlhf_dist.config import Config, ConfigError, RoleResources, actor_counts
 from rlhf_dist.roles.spec import RankSpec
 
@@ -119,6 +119,34 @@ def test_a_placement_the_local_cluster_cannot_hold_is_refused_at_once():
         "placement: the actors need 3 GPUs (generation 1, policy 2) and the local Ray cluster has 0; on a machine "
         "without GPUs use resources=local_cpu, or lower resources.<role>.gpus"
     )
+
+
+def test_a_joined_cluster_that_cannot_hold_the_layout_now_is_refused_in_one_line():
+    # Before: 6 free CPUs over three nodes for the default layout's 7 one-CPU actors sat with
+    # "1+ pending placement groups" until timeouts.actor_start_s.
+    cfg = Config()
+    plan = layout(cfg.resources.placement, cfg.resources.roles(), actor_counts(cfg))
+    check_nodes_fit(plan, {"10.0.0.1": {"CPU": 4.0}, "10.0.0.2": {"CPU": 3.0, "memory": 1e9}})  # 7 of 7
+    with pytest.raises(ConfigError) as excinfo:
+        check_nodes_fit(plan, {"10.0.0.1": {"CPU": 2.0}, "10.0.0.2": {"CPU": 2.0}, "10.0.0.3": {"CPU": 2.0}})
+    assert str(excinfo.value) == (
+        "placement: the joined Ray cluster cannot hold this layout now (the actors need 7 CPUs, the nodes have 6 "
+        "free): generation 1 x CPU 1, policy 2 x CPU 1, reward 1 x CPU 1, reference 1 x CPU 1, critic 2 x CPU 1; "
+        "free per node: 10.0.0.1 CPU 2; 10.0.0.2 CPU 2; 10.0.0.3 CPU 2. Free or add nodes, lower "
+        "resources.<role>.cpus/gpus, or set resources.check_fit=false to wait for the resources (an autoscaling "
+        "cluster)"
+    )
+    # enough CPUs in all, but a colocated bundle of 5 CPUs fits on no single node
+    colocated = layout("colocated", cfg.resources.roles(), {"generation": 1, "policy": 2, "reward": 1,
+                                                            "reference": 1, "critic": 2})
+    assert colocated.groups["colocated"][0] == {"CPU": 5.0}
+    with pytest.raises(ConfigError, match=r"\(colocated needs more than any one node has free\): colocated bundles "
+                                          r"CPU 5, CPU 2; free per node: a CPU 4; b CPU 4\. "):
+        check_nodes_fit(colocated, {"a": {"CPU": 4.0}, "b": {"CPU": 4.0}})
+    # a GPU role on CPU-only nodes: no node holds its bundle
+    gpu = layout("separate", {"policy": RoleResources(cpus=1.0, gpus=1.0)}, {"policy": 1})
+    with pytest.raises(ConfigError, match=r"\(policy needs more than any one node has free\): policy 1 x CPU 1 GPU 1;"):
+        check_nodes_fit(gpu, {"a": {"CPU": 8.0}})
 
 
 def test_a_ray_address_where_no_cluster_listens_is_refused_in_seconds(monkeypatch):
