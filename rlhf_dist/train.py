@@ -113,6 +113,7 @@ def run_with_restarts(
     from rlhf_dist.checkpoint import read_state
     from rlhf_dist.cluster.restarts import EngineRecovery, Restarts
     from rlhf_dist.cluster.start import shutdown_ray, start_roles
+    from rlhf_dist.cluster.storage import check_shared
     from rlhf_dist.controller import run_rl
     from rlhf_dist.driver.preemption import PREEMPTION, Interrupted
     from rlhf_dist.roles.worker_group import RoleError
@@ -128,6 +129,8 @@ def run_with_restarts(
             actors.append(roles)
             PREEMPTION.check(f"{read_state(resume_from).step if resume_from else 0} of {cfg.total_steps} steps done")
             engines.record(roles)
+            check_shared(checkpoints.dir.root, [g for g in (roles.policy, roles.critic) if g is not None],
+                         cfg.timeouts.actor_start_s)
             logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s ({roles.start_summary()})")
             try:
                 state = checkpoints.restore(roles, resume_from) if resume_from else None

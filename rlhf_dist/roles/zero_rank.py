@@ -154,6 +154,16 @@ class DeepSpeedRank:
     def pid(self) -> int:
         return os.getpid()
 
+    def probe_dir(self, directory: str, token: str) -> tuple[str, int, bool]:
+        """Whether this rank sees the driver's probe file ``.probe-<token>`` in ``directory`` (the
+        checkpoints it will write there), after leaving its own, ``.probe-<token>-<pid>``, for the
+        driver to see: (this node's IP, this process's id, seen)."""
+        root = Path(directory)
+        seen = (root / f".probe-{token}").is_file()
+        if seen:
+            (root / f".probe-{token}-{os.getpid()}").write_text(f"{self.rank}\n")
+        return node_endpoint()[0], os.getpid(), seen
+
     def save_checkpoint(self, directory: str) -> None:
         """Model, optimizer, LR schedule and step counters of every rank (DeepSpeed's format, each
         rank its partition) and this rank's torch RNG state (safetensors). A collective: all ranks

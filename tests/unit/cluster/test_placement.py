@@ -174,3 +174,4 @@ def test_rank_spec_is_frozen_and_checks_its_rank():
     for rank, world_size in ((2, 2), (-1, 2), (0, 0)):
         with pytest.raises(ValueError, match=f"rank {rank} is not in \\[0, world_size={world_size}\\)"):
             RankSpec(rank=rank, world_size=world_size, device="cpu", seed=7, timeout_s=30.0, model_path="/m")
+
