@@ -93,6 +93,12 @@ def load_causal_lm(path: str, dtype: str, gradient_checkpointing: bool = False) 
     return model
 
 
+def moe_block_classes(model: nn.Module) -> list[type[nn.Module]]:
+    """The classes of ``model``'s mixture-of-experts blocks, in first-seen order: modules with a
+    child named ``experts`` (transformers' name for a block's experts in its MoE families)."""
+    return list(dict.fromkeys(type(m) for m in model.modules() if "experts" in m._modules))
+
+
 def enable_token_outputs(model: nn.Module) -> nn.Module:
     """Give a causal LM's forward a second mode: called with ``layout=`` (a ``TokenLayout``), it
     returns the logprobs (M,) of the layout's response tokens, and their entropies with

@@ -128,13 +128,18 @@ FAMILIES = {
     "gemma2": Family("Gemma2Config", "Gemma2ForCausalLM", True,
                      "Gemma 2: tied, final logits soft-capped, attention logits soft-capped",
                      {"final_logit_softcapping": 0.5}),
-    # Mixture of experts: 4 experts, 2 per token, in every layer. transformers holds each layer's
-    # experts as two stacked tensors (mlp.experts.gate_up_proj, down_proj), vLLM as fused ones
-    # (w13, w2) that its CPU kernel keeps prepacked.
+    # Mixtures of experts: 4 experts, 2 per token, in every layer. transformers holds a layer's experts
+    # as two stacked tensors (mlp.experts.gate_up_proj, down_proj), vLLM as fused ones (w13, w2) that
+    # its CPU kernel keeps prepacked (weight_sync.reload). Not Mixtral: its stacked tensors are named
+    # as transformers holds them (mlp.experts.*), which vLLM's Mixtral does not load (only its
+    # checkpoint names, block_sparse_moe.experts.<i>.w1/w2/w3).
     "qwen3-moe": Family("Qwen3MoeConfig", "Qwen3MoeForCausalLM", False,
                         "Qwen3-30B-A3B: untied, experts of moe_intermediate_size, top-k weights renormalised",
                         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                          "norm_topk_prob": True}),
+    "olmoe": Family("OlmoeConfig", "OlmoeForCausalLM", False,
+                    "OLMoE 1B-7B: untied, q/k RMSNorm over all heads, top-k weights not renormalised",
+                    {"num_experts": 4, "num_experts_per_tok": 2}),
 }
 
 

@@ -28,6 +28,7 @@ from rlhf_dist.core.packing import budget_micro_batches
 from rlhf_dist.core.schedule import lr_multiplier
 from rlhf_dist.core.seeds import MINIBATCH_ORDER, derive_seed
 from rlhf_dist.models.modeling import (
+    moe_block_classes,
     response_logprobs,
     write_model_dir,
 )
@@ -130,6 +131,14 @@ class DeepSpeedRank:
         )
         torch.manual_seed(self.seed)  # freshly initialised heads are identical on every rank
         model = self.build_model()
+        if blocks := moe_block_classes(model):
+            # Under ZeRO-3 each MoE block is gathered whole (router and experts) in one fetch.
+            # transformers 5 keeps a block's experts as stacked tensors of one module, gathered
+            # whole whatever the routing, so two ranks routing apart do not hang (measured, ZeRO-3
+            # on two ranks); the flag (DeepSpeed's default for Mixtral and Qwen2/3-MoE blocks only)
+            # saves the per-submodule fetches, and keeps a model whose experts are a list of
+            # modules, fetched only where routed, from all-gathers that never pair up.
+            deepspeed.utils.set_z3_leaf_modules(model, blocks)
         torch.manual_seed(self.seed + self.rank)
         if self.cfg.offload_optimizer:
             # The optimizer step runs on CPU: DeepSpeed's vectorised AdamW (JIT-built C++ op).

@@ -1,9 +1,9 @@
 """The vLLM-side load lifecycle every transport's engine goes through.
 
 Each transport's engine (``gloo``, ``nccl``, ``ipc``) is vLLM's own engine (NCCL, CUDA IPC) or ours
-(gloo, CPU) with ``CheckpointReload`` in front of it, so the load lifecycle, and its fix for tied
-weights, lives in one place for all of them. vLLM is imported inside the methods: they run in the
-engine's worker, and this module is imported wherever a transport is.
+(gloo, CPU) with ``CheckpointReload`` in front of it, so the load lifecycle, and its fixes for tied
+weights and fused experts, live in one place for all of them. vLLM is imported inside the methods:
+they run in the engine's worker, and this module is imported wherever a transport is.
 
 Why tied weights need a fix: vLLM's layerwise reload runs a layer's
 ``quant_method.process_weights_after_loading`` only for layers that received a tensor. A model
@@ -12,10 +12,26 @@ with ``tie_word_embeddings`` (Llama 3.2, Qwen2.5, Qwen3, Gemma) never receives `
 with its parameter updated in place but its processed form untouched. On CPU that processed form
 is a packed copy of the weight (``dispatch_cpu_unquantized_gemm``: oneDNN / sgl-kernel), and the
 head kept computing logits from the initial embedding after every sync.
+
+Why fused experts need a fix (vLLM 0.32): a MoE layer's experts are one ``RoutedExperts`` module
+whose ``load_weights`` fills its fused ``w13_weight`` / ``w2_weight`` from per-expert or stacked
+tensors. The layerwise reload processes it like any layer once all of it has arrived
+(``reload/layerwise.py``, ``_layerwise_process``): ``UnquantizedFusedMoEMethod``'s
+``process_weights_after_loading`` on the new, checkpoint-layout tensors, then the result copied
+into the tensors the kernel reads (``_copy_and_restore_kernel_tensors``). But that method, finding
+its kernel built (``_setup_kernel``: ``is_weight_update``), skips the kernel's own step,
+``moe_kernel.fused_experts.process_weights_after_loading``, which on CPU prepacks the weights for
+``cpu_fused_moe`` (``experts/cpu_moe.py``, ``CPUUnquantizedExperts``: ``cpu_prepack_moe_weight``;
+the Triton experts' step on GPU does nothing). The experts then served the new weights in
+checkpoint layout read as prepacked ones: logprob gap 0.02 on the tiny Qwen3-MoE after the first
+sync. So that step runs here after the reload, into the served tensors (it registers new ones), and
+only on layers that took weights in this update: one that took none got its prepacked tensors back,
+and prepacking is not idempotent.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,9 +52,38 @@ def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(tied.values())
 
 
+def process_in_place(layer: torch.nn.Module, process: Callable[[torch.nn.Module], None]) -> None:
+    """Run ``process`` on ``layer``, then copy each parameter it replaced back into the Parameter it
+    replaced, and put that one back: whatever holds the layer's tensors (a compiled graph, a CUDA
+    graph, vLLM's kernel tensors of the next reload) keeps reading them. A parameter whose shape or
+    dtype it changed is an error, not a silent broadcast."""
+    kept = dict(layer.named_parameters(recurse=False))
+    process(layer)
+    for name, param in kept.items():
+        new = getattr(layer, name)
+        if new is param:
+            continue
+        if new.shape != param.shape or new.dtype != param.dtype:
+            raise RuntimeError(f"{type(layer).__name__}.{name}: processing made {tuple(new.shape)} {new.dtype} of "
+                               f"{tuple(param.shape)} {param.dtype}; it cannot be copied into the served tensor")
+        param.data.copy_(new.data)
+        setattr(layer, name, param)
+
+
+def fused_expert_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """vLLM's fused-MoE layers whose unquantized method has built its kernel: those whose reload
+    skips the kernel's own processing step (see the module docstring)."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "quant_method", None), UnquantizedFusedMoEMethod)
+            and m.quant_method.moe_kernel is not None]
+
+
 class CheckpointReload:
     """Checkpoint-format (Hugging Face named, full) tensors loaded inside vLLM's layerwise-reload
-    lifecycle, then every tied module re-processed from its updated parameter.
+    lifecycle, then every tied module re-processed from its updated parameter and every reloaded
+    fused-MoE layer given its kernel's processing step.
 
     Goes first in the bases, before a ``WeightTransferEngine``: it replaces the engine's
     ``start_weight_update`` / ``update_weights`` / ``finish_weight_update``; a transport changes
@@ -52,6 +97,7 @@ class CheckpointReload:
 
         # Found before the reload swaps parameters for meta tensors, which breaks the sharing.
         self._tied = tied_modules(self.model)
+        self._experts = fused_expert_layers(self.model)
         # A bare load_weights on a loaded CPU model fails ("'Parameter' object has no attribute
         # 'weight_loader'"): checkpoint-format weights load inside this lifecycle.
         initialize_layerwise_reload(self.model)
@@ -75,7 +121,15 @@ class CheckpointReload:
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
 
+        # Read before finalize resets it: a layer processed while loading has no tracking left
+        # (can_load() False), one that took part of its weights is processed by finalize; one
+        # that took none gets its prepacked tensors back, to be left as they are.
+        reloaded = [m for m in self._experts
+                    if not get_layerwise_info(m).can_load() or get_layerwise_info(m).load_numel > 0]
         finalize_layerwise_reload(self.model, self.model_config)
         for module in self._tied:
             module.quant_method.process_weights_after_loading(module)
+        for module in reloaded:
+            process_in_place(module, module.quant_method.moe_kernel.fused_experts.process_weights_after_loading)
