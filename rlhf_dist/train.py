@@ -125,7 +125,7 @@ def run_with_restarts(
     try:
         while True:
             started = time.perf_counter()
-            roles = start_roles(cfg, plan, *paths, recovery=engines)
+            roles = start_roles(cfg, plan, *paths, recovery=engines, restart=restarts.count > 0)
             actors.append(roles)
             PREEMPTION.check(f"{read_state(resume_from).step if resume_from else 0} of {cfg.total_steps} steps done")
             engines.record(roles)

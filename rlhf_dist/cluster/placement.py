@@ -78,11 +78,17 @@ def check_reachable(address: str) -> None:
                           f"({type(e).__name__}: {e}); {fix}") from None
 
 
+NODE_RESOURCE_SHARE = 0.001  # of a role's node resource, per actor: a marker, never the limit
+
+
 def role_bundle(res: RoleResources) -> dict[str, float]:
-    """The Ray resources of one actor of a role (no GPU key for a CPU-only role)."""
+    """The Ray resources of one actor of a role (no GPU key for a CPU-only role; its node resource,
+    if it has one)."""
     bundle = {"CPU": res.cpus}
     if res.gpus:
         bundle["GPU"] = res.gpus
+    if res.node_resource:
+        bundle[res.node_resource] = NODE_RESOURCE_SHARE
     return bundle
 
 
@@ -107,6 +113,7 @@ def layout(placement: str, per_role: dict[str, RoleResources], counts: dict[str,
     for i in range(max(counts.values())):
         sharing = [per_role[role] for role, n in counts.items() if n > i]
         bundle = {"CPU": sum(res.cpus for res in sharing)}
+        bundle.update((res.node_resource, NODE_RESOURCE_SHARE) for res in sharing if res.node_resource)
         if any(res.gpus for res in sharing):
             # A whole GPU, not the sum of the fractions: Ray packs fractional bundles onto the
             # fullest GPU that fits them, which could put two ranks of one process group on one
@@ -132,8 +139,9 @@ def check_fits(plan: Layout, cluster: dict[str, float], num_cpus: int) -> None:
                           f"{have:g}; {fix}, or lower resources.<role>.{kind}")
 
 
-def _amounts(resources: dict[str, float]) -> str:
-    return " ".join(f"{k} {v:g}" for k, v in resources.items() if k in ("CPU", "GPU")) or "nothing"
+def _amounts(resources: dict[str, float], keys: set[str]) -> str:
+    return " ".join(f"{k} {v:g}" for k, v in sorted(resources.items(), key=lambda kv: (kv[0] not in ("CPU", "GPU"), kv[0]))
+                    if k in keys) or "nothing"
 
 
 def check_nodes_fit(plan: Layout, free: dict[str, dict[str, float]]) -> None:
@@ -150,10 +158,11 @@ def check_nodes_fit(plan: Layout, free: dict[str, dict[str, float]]) -> None:
     short = [key for key in ("GPU", "CPU") if needs[key] > totals[key] + 1e-9]
     if not homeless and not short:
         return
-    wants = ", ".join(f"{name} {len(bundles)} x {_amounts(bundles[0])}" if name != "colocated" else
-                      f"colocated bundles {', '.join(_amounts(b) for b in bundles)}"
+    keys = {"CPU", "GPU"} | {k for bundles in plan.groups.values() for b in bundles for k in b}
+    wants = ", ".join(f"{name} {len(bundles)} x {_amounts(bundles[0], keys)}" if name != "colocated" else
+                      f"colocated bundles {', '.join(_amounts(b, keys) for b in bundles)}"
                       for name, bundles in plan.groups.items())
-    have = "; ".join(f"{node} {_amounts(r)}" for node, r in sorted(free.items())) or "no live node"
+    have = "; ".join(f"{node} {_amounts(r, keys)}" for node, r in sorted(free.items())) or "no live node"
     why = (f"{', '.join(homeless)} needs more than any one node has free" if homeless else
            f"the actors need {' and '.join(f'{needs[k]:g} {k}s' for k in short)}, the nodes have "
            f"{' and '.join(f'{totals[k]:g}' for k in short)} free")
@@ -172,12 +181,16 @@ def free_per_node() -> dict[str, dict[str, float]]:
             if node in addresses}
 
 
-def place(res: ResourcesConfig, counts: dict[str, int], timeout_s: float) -> dict[str, list[Slot]]:
-    """Create the placement groups of ``layout`` and return the slot of every actor, by role."""
+def place(
+    res: ResourcesConfig, counts: dict[str, int], timeout_s: float, check_fit: bool = True
+) -> dict[str, list[Slot]]:
+    """Create the placement groups of ``layout`` and return the slot of every actor, by role.
+    ``check_fit`` False: wait for a joined cluster's resources however short it is now (a restart
+    after a lost node, which the cluster may be replacing)."""
     plan = layout(res.placement, res.roles(), counts)
     if not res.ray_address:
         check_fits(plan, ray.cluster_resources(), res.num_cpus)
-    elif res.check_fit:
+    elif res.check_fit and check_fit:
         check_nodes_fit(plan, free_per_node())
     groups = {
         name: placement_group(bundles, strategy="PACK", name=f"rlhf_dist/{name}")

@@ -41,6 +41,8 @@ class Running(Protocol):
 
     def processes(self, timeout_s: float) -> dict[str, list[int]]: ...
 
+    def nodes(self) -> dict[str, list[str]]: ...
+
 
 class EngineRecovery:
     """The budget and the reporting of engine replacements (``Roles.replace_lost_engines`` does
@@ -56,8 +58,11 @@ class EngineRecovery:
         self.notify, self.actors_file = notify, actors_file
 
     def record(self, running: Running) -> None:
-        """Write every actor's process id to ``actors_file`` (atomically), if there is one."""
+        """Write every actor's process id to ``actors_file``, and its Ray node id to ``nodes.json``
+        beside it (each atomically), if there is one."""
         if self.actors_file is not None:
-            tmp = self.actors_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(running.processes(self.start_timeout_s), indent=1) + "\n")
-            os.replace(tmp, self.actors_file)
+            for path, content in ((self.actors_file.with_name("nodes.json"), running.nodes()),
+                                  (self.actors_file, running.processes(self.start_timeout_s))):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(content, indent=1) + "\n")
+                os.replace(tmp, path)

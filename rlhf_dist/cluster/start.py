@@ -105,6 +105,12 @@ class Roles:
         pending = [g.call_async("pid", timeout_s=timeout_s) for g in self.groups()]
         return {g.role: pids for g, pids in zip(self.groups(), wait_all(*pending))}
 
+    def nodes(self) -> dict[str, list[str]]:
+        """The Ray node id of every actor, by role and rank (from the cluster's actor table)."""
+        from ray._private.state import actors  # the GCS's actor table (pinned Ray; no dashboard needed)
+
+        return {g.role: [actors(a._actor_id.hex())["Address"]["NodeID"] for a in g.actors] for g in self.groups()}
+
 
 def rank_spec(cfg: Config, rank: int, world_size: int, model_path: str) -> RankSpec:
     """The spec of one actor: rank ``rank`` of ``world_size``, loading ``model_path``."""
@@ -112,10 +118,11 @@ def rank_spec(cfg: Config, rank: int, world_size: int, model_path: str) -> RankS
                     timeout_s=trainer_collective_timeout_s(cfg), model_path=model_path)
 
 
-def place_roles(cfg: Config, counts: dict[str, int]) -> dict[str, list[Slot]]:
-    """Start (or join) Ray and reserve a placement slot for every actor: ``counts`` by role."""
+def place_roles(cfg: Config, counts: dict[str, int], check_fit: bool = True) -> dict[str, list[Slot]]:
+    """Start (or join) Ray and reserve a placement slot for every actor: ``counts`` by role
+    (``check_fit``: ``placement.place``'s)."""
     init_ray(cfg.resources, cfg.logger.actor_logs)
-    return place(cfg.resources, counts, cfg.timeouts.actor_start_s)
+    return place(cfg.resources, counts, cfg.timeouts.actor_start_s, check_fit)
 
 
 def wait_started(cfg: Config, groups: list[WorkerGroup], trainers: tuple[TrainerGroup, ...] = ()) -> list[float]:
@@ -193,13 +200,16 @@ def connect_weights(cfg: Config, policy: PolicyGroup, generation: GenerationGrou
 
 
 def start_roles(
-    cfg: Config, plan: RunPlan, policy_path: str, critic_path: str, recovery: EngineRecovery | None = None
+    cfg: Config, plan: RunPlan, policy_path: str, critic_path: str, recovery: EngineRecovery | None = None,
+    restart: bool = False,
 ) -> Roles:
     """Place and start all actors, join the trainer groups and the weight-transfer group.
-    ``recovery`` replaces lost engines (default: up to ``max_restarts``, reported on stderr, no actors file)."""
+    ``recovery`` replaces lost engines (default: up to ``max_restarts``, reported on stderr, no actors file).
+    A ``restart`` waits for the resources of a joined cluster rather than refusing a layout it
+    cannot hold now (a lost node may be on its way back)."""
     res, to = cfg.resources, cfg.timeouts
     started = time.perf_counter()
-    slots = place_roles(cfg, actor_counts(cfg))
+    slots = place_roles(cfg, actor_counts(cfg), check_fit=not restart)
     placed = time.perf_counter()
     generation = start_engines(cfg, "generation", policy_path, slots["generation"])
     sampling = {"temperature": cfg.rollout.temperature, "max_new_tokens": cfg.rollout.max_new_tokens}

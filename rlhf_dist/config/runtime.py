@@ -16,6 +16,9 @@ class RoleResources:
     # GPUs per actor of this role; colocated, its fraction of the bundle's one GPU and its planned share
     # of that GPU's memory (the engine's rollout.gpu_memory_utilization must leave it free).
     gpus: float = 0.0
+    # A custom Ray resource every actor of this role asks for a little of (0.001): the role then runs
+    # only on nodes started with it (`ray start --resources='{"<name>": 1}'`), e.g. "trainer_nodes".
+    node_resource: str = ""
 
 
 @dataclass

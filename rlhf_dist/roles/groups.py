@@ -136,6 +136,8 @@ class GenerationStream:
 class TrainerGroup(WorkerGroup):
     """A DeepSpeed data-parallel group: every call is issued on all ranks, each with its shard."""
 
+    collective = True
+
     def setup_async(self, start_timeout_s: float) -> Pending[list[int]]:
         """Every rank joins the data-parallel group hosted by rank 0 and builds its DeepSpeed engine."""
         host, port = self._on_rank0("endpoint", start_timeout_s)

@@ -46,6 +46,9 @@ class Pending(Generic[T]):
     timeout_s: float
     combine: Callable[[list[Any]], T]
     ranks: list[int] | None = None  # the actor rank of each ref (None: refs[i] is rank i)
+    # The ranks' calls are one collective (a DeepSpeed group's): when one fails, a lost peer is the
+    # error to report (``lost_peer``).
+    collective: bool = False
 
     def result(self) -> T:
         return wait_all(self)[0]
@@ -134,10 +137,29 @@ def wait_all(*pending: Pending, finished: dict[int, float] | None = None) -> lis
                 late.role, late.op,
             )
         for ref in ready:
-            values[ref] = _get(owner[ref], ref)
+            try:
+                values[ref] = _get(owner[ref], ref)
+            except RoleError as e:
+                if owner[ref].collective and not e.lost_actor:
+                    raise lost_peer(owner[ref], [r for r in waiting if r in owner[ref].refs], e) from e.__cause__
+                raise
             if finished is not None and all(r in values for r in owner[ref].refs):
                 finished[pending.index(owner[ref])] = time.perf_counter()
     return [p.combine([values[r] for r in p.refs]) for p in pending]
+
+
+PEER_LOSS_S = 60.0  # Ray marks the actors of a node gone within ~30 s of the node's last heartbeat
+
+
+def lost_peer(pending: Pending, others: list[ray.ObjectRef], first: RoleError) -> RoleError:
+    """The error to report for a collective call whose rank failed with ``first``: the ranks of a
+    collective fail together, a survivor often first ("Connection reset by peer" when a peer's
+    process or node is gone) and before Ray reports the peer lost. So the ranks still running
+    (``others``) are waited for, up to ``PEER_LOSS_S``, and the first that turns out lost is
+    returned (an error a restart can recover from); else ``first``."""
+    part = Pending(pending.role, pending.op, others, min(pending.timeout_s, PEER_LOSS_S), list,
+                   [pending.rank_of(r) for r in others])
+    return next((e for e in _failures([part]) if e.lost_actor), first)
 
 
 def wait_collective(*pending: Pending, settle: bool) -> list[Any]:
@@ -182,6 +204,8 @@ def _failures(pending: Sequence[Pending]) -> Iterator[RoleError]:
 class WorkerGroup:
     """The actors of one role, addressed by rank."""
 
+    collective = False  # every call on all ranks is one collective (``Pending.collective``)
+
     def __init__(self, role: str, actors: Sequence[ray.actor.ActorHandle], timeout_s: float) -> None:
         self.role, self.actors, self.timeout_s = role, list(actors), timeout_s
 
@@ -194,7 +218,7 @@ class WorkerGroup:
     ) -> Pending:
         """The same call on every actor."""
         refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
-        return Pending(self.role, method, refs, timeout_s or self.timeout_s, combine)
+        return Pending(self.role, method, refs, timeout_s or self.timeout_s, combine, collective=self.collective)
 
     def call_on_async(self, rank: int, method: str, *args: Any) -> Pending:
         """A call on actor ``rank`` alone (e.g. a part of a stream); its result is the value itself."""
@@ -210,7 +234,7 @@ class WorkerGroup:
             if len(shard) != len(self.actors):
                 raise ValueError(f"{self.role}.{method}: {len(shard)} shards for {len(self.actors)} actors")
         refs = [getattr(a, method).remote(*args, **common) for a, *args in zip(self.actors, *shards)]
-        return Pending(self.role, method, refs, timeout_s or self.timeout_s, combine)
+        return Pending(self.role, method, refs, timeout_s or self.timeout_s, combine, collective=self.collective)
 
     def kill(self) -> None:
         for actor in self.actors:

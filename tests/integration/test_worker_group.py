@@ -62,6 +62,11 @@ class _Ranked:
         time.sleep(seconds)
         os._exit(1)
 
+    def reset_or_die(self, seconds: float) -> None:
+        if self.rank == 1:  # what a gloo peer raises when the other rank's process is gone
+            raise RuntimeError("gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+        self.die_after(seconds)
+
 
 def test_first_failure_ends_the_wait_without_waiting_for_the_others(group):
     actors = [ray.remote(_Ranked).options(num_cpus=0.25).remote(r) for r in range(2)]
@@ -128,6 +133,27 @@ def test_the_ends_of_a_collective_report_the_lost_one_even_when_another_fails_fi
         wait_collective(senders.call_async("work_or_fail", 20.0), receivers.call_async("die_after", 1.0), settle=False)
     assert time.monotonic() - start < 10
     senders.kill()
+
+
+class _Collective(WorkerGroup):
+    collective = True  # as a DeepSpeed group's calls (roles.groups.TrainerGroup)
+
+
+def test_a_collective_rank_that_fails_first_gives_way_to_the_peer_that_was_lost(group):
+    # The node of a DeepSpeed group's ranks goes down: a rank still alive for a moment fails its
+    # collective ("Connection reset by peer") before Ray reports its peer lost. Reported as that
+    # failure, the run would end; the loss is what restarts the roles from a checkpoint.
+    ranks = _Collective("policy", [ray.remote(_Ranked).options(num_cpus=0.25).remote(r) for r in range(2)], 30)
+    assert ranks.call_async("ping").result() == [0, 1]
+    start = time.monotonic()
+    with pytest.raises(RoleError, match=r"^policy\.reset_or_die: actor rank 0 died \(") as lost:
+        ranks.call_async("reset_or_die", 1.0).result()
+    assert lost.value.lost_actor and time.monotonic() - start < 30
+    # calls that are no collective report the first failure, at once
+    plain = WorkerGroup("reward", [ray.remote(_Ranked).options(num_cpus=0.25).remote(r) for r in range(2)], 30)
+    with pytest.raises(RoleError, match=r"^reward\.reset_or_die failed on actor rank 1: RuntimeError: .*reset by peer"):
+        plain.call_async("reset_or_die", 1.0).result()
+    plain.kill()
 
 
 class _Starts:

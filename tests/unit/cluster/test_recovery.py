@@ -91,12 +91,16 @@ class _Running:
         assert timeout_s == 5.0
         return {"generation": [11, 12], "policy": [13]}
 
+    def nodes(self):
+        return {"generation": ["n1", "n2"], "policy": ["n1"]}
+
 
 def test_record_writes_the_actors_file(tmp_path):
     path, running = tmp_path / "actors.json", _Running()
     EngineRecovery(Restarts(limit=1), start_timeout_s=5.0, actors_file=path).record(running)  # type: ignore[arg-type]
     assert json.loads(path.read_text()) == {"generation": [11, 12], "policy": [13]}
-    assert not path.with_suffix(".tmp").exists()
+    assert json.loads((tmp_path / "nodes.json").read_text()) == {"generation": ["n1", "n2"], "policy": ["n1"]}
+    assert not path.with_suffix(".tmp").exists() and not (tmp_path / "nodes.tmp").exists()
     EngineRecovery(Restarts(limit=1), start_timeout_s=5.0).record(running)  # type: ignore[arg-type]  # no file
 
 

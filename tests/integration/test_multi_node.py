@@ -1,0 +1,87 @@
+"""The multi-node path, on a real Ray cluster of three nodes on this machine (scripts/local_cluster.py:
+a head with the job API and two workers, each its own raylet), started once for every check:
+
+- a run submitted through Ray's job API (scripts/submit_job.sh, resources=local_nodes) puts each
+  role on the node its preset names (nodes.json), and its metrics equal the single-node run's;
+- the node of the policy and critic ranks disappears mid-run (its raylet SIGKILLed, as a machine
+  goes down) and a replacement node joins: every role restarts from the last checkpoint and the
+  run completes with the same metrics as the uninterrupted single-node run (tolerance 0, as in
+  test_reliability: placement changes no number).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from scripts.local_cluster import LocalCluster, node_resource
+from tests.conftest import REPO
+from tests.integration.test_reliability import assert_same_run, rows
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+TRAINER_NODE = 2  # resources=local_nodes: the policy and critic ranks on rlhf_node_2
+RUN_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    nodes = LocalCluster(cpus=4, logs=str(tmp_path_factory.mktemp("ray_nodes"))).start(workers=2)
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def node_ids(cluster: LocalCluster) -> dict[str, str]:
+    """Node resource (rlhf_node_<i>) -> the id of the live node that has it."""
+    return {r: n["NodeID"] for n in cluster.alive_nodes() for r in n["Resources"] if r.startswith("rlhf_node_")}
+
+
+def wait_for(condition, what: str, job: subprocess.Popen) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not condition():
+        assert job.poll() is None, f"the job ended ({job.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_a_job_on_three_nodes_equals_the_single_node_run_and_survives_losing_the_trainer_node(
+    cluster, default_run, tmp_path
+):
+    out = tmp_path / "run"
+    console = (tmp_path / "job.console").open("w")
+    job = subprocess.Popen(
+        ["bash", "scripts/submit_job.sh", "--", "resources=local_nodes", f"total_steps={STEPS}",
+         "checkpoint.every_steps=1", f"hydra.run.dir={out}", "logger.progress_bar=false"],
+        cwd=REPO, stdout=console, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": cluster.job_api},
+    )
+    try:
+        # Each role on the node its preset names: node ids from the cluster's actor table.
+        wait_for(lambda: (out / "nodes.json").exists(), "the actors' nodes", job)
+        placed, ids = json.loads((out / "nodes.json").read_text()), node_ids(cluster)
+        expected = {"generation": 1, "policy": TRAINER_NODE, "critic": TRAINER_NODE, "reference": 0, "reward": 0}
+        assert placed == {role: [ids[node_resource(i)]] * len(placed[role]) for role, i in expected.items()}
+        assert len(placed["policy"]) == len(placed["critic"]) == 2
+        # The trainers' node goes down after step 2; a replacement joins.
+        wait_for(lambda: len(rows(out)) >= 3, "step 2", job)  # checkpointed after every step
+        lost = ids[node_resource(TRAINER_NODE)]
+        cluster.kill_node(TRAINER_NODE)
+        cluster.add_worker(TRAINER_NODE)
+        assert job.wait(timeout=RUN_TIMEOUT_S) == 0, (tmp_path / "job.console").read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    text = (tmp_path / "job.console").read_text()
+    assert "succeeded" in text, text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["restarts/roles"] == 1, summary
+    replaced = json.loads((out / "nodes.json").read_text())
+    assert replaced["policy"][0] != lost and replaced["policy"][0] == node_ids(cluster)[node_resource(TRAINER_NODE)]
+    assert_same_run(rows(out), rows(default_run)[:STEPS])
+
