@@ -40,6 +40,7 @@ from rlhf_dist.driver.run_logger import RunLogger
 from rlhf_dist.driver.timeline import Timeline
 from rlhf_dist.evaluation import EVAL_COLUMNS, eval_summary, evaluate
 from rlhf_dist.roles.worker_group import Pending, wait_all
+from rlhf_dist.rollout import dump
 from rlhf_dist.rollout.queue import RolloutBatch, RolloutQueue
 from rlhf_dist.rollout.scoring import advantages_for
 
@@ -200,6 +201,10 @@ def run_rl(
     for step in range(start.step, cfg.total_steps):
         started = time.perf_counter()
         batch = rollouts.take(step)  # generated from the policy of step - staleness, scored
+        if cfg.rollout.dump:
+            dumped = time.perf_counter()
+            dump.write(logger.out_dir / "rollouts", batch)
+            batch.times["time/rollout_dump"] = time.perf_counter() - dumped
         metrics, rows = rl_step(step, cfg, roles, batch, kl_ctl, timeline, started)
         if not metrics["rollout/staleness_max"]:  # a stale sample's gap is the policy's change, not the sync's
             gap_watch.observe(step, metrics["logprob_gap/mean"])

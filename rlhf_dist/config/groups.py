@@ -277,6 +277,10 @@ class RolloutConfig:
     # values (rlhf_dist/rollout/passes.py). false: each is one pass over the whole batch once it is scored
     # (resources=local_cpu sets it: on shared cores the passes would slow the engines down).
     stream_passes: bool = True
+    # Write each step's scored rollout to <run dir>/rollouts/step_<N>.safetensors as it is taken
+    # (token ids, sampling logprobs, scores, policy versions, texts; rollout/dump.py, which also
+    # prints one: python -m rlhf_dist.rollout.dump <file>). time/rollout_dump says what it costs.
+    dump: bool = False
     # DAPO's dynamic sampling (Yu et al. 2025): drop prompt groups whose n rewards are all equal (no
     # advantage under a group baseline) and sample more prompts until the step holds batch_size
     # informative groups, or max_sampling_rounds rounds were drawn (then the step is filled with

@@ -3,6 +3,7 @@ a head with the job API and two workers, each its own raylet), started once for 
 
 - a run submitted through Ray's job API (scripts/submit_job.sh, resources=local_nodes) puts each
   role on the node its preset names (nodes.json), and its metrics equal the single-node run's;
+- every step's scored batch is dumped (rollout.dump=true) and reads back as trained on;
 - the node of the policy and critic ranks disappears mid-run (its raylet SIGKILLed, as a machine
   goes down) and a replacement node joins: every role restarts from the last checkpoint and the
   run completes with the same metrics as the uninterrupted single-node run (tolerance 0, as in
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import time
 
 import pytest
 
+from rlhf_dist.rollout import dump
 from scripts.local_cluster import LocalCluster, node_resource
 from tests.conftest import REPO
 from tests.integration.test_reliability import assert_same_run, rows
@@ -58,7 +61,7 @@ def test_a_job_on_three_nodes_equals_the_single_node_run_and_survives_losing_the
     console = (tmp_path / "job.console").open("w")
     job = subprocess.Popen(
         ["bash", "scripts/submit_job.sh", "--", "resources=local_nodes", f"total_steps={STEPS}",
-         "checkpoint.every_steps=1", f"hydra.run.dir={out}", "logger.progress_bar=false"],
+         "checkpoint.every_steps=1", f"hydra.run.dir={out}", "logger.progress_bar=false", "rollout.dump=true"],
         cwd=REPO, stdout=console, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": cluster.job_api},
     )
     try:
@@ -84,4 +87,10 @@ def test_a_job_on_three_nodes_equals_the_single_node_run_and_survives_losing_the
     replaced = json.loads((out / "nodes.json").read_text())
     assert replaced["policy"][0] != lost and replaced["policy"][0] == node_ids(cluster)[node_resource(TRAINER_NODE)]
     assert_same_run(rows(out), rows(default_run)[:STEPS])
+    # every step's batch was dumped as trained on (rollout.dump=true; the steps redone after the
+    # restart rewrote theirs): its scores are the step's reward (reward/mean is a float32 mean)
+    for row in rows(out):
+        batch = dump.read(out / "rollouts" / f"step_{row['step']:06d}.safetensors")
+        assert len(batch.generations) == 64
+        assert statistics.fmean(batch.scores) == pytest.approx(row["reward/mean"], rel=1e-6, abs=1e-7)
 
