@@ -56,16 +56,23 @@ class DataConfig:
     # "auto": the test split of a builtin data.sft, none for a file (so a real data set is never
     # evaluated on the embedded task by accident).
     eval_sft: str = "auto"
-    # Pairwise preferences for the reward model: builtin:reviews (ranked by the embedded task's
-    # simulated annotator), or a JSONL file / datasets directory with "prompt", "chosen", "rejected".
+    # Preferences for the reward model: builtin:reviews (ranked by the embedded task's simulated
+    # annotator), or a JSONL file / datasets directory whose rows are pairs ("prompt", "chosen",
+    # "rejected") or rankings ("prompt", "responses" best first, optional "ranks": lower is better,
+    # equal is a tie).
     preferences: str = "builtin:reviews"
     # Held-out preferences for the reward model's pairwise accuracy: a source, "" (none), or "auto"
     # (the test split of a builtin data.preferences, none for a file).
     eval_preferences: str = "auto"
-    # Rows generated for builtin:reviews demonstrations and preference pairs (held-out: an eighth).
+    # Rows generated for builtin:reviews demonstrations and preferences (pairs, or rankings of
+    # ranking_k responses; held-out: an eighth).
     num_builtin_sft: int = 4096
     num_builtin_pairs: int = 4096
-    # Probability that the simulated annotator ranks a pair the wrong way round (label noise).
+    # Responses the simulated annotator ranks per prompt for builtin preferences: 2 = pairs; K > 2
+    # gives up to C(K, 2) comparisons per prompt (InstructGPT ranked K = 4 to 9).
+    ranking_k: int = 2
+    # Probability that the simulated annotator ranks a pair the wrong way round (label noise; in a
+    # ranking, the average over its pairs of score levels).
     annotator_noise: float = 0.1
     # Apply the tokenizer's chat template (when it has one) to prompts and reward-model inputs.
     chat_template: bool = True
@@ -84,6 +91,11 @@ class DataConfig:
                 continue
             if value.startswith("builtin:") and value not in BUILTIN_SUPERVISED:
                 _fail(f"data.{key}", value, f"use {', '.join(BUILTIN_SUPERVISED)} or a JSONL file / datasets directory")
+        if self.ranking_k < 2:
+            _fail("data.ranking_k", self.ranking_k, "must be >= 2 (2: preference pairs; K: rankings of K responses)")
+        if self.ranking_k != 2 and not self.preferences.startswith("builtin:"):
+            _fail("data.ranking_k", self.ranking_k, f"sizes the builtin rankings only; data.preferences="
+                  f"{self.preferences!r} is a file, whose rows carry their own responses: leave it at 2")
         if not 0.0 <= self.annotator_noise < 0.5:
             _fail("data.annotator_noise", self.annotator_noise, "must be in [0, 0.5)")
 

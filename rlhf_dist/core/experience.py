@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_dist.core.losses import comparable_pairs
+
 
 class TensorRows:
     """Row selection and sharding for a dataclass of equal-length tensors (plus scalars)."""
@@ -123,20 +125,29 @@ def collate(
     return Experience(input_ids, attention, position_ids, response_mask, width)
 
 
-@dataclass
-class PairBatch(TensorRows):
-    """Reward-model pairs: token ids of the chosen and the rejected exchange, right-padded."""
+NO_RESPONSE = -1  # the rank of an empty slot of a RankingBatch (a prompt with fewer than K responses)
 
-    chosen_ids: torch.Tensor  # (B, L) long
-    chosen_mask: torch.Tensor  # (B, L) long
-    rejected_ids: torch.Tensor  # (B, L') long
-    rejected_mask: torch.Tensor  # (B, L') long
+
+@dataclass
+class RankingBatch(TensorRows):
+    """Reward-model rankings, one batch element per prompt: the token ids of its K exchanges (prompt +
+    response, right-padded) and their ranks (lower is better, equal ranks a tie). A preference pair
+    is a ranking of two, ranks [0, 1]. A prompt with fewer than K responses has ``NO_RESPONSE``
+    in the empty slots (all-pad rows, never run through the model)."""
+
+    input_ids: torch.Tensor  # (B, K, L) long
+    attention_mask: torch.Tensor  # (B, K, L) long
+    ranks: torch.Tensor  # (B, K) long
 
     def __len__(self) -> int:
-        return self.chosen_ids.shape[0]
+        return self.input_ids.shape[0]
 
     def sequence_lengths(self) -> list[int]:
-        return (self.chosen_mask.sum(dim=1) + self.rejected_mask.sum(dim=1)).tolist()
+        return self.attention_mask.sum(dim=(1, 2)).tolist()
+
+    def comparisons(self) -> int:
+        """Comparable pairs of responses (of one prompt, with different ranks) in the batch."""
+        return int(comparable_pairs(self.ranks).sum())
 
 
 def pad_sequences(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,10 +161,24 @@ def pad_sequences(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def collate_pairs(chosen: list[list[int]], rejected: list[list[int]], pad_id: int) -> PairBatch:
-    if len(chosen) != len(rejected) or not chosen:
-        raise ValueError(f"need equal, non-zero numbers of chosen and rejected rows: {len(chosen)} vs {len(rejected)}")
-    return PairBatch(*pad_sequences(chosen, pad_id), *pad_sequences(rejected, pad_id))
+def collate_rankings(responses: list[list[list[int]]], ranks: list[list[int]], pad_id: int) -> RankingBatch:
+    """A ``RankingBatch`` of each prompt's exchanges (token ids) and their ranks; prompts with fewer
+    responses than the most get empty slots."""
+    if len(responses) != len(ranks) or not responses:
+        raise ValueError(f"need equal, non-zero numbers of rankings and rank lists: {len(responses)} vs {len(ranks)}")
+    k = max(len(r) for r in responses)
+    width = max(len(seq) for r in responses for seq in r)
+    input_ids = torch.full((len(responses), k, width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    rank_t = torch.full((len(responses), k), NO_RESPONSE, dtype=torch.long)
+    for b, (seqs, row_ranks) in enumerate(zip(responses, ranks)):
+        if len(seqs) != len(row_ranks) or any(r < 0 for r in row_ranks):
+            raise ValueError(f"ranking {b}: {len(seqs)} responses with ranks {row_ranks} (one rank >= 0 each)")
+        for i, seq in enumerate(seqs):
+            input_ids[b, i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention[b, i, : len(seq)] = 1
+        rank_t[b, : len(seqs)] = torch.tensor(row_ranks, dtype=torch.long)
+    return RankingBatch(input_ids, attention, rank_t)
 
 
 def pad_right(rows: list[list[float]], width: int, value: float = 0.0) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Losses: the clipped policy loss (token- or sequence-level ratios, dual clip), the actor loss
-with entropy and KL terms, the clipped value loss, SFT and pairwise (Bradley-Terry) losses, their
+with entropy and KL terms, the clipped value loss, SFT, pairwise and ranking (Bradley-Terry) losses, their
 aggregation over a batch, and off-policy rollout correction (TIS / MIS). Pure torch.
 
 Per-token tensors are ``(B, T)`` over *response* positions; ``mask`` is ``(B, T)`` (float or
@@ -308,4 +308,40 @@ def pairwise_loss(
     margin = chosen.float() - rejected.float()
     loss = -torch.nn.functional.logsigmoid(margin).sum() / (len(margin) if total is None else total)
     stats = {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+    return loss, stats
+
+
+def comparable_pairs(ranks: torch.Tensor) -> torch.Tensor:
+    """better[b, i, j]: response i of prompt b is ranked better than its response j (a lower rank;
+    equal ranks are a tie and empty slots, rank < 0, have none). Shape: ranks (B, K) -> (B, K, K) bool."""
+    present = ranks >= 0
+    return (ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None] & present[:, None, :]
+
+
+def ranking_loss(
+    scores: torch.Tensor, ranks: torch.Tensor, total: float | None = None, comparisons: float | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reward-model loss on rankings of K responses per prompt, all C(K, 2) comparisons of a prompt
+    one batch element (Ouyang et al. 2022, eq. 1), each response scored once:
+
+        loss = sum_b [ sum_{(i, j) in P_b} -log sigmoid(r_bi - r_bj) / |P_b| ] / N,   N = total or B
+
+    P_b: the comparable pairs of prompt b, i ranked better than j (``comparable_pairs``: ties and
+    empty slots give none; every prompt needs one, else ValueError naming it). A pair (K = 2, ranks
+    [0, 1]) is exactly ``pairwise_loss``. ``total``: the prompts of the whole batch these are part of.
+    Stats: accuracy (the share of comparable pairs scored in the right order; equal scores count as
+    wrong) and the mean margin r_i - r_j over them, as parts of ``comparisons`` (the whole batch's
+    comparable pairs; None: these rows'), so that the parts of a batch add up to its figures.
+    Shape: scores (B, K) float, ranks (B, K) long -> scalar.
+    """
+    better = comparable_pairs(ranks)
+    per_prompt = better.sum(dim=(1, 2))
+    if not per_prompt.all():
+        empty = (per_prompt == 0).nonzero().flatten().tolist()
+        raise ValueError(f"ranking_loss: prompts {empty} have no comparable pair (all responses tied)")
+    margin = scores.float()[:, :, None] - scores.float()[:, None, :]  # (B, K, K): r_i - r_j
+    pair_loss = torch.where(better, -torch.nn.functional.logsigmoid(margin), 0.0)
+    loss = (pair_loss.sum(dim=(1, 2)) / per_prompt).sum() / (len(scores) if total is None else total)
+    n = better.sum().item() if comparisons is None else comparisons
+    stats = {"accuracy": ((margin > 0) & better).sum().item() / n, "margin": margin[better].sum().item() / n}
     return loss, stats

@@ -1,18 +1,19 @@
-"""The data of every stage: prompt sets (RL), demonstrations (SFT) and preference pairs (reward
-model), from builtin generators, JSONL files or Hugging Face ``datasets`` directories; validation
-of rows (counted and skipped, or rejected naming file and line); chat templates; and a
-deterministic prompt sampler keyed by step."""
+"""The data of every stage: prompt sets (RL), demonstrations (SFT) and preferences, pairs or
+rankings (reward model), from builtin generators, JSONL files or Hugging Face ``datasets``
+directories; validation of rows (counted and skipped, or rejected naming file and line); chat
+templates; and a deterministic prompt sampler keyed by step."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rlhf_dist.config import DataConfig
+from rlhf_dist.core.experience import RankingBatch, collate_rankings
 from rlhf_dist.core.seeds import EPOCH_ORDER, derive_seed
 from rlhf_dist.models.chat import conversation_text, prompt_token_ids
 from rlhf_dist.registry import TASKS
@@ -60,10 +61,18 @@ def _raw_rows(path: Path, key: str) -> Iterator[tuple[int, bytes | dict]]:
                 yield line_no, raw
 
 
+def _check_text(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} is empty or not a string")
+    return value
+
+
 def read_rows(
-    path: Path, on_bad_row: str, text_keys: tuple[str, ...] = ("prompt",), key: str = "data.prompts"
+    path: Path, on_bad_row: str, text_keys: tuple[str, ...] = ("prompt",), key: str = "data.prompts",
+    check: Callable[[dict], object] | None = None,
 ) -> tuple[list[dict], int]:
-    """Rows whose ``text_keys`` are all non-empty strings; a malformed row (bad JSON or UTF-8,
+    """Rows whose ``text_keys`` are all non-empty strings (and that ``check`` accepts: it raises
+    KeyError, TypeError or ValueError saying what is wrong); a malformed row (bad JSON or UTF-8,
     missing key, empty text) is counted and skipped, or raises naming file and line."""
     rows, skipped = [], 0
     for line_no, raw in _raw_rows(path, key):
@@ -72,8 +81,9 @@ def read_rows(
             if not isinstance(row, dict):
                 raise TypeError("row is not a JSON object")
             for name in text_keys:
-                if not isinstance(row[name], str) or not row[name].strip():
-                    raise ValueError(f"{name!r} is empty or not a string")
+                _check_text(row[name], repr(name))
+            if check is not None:
+                check(row)
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             if on_bad_row == "error":
                 raise DataError(f"{path}:{line_no}: bad row ({type(e).__name__}: {e})") from e
@@ -105,9 +115,10 @@ def _rows(source: str, key: str, kind: str, cfg: DataConfig, seed: int, split: s
         num = cfg.num_builtin_sft if kind == "sft" else cfg.num_builtin_pairs
         if split == "test":
             num = max(1, num // 8)
-        return task.supervised_rows(kind, num, seed, split, cfg.annotator_noise), 0
-    text_keys = ("prompt", "response") if kind == "sft" else ("prompt", "chosen", "rejected")
-    return read_rows(Path(source).expanduser(), cfg.on_bad_row, text_keys, key)
+        return task.supervised_rows(kind, num, seed, split, cfg.annotator_noise, cfg.ranking_k), 0
+    if kind == "sft":
+        return read_rows(Path(source).expanduser(), cfg.on_bad_row, ("prompt", "response"), key)
+    return read_rows(Path(source).expanduser(), cfg.on_bad_row, ("prompt",), key, check=ranking_of)
 
 
 def _nothing_usable(key: str, source: str, what: str, skipped: int) -> DataError:
@@ -153,43 +164,81 @@ def load_sft(source: str, cfg: DataConfig, tokenizer, max_len: int, seed: int, s
     return SFTSet(prompts, responses, skipped)
 
 
+def ranking_of(row: dict) -> tuple[list[str], list[int]]:
+    """(responses, ranks) of a preference row: a pair ``chosen``/``rejected`` is the ranking
+    [chosen, rejected] (ranks [0, 1]); ``responses`` (two or more, best first) with optional
+    ``ranks`` (integers >= 0, lower is better, equal is a tie; default the list order, no ties).
+    A row that gives no comparison (all tied) or contradicts itself (one text at two ranks)
+    raises ValueError; a missing key KeyError; a value of the wrong type TypeError."""
+    if "responses" not in row:
+        pair = [_check_text(row["chosen"], "'chosen'"), _check_text(row["rejected"], "'rejected'")]
+        if pair[0] == pair[1]:
+            raise ValueError("chosen and rejected are the same text")
+        return pair, [0, 1]
+    responses, ranks = row["responses"], row.get("ranks")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise ValueError(f"'responses' must be a list of at least 2 texts, got {responses!r:.60}")
+    for i, text in enumerate(responses):
+        _check_text(text, f"'responses'[{i}]")
+    if ranks is None:
+        ranks = list(range(len(responses)))
+    if not isinstance(ranks, list) or len(ranks) != len(responses):
+        raise ValueError(f"'ranks' must be a list of one rank per response ({len(responses)}), got {ranks!r:.60}")
+    if not all(type(r) is int and r >= 0 for r in ranks):
+        raise TypeError(f"'ranks' must be integers >= 0 (lower is better), got {ranks!r:.60}")
+    if len(set(ranks)) == 1:
+        raise ValueError(f"all {len(ranks)} responses are tied (ranks {ranks}): no comparison")
+    rank_of_text: dict[str, int] = {}
+    for text, rank in zip(responses, ranks):
+        if rank_of_text.setdefault(text, rank) != rank:
+            raise ValueError(f"the same response at ranks {rank_of_text[text]} and {rank}: {text!r:.40}")
+    return responses, ranks
+
+
 @dataclass(frozen=True)
 class PreferenceSet:
-    """Pairwise preferences as the reward model reads them: token ids of the chosen and of the
-    rejected exchange."""
+    """Preferences as the reward model reads them, one ranking per prompt: the token ids of each
+    exchange (prompt + response) and the responses' ranks (lower is better, equal is a tie). A
+    pair is a ranking of two."""
 
-    chosen_ids: list[list[int]]
-    rejected_ids: list[list[int]]
+    response_ids: list[list[list[int]]]
+    ranks: list[list[int]]
     skipped: int
 
     def __len__(self) -> int:
-        return len(self.chosen_ids)
+        return len(self.ranks)
+
+    def comparisons(self) -> int:
+        """Comparable pairs of responses (different ranks) over all prompts."""
+        return sum(a < b for ranks in self.ranks for a in ranks for b in ranks)
+
+    def batch(self, rows: Iterable[int], pad_id: int) -> RankingBatch:
+        rows = list(rows)
+        return collate_rankings([self.response_ids[i] for i in rows], [self.ranks[i] for i in rows], pad_id)
 
 
 def load_preferences(
     source: str, cfg: DataConfig, tokenizer, max_len: int, seed: int, split: str = "train"
 ) -> PreferenceSet:
-    """``prompt``/``chosen``/``rejected`` rows; identical chosen and rejected texts, or an
-    exchange longer than ``max_len`` tokens, are skipped or rejected."""
+    """Pairs (``prompt``/``chosen``/``rejected``) and rankings (``prompt``/``responses``, optional
+    ``ranks``), as ``ranking_of`` reads them; a bad row (``ranking_of``'s errors) or a row with an
+    exchange longer than ``max_len`` tokens is skipped or rejected."""
     key = "data.preferences" if split == "train" else "data.eval_preferences"
     rows, skipped = _rows(source, key, "preferences", cfg, seed, split)
-    chosen, rejected = [], []
+    response_ids, ranks = [], []
     for row in rows:
-        if row["chosen"] == row["rejected"]:
-            if cfg.on_bad_row == "error":
-                raise DataError(f"{key}: chosen and rejected are the same text: {row['chosen'][:60]!r}")
-            skipped += 1
+        responses, row_ranks = ranking_of(row)
+        ids = [tokenizer(conversation_text(tokenizer, row["prompt"], r, cfg.chat_template))["input_ids"]
+               for r in responses]
+        longest = max(len(x) for x in ids)
+        if longest > max_len:
+            skipped = _too_long(cfg, key, skipped, longest, max_len, row["prompt"])
             continue
-        c = tokenizer(conversation_text(tokenizer, row["prompt"], row["chosen"], cfg.chat_template))["input_ids"]
-        r = tokenizer(conversation_text(tokenizer, row["prompt"], row["rejected"], cfg.chat_template))["input_ids"]
-        if max(len(c), len(r)) > max_len:
-            skipped = _too_long(cfg, key, skipped, max(len(c), len(r)), max_len, row["prompt"])
-            continue
-        chosen.append(c)
-        rejected.append(r)
-    if not chosen:
+        response_ids.append(ids)
+        ranks.append(row_ranks)
+    if not ranks:
         raise _nothing_usable(key, source, "rows", skipped)
-    return PreferenceSet(chosen, rejected, skipped)
+    return PreferenceSet(response_ids, ranks, skipped)
 
 
 def load_prompts(

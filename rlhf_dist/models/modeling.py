@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import nn
 
-from rlhf_dist.core.experience import Experience, PairBatch, TensorRows, collate, pad_sequences
+from rlhf_dist.core.experience import Experience, RankingBatch, TensorRows, collate, pad_sequences
 from rlhf_dist.core.packing import ScoreLayout, TokenLayout, score_layout, token_layout
 from rlhf_dist.core.stats import entropy_from_logits, logprobs_from_logits
 from rlhf_dist.registry import TASKS
@@ -322,22 +322,22 @@ def score_pad_id(model: nn.Module, path: str, label: str) -> int:
     return model.config.pad_token_id
 
 
-def pair_scores(model: nn.Module, pairs: PairBatch, pad: int, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) scores, each (B,), in one forward pass over both halves; ``pad`` is the
-    model's pad token id (the score is read at the last non-pad token); ``packed``: the halves'
-    sequences packed (``enable_packed_scores``), the same numbers without the padding."""
-    width = max(pairs.chosen_ids.shape[1], pairs.rejected_ids.shape[1])
-
-    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
-        return nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    ids = torch.cat([widen(pairs.chosen_ids, pad), widen(pairs.rejected_ids, pad)])
-    mask = torch.cat([widen(pairs.chosen_mask, 0), widen(pairs.rejected_mask, 0)])
+def ranking_scores(model: nn.Module, batch: RankingBatch, pad: int, packed: bool = False) -> torch.Tensor:
+    """Scores (B, K) of every response of a batch of rankings in one forward pass over the responses,
+    each scored once (K rows per prompt, however many comparisons they give); 0 in empty slots.
+    ``pad`` is the model's pad token id (the score is read at the last non-pad token); ``packed``:
+    the sequences packed (``enable_packed_scores``), the same numbers without the padding. Rows run
+    slot by slot (every prompt's first response, then every second one...): for pairs, the chosen
+    then the rejected exchanges, as one forward pass over both halves always has."""
+    present = (batch.ranks >= 0).T.flatten()  # (K * B,) slot-major
+    ids = batch.input_ids.transpose(0, 1).flatten(0, 1)[present]
+    mask = batch.attention_mask.transpose(0, 1).flatten(0, 1)[present]
     if packed:
         scores = model(layout=score_layout(ids, mask, pad, packed=True))
     else:
         scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
-    return scores[: len(pairs)], scores[len(pairs) :]
+    slots = scores.new_zeros(len(present)).index_copy(0, present.nonzero().flatten(), scores)
+    return slots.view(batch.ranks.shape[1], len(batch)).T
 
 
 def write_model_dir(path: str | os.PathLike, write: Callable[[Path], None], replace: bool = False) -> Path:
@@ -430,7 +430,7 @@ Rows = TypeVar("Rows", bound=TensorRows)
 
 
 def micro_batches(rows: Rows, size: int) -> Iterator[Rows]:
-    """Consecutive row slices of ``rows`` (an Experience, a PairBatch), ``size`` rows each, in
+    """Consecutive row slices of ``rows`` (an Experience, a RankingBatch), ``size`` rows each, in
     order; the last may be shorter."""
     for start in range(0, len(rows), size):
         yield rows.select(slice(start, start + size))

@@ -14,7 +14,7 @@ import ray
 import torch
 
 from rlhf_dist.config import AlgoConfig
-from rlhf_dist.core.experience import Experience, PairBatch, collate, concat, split_sizes
+from rlhf_dist.core.experience import Experience, RankingBatch, collate, concat, split_sizes
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.roles.worker_group import Pending, RoleError, WorkerGroup, get_one, wait_all, wait_collective
 from rlhf_dist.weight_sync.transport import HandleTransport, ParamSpec, load_transport
@@ -215,16 +215,13 @@ class SFTGroup(TrainerGroup):
 
 
 class RewardModelGroup(TrainerGroup):
-    def train_async(self, pairs: PairBatch) -> Pending[dict[str, float]]:
-        """One optimizer step on a batch of preference pairs, split across the ranks."""
-        return self._train_async(pairs)
+    def train_async(self, rankings: RankingBatch) -> Pending[dict[str, float]]:
+        """One optimizer step on a batch of rankings (pairs: rankings of two), split across the ranks."""
+        return self._train_async(rankings)
 
-    def scores_async(self, pairs: PairBatch) -> Pending[tuple[torch.Tensor, torch.Tensor]]:
-        """(chosen, rejected) scores of every pair."""
-        return self.scatter_async(
-            "scores", pairs.split(len(self)),
-            combine=lambda outs: (concat([o[0] for o in outs]), concat([o[1] for o in outs])),
-        )
+    def scores_async(self, rankings: RankingBatch) -> Pending[torch.Tensor]:
+        """Scores (B, K) of every response of every ranking (0 in empty slots)."""
+        return self.scatter_async("scores", rankings.split(len(self)), combine=concat)
 
 
 class CriticGroup(TrainerGroup):

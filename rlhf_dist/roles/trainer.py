@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 
 from rlhf_dist.config import AlgoConfig, ModelConfig, RunPlan, TrainerConfig, TrainerPlan
-from rlhf_dist.core.experience import Experience, PairBatch
-from rlhf_dist.core.losses import actor_loss, pairwise_loss, sft_loss, value_loss
+from rlhf_dist.core.experience import Experience, RankingBatch
+from rlhf_dist.core.losses import actor_loss, ranking_loss, sft_loss, value_loss
 from rlhf_dist.core.stats import masked_sum
 from rlhf_dist.models.modeling import (
     load_causal_lm,
     load_critic,
     load_reward_model,
-    pair_scores,
+    ranking_scores,
     response_values,
 )
 from rlhf_dist.roles.spec import RankSpec
@@ -181,7 +181,13 @@ class SFTTrainer(_SupervisedRank):
 
 
 class RewardModelTrainer(_SupervisedRank):
-    """A sequence-classification reward model trained on pairwise preferences (Bradley-Terry)."""
+    """A sequence-classification reward model trained on rankings of K responses per prompt (a
+    preference pair is a ranking of two): the Bradley-Terry loss over each prompt's comparisons."""
+
+    # Accuracy and margin come back as parts of the minibatch's comparisons (``ranking_loss``), summed
+    # like the loss: the share of the whole minibatch's comparisons, however it is cut (a mean of
+    # micro-batch shares weighted by prompts would not be, as prompts give unequal numbers of them).
+    LOSS_STATS = (*DeepSpeedRank.LOSS_STATS, "accuracy", "margin")
 
     def build_model(self) -> torch.nn.Module:
         model = load_reward_model(self.model_path, self.model_cfg.dtype)
@@ -190,24 +196,30 @@ class RewardModelTrainer(_SupervisedRank):
                              "to read packed scores from; set trainer.packing=false")
         return model
 
-    def train(self, pairs: PairBatch) -> dict[str, float]:
-        """One optimizer step on this rank's shard of a batch of preference pairs."""
+    def train(self, rankings: RankingBatch) -> dict[str, float]:
+        """One optimizer step on this rank's shard of a batch of rankings."""
+        return self._train(rankings, 1, self._ranking_loss)
 
-        def loss_fn(micro: PairBatch, totals: dict[str, float]):
-            chosen, rejected = pair_scores(self.engine, micro, self.engine.module.config.pad_token_id,
-                                           self.cfg.packing)
-            loss, stats = pairwise_loss(chosen, rejected, totals["sequences"])
-            return loss, {"loss": loss.item(), **stats}
+    def _ranking_loss(self, micro: RankingBatch, totals: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        """A micro-batch's part of its minibatch's loss (mean over prompts) and of its accuracy and
+        margin (over comparisons)."""
+        scores = ranking_scores(self.engine, micro, self.engine.module.config.pad_token_id, self.cfg.packing)
+        loss, stats = ranking_loss(scores, micro.ranks, totals["sequences"], totals["comparisons"])
+        return loss, {"loss": loss.item(), **stats}
 
-        return self._train(pairs, 1, loss_fn)
+    def _totals(self, minibatch: RankingBatch) -> dict[str, float]:
+        """Also the minibatch's comparable pairs, summed over ranks: what accuracy and margin are shares of."""
+        totals = super()._totals(minibatch)
+        (totals["comparisons"],) = self._all_reduce([float(minibatch.comparisons())], "sum")
+        return totals
 
     @torch.no_grad()
-    def scores(self, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen, rejected) scores, each (b,), of this rank's shard."""
+    def scores(self, rankings: RankingBatch) -> torch.Tensor:
+        """Scores (b, K) of every response of this rank's shard (0 in empty slots)."""
         self.engine.eval()
         pad = self.engine.module.config.pad_token_id
-        chosen, rejected = self._per_row(pairs, lambda micro: pair_scores(self.engine, micro, pad, self.cfg.packing))
-        return chosen, rejected
+        (scores,) = self._per_row(rankings, lambda micro: ranking_scores(self.engine, micro, pad, self.cfg.packing))
+        return scores
 
 
 class CriticTrainer(DeepSpeedRank):

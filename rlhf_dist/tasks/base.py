@@ -87,9 +87,10 @@ class Task:
     prompts: Callable[[int, int, str], list[dict]]
     # (num_lines, seed) -> the text the tiny policy is pretrained on (train-split content only).
     corpus: Callable[[int, int], list[str]]
-    # (kind, num, seed, split, noise) -> SFT ("sft": prompt, response) or reward-model
-    # ("preferences": prompt, chosen, rejected) rows, with label noise; None: the task has none.
-    supervised_rows: Callable[[str, int, int, str, float], list[dict]] | None = None
+    # (kind, num, seed, split, noise, ranking_k) -> SFT ("sft": prompt, response) or reward-model
+    # ("preferences": prompt, chosen, rejected; or prompt, responses, ranks for ranking_k > 2) rows,
+    # with label noise; None: the task has none.
+    supervised_rows: Callable[[str, int, int, str, float, int], list[dict]] | None = None
 
 
 def load_task(name: str) -> Task:

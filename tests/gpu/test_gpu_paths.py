@@ -20,15 +20,15 @@ import socket
 import pytest
 import torch
 
-from rlhf_dist.core.experience import Experience, collate, collate_pairs
-from rlhf_dist.core.losses import actor_loss, pairwise_loss, sft_loss, value_loss
+from rlhf_dist.core.experience import Experience, RankingBatch, collate, collate_rankings
+from rlhf_dist.core.losses import actor_loss, ranking_loss, sft_loss, value_loss
 from rlhf_dist.core.stats import logprobs_from_logits
 from rlhf_dist.models.modeling import (
     PROBE_TOLERANCE,
     load_causal_lm,
     load_critic,
     load_reward_model,
-    pair_scores,
+    ranking_scores,
     response_logprobs,
     response_values,
 )
@@ -75,11 +75,12 @@ def exp(rows) -> Experience:
 
 
 @pytest.fixture(scope="module")
-def pair_rows():
-    """4 preference pairs, on the CPU, padded with the tiny models' pad id (0)."""
+def pair_rows() -> RankingBatch:
+    """Preferences, on the CPU, padded with the tiny models' pad id (0): rankings of three (one with
+    a tie) beside a pair, whose third slot is empty."""
     gen = torch.Generator().manual_seed(1)
     rows = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (1, 17, 4, 30, 2, 9, 12, 6)]
-    return collate_pairs(rows[:4], rows[4:], pad_id=0)
+    return collate_rankings([rows[:3], rows[3:5], rows[5:]], [[0, 1, 1], [0, 1], [2, 0, 1]], pad_id=0)
 
 
 def _critic(path: str, dtype: str):
@@ -117,7 +118,7 @@ def float32_padded(tiny_policy, tiny_reward_model, exp, pair_rows):
         values = response_values(_critic(tiny_policy, "float32"), exp)
         reward_model = load_reward_model(tiny_reward_model, "float32").to(DEVICE).eval()
         pairs = pair_rows.map_tensors(lambda t: t.to(DEVICE))
-        scores = torch.cat(pair_scores(reward_model, pairs, reward_model.config.pad_token_id))
+        scores = ranking_scores(reward_model, pairs, reward_model.config.pad_token_id)
     return {"logprobs": logprobs, "values": values, "scores": scores}
 
 
@@ -179,11 +180,11 @@ def test_critic_values_packed_equal_padded(critic, exp, float32_padded, dtype, r
 
 
 @torch.no_grad()
-def test_reward_model_pair_scores_packed_equal_padded(reward_model, pair_rows, float32_padded, dtype, record_gap):
+def test_reward_model_ranking_scores_packed_equal_padded(reward_model, pair_rows, float32_padded, dtype, record_gap):
     pairs = pair_rows.map_tensors(lambda t: t.to(DEVICE))
     pad = reward_model.config.pad_token_id
     with off_device(DEVICE):
-        padded, packed = (torch.cat(pair_scores(reward_model, pairs, pad, packed)) for packed in (False, True))
+        padded, packed = (ranking_scores(reward_model, pairs, pad, packed) for packed in (False, True))
     assert padded.device.type == DEVICE
     assert_close(packed, padded, float32_padded["scores"], dtype, record_gap)
 
@@ -222,11 +223,11 @@ def test_value_loss_backward(critic, exp, dtype):
     _assert_gradients_finite_on_device(critic)
 
 
-def test_pairwise_loss_backward(reward_model, pair_rows, dtype):
+def test_ranking_loss_backward(reward_model, pair_rows, dtype):
     pairs = pair_rows.map_tensors(lambda t: t.to(DEVICE))
     with off_device(DEVICE):
-        chosen, rejected = pair_scores(reward_model, pairs, reward_model.config.pad_token_id, packed=True)
-        loss, _ = pairwise_loss(chosen, rejected)
+        scores = ranking_scores(reward_model, pairs, reward_model.config.pad_token_id, packed=True)
+        loss, _ = ranking_loss(scores, pairs.ranks)
         loss.backward()
     assert torch.isfinite(loss) and loss.device.type == DEVICE
     _assert_gradients_finite_on_device(reward_model)
@@ -286,8 +287,8 @@ def test_deepspeed_zero2_update(role, tiny_policy, tiny_reward_model, rows, pair
         stats = rank.train(rows.with_fields(old_values=values), 1)
         loss = stats["value_loss"]
     else:
-        chosen, _ = rank.scores(pair_rows)
-        assert chosen.shape == (len(pair_rows),)
+        scores = rank.scores(pair_rows)
+        assert scores.shape == pair_rows.ranks.shape
         loss = rank.train(pair_rows)["loss"]
     assert math.isfinite(loss), loss
     moved = {n for n, p in rank.engine.module.named_parameters() if n in before and not torch.equal(p, before[n])}

@@ -8,7 +8,9 @@ Everything the three stages need, offline and deterministic given a seed:
 * **Preferences** (reward model): two continuations sampled for the same prompt, ranked by the
   hidden annotator with label noise: with probability ``noise`` the labeller picks the worse
   one. Pairs the annotator scores equal are skipped (a labeller's "tie"). A perfect reward
-  model therefore agrees with the held-out labels at most ``1 - noise`` of the time.
+  model therefore agrees with the held-out labels at most ``1 - noise`` of the time. Or
+  rankings of K continuations (``ranking_rows``, InstructGPT's K = 4 to 9), equal scores tied,
+  with the same noise per pair on average, correlated within a ranking as a human's errors are.
 * **The hidden annotator** (``annotator_score``) is the gold metric. The PPO stage never sees
   it: it optimises the reward model learned from the noisy rankings. The evaluation stage
   uses it to judge win rates.
@@ -22,6 +24,7 @@ can find that blind spot, which is the over-optimisation the benchmark shows.
 
 from __future__ import annotations
 
+import functools
 import random
 
 from rlhf_dist.core.seeds import FEEDBACK, derive_seed, split_index
@@ -96,32 +99,125 @@ def sft_rows(num: int, seed: int, split: str = "train") -> list[dict]:
     return [{"prompt": p, "response": sample_response(p, rng)} for p in prompts]
 
 
-def preference_rows(num: int, seed: int, noise: float, split: str = "train") -> list[dict]:
-    """``{"prompt", "chosen", "rejected"}`` pairs ranked by the hidden annotator; with
-    probability ``noise`` the label is flipped. Ties are skipped, so exactly ``num`` rows."""
+def _insertion_weights(i: int, flip: float) -> list[float]:
+    """Unnormalised P(the level inserted i-th lands j places above the bottom), j = 0..i."""
+    return [flip**j * (1.0 - flip) ** (i - j) for j in range(i + 1)]
+
+
+def level_order(levels: int, flip: float, rng: random.Random) -> list[int]:
+    """A labeller's order of ``levels`` quality levels (0 the best), best first, with noise: the
+    Mallows distribution around the true order, P(order) ~ (flip / (1 - flip)) ** (pairs out of order),
+    drawn by repeated insertion: level i (i = 1, 2, ..., below every level placed so far) lands
+    j places above the bottom with probability ~ flip**j (1 - flip)**(i - j), i.e. as j wrong
+    comparisons with the levels already placed. One ``rng.random()`` per insertion; with two levels,
+    reversed exactly when it is below ``flip`` (today's pairs)."""
+    order = [0]
+    for i in range(1, levels):
+        weights = _insertion_weights(i, flip)
+        u, cumulative, up = rng.random() * sum(weights), 0.0, 0
+        for j in range(1, i + 1):  # the errors first, so that two levels flip iff u < flip
+            cumulative += weights[j]
+            if u < cumulative:
+                up = j
+                break
+        order.insert(len(order) - up, i)
+    return order
+
+
+def out_of_order(flip: float, a: int, b: int) -> float:
+    """P(levels a < b end in the wrong order) in ``level_order(levels, flip)``, for any ``levels``
+    above b (later insertions do not reorder them): b lands above a. Exact, by tracking the
+    distribution of a's place through the insertions up to b's."""
+    place = [0.0] * (a + 1)  # place[p]: P(a is p-th from the top)
+    weights = _insertion_weights(a, flip)
+    for j, w in enumerate(weights):
+        place[a - j] += w / sum(weights)
+    for i in range(a + 1, b):  # i lands at index i - j, pushing a down when at or above it
+        weights, moved = _insertion_weights(i, flip), [0.0] * (i + 1)
+        for p, mass in enumerate(place):
+            for j, w in enumerate(weights):
+                moved[p + 1 if i - j <= p else p] += mass * w / sum(weights)
+        place = moved
+    weights = _insertion_weights(b, flip)
+    return sum(mass * w / sum(weights) for p, mass in enumerate(place) for j, w in enumerate(weights) if b - j <= p)
+
+
+def pair_flip_share(flip: float, sizes: tuple[int, ...]) -> float:
+    """The expected share of comparable pairs out of order in a ranking whose levels (best first)
+    hold ``sizes`` responses, ordered by ``level_order(len(sizes), flip)``: a pair of responses from
+    levels a < b is out of order when those levels are."""
+    pairs = [(sizes[a] * sizes[b], a, b) for a in range(len(sizes)) for b in range(a + 1, len(sizes))]
+    return sum(n * out_of_order(flip, a, b) for n, a, b in pairs) / sum(n for n, _, _ in pairs)
+
+
+@functools.cache
+def calibrated_flip(noise: float, sizes: tuple[int, ...]) -> float:
+    """The ``level_order`` flip at which a ranking with levels of ``sizes`` responses has, in
+    expectation, a share ``noise`` of its comparable pairs out of order (``pair_flip_share``), as a
+    pair has: two levels, ``noise`` itself. Mallows orders distant levels right more often than
+    adjacent ones, so with three or more levels it is above ``noise``; bisection on [0, 0.5],
+    where the share rises from 0 to 0.5."""
+    if len(sizes) <= 2 or noise == 0.0:
+        return noise
+    low, high = 0.0, 0.5
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if pair_flip_share(mid, sizes) < noise else (low, mid)
+    return (low + high) / 2
+
+
+def ranking_rows(num: int, seed: int, noise: float, k: int, split: str = "train") -> list[dict]:
+    """``{"prompt", "responses", "ranks"}`` rankings of ``k`` continuations sampled for one prompt,
+    best first, by the hidden annotator with label noise; equal annotator scores are a tie (equal
+    ranks), and a prompt whose ``k`` responses all tie is skipped, so exactly ``num`` rows.
+
+    The noise is a human's: the labeller sees which responses are equally good, and orders the
+    distinct score levels the way a Mallows model does (``level_order``: each wrong comparison
+    with an already placed level costs a factor ``flip / (1 - flip)``, so confusions of adjacent
+    levels are likelier than of distant ones, and the errors of one ranking are correlated), with
+    ``flip`` calibrated to the ranking's levels (``calibrated_flip``) so that in expectation a share
+    ``noise`` of its comparable pairs is out of order: a comparison is as noisy as a pair of
+    ``preference_rows``, whatever K. With ``k = 2`` this is exactly ``preference_rows``: one draw,
+    the pair reversed with probability ``noise``."""
     if not 0.0 <= noise < 0.5:
         raise ValueError(f"noise={noise}: must be in [0, 0.5) (at 0.5 the labels carry no signal)")
+    if k < 2:
+        raise ValueError(f"k={k}: a ranking needs at least 2 responses")
     rng = random.Random(derive_seed(FEEDBACK, seed, split_index(split), 21))
     prompt_rng = random.Random(derive_seed(FEEDBACK, seed, split_index(split), 22))
     rows: list[dict] = []
     while len(rows) < num:
         prompt = corpus.make_prompts(1, prompt_rng.randrange(2**31))[0]
-        a, b = sample_response(prompt, rng), sample_response(prompt, rng)
-        ga, gb = annotator_score(prompt, a), annotator_score(prompt, b)
-        if ga == gb:
+        responses = [sample_response(prompt, rng) for _ in range(k)]
+        gold = [annotator_score(prompt, r) for r in responses]
+        levels = sorted(set(gold), reverse=True)
+        if len(levels) == 1:
             continue
-        better, worse = (a, b) if ga > gb else (b, a)
-        if rng.random() < noise:
-            better, worse = worse, better
-        rows.append({"prompt": prompt, "chosen": better, "rejected": worse})
+        sizes = tuple(gold.count(level) for level in levels)
+        perceived = level_order(len(levels), calibrated_flip(noise, sizes), rng)
+        rank_of = {levels[level]: rank for rank, level in enumerate(perceived)}
+        order = sorted(range(k), key=lambda i: rank_of[gold[i]])  # stable: a tie keeps the sampled order
+        rows.append({"prompt": prompt, "responses": [responses[i] for i in order],
+                     "ranks": [rank_of[gold[i]] for i in order]})
     return rows
 
 
-def supervised_rows(kind: str, num: int, seed: int, split: str, noise: float) -> list[dict]:
+def preference_rows(num: int, seed: int, noise: float, split: str = "train") -> list[dict]:
+    """``{"prompt", "chosen", "rejected"}`` pairs ranked by the hidden annotator; with
+    probability ``noise`` the label is flipped. Ties are skipped, so exactly ``num`` rows
+    (``ranking_rows`` of two)."""
+    return [{"prompt": r["prompt"], "chosen": r["responses"][0], "rejected": r["responses"][1]}
+            for r in ranking_rows(num, seed, noise, 2, split)]
+
+
+def supervised_rows(kind: str, num: int, seed: int, split: str, noise: float, ranking_k: int) -> list[dict]:
     """Rows of the embedded task for the SFT ("sft": demonstrations) or reward-model
-    ("preferences": ranked pairs) stage, whose data source is named ``builtin:reviews``."""
+    ("preferences": pairs, or rankings of ``ranking_k`` > 2 responses) stage, whose data source is
+    named ``builtin:reviews``."""
     if kind == "sft":
         return sft_rows(num, seed, split)
     if kind == "preferences":
-        return preference_rows(num, seed, noise, split)
+        if ranking_k == 2:
+            return preference_rows(num, seed, noise, split)
+        return ranking_rows(num, seed, noise, ranking_k, split)
     raise ValueError(f"unknown kind {kind!r}")

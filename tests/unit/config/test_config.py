@@ -205,6 +205,8 @@ BAD_VALUES = [
     ({"seed": -1}, "seed=-1:", ">= 0"),
     ({"model__dtype": "float16"}, "model.dtype='float16':", "float32 or bfloat16"),
     ({"data__on_bad_row": "drop"}, "data.on_bad_row='drop':", "skip or error"),
+    ({"data__ranking_k": 1}, "data.ranking_k=1:", "must be >= 2 (2: preference pairs"),
+    ({"data__ranking_k": 4, "data__preferences": "p.jsonl"}, "data.ranking_k=4:", "whose rows carry their own"),
     ({"rollout__tensor_parallel_size": 2, "resources__vllm_in_process": True}, "resources.vllm_in_process=True:",
      "needs vLLM's worker processes"),
     ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl", "resources__placement": "colocated",

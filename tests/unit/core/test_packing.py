@@ -219,15 +219,23 @@ def test_a_family_whose_transform_is_not_reproduced_is_refused_at_start(family_p
 
 
 def test_packed_reward_model_scores_equal_padded_ones(tiny_reward_model):
-    from rlhf_dist.core.experience import collate_pairs
-    from rlhf_dist.models.modeling import load_reward_model, pair_scores
+    from rlhf_dist.core.experience import collate_rankings
+    from rlhf_dist.models.modeling import load_reward_model, ranking_scores
 
     model = load_reward_model(tiny_reward_model, "float32")  # checks packed scores on a probe batch
     pad = model.config.pad_token_id
     gen = torch.Generator().manual_seed(0)
-    rows = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (1, 17, 4, 30, 2, 9)]
-    pairs = collate_pairs(rows[:3], rows[3:], pad)
-    padded = pair_scores(model, pairs, pad, packed=False)
-    packed = pair_scores(model, pairs, pad, packed=True)
-    for p, q in zip(packed, padded):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    rows = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (1, 17, 4, 30, 2, 9, 12, 5)]
+    # pairs, and rankings of four and of two side by side (empty slots)
+    for responses, ranks in (([rows[0:2], rows[2:4], rows[4:6]], [[0, 1]] * 3),
+                             ([rows[0:4], rows[4:6], rows[6:8]], [[0, 1, 1, 2], [1, 0], [0, 1]])):
+        batch = collate_rankings(responses, ranks, pad)
+        padded = ranking_scores(model, batch, pad, packed=False)
+        packed = ranking_scores(model, batch, pad, packed=True)
+        torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+        # each response's score is its own forward's: the model on that one sequence alone
+        for b, seqs in enumerate(responses):
+            for i, seq in enumerate(seqs):
+                alone = model(input_ids=torch.tensor([seq])).logits[0, 0]
+                torch.testing.assert_close(padded[b, i], alone, rtol=1e-5, atol=1e-5)
+        assert (padded[batch.ranks < 0] == 0).all()

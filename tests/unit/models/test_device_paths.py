@@ -14,13 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_dist.core.experience import collate, collate_pairs
-from rlhf_dist.core.losses import actor_loss, pairwise_loss, sft_loss, value_loss
+from rlhf_dist.core.experience import collate, collate_rankings
+from rlhf_dist.core.losses import actor_loss, ranking_loss, sft_loss, value_loss
 from rlhf_dist.models.modeling import (
     load_causal_lm,
     load_critic,
     load_reward_model,
-    pair_scores,
+    ranking_scores,
     response_logprobs,
     response_values,
 )
@@ -80,12 +80,13 @@ def test_critic_values_and_value_loss_stay_on_the_inputs_device(tiny_policy, exp
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_reward_model_scores_and_pairwise_loss_stay_on_the_inputs_device(tiny_reward_model, packed):
+def test_reward_model_scores_and_ranking_loss_stay_on_the_inputs_device(tiny_reward_model, packed):
     model = load_reward_model(tiny_reward_model, "float32")
     pad = model.config.pad_token_id
-    pairs = collate_pairs([[5, 6, 7], [8]], [[9, 10], [11, 12, 13, 14]], pad)
+    # a ranking of three with a tie, and a pair (an empty slot)
+    batch = collate_rankings([[[5, 6, 7], [9, 10], [4]], [[8], [11, 12, 13, 14]]], [[0, 1, 1], [0, 1]], pad)
     with torch.device("meta"):
-        chosen, rejected = pair_scores(model, pairs, pad, packed=packed)
-        loss, _ = pairwise_loss(chosen, rejected)
+        scores = ranking_scores(model, batch, pad, packed=packed)
+        loss, _ = ranking_loss(scores, batch.ranks)
         loss.backward()
-    assert chosen.device.type == "cpu" and torch.isfinite(loss)
+    assert scores.device.type == "cpu" and torch.isfinite(loss)

@@ -1,5 +1,7 @@
 """The embedded InstructGPT task: the hidden annotator, demonstrations and noisy preferences."""
 
+import itertools
+import math
 import random
 
 import pytest
@@ -71,3 +73,112 @@ def test_noise_free_preferences_always_agree_and_splits_differ():
 def test_noise_out_of_range_is_rejected():
     with pytest.raises(ValueError, match="noise=0.5"):
         feedback.preference_rows(10, seed=0, noise=0.5)
+
+
+def _pairs_as_before(num: int, seed: int, noise: float, split: str) -> list[dict]:
+    """The pair generator as it was before rankings (issue 27): kept here to pin that the default
+    (data.ranking_k=2) gives the same rows, hence the same pipeline."""
+    from rlhf_dist.core.seeds import FEEDBACK, derive_seed, split_index
+
+    rng = random.Random(derive_seed(FEEDBACK, seed, split_index(split), 21))
+    prompt_rng = random.Random(derive_seed(FEEDBACK, seed, split_index(split), 22))
+    rows: list[dict] = []
+    while len(rows) < num:
+        prompt = corpus.make_prompts(1, prompt_rng.randrange(2**31))[0]
+        a, b = feedback.sample_response(prompt, rng), feedback.sample_response(prompt, rng)
+        ga, gb = annotator_score(prompt, a), annotator_score(prompt, b)
+        if ga == gb:
+            continue
+        better, worse = (a, b) if ga > gb else (b, a)
+        if rng.random() < noise:
+            better, worse = worse, better
+        rows.append({"prompt": prompt, "chosen": better, "rejected": worse})
+    return rows
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1, 0.3])
+def test_pairs_are_rankings_of_two_and_unchanged(noise):
+    for split, num in (("train", 4096), ("test", 512)):  # the default run's data
+        assert feedback.preference_rows(num, 0, noise, split) == _pairs_as_before(num, 0, noise, split)
+    rankings = feedback.ranking_rows(50, 0, noise, 2)
+    assert [[r["chosen"], r["rejected"]] for r in feedback.preference_rows(50, 0, noise)] == [
+        r["responses"] for r in rankings
+    ]
+    assert all(r["ranks"] == [0, 1] for r in rankings)
+
+
+def test_level_order_is_mallows_by_repeated_insertion():
+    # Two levels: reversed exactly when the one draw is below flip (today's pair noise).
+    assert feedback.level_order(2, 0.3, random.Random(0)) == [0, 1]  # Random(0).random() = 0.844
+    assert feedback.level_order(2, 0.9, random.Random(0)) == [1, 0]
+    # Three levels, flip 0.2, phi = 0.2 / 0.8 = 1/4: P(order) = phi^inversions / Z with
+    # Z = (1 + phi)(1 + phi + phi^2) = 1.25 * 1.3125 = 1.640625:
+    #   [0,1,2] 1/Z = 0.6095; [1,0,2], [0,2,1] 0.25/Z = 0.1524; [1,2,0], [2,0,1] 0.0625/Z = 0.0381;
+    #   [2,1,0] 0.015625/Z = 0.0095
+    phi, z = 0.25, 1.640625
+    expected = {(0, 1, 2): 1 / z, (1, 0, 2): phi / z, (0, 2, 1): phi / z, (1, 2, 0): phi**2 / z,
+                (2, 0, 1): phi**2 / z, (2, 1, 0): phi**3 / z}
+    rng, draws = random.Random(1), 40000
+    counts: dict[tuple, int] = {}
+    for _ in range(draws):
+        order = tuple(feedback.level_order(3, 0.2, rng))
+        counts[order] = counts.get(order, 0) + 1
+    for order, p in expected.items():  # 4 standard errors: sqrt(p (1 - p) / n) <= 0.0025
+        assert abs(counts[order] / draws - p) < 4 * math.sqrt(p * (1 - p) / draws), order
+
+
+def test_out_of_order_is_the_exact_mallows_marginal():
+    # Three levels, phi = flip / (1 - flip): the orders with level 2 above level 0 are [2,0,1] and
+    # [1,2,0] (2 inversions each) and [2,1,0] (3), so P = (2 phi^2 + phi^3) / Z; levels 0, 1:
+    # [1,0,2] (1), [1,2,0] (2), [2,1,0] (3): (phi + phi^2 + phi^3) / Z = phi / (1 + phi) = flip.
+    flip = 0.2
+    phi = flip / (1 - flip)
+    z = (1 + phi) * (1 + phi + phi**2)
+    assert feedback.out_of_order(flip, 0, 2) == pytest.approx((2 * phi**2 + phi**3) / z, abs=1e-12)
+    assert feedback.out_of_order(flip, 0, 1) == pytest.approx(flip, abs=1e-12)
+    # every pair against the Mallows weights of all 5! orders of five levels
+    orders = list(itertools.permutations(range(5)))
+    weight = {o: phi ** sum(o[i] > o[j] for i in range(5) for j in range(i + 1, 5)) for o in orders}
+    for a, b in itertools.combinations(range(5), 2):
+        expected = sum(w for o, w in weight.items() if o.index(b) < o.index(a)) / sum(weight.values())
+        assert feedback.out_of_order(flip, a, b) == pytest.approx(expected, abs=1e-12), (a, b)
+
+
+def test_the_flip_is_calibrated_so_a_comparison_is_out_of_order_with_probability_noise():
+    assert feedback.calibrated_flip(0.1, (3, 1)) == 0.1 and feedback.calibrated_flip(0.0, (1, 2, 3)) == 0.0
+    # Levels of sizes 1, 2, 1 at flip f: pairs (0,1) x2, (1,2) x2 are adjacent, (0,2) x1 two apart:
+    # the share is (4 f + P02) / 5 with P02 < f, so it is below f and the calibrated flip above 0.1.
+    f = 0.1
+    share = (4 * f + feedback.out_of_order(f, 0, 2)) / 5
+    assert feedback.pair_flip_share(f, (1, 2, 1)) == pytest.approx(share, abs=1e-12) and share < f
+    for sizes in ((1, 1, 1), (1, 2, 1), (2, 3, 3, 1), (1, 2, 3, 2, 1)):
+        flip = feedback.calibrated_flip(0.1, sizes)
+        assert flip > 0.1 and feedback.pair_flip_share(flip, sizes) == pytest.approx(0.1, abs=1e-9)
+
+
+@pytest.mark.parametrize("k", [4, 9])
+def test_rankings_follow_the_annotator_with_ties_and_the_noise_of_a_pair(k):
+    rows = feedback.ranking_rows(1500, seed=1, noise=0.1, k=k)
+    assert len(rows) == 1500 and all(len(r["responses"]) == len(r["ranks"]) == k for r in rows)
+    flipped = comparisons = 0
+    for r in rows:
+        gold = [annotator_score(r["prompt"], x) for x in r["responses"]]
+        assert r["ranks"] == sorted(r["ranks"]) and len(set(r["ranks"])) == len(set(gold)) > 1  # best first
+        for i in range(k):
+            for j in range(i + 1, k):
+                assert (gold[i] == gold[j]) == (r["ranks"][i] == r["ranks"][j])  # equal scores are the ties
+                comparisons += gold[i] != gold[j]
+                flipped += gold[i] < gold[j]  # i is ranked above j, the annotator prefers j
+    # Seeded, so exact; the share of comparable pairs out of order is the pair noise 0.1 to within
+    # the sampling error (uncalibrated, flip = 0.1 gives 0.075 at k = 4 and 0.057 at k = 9).
+    assert 0.09 < flipped / comparisons < 0.11
+    clean = feedback.ranking_rows(300, seed=1, noise=0.0, k=k)
+    for r in clean:
+        gold = [annotator_score(r["prompt"], x) for x in r["responses"]]
+        assert gold == sorted(gold, reverse=True)
+    assert feedback.ranking_rows(300, seed=1, noise=0.0, k=k) == clean  # deterministic
+
+
+def test_a_ranking_of_one_is_rejected():
+    with pytest.raises(ValueError, match="k=1: a ranking needs at least 2"):
+        feedback.ranking_rows(10, seed=0, noise=0.1, k=1)
