@@ -18,6 +18,14 @@ receiver running ``GlooWeightTransferEngine.receive_weights`` (ours) with a mode
 does; no vLLM engine is started. Per tensor (bucket 0) vs buckets of 256 MiB, against the limit:
 one gloo broadcast of a flat buffer of the same bytes. Medians of ``--repeats`` syncs.
 
+Experts (``--parts moe``): the same update (packed, logits unchunked) on a
+mixture of experts of the same shape, Qwen3-MoE with 8 experts of intermediate 512, 2 per token
+(about the dense model's active parameters, twice its total), against the dense model, on ZeRO-2
+and ZeRO-3, one rank and two (the batch split between them, each in its own process; the larger
+rank's figures). ZeRO-3 partitions the experts with everything else and gathers each MoE block
+whole as it runs (a leaf module, ``roles/zero_rank.py``): the experts' memory per rank is then
+their shard plus one block at a time.
+
 Writes ``<out>/memory.json`` and prints a table. Wrap it in ``flock /tmp/rlhf_heavy.lock`` on a
 shared machine.
 """
@@ -50,20 +58,32 @@ CONFIGS = {  # name -> (packing, logprob_chunk_tokens, gradient_checkpointing)
     "packed+chunked256+ckpt": (True, 256, True),
 }
 BUCKET_MB = 256
+# name -> (model: dense or moe, zero_stage, ranks), each packed, logits unchunked
+MOE_CONFIGS = {
+    "dense zero2": ("dense", 2, 1),
+    "moe zero2": ("moe", 2, 1),
+    "dense zero3 x2": ("dense", 3, 2),
+    "moe zero3 x2": ("moe", 3, 2),
+}
+SHAPE = {"vocab_size": 32768, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6,
+         "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": True, "pad_token_id": 0}
 
 
-def build_model(path: Path) -> Path:
+def build_model(path: Path, moe: bool = False) -> Path:
+    """The dense Llama (intermediate 1,024), or with ``moe`` a Qwen3-MoE of the same shape: 8
+    experts of intermediate 512, 2 per token (the dense model's active MLP width)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     if (path / "config.json").exists():
         return path
-    config = LlamaConfig(
-        vocab_size=32768, hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=0,
-    )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    if moe:
+        config = Qwen3MoeConfig(**SHAPE, head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512,
+                                norm_topk_prob=True)
+        Qwen3MoeForCausalLM(config).save_pretrained(path)
+    else:
+        LlamaForCausalLM(LlamaConfig(**SHAPE, intermediate_size=1024)).save_pretrained(path)
     return path
 
 
@@ -88,7 +108,8 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def update_main(name: str, model_path: str, repeats: int, port: int, queue) -> None:
+def update_main(name: str, model_path: str, repeats: int, port: int, queue, rank: int = 0, ranks: int = 1,
+                zero_stage: int = 2) -> None:
     import torch
 
     from rlhf_dist.config import AlgoConfig, ModelConfig, TrainerConfig
@@ -96,17 +117,21 @@ def update_main(name: str, model_path: str, repeats: int, port: int, queue) -> N
     from rlhf_dist.roles.spec import RankSpec
     from rlhf_dist.roles.trainer import PolicyTrainer
 
-    torch.set_num_threads(2)
-    packing, chunk, ckpt = CONFIGS[name]
-    cfg = TrainerConfig(world_size=1, zero_stage=2, micro_batch_size=MICRO, lr=1e-6, packing=packing,
+    torch.set_num_threads(2 if ranks == 1 else 1)
+    # The expert rows: packed, logits unchunked (with chunks, ZeRO-3 ranks whose halves need different
+    # numbers of chunks gather the head a different number of times, and their all-gathers mismatch)
+    packing, chunk, ckpt = CONFIGS.get(name, CONFIGS["packed"])
+    cfg = TrainerConfig(world_size=ranks, zero_stage=zero_stage, micro_batch_size=MICRO, lr=1e-6, packing=packing,
                         logprob_chunk_tokens=chunk, gradient_checkpointing=ckpt)
-    plan = RunPlan(per_rank_minibatch=len(LENGTHS), grad_accum_steps=len(LENGTHS) // MICRO, optimizer_steps=100,
+    rows = len(LENGTHS) // ranks
+    plan = RunPlan(per_rank_minibatch=rows, grad_accum_steps=rows // MICRO, optimizer_steps=100,
                    rollout_batch=len(LENGTHS), minibatches_per_epoch=1)
-    spec = RankSpec(rank=0, world_size=1, device="cpu", seed=0, timeout_s=600.0, model_path=model_path)
+    spec = RankSpec(rank=rank, world_size=ranks, device="cpu", seed=0, timeout_s=600.0, model_path=model_path)
     trainer = PolicyTrainer(spec=spec, cfg=cfg, model_cfg=ModelConfig(), plan=plan, temperature=1.0,
                             max_new_tokens=max(LENGTHS))
     params = trainer.setup("127.0.0.1", port)
     exp = batch(trainer.engine.module.config.vocab_size)
+    exp = exp.select(torch.arange(rank, len(LENGTHS), ranks))  # each rank a long and a short half
     algo = AlgoConfig(loss_agg="token_mean", entropy_coef=0.01, kl_coef=0.0, ppo_epochs=1)
     before = rss_mb()
     times = []
@@ -116,9 +141,39 @@ def update_main(name: str, model_path: str, repeats: int, port: int, queue) -> N
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tokens = int(exp.attention_mask.sum())
-    queue.put({"config": name, "params": params, "tokens": tokens, "padded_tokens": exp.input_ids.numel(),
+    queue.put({"config": name, "rank": rank, "params": params, "tokens": tokens, "padded_tokens": exp.input_ids.numel(),
                "update_s": statistics.median(times), "tokens_per_s": tokens / statistics.median(times),
-               "rss_before_mb": before, "peak_rss_mb": peak, "update_growth_mb": peak - before})
+               "rss_before_mb": before, "peak_rss_mb": peak, "update_growth_mb": peak - before,
+               **held_mb(trainer.engine)})
+
+
+def held_mb(engine) -> dict:
+    """What this rank holds, in MB: the model's parameters (under ZeRO-3 its partitions), the
+    optimizer's (DeepSpeed's flat float32 partitions and Adam's two moments), and of them the
+    experts' (their stacked tensors); the largest MoE block, which ZeRO-3 gathers whole as it runs.
+    The process's RSS hides these: each rank loads the whole model before DeepSpeed partitions it."""
+    import torch
+
+    from rlhf_dist.models.modeling import moe_block_classes
+
+    def nbytes(p) -> int:  # a ZeRO-3 parameter's own partition, else the tensor
+        return p.ds_tensor.numel() * p.ds_tensor.element_size() if hasattr(p, "ds_tensor") else p.numel() * p.element_size()
+
+    def full_bytes(p) -> int:
+        return (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
+
+    module, inner = engine.module, engine.optimizer.optimizer
+    # ZeRO-3 keeps its float32 partitions out of the torch optimizer's param_groups between steps
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    flats = flats if flats is not None else [p for group in inner.param_groups for p in group["params"]]
+    optimizer = sum(p.numel() * p.element_size() for p in flats)
+    optimizer += sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
+                     if isinstance(t, torch.Tensor))
+    blocks = [m for m in module.modules() if type(m) in moe_block_classes(module)]
+    return {"params_mb": sum(nbytes(p) for p in module.parameters()) / 2**20,
+            "experts_mb": sum(nbytes(p) for b in blocks for p in b.experts.parameters()) / 2**20,
+            "optimizer_mb": optimizer / 2**20,
+            "largest_block_mb": max((sum(full_bytes(p) for p in b.parameters()) for b in blocks), default=0) / 2**20}
 
 
 class _CopyingModel:
@@ -187,12 +242,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_updates(model_path: str, repeats: int, ctx, queue) -> list[dict]:
+    updates = []
+    for name in CONFIGS:
+        proc = ctx.Process(target=update_main, args=(name, model_path, repeats, free_port(), queue))
+        proc.start()
+        updates.append(queue.get(timeout=3600))
+        proc.join()
+        print(f"  {name}: {updates[-1]['update_s']:.2f} s, peak RSS {updates[-1]['peak_rss_mb']:.0f} MB", flush=True)
+    return updates
+
+
+def run_moe(out: Path, repeats: int, ctx, queue) -> list[dict]:
+    """The MOE_CONFIGS rows: per configuration its ranks' processes, the figures of the rank with
+    the larger peak RSS (update time: the slower rank's)."""
+    from transformers import AutoConfig
+
+    paths = {"dense": str(build_model(out / "model")), "moe": str(build_model(out / "model-moe", moe=True))}
+    rows = []
+    for name, (model, stage, ranks) in MOE_CONFIGS.items():
+        port = free_port()
+        procs = [ctx.Process(target=update_main, args=(name, paths[model], repeats, port, queue, r, ranks, stage))
+                 for r in range(ranks)]
+        for proc in procs:
+            proc.start()
+        per_rank = [queue.get(timeout=3600) for _ in procs]
+        for proc in procs:
+            proc.join()
+        row = dict(max(per_rank, key=lambda r: r["peak_rss_mb"]))
+        config = AutoConfig.from_pretrained(paths[model])
+        experts = getattr(config, "num_experts", 0)
+        row.update(model=model, zero_stage=stage, ranks=ranks, update_s=max(r["update_s"] for r in per_rank),
+                   tokens=sum(r["tokens"] for r in per_rank), experts=experts,
+                   experts_per_token=getattr(config, "num_experts_per_tok", 0))
+        rows.append(row)
+        print(f"  {name}: {row['update_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+    return rows
+
+
+def run_sync(model_path: str, repeats: int, ctx, queue) -> dict:
+    port = free_port()
+    procs = [ctx.Process(target=sync_main, args=(r, model_path, repeats, port, queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    sync = queue.get(timeout=3600)
+    for p in procs:
+        p.join()
+    sync["per_tensor_vs_raw"] = sync["per_tensor_s"] / sync["raw_one_buffer_s"]
+    sync["bucketed_vs_raw"] = sync["bucketed_s"] / sync["raw_one_buffer_s"]
+    return sync
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_out/memory")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parts", default="update,sync", help="update, sync or both (the other's figures are kept "
-                        "from an earlier memory.json in --out)")
+    parser.add_argument("--parts", default="update,sync,moe", help="any of update, sync, moe (the others' figures "
+                        "are kept from an earlier memory.json in --out)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     out = Path(args.out)
@@ -200,41 +306,31 @@ def main() -> None:
     model_path = str(build_model(out / "model"))
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-
     earlier = json.loads((out / "memory.json").read_text()) if (out / "memory.json").exists() else {}
-    updates = [] if "update" in parts else earlier["updates"]
-    for name in CONFIGS if "update" in parts else []:
-        proc = ctx.Process(target=update_main, args=(name, model_path, args.repeats, free_port(), queue))
-        proc.start()
-        updates.append(queue.get(timeout=3600))
-        proc.join()
-        print(f"  {name}: {updates[-1]['update_s']:.2f} s, peak RSS {updates[-1]['peak_rss_mb']:.0f} MB", flush=True)
-    if "sync" in parts:
-        port = free_port()
-        procs = [ctx.Process(target=sync_main, args=(r, model_path, args.repeats, port, queue)) for r in (0, 1)]
-        for p in procs:
-            p.start()
-        sync = queue.get(timeout=3600)
-        for p in procs:
-            p.join()
-    else:
-        sync = earlier["weight_sync"]
+    updates = run_updates(model_path, args.repeats, ctx, queue) if "update" in parts else earlier.get("updates")
+    sync = run_sync(model_path, args.repeats, ctx, queue) if "sync" in parts else earlier.get("weight_sync")
+    experts = run_moe(out, args.repeats, ctx, queue) if "moe" in parts else earlier.get("experts")
+    result = {"model": {"vocab": 32768, "hidden": 384, "layers": 6},
+              "batch": {"lengths": LENGTHS, "prompt": PROMPT, "micro_batch_size": MICRO},
+              "updates": updates, "weight_sync": sync, "experts": experts,
+              "goals": {"packed_tokens_per_s_vs_padded": ">= 1.5", "memory_all_vs_padded": "<= 0.4",
+                        "bucketed_vs_raw": "<= 1.5"}}
+    if updates:
+        print_updates(updates)  # adds each configuration's ratios to padded, written below
+    if sync:
+        print_sync(sync)
+    if experts:
+        print_experts(experts)
+    (out / "memory.json").write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out / 'memory.json'}")
 
+
+def print_updates(updates: list[dict]) -> None:
     padded = updates[0]
     for u in updates:
         u["tokens_per_s_vs_padded"] = u["tokens_per_s"] / padded["tokens_per_s"]
         u["update_growth_vs_padded"] = u["update_growth_mb"] / padded["update_growth_mb"]
         u["peak_rss_vs_padded"] = u["peak_rss_mb"] / padded["peak_rss_mb"]
-    sync["per_tensor_vs_raw"] = sync["per_tensor_s"] / sync["raw_one_buffer_s"]
-    sync["bucketed_vs_raw"] = sync["bucketed_s"] / sync["raw_one_buffer_s"]
-    result = {"model": {"params": padded["params"], "vocab": 32768, "hidden": 384, "layers": 6},
-              "batch": {"lengths": LENGTHS, "prompt": PROMPT, "micro_batch_size": MICRO,
-                        "real_tokens": padded["tokens"], "padded_tokens": padded["padded_tokens"]},
-              "updates": updates, "weight_sync": sync,
-              "goals": {"packed_tokens_per_s_vs_padded": ">= 1.5", "memory_all_vs_padded": "<= 0.4",
-                        "bucketed_vs_raw": "<= 1.5"}}
-    (out / "memory.json").write_text(json.dumps(result, indent=2))
-
     print(f"\nPPO update, {padded['params'] / 1e6:.1f} M params, vocab 32768, {len(LENGTHS)} responses of "
           f"{min(LENGTHS)}-{max(LENGTHS)} tokens ({padded['tokens']} real tokens, {padded['padded_tokens']} padded)")
     print(f"{'config':<22}{'update s':>10}{'tokens/s':>10}{'x padded':>10}{'peak RSS MB':>13}{'growth MB':>11}"
@@ -243,12 +339,24 @@ def main() -> None:
         print(f"{u['config']:<22}{u['update_s']:>10.2f}{u['tokens_per_s']:>10.0f}{u['tokens_per_s_vs_padded']:>10.2f}"
               f"{u['peak_rss_mb']:>13.0f}{u['update_growth_mb']:>11.0f}{u['update_growth_vs_padded']:>10.2f}")
     print("goals: packed >= 1.5 x padded tokens/s; packed+chunked(+256)+ckpt memory <= 0.4 x padded")
+
+
+def print_sync(sync: dict) -> None:
     print(f"\nweight sync, {sync['tensors']} tensors, {sync['bytes'] / 2**20:.0f} MiB, gloo, one receiver")
     for mode in ("per_tensor", "bucketed", "raw_one_buffer"):
         ratio = sync[f"{mode}_s"] / sync["raw_one_buffer_s"]
         print(f"{mode:<22}{sync[f'{mode}_s']:>10.3f} s{ratio:>8.2f} x raw")
     print("goal: bucketed <= 1.5 x raw")
-    print(f"\nwrote {out / 'memory.json'}")
+
+
+def print_experts(rows: list[dict]) -> None:
+    print("\nexperts: packed update, dense vs MoE (8 experts, 2 per token), per rank (the larger peak RSS)")
+    print(f"{'config':<16}{'params M':>9}{'update s':>9}{'held: params':>13}{'experts':>9}{'optimizer':>10}"
+          f"{'block':>7}{'peak RSS':>10}{'growth':>8}   (MB)")
+    for r in rows:
+        print(f"{r['config']:<16}{r['params'] / 1e6:>9.1f}{r['update_s']:>9.2f}{r['params_mb']:>13.0f}"
+              f"{r['experts_mb']:>9.0f}{r['optimizer_mb']:>10.0f}{r['largest_block_mb']:>7.1f}{r['peak_rss_mb']:>10.0f}"
+              f"{r['update_growth_mb']:>8.0f}")
 
 
 if __name__ == "__main__":

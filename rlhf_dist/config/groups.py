@@ -206,6 +206,11 @@ class AlgoConfig:
     # DAPO's overlong filtering: responses cut off by rollout.max_new_tokens get no policy gradient
     # (advantage 0; they still count in the loss denominators and in a KL or entropy term).
     mask_truncated: bool = False
+    # Mixture-of-experts policies: weight of the routers' load-balancing loss (Switch Transformer's, as
+    # transformers computes it, over prompt and response tokens) added to the policy loss, logged as
+    # loss/aux. null: the model config's router_aux_loss_coef where its output_router_logits is true
+    # (released Qwen3-MoE/OLMoE/Mixtral configs set it false: off); 0: off; > 0 on a dense policy is refused.
+    router_aux_loss_coef: float | None = None
 
     @property
     def needs_critic(self) -> bool:
@@ -236,6 +241,9 @@ class AlgoConfig:
         if self.kl_coef < 0 or self.entropy_coef < 0:
             bad = "kl_coef" if self.kl_coef < 0 else "entropy_coef"
             _fail(f"algo.{bad}", getattr(self, bad), "must be >= 0")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            _fail("algo.router_aux_loss_coef", self.router_aux_loss_coef,
+                  "must be >= 0 (0: no load-balancing loss; null: the model config's)")
         # E[grad k1] = E[grad log pi] = 0 for tokens sampled from pi: as a loss k1 adds only noise.
         if self.kl_in == "loss" and self.kl_estimator == "k1" and self.kl_coef > 0:
             _fail("algo.kl_estimator", self.kl_estimator,

@@ -27,7 +27,10 @@ class TokenLayout:
     input_ids, position_ids: (R, L); attention_mask: (R, L), or None for packed rows (several
     sequences per row, told apart by position ids restarting at 0). source, rows, cols, labels: (M,)
     over the M real response tokens: the flat index into R * L of the position predicting each
-    token, its (row, column) in the (B, T) response grid, and its token id."""
+    token, its (row, column) in the (B, T) response grid, and its token id. tokens: (N,) over the N
+    real tokens of the stored rows, prompts included, in their order (``attention_mask.nonzero()``):
+    the flat index into R * L where each is (what a per-token input, such as recorded routing, is
+    laid out by; every other position is padding or a packed row's dummy sequence)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -37,6 +40,7 @@ class TokenLayout:
     cols: torch.Tensor
     labels: torch.Tensor
     grid: tuple[int, int]  # (B, T)
+    tokens: torch.Tensor
 
     def scatter(self, values: torch.Tensor) -> torch.Tensor:
         """(M,) per-token values -> (B, T), zero where no real response token is."""
@@ -65,12 +69,14 @@ def token_layout(
     rows, cols = real[:, prompt_width:].nonzero(as_tuple=True)
     labels = input_ids[rows, cols + prompt_width]
     grid = (batch, width - prompt_width)
+    token_rows, token_cols = real.nonzero(as_tuple=True)
     if not packed:
         source = rows * width + cols + prompt_width - 1
-        return TokenLayout(input_ids, position_ids, attention_mask, source, rows, cols, labels, grid)
+        return TokenLayout(input_ids, position_ids, attention_mask, source, rows, cols, labels, grid,
+                           token_rows * width + token_cols)
     ids, positions, start = pack_rows(input_ids, real, position_ids)
     source = start[rows] + cols + prompt_width - 1
-    return TokenLayout(ids, positions, None, source, rows, cols, labels, grid)
+    return TokenLayout(ids, positions, None, source, rows, cols, labels, grid, start[token_rows] + token_cols)
 
 
 def pack_rows(

@@ -86,6 +86,8 @@ def step_metrics(
     }
     if "kl_loss" in policy_stats:
         metrics["loss/kl"] = policy_stats["kl_loss"]
+    if "aux_loss" in policy_stats:  # a mixture-of-experts policy's load-balancing loss (algo.router_aux_loss_coef)
+        metrics["loss/aux"] = policy_stats["aux_loss"]
     if critic_stats:
         metrics["loss/value"] = critic_stats["value_loss"]
         metrics["ppo/value_clipfrac"] = critic_stats["value_clipfrac"]

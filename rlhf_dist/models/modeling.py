@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from rlhf_dist.core.experience import Experience, RankingBatch, TensorRows, collate, pad_sequences
+from rlhf_dist.core.moe import load_balancing_loss
 from rlhf_dist.core.packing import ScoreLayout, TokenLayout, score_layout, token_layout
 from rlhf_dist.core.stats import entropy_from_logits, logprobs_from_logits
+from rlhf_dist.models.routing import RoutingReplay, layout_routing
 from rlhf_dist.registry import TASKS
 from rlhf_dist.tasks.base import load_task
 
@@ -107,23 +109,40 @@ def enable_token_outputs(model: nn.Module) -> nn.Module:
     padding positions, and with chunks the full (M, V) float32 logits never exist at once: each
     chunk's are recomputed in the backward pass (activation checkpointing) instead of kept.
 
+    A mixture-of-experts model takes two more arguments: ``routing``, (R * L, layers, k) expert
+    ids of the layout's tokens (``routing.layout_routing``) that its routers then use
+    (``routing.RoutingReplay``; None: they choose), and ``router_aux``: then it returns
+    (outputs, the routers' load-balancing loss over the layout's real tokens).
+
     The forward is replaced on the instance, so parameter names, ``save_pretrained`` and the
     weight sync are untouched, and DeepSpeed's engine (whose ZeRO-3 hooks gather parameters as
     each submodule runs) calls it like the original. Without ``layout`` it is the original."""
     plain_forward = model.forward
-    transform = logit_transform(model.config.get_text_config())
+    text_config = model.config.get_text_config()
+    transform = logit_transform(text_config)
+    replay = RoutingReplay(model) if moe_block_classes(model) else None
 
     def forward(*args, layout: TokenLayout | None = None, temperature: float = 1.0, with_entropy: bool = False,
-                chunk_tokens: int = 0, entropy_grad: bool = True, **kwargs):
+                chunk_tokens: int = 0, entropy_grad: bool = True, routing: torch.Tensor | None = None,
+                router_aux: bool = False, **kwargs):
+        if replay is None and (routing is not None or router_aux):
+            raise ValueError(f"{type(model).__name__} has no mixture-of-experts routers to replay or balance")
+        if replay is not None:
+            replay.set(routing)  # every forward sets it: None is the routers' own choice
         if layout is None:
             return plain_forward(*args, **kwargs)
-        hidden = model.base_model(
+        out = model.base_model(
             input_ids=layout.input_ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
             use_cache=False,  # with a cache transformers would not read packed sequences from the position ids
-        ).last_hidden_state
-        hidden = hidden.flatten(0, 1)[layout.source]
-        return head_outputs(model.get_output_embeddings(), hidden, layout.labels, temperature, transform,
-                            with_entropy, chunk_tokens, entropy_grad)
+            **({"output_router_logits": True} if router_aux else {}),
+        )
+        hidden = out.last_hidden_state.flatten(0, 1)[layout.source]
+        outputs = head_outputs(model.get_output_embeddings(), hidden, layout.labels, temperature, transform,
+                               with_entropy, chunk_tokens, entropy_grad)
+        if not router_aux:
+            return outputs
+        real = hidden.new_zeros(layout.input_ids.numel(), dtype=torch.float).index_fill_(0, layout.tokens, 1.0)
+        return outputs, load_balancing_loss(out.router_logits, text_config.num_experts_per_tok, real)
 
     model.forward = forward
     return model
@@ -405,19 +424,25 @@ def layout_of(exp: Experience, packed: bool) -> TokenLayout:
 
 def response_logprobs(
     model: nn.Module, exp: Experience, temperature: float, with_entropy: bool = False, *,
-    packed: bool = False, chunk_tokens: int = 0, entropy_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    packed: bool = False, chunk_tokens: int = 0, entropy_grad: bool = True, routing: torch.Tensor | None = None,
+    router_aux: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Logprobs (B, T) of the response tokens under ``model`` (logits / temperature), and their
-    entropies with ``with_entropy``; 0 at padding. ``model`` is a causal LM from
+    entropies with ``with_entropy`` (else None); 0 at padding. ``model`` is a causal LM from
     ``load_causal_lm`` (or a DeepSpeed engine around one); ``packed`` and ``chunk_tokens`` as in
     ``packing.token_layout`` and ``enable_token_outputs``: the numbers are the same either way;
-    ``entropy_grad`` as in ``head_outputs``."""
+    ``entropy_grad`` as in ``head_outputs``. A mixture-of-experts model: ``routing``, (B, W,
+    layers, k) expert ids of the rows' tokens (-1 where not recorded), is the routing its
+    routers use; ``router_aux`` adds a third output, the routers' load-balancing loss over the
+    rows' real tokens (``core.moe.load_balancing_loss``: the same packed or padded)."""
     layout = layout_of(exp, packed)
+    laid = None if routing is None else layout_routing(layout, routing, exp.attention_mask)
     out = model(layout=layout, temperature=temperature, with_entropy=with_entropy, chunk_tokens=chunk_tokens,
-                entropy_grad=entropy_grad)
-    if with_entropy:
-        return layout.scatter(out[0]), layout.scatter(out[1])
-    return layout.scatter(out), None
+                entropy_grad=entropy_grad, routing=laid, router_aux=router_aux)
+    out, aux = out if router_aux else (out, None)
+    logprobs, entropy = out if with_entropy else (out, None)
+    logprobs, entropy = layout.scatter(logprobs), None if entropy is None else layout.scatter(entropy)
+    return (logprobs, entropy, aux) if router_aux else (logprobs, entropy)
 
 
 def response_values(critic: nn.Module, exp: Experience, packed: bool = False) -> torch.Tensor:

@@ -13,9 +13,11 @@ from rlhf_dist.models.modeling import (
     load_causal_lm,
     load_critic,
     load_reward_model,
+    moe_block_classes,
     ranking_scores,
     response_values,
 )
+from rlhf_dist.models.routing import router_aux_coef
 from rlhf_dist.roles.spec import RankSpec
 from rlhf_dist.roles.zero_rank import DeepSpeedRank
 from rlhf_dist.weight_sync.transport import GroupTransport, load_transport
@@ -23,6 +25,9 @@ from rlhf_dist.weight_sync.transport import GroupTransport, load_transport
 
 class PolicyTrainer(DeepSpeedRank):
     """The policy: PPO-clip updates, logprobs, and the weight broadcast to the engines."""
+
+    # A mixture of experts' load-balancing loss comes back as a part of the minibatch's, summed like the loss.
+    LOSS_STATS = (*DeepSpeedRank.LOSS_STATS, "aux_loss")
 
     def __init__(
         self, *, spec: RankSpec, cfg: TrainerConfig, model_cfg: ModelConfig, plan: RunPlan,
@@ -33,13 +38,16 @@ class PolicyTrainer(DeepSpeedRank):
         self.transport = None  # the weight-sync transport (init_weight_sender)
         self.sender = None  # rank 0's end of a group transport's weight-transfer group (gloo, nccl)
         self.exporter = None  # every rank's exported copies (a handle transport: ipc)
+        self.moe = False  # a mixture-of-experts policy (build_model)
 
     @property
     def lr(self) -> float:
         return self.cfg.lr
 
     def build_model(self) -> torch.nn.Module:
-        return load_causal_lm(self.model_path, self.model_cfg.dtype, self.cfg.gradient_checkpointing)
+        model = load_causal_lm(self.model_path, self.model_cfg.dtype, self.cfg.gradient_checkpointing)
+        self.moe = bool(moe_block_classes(model))
+        return model
 
     @torch.no_grad()
     def logprobs(self, exp: Experience, temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,26 +92,52 @@ class PolicyTrainer(DeepSpeedRank):
         """The loss of a micro-batch; with ``one_pass`` (a list) the old logprobs are the forward's
         own, detached, and each micro-batch's (row index, old logprobs, entropy) is appended to it."""
         kl_loss_coef = kl_coef if algo.kl_in == "loss" else None
-
+        aux_coef = self._router_aux_coef(algo)
         total = "tokens" if algo.loss_agg == "token_mean" else "sequences"
 
         def loss_fn(micro: Experience, totals: dict[str, float]):
-            logprobs, entropy = self._logprobs(micro, self.temperature, entropy_grad=algo.entropy_coef != 0)
+            logprobs, entropy, *aux = self._logprobs(micro, self.temperature, entropy_grad=algo.entropy_coef != 0,
+                                                     router_aux=aux_coef > 0)
             old = micro.old_logprobs
             kl_term = kl_loss_coef if micro.ref_logprobs is not None else None  # no reference: no KL term
             if one_pass is not None:
                 old = logprobs.detach()
                 if micro.row_index is not None:
                     one_pass.append((micro.row_index, old, entropy.detach()))
-            return actor_loss(
+            loss, stats = actor_loss(
                 logprobs, old, micro.ref_logprobs, micro.advantages, entropy, micro.response_mask,
                 algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip, agg=algo.loss_agg,
                 max_len=self.max_new_tokens, rollout_weights=micro.rollout_weights, ratio_level=algo.ratio_level,
                 entropy_coef=algo.entropy_coef, kl_coef=kl_term, kl_estimator=algo.kl_estimator,
                 total=totals[total],
             )
+            if not aux:
+                return loss, stats
+            # The load-balancing loss is a mean over one forward pass's tokens, not additive over passes:
+            # each pass's weighs by its share of the minibatch's tokens, so a minibatch in one micro-batch
+            # gets exactly its own, and one cut into several the token-weighted mean of theirs.
+            aux_part = aux[0] * (micro.attention_mask.sum() / totals["routed_tokens"])
+            stats["aux_loss"] = aux_part.item()
+            return loss + aux_coef * aux_part, stats
 
         return loss_fn
+
+    def _router_aux_coef(self, algo: AlgoConfig) -> float:
+        """The weight of the routers' load-balancing loss (``algo.router_aux_loss_coef``; null: the
+        model's, where its config asks transformers to add the loss)."""
+        coef = router_aux_coef(self.engine.module.config.get_text_config(), algo.router_aux_loss_coef)
+        if coef and not self.moe:
+            raise ValueError(f"algo.router_aux_loss_coef={coef}: the policy {self.model_path!r} has no "
+                             "mixture-of-experts routers to balance; set algo.router_aux_loss_coef=0 (or null)")
+        return coef
+
+    def _totals(self, minibatch: Experience) -> dict[str, float]:
+        """Also, for a mixture-of-experts policy, the minibatch's tokens (prompts included: the
+        routers see them all), summed over ranks: what the load-balancing loss is a mean over."""
+        totals = super()._totals(minibatch)
+        if self.moe:
+            (totals["routed_tokens"],) = self._all_reduce([float(minibatch.attention_mask.sum())], "sum")
+        return totals
 
     # ------------------------------------------------------------------ weight sync
     def init_weight_sender(

@@ -203,12 +203,14 @@ class DeepSpeedRank:
         raise NotImplementedError
 
     def _logprobs(
-        self, micro: Experience, temperature: float, entropy_grad: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, micro: Experience, temperature: float, entropy_grad: bool = True, router_aux: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """(logprobs, entropy), each (b, T), of a micro-batch on this rank's device (``entropy_grad``
-        False: the entropy is a metric only)."""
+        False: the entropy is a metric only); with ``router_aux`` also the routers' load-balancing
+        loss of this forward pass (a mixture-of-experts model)."""
         return response_logprobs(self.engine, micro, temperature, with_entropy=True, packed=self.cfg.packing,
-                                 chunk_tokens=self.cfg.logprob_chunk_tokens, entropy_grad=entropy_grad)
+                                 chunk_tokens=self.cfg.logprob_chunk_tokens, entropy_grad=entropy_grad,
+                                 router_aux=router_aux)
 
     def _to_device(self, rows: TensorRows) -> TensorRows:
         return rows.map_tensors(lambda t: t.to(self.engine.device))

@@ -2,9 +2,9 @@
 
 One actor start per family: a tiny random-init model built from the family's Hugging Face config
 (tied and untied heads, q/k/v biases, q/k norms, Gemma's scaled embedding and (1 + w) norms, Phi-3's
-fused tensors, Granite's multipliers and logit scale, Qwen3-MoE's experts), two GRPO steps with a
-weight sync after each, then every engine's logprobs of fixed sequences must equal the trainer's and
-differ from the initial ones. The cases also spread over ZeRO stages 0-3, two engines, a
+fused tensors, Granite's multipliers and logit scale, Qwen3-MoE's experts and load-balancing loss),
+two GRPO steps with a weight sync after each, then every engine's logprobs of fixed sequences must
+equal the trainer's and differ from the initial ones. The cases also spread over ZeRO stages 0-3, two engines, a
 tensor-parallel engine and the overlapped pipeline (rollout.max_staleness=1 with TIS: the engines
 generate step 1 while step 0 trains, and must still serve the trainer's policy after the last sync).
 The first case then moves the trainer without a sync and checks that verification refuses the stale
@@ -52,8 +52,9 @@ CASES = {  # family -> overrides
     # (modeling.LOGIT_SCALES), by vLLM's Granite in its own logits processor; the defaults otherwise
     "granite": [],
     # the experts: stacked tensors in the trainer (each MoE block a ZeRO-3 leaf, gathered whole), fused
-    # and prepacked by vLLM's CPU kernel, which a reload leaves to weight_sync.reload to prepack again
-    "qwen3-moe": ["trainer=zero3"],
+    # and prepacked by vLLM's CPU kernel, which a reload leaves to weight_sync.reload to prepack again;
+    # the routers' load-balancing loss in the policy loss (off by default: the config does not ask for it)
+    "qwen3-moe": ["trainer=zero3", "algo.router_aux_loss_coef=0.01"],
 }
 
 
@@ -108,6 +109,10 @@ def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
     fresh = [r["logprob_gap/mean"] for r in rows if not r["rollout/staleness_max"]]
     assert all(gap < 1e-5 for gap in fresh), fresh
     assert summary["logprob_gap/max"] == max(fresh)
+    if cfg.algo.router_aux_loss_coef:  # k = 2 of E = 4 experts: 2 when balanced, 4 when all go to the same two
+        assert all(2.0 <= r["loss/aux"] <= 4.0 for r in rows), [r["loss/aux"] for r in rows]
+    else:
+        assert not any("loss/aux" in r for r in rows)
     if cfg.algo.rollout_correction == "tis":  # step 1's samples come from the policy before step 0's update
         assert rows[1]["rollout_corr/mismatch_kl"] > 1e-4 and rows[0]["rollout_corr/mismatch_kl"] < 1e-6
         assert 0.0 <= rows[1]["rollout_corr/truncated_frac"] <= 1.0

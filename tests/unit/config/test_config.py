@@ -194,6 +194,7 @@ BAD_VALUES = [
     # cap 1 would truncate every ratio above 1 (tis), or drop every token whose ratio is not exactly 1 (mis)
     ({"algo__rollout_is_cap": 1.0}, "algo.rollout_is_cap=1.0:", "must be > 1"),
     ({"algo__rollout_is_cap": 0.5}, "algo.rollout_is_cap=0.5:", "[1/cap, cap]"),
+    ({"algo__router_aux_loss_coef": -0.01}, "algo.router_aux_loss_coef=-0.01:", "null: the model config's"),
     # batch 64 x n 3 = 192 samples; 192 % 32 = 0 but 192 % 40 = 32
     ({"rollout__n": 3, "algo__minibatch_size": 40}, "rollout.batch_size=64:", "192"),
     ({"eval__every_steps": 5}, "data.eval_prompts='':", "needs held-out prompts"),
