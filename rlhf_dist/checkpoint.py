@@ -306,7 +306,8 @@ class Checkpointer:
         wait_all(*(g.load_checkpoint_async(str(path / name)) for g, name in self._trainers(roles)))
         state = read_state(path)
         restore_controller_rng(path)
-        roles.weights.sync(version=state.step)
+        if roles.weights is not None:  # (none when the run replays dumped rollouts)
+            roles.weights.sync(version=state.step)
         return state
 
     @staticmethod

@@ -187,7 +187,8 @@ def run_rl(
     start = start or TrainState()
     timeline = Timeline(enabled=cfg.logger.timeline)
     restored = [RolloutBatch.from_json(row) for row in start.in_flight]
-    rollouts = RolloutQueue(cfg, roles, prompts, timeline, restored)
+    rollouts = (dump.ReplayQueue(cfg.rollout.replay_from) if cfg.rollout.replay_from
+                else RolloutQueue(cfg, roles, prompts, timeline, restored))
     kl_ctl = make_kl_controller(cfg.algo)
     if start.kl_controller:
         kl_ctl.load_state_dict(start.kl_controller)

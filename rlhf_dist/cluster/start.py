@@ -49,12 +49,12 @@ from rlhf_dist.weight_sync.verify import probe_sequences
 class Roles:
     """The role-named groups of one start of the actors, and the weight sync between them."""
 
-    generation: GenerationGroup
+    generation: GenerationGroup | None  # none (nor reward actors, nor a weight sync) when replaying rollouts
     policy: PolicyGroup
     critic: CriticGroup | None  # only estimators that need values (gae) have one
     reference: ReferenceGroup | None  # none in a KL-free run with reference.monitor=false (needs_reference)
-    reward: RewardGroup
-    weights: WeightSync
+    reward: RewardGroup | None
+    weights: WeightSync | None
     recovery: EngineRecovery  # replaces lost engines; made once per run, it outlives these roles
     start_s: dict[str, float] = field(default_factory=dict)  # seconds of each part of the start (start_summary)
 
@@ -88,7 +88,7 @@ class Roles:
         no engine restarts left in ``recovery``'s budget) and the caller re-raises; True once each
         lost engine is back in its placement slot, every engine has joined a new weight-transfer
         group and received the current policy weights: the call can be retried."""
-        if not error.lost_actor or not self.recovery.restarts.take():
+        if self.generation is None or not error.lost_actor or not self.recovery.restarts.take():
             return False
         started = time.perf_counter()
         lost = self.generation.respawn_lost(self.recovery.start_timeout_s)
@@ -206,12 +206,14 @@ def start_roles(
     """Place and start all actors, join the trainer groups and the weight-transfer group.
     ``recovery`` replaces lost engines (default: up to ``max_restarts``, reported on stderr, no actors file).
     A ``restart`` waits for the resources of a joined cluster rather than refusing a layout it
-    cannot hold now (a lost node may be on its way back)."""
+    cannot hold now (a lost node may be on its way back). A run that replays dumped rollouts
+    (``rollout.replay_from``) starts no engines and no reward actors, and has no weight sync."""
     res, to = cfg.resources, cfg.timeouts
     started = time.perf_counter()
+    replay = bool(cfg.rollout.replay_from)
     slots = place_roles(cfg, actor_counts(cfg), check_fit=not restart)
     placed = time.perf_counter()
-    generation = start_engines(cfg, "generation", policy_path, slots["generation"])
+    generation = None if replay else start_engines(cfg, "generation", policy_path, slots["generation"])
     sampling = {"temperature": cfg.rollout.temperature, "max_new_tokens": cfg.rollout.max_new_tokens}
     policy_ranks = spawn_trainers(cfg, plan, PolicyTrainer, res.policy, policy_path, slots["policy"], sampling)
     policy = PolicyGroup("policy", policy_ranks, to.train_s)
@@ -221,12 +223,12 @@ def start_roles(
         critic_ranks = spawn_trainers(cfg, plan, CriticTrainer, res.critic, critic_path, slots["critic"], clip)
         critic = CriticGroup("critic", critic_ranks, to.train_s)
     reference = start_reference(cfg, policy_path, slots["reference"]) if needs_reference(cfg) else None
-    reward = start_reward(cfg, slots["reward"])
+    reward = None if replay else start_reward(cfg, slots["reward"])
     inference = [g for g in (generation, reference, reward) if g is not None]
     trainers = [g for g in (policy, critic) if g is not None]
     ready = wait_started(cfg, inference, trainers=tuple(trainers))
     joined = time.perf_counter()
-    weights = connect_weights(cfg, policy, generation, policy_path)
+    weights = None if replay else connect_weights(cfg, policy, generation, policy_path)
     recovery = recovery or EngineRecovery(Restarts(cfg.max_restarts), to.actor_start_s)
     phases = {"ray": placed - started, **{g.role: ready[i] - placed for i, g in enumerate([*trainers, *inference])},
               "weight_sync": time.perf_counter() - joined}

@@ -301,6 +301,10 @@ class RolloutConfig:
     # (token ids, sampling logprobs, scores, policy versions, texts; rollout/dump.py, which also
     # prints one: python -m rlhf_dist.rollout.dump <file>). time/rollout_dump says what it costs.
     dump: bool = False
+    # Train on the rollouts a run dumped (rollout.dump=true) in its directory, step by step, instead
+    # of generating and scoring: no engines and no reward actors start. Replaying a run from its
+    # first step with its settings reproduces its losses (a loss spike, looked at again). "": off.
+    replay_from: str = ""
     # DAPO's dynamic sampling (Yu et al. 2025): drop prompt groups whose n rewards are all equal (no
     # advantage under a group baseline) and sample more prompts until the step holds batch_size
     # informative groups, or max_sampling_rounds rounds were drawn (then the step is filled with

@@ -68,9 +68,12 @@ def needs_reference(cfg: Config) -> bool:
 
 def actor_counts(cfg: Config) -> dict[str, int]:
     """Actors per role of a PPO run, for the roles it starts (no critic without GAE, no reference
-    without ``needs_reference``): what placement lays out and validation sizes GPUs for."""
+    without ``needs_reference``, no engines or reward actors when it replays dumped rollouts):
+    what placement lays out and validation sizes GPUs for."""
     t = cfg.trainer
     counts = {"generation": cfg.rollout.num_engines, "policy": t.world_size, "reward": cfg.reward.num_actors}
+    if cfg.rollout.replay_from:  # the rollouts are read, not generated and scored
+        del counts["generation"], counts["reward"]
     if needs_reference(cfg):
         counts["reference"] = cfg.reference.num_actors
     if cfg.algo.needs_critic:

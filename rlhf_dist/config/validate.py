@@ -4,6 +4,8 @@ its stage uses, then their constraints on one another, and returns the stage's f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rlhf_dist.config.errors import _fail
 from rlhf_dist.config.groups import GROUP_ESTIMATORS
 from rlhf_dist.config.plan import RunPlan, SupervisedPlan, actor_counts, derive_run_plan, derive_supervised_plan
@@ -224,3 +226,9 @@ def _check_lengths(cfg: Config) -> None:
               f"must be <= rollout.max_new_tokens={r.max_new_tokens} (the penalty falls over the last that many tokens)")
     if cfg.eval.every_steps and not cfg.data.eval_prompts:
         _fail("data.eval_prompts", "", f"eval.every_steps={cfg.eval.every_steps} needs held-out prompts")
+    if r.replay_from:
+        if not list((Path(r.replay_from) / "rollouts").glob("step_*.safetensors")):
+            _fail("rollout.replay_from", r.replay_from, "holds no dumped rollouts (rollouts/step_*.safetensors: a run "
+                  "with rollout.dump=true writes them)")
+        if cfg.eval.every_steps:
+            _fail("eval.every_steps", cfg.eval.every_steps, "must be 0 with rollout.replay_from (no engines to evaluate)")

@@ -9,7 +9,7 @@ exactly; the texts, metadata and the step's statistics as JSON in the file's met
 
     .venv/bin/python -m rlhf_dist.rollout.dump <run>/rollouts/step_000012.safetensors [--rows 4]
 
-prints a step's samples as text.
+prints a step's samples as text. ``ReplayQueue`` trains on them again (``rollout.replay_from``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -107,3 +108,29 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class ReplayQueue:
+    """The rollouts of a run that dumped them (``rollout.replay_from``), taken step by step in
+    place of ``queue.RolloutQueue``: nothing is generated or scored, and there are no engines to
+    sync."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.directory = Path(run_dir) / "rollouts"
+
+    def take(self, step: int) -> RolloutBatch:
+        path = step_path(self.directory, step)
+        if not path.is_file():
+            raise FileNotFoundError(f"rollout.replay_from: no dumped rollout of step {step} ({path}); the run it "
+                                    "replays dumped fewer steps: lower total_steps")
+        started = time.perf_counter()
+        batch = read(path)
+        # the dumped run's generation and scoring times (throughput/* is computed from them)
+        batch.times = {**batch.times, "time/rollout_read": time.perf_counter() - started}
+        return batch
+
+    def sync_engines(self, version: int) -> None:
+        """No engines: nothing to sync."""
+
+    def finish_in_flight(self) -> list[RolloutBatch]:
+        return []  # nothing is generated ahead

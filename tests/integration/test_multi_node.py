@@ -4,6 +4,8 @@ a head with the job API and two workers, each its own raylet), started once for 
 - a run submitted through Ray's job API (scripts/submit_job.sh, resources=local_nodes) puts each
   role on the node its preset names (nodes.json), and its metrics equal the single-node run's;
 - every step's scored batch is dumped (rollout.dump=true) and reads back as trained on;
+- replaying those dumps (rollout.replay_from), with no engines or reward actors, gives the same
+  metrics again;
 - the node of the policy and critic ranks disappears mid-run (its raylet SIGKILLed, as a machine
   goes down) and a replacement node joins: every role restarts from the last checkpoint and the
   run completes with the same metrics as the uninterrupted single-node run (tolerance 0, as in
@@ -16,6 +18,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 
 import pytest
@@ -93,4 +96,13 @@ def test_a_job_on_three_nodes_equals_the_single_node_run_and_survives_losing_the
         batch = dump.read(out / "rollouts" / f"step_{row['step']:06d}.safetensors")
         assert len(batch.generations) == 64
         assert statistics.fmean(batch.scores) == pytest.approx(row["reward/mean"], rel=1e-6, abs=1e-7)
+    # Replayed (rollout.replay_from, a local cluster of its own, no engines or reward actors):
+    # the same losses and every other metric, step for step.
+    replay = tmp_path / "replay"
+    proc = subprocess.run([sys.executable, "-m", "rlhf_dist.train", f"rollout.replay_from={out}", f"total_steps={STEPS}",
+                           f"hydra.run.dir={replay}", "logger.progress_bar=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(json.loads((replay / "actors.json").read_text())) == {"policy", "critic", "reference"}
+    assert_same_run(rows(replay), rows(default_run)[:STEPS])
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
+from rlhf_dist.config import ConfigError, actor_counts, validate_config
 from rlhf_dist.roles.generation import Generation
 from rlhf_dist.rollout import dump
 from rlhf_dist.rollout.queue import RolloutBatch
+from tests.conftest import compose_config
 
 
 def test_a_dumped_step_reads_back_exactly_and_prints(tmp_path):
@@ -34,3 +38,18 @@ def test_a_dumped_step_reads_back_exactly_and_prints(tmp_path):
     text = dump.show(back, rows=2)
     assert "--- sample 1: score dropped, policy version 3, 0 response tokens (cut off)" in text
     assert "response: ' good .'" in text and "sample 2" not in text
+
+
+def test_a_replay_needs_dumped_rollouts_and_no_evaluation(tmp_path):
+    with pytest.raises(ConfigError, match=r"^rollout\.replay_from='.*': holds no dumped rollouts \(rollouts/step_"):
+        validate_config(compose_config([f"rollout.replay_from={tmp_path}"]))
+    (tmp_path / "rollouts").mkdir()
+    (tmp_path / "rollouts" / "step_000000.safetensors").write_bytes(b"")
+    cfg = compose_config([f"rollout.replay_from={tmp_path}"])
+    validate_config(cfg)
+    assert actor_counts(cfg) == {"policy": 2, "reference": 1, "critic": 2}  # no engines, no reward actors
+    with pytest.raises(ConfigError, match=r"^eval\.every_steps=5: must be 0 with rollout\.replay_from"):
+        validate_config(compose_config([f"rollout.replay_from={tmp_path}", "eval.every_steps=5",
+                                        "data.eval_prompts=builtin:reviews"]))
+    with pytest.raises(FileNotFoundError, match=r"^rollout\.replay_from: no dumped rollout of step 1 \("):
+        dump.ReplayQueue(str(tmp_path)).take(1)
