@@ -295,22 +295,6 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, total: float | None = N
     return -aggregate_loss(logprobs, mask, "token_mean", total=total)
 
 
-def pairwise_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, total: float | None = None
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Bradley-Terry loss of a reward model on (B,) scores of the chosen and rejected responses:
-
-        loss = sum(-log sigmoid(r_chosen - r_rejected)) / N,   N = total or B
-
-    (Ouyang et al. 2022, eq. 1, with one pair per prompt; ``total``: the pairs of the whole batch
-    these are part of). Stats: pairwise accuracy (ties count as wrong) and the mean margin.
-    """
-    margin = chosen.float() - rejected.float()
-    loss = -torch.nn.functional.logsigmoid(margin).sum() / (len(margin) if total is None else total)
-    stats = {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
-    return loss, stats
-
-
 def comparable_pairs(ranks: torch.Tensor) -> torch.Tensor:
     """better[b, i, j]: response i of prompt b is ranked better than its response j (a lower rank;
     equal ranks are a tie and empty slots, rank < 0, have none). Shape: ranks (B, K) -> (B, K, K) bool."""
@@ -328,7 +312,7 @@ def ranking_loss(
 
     P_b: the comparable pairs of prompt b, i ranked better than j (``comparable_pairs``: ties and
     empty slots give none; every prompt needs one, else ValueError naming it). A pair (K = 2, ranks
-    [0, 1]) is exactly ``pairwise_loss``. ``total``: the prompts of the whole batch these are part of.
+    [0, 1]) is the pairwise Bradley-Terry loss exactly. ``total``: the prompts of the whole batch these are part of.
     Stats: accuracy (the share of comparable pairs scored in the right order; equal scores count as
     wrong) and the mean margin r_i - r_j over them, as parts of ``comparisons`` (the whole batch's
     comparable pairs; None: these rows'), so that the parts of a batch add up to its figures.

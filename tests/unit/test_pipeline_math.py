@@ -1,11 +1,11 @@
-"""Pairwise reward-model loss, SFT loss and the evaluation arithmetic, against hand-computed numbers."""
+"""The reward-model loss on pairs, SFT loss and the evaluation arithmetic, against hand-computed numbers."""
 
 import math
 
 import pytest
 import torch
 
-from rlhf_dist.core.losses import pairwise_loss, sft_loss
+from rlhf_dist.core.losses import ranking_loss, sft_loss
 from rlhf_dist.core.stats import sequence_kl, win_rate
 from rlhf_dist.evaluate import summarize_policy
 
@@ -13,7 +13,7 @@ from rlhf_dist.evaluate import summarize_policy
 def test_pairwise_loss_by_hand():
     chosen = torch.tensor([2.0, 0.0, -1.0])
     rejected = torch.tensor([0.0, 0.0, 1.0])
-    loss, stats = pairwise_loss(chosen, rejected)
+    loss, stats = ranking_loss(torch.stack([chosen, rejected], dim=1), torch.tensor([[0, 1]] * 3))
     # margins 2, 0, -2: -log sigmoid(m) = log(1 + e^-m)
     expected = (math.log(1 + math.exp(-2)) + math.log(2) + math.log(1 + math.exp(2))) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -24,7 +24,7 @@ def test_pairwise_loss_by_hand():
 def test_pairwise_loss_gradient_pushes_the_margin_up():
     chosen = torch.tensor([0.5], requires_grad=True)
     rejected = torch.tensor([0.5], requires_grad=True)
-    pairwise_loss(chosen, rejected)[0].backward()
+    ranking_loss(torch.stack([chosen, rejected], dim=1), torch.tensor([[0, 1]]))[0].backward()
     # d/dm -log sigmoid(m) at m=0 is -1/2
     assert chosen.grad.item() == pytest.approx(-0.5) and rejected.grad.item() == pytest.approx(0.5)
 

@@ -7,8 +7,17 @@ import pytest
 import torch
 
 from rlhf_dist.core.experience import NO_RESPONSE, collate_rankings
-from rlhf_dist.core.losses import comparable_pairs, pairwise_loss, ranking_loss
+from rlhf_dist.core.losses import comparable_pairs, ranking_loss
 
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, total: float | None = None):
+    """The Bradley-Terry loss of (B,) pairs written out on its own, the reference a ranking of two
+    must equal: sum(-log sigmoid(r_chosen - r_rejected)) / (total or B), with the pairwise accuracy
+    (ties wrong) and mean margin."""
+    margin = chosen.float() - rejected.float()
+    loss = -torch.nn.functional.logsigmoid(margin).sum() / (len(margin) if total is None else total)
+    return loss, {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
 
 def nll(margin: float) -> float:
     """-log sigmoid(m) = log(1 + e^-m)."""
