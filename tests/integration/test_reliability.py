@@ -247,22 +247,30 @@ def test_lost_engine_and_reference_recovered_then_a_full_disk_ends_the_run_clean
     uninterrupted, small_disk, tmp_path
 ):
     out, ckpts = tmp_path / "run", small_disk / "checkpoints"
-    proc = launch(out, f"checkpoint.dir={ckpts}", "checkpoint.keep_last=1")
+    # rollout.dump: each step's rollout is on disk once it is taken (changes no step; time/* only)
+    proc = launch(out, f"checkpoint.dir={ckpts}", "checkpoint.keep_last=1", "rollout.dump=true")
 
-    # A generation engine dies after step 0: replaced within step 1, weights re-synced, step goes on.
-    wait_until(proc, lambda: len(rows(out)) >= 1, "step 0")
+    # A generation engine dies after step 0's rollout: replaced within step 1, weights re-synced,
+    # step goes on. Killed once that rollout is on disk, the engine is idle until step 1's sync:
+    # a window of step 0's update, log and checkpoint (seconds), where the step-0 row leaves only the
+    # checkpoint's (a loaded machine could then let the kill land in the sync or step 1's generation).
+    wait_until(proc, lambda: (out / "rollouts" / "step_000000.safetensors").exists(), "step 0's rollout")
     os.kill(pid(out, "generation"), signal.SIGKILL)
     # The reference actor dies after step 1: every role restarts from the checkpoint of step 2.
     wait_until(proc, lambda: checkpoint(ckpts, 2).exists(), "the checkpoint of step 2")
     reference = pid(out, "reference")
     os.kill(reference, signal.SIGKILL)
     # The restarted roles redo step 2. Then the engine dies in the middle of step 3's weight sync: it is
-    # stopped (idle) once step 2 is logged, trainer rank 0 once the checkpoint of step 3 is written;
-    # resumed, the engine starts the update and waits in the broadcast for the trainer, and is killed
-    # there. The trainer's send, resumed, fails at once ("Connection closed by peer"): the engine is
-    # replaced, every end joins a new group, and step 3 goes on. Meanwhile the checkpoint filesystem
-    # fills up: the checkpoint of step 4 cannot be written.
-    wait_until(proc, lambda: pid(out, "reference") != reference and len(rows(out)) >= 3, "the restart and step 2")
+    # stopped once step 2's redone rollout is on disk (idle until step 3's sync: the controller then
+    # waits in its start_weight_update, before any trainer sends), trainer rank 0 once the checkpoint
+    # of step 3 is written; resumed, the engine starts the update and waits in the broadcast for the
+    # trainer, and is killed there. The trainer's send, resumed, fails at once ("Connection closed by
+    # peer"): the engine is replaced, every end joins a new group, and step 3 goes on. Meanwhile the
+    # checkpoint filesystem fills up: the checkpoint of step 4 cannot be written.
+    wait_until(proc, lambda: pid(out, "reference") != reference, "the restart")
+    step_2 = out / "rollouts" / "step_000002.safetensors"  # written once before the restart: a new file is the redo's
+    first_dump = step_2.stat().st_ino if step_2.exists() else None
+    wait_until(proc, lambda: step_2.exists() and step_2.stat().st_ino != first_dump, "step 2's rollout, redone")
     engine, trainer = pid(out, "generation"), pid(out, "policy")
     os.kill(engine, signal.SIGSTOP)
     try:
