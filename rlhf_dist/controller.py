@@ -21,7 +21,7 @@ from rlhf_dist.checkpoint import Checkpointer, TrainState
 from rlhf_dist.cluster.start import Roles
 from rlhf_dist.config import AlgoConfig, Config, needs_reference, updates_once
 from rlhf_dist.core.advantages import neutralise_dropped
-from rlhf_dist.core.experience import Experience, collate, pad_right
+from rlhf_dist.core.experience import Experience, collate, pad_right, routing_grid
 from rlhf_dist.core.kl import kl_estimate
 from rlhf_dist.core.losses import rollout_correction
 from rlhf_dist.core.schedule import AdaptiveKLController, FixedKLController
@@ -132,6 +132,8 @@ def rl_step(
     algo, n, timer, step_start = cfg.algo, cfg.rollout.n, Timer(timeline), started or time.perf_counter()
     gens = batch.generations
     exp = collate(batch.prompt_ids, [g.response_ids for g in gens], pad_id=0, action_masks=[g.action_mask for g in gens])
+    if algo.routing_replay:  # the trainer's forward passes route as the engines did
+        exp = exp.with_fields(routing=routing_grid(exp, [g.routing for g in gens]))
     mask = exp.response_mask
     engine_logprobs = pad_right([g.response_logprobs for g in gens], mask.shape[1])
     raw_scores = torch.tensor(batch.scores)

@@ -206,11 +206,12 @@ class AlgoConfig:
     # DAPO's overlong filtering: responses cut off by rollout.max_new_tokens get no policy gradient
     # (advantage 0; they still count in the loss denominators and in a KL or entropy term).
     mask_truncated: bool = False
-    # Mixture-of-experts policies: weight of the routers' load-balancing loss (Switch Transformer's, as
-    # transformers computes it, over prompt and response tokens) added to the policy loss, logged as
-    # loss/aux. null: the model config's router_aux_loss_coef where its output_router_logits is true
-    # (released Qwen3-MoE/OLMoE/Mixtral configs set it false: off); 0: off; > 0 on a dense policy is refused.
+    # MoE policies: weight of the routers' load-balancing loss in the policy loss (loss/aux). null: the model
+    # config's router_aux_loss_coef if its output_router_logits is true (released configs: false); 0: off.
     router_aux_loss_coef: float | None = None
+    # Mixture-of-experts policies, routing replay (R3): the policy's passes route each token to the experts
+    # the engine did (roles/routing_capture.py), so near-tied routers add no mismatch. Needs rollout.enforce_eager.
+    routing_replay: bool = False
 
     @property
     def needs_critic(self) -> bool:

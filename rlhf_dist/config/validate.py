@@ -34,6 +34,7 @@ def validate_config(cfg: Config) -> RunPlan:
     _check_device(cfg)
     _check_placement(cfg)
     _check_gpu_memory(cfg)
+    _check_routing_replay(cfg)
     _check_lengths(cfg)
     return derive_run_plan(cfg)
 
@@ -211,6 +212,20 @@ def _check_gpu_memory(cfg: Config) -> None:
         terms = " + ".join(f"resources.{role}.gpus={g:g}" for role, g in others.items())
         _fail("rollout.gpu_memory_utilization", r.gpu_memory_utilization,
               f"engine 0 shares its GPU with {terms} = {held:g}: set it <= {1.0 - held:g}, or lower those shares")
+
+
+def _check_routing_replay(cfg: Config) -> None:
+    """What the engines' routing recorder (roles/routing_capture.py) can serve."""
+    if not cfg.algo.routing_replay:
+        return
+    r = cfg.rollout
+    if not r.enforce_eager:
+        _fail("algo.routing_replay", True, "records the routing in eager execution only: set rollout.enforce_eager=true "
+              "(a CUDA graph replays the kernels without the recording hook)")
+    if r.env:
+        _fail("algo.routing_replay", True, "is not supported with multi-turn rollouts (rollout.env) yet")
+    if r.replay_from:
+        _fail("algo.routing_replay", True, "dumped rollouts (rollout.replay_from) carry no routing")
 
 
 def _check_lengths(cfg: Config) -> None:

@@ -64,6 +64,9 @@ class Experience(TensorRows):
     returns: torch.Tensor | None = None  # (B, T)
     rollout_weights: torch.Tensor | None = None  # (B, T) float off-policy correction (algorithms.rollout_correction)
     row_index: torch.Tensor | None = None  # (B,) long: each row's place in its batch (a one-step update, PolicyTrainer.train)
+    # (B, P+T, layers, k) int16: the experts the engine routed each token to, -1 where not recorded
+    # (padding, a response's last token): a mixture-of-experts policy's forward uses them (algo.routing_replay)
+    routing: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -123,6 +126,28 @@ def collate(
             response_mask[i, : len(response)] = torch.tensor(action_masks[i], dtype=response_mask.dtype)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     return Experience(input_ids, attention, position_ids, response_mask, width)
+
+
+def routing_grid(exp: Experience, routes: list[torch.Tensor | None]) -> torch.Tensor:
+    """The engine's routing of each row's sequence, ``routes[i]`` (positions, layers, k) expert ids
+    from the prompt's first token on (None: not recorded), laid out like ``exp`` (``collate``:
+    prompts left-padded to ``prompt_width``): (B, P+T, layers, k) int16, -1 where nothing was recorded."""
+    if len(routes) != len(exp):
+        raise ValueError(f"routing of {len(routes)} sequences for {len(exp)} rows")
+    recorded = [r for r in routes if r is not None]
+    if not recorded:
+        raise ValueError("no routing recorded for any row")
+    layers, k = recorded[0].shape[1:]
+    out = torch.full((*exp.input_ids.shape, layers, k), -1, dtype=torch.int16)
+    starts = exp.prompt_width - exp.attention_mask[:, : exp.prompt_width].sum(dim=1)
+    for i, (route, start) in enumerate(zip(routes, starts.tolist())):
+        if route is None:
+            continue
+        if route.shape[1:] != (layers, k):
+            raise ValueError(f"row {i}: routing of shape {tuple(route.shape)}, the others' (n, {layers}, {k})")
+        length = min(len(route), out.shape[1] - start)
+        out[i, start : start + length] = route[:length]
+    return out
 
 
 NO_RESPONSE = -1  # the rank of an empty slot of a RankingBatch (a prompt with fewer than K responses)

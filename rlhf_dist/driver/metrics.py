@@ -88,6 +88,8 @@ def step_metrics(
         metrics["loss/kl"] = policy_stats["kl_loss"]
     if "aux_loss" in policy_stats:  # a mixture-of-experts policy's load-balancing loss (algo.router_aux_loss_coef)
         metrics["loss/aux"] = policy_stats["aux_loss"]
+    if "routing/replay_changed" in policy_stats:  # algo.routing_replay
+        metrics["routing/replay_changed"] = policy_stats["routing/replay_changed"]
     if critic_stats:
         metrics["loss/value"] = critic_stats["value_loss"]
         metrics["ppo/value_clipfrac"] = critic_stats["value_clipfrac"]

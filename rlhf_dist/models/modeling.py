@@ -6,6 +6,7 @@ directory of a real model works exactly like the embedded tiny default.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -124,7 +125,7 @@ def enable_token_outputs(model: nn.Module) -> nn.Module:
 
     def forward(*args, layout: TokenLayout | None = None, temperature: float = 1.0, with_entropy: bool = False,
                 chunk_tokens: int = 0, entropy_grad: bool = True, routing: torch.Tensor | None = None,
-                router_aux: bool = False, **kwargs):
+                router_aux: bool = False, agree_chunks: Callable[[int], int] | None = None, **kwargs):
         if replay is None and (routing is not None or router_aux):
             raise ValueError(f"{type(model).__name__} has no mixture-of-experts routers to replay or balance")
         if replay is not None:
@@ -138,13 +139,14 @@ def enable_token_outputs(model: nn.Module) -> nn.Module:
         )
         hidden = out.last_hidden_state.flatten(0, 1)[layout.source]
         outputs = head_outputs(model.get_output_embeddings(), hidden, layout.labels, temperature, transform,
-                               with_entropy, chunk_tokens, entropy_grad)
+                               with_entropy, chunk_tokens, entropy_grad, agree_chunks)
         if not router_aux:
             return outputs
         real = hidden.new_zeros(layout.input_ids.numel(), dtype=torch.float).index_fill_(0, layout.tokens, 1.0)
         return outputs, load_balancing_loss(out.router_logits, text_config.num_experts_per_tok, real)
 
     model.forward = forward
+    model.routing_replay = replay  # its counts: how often a replayed routing differed from the routers' own
     return model
 
 
@@ -200,7 +202,7 @@ def logit_transform(text_config: PretrainedConfig) -> LogitTransform:
 def head_outputs(
     head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float,
     transform: Callable[[torch.Tensor], torch.Tensor], with_entropy: bool, chunk_tokens: int,
-    entropy_grad: bool = True,
+    entropy_grad: bool = True, agree_chunks: Callable[[int], int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Logprobs (M,) of ``labels`` (and entropies (M,) with ``with_entropy``) under
     ``transform(head(hidden))`` / temperature, ``hidden`` (M, H): the model's own logits
@@ -208,7 +210,12 @@ def head_outputs(
     ``chunk_tokens`` rows at a time (0: all at once). With gradients, each chunk is checkpointed:
     only its inputs are kept, and its logits are recomputed in the backward pass. ``entropy_grad``
     False: the entropies are a metric only (no entropy bonus), computed without a graph, so
-    nothing of them is kept."""
+    nothing of them is kept.
+
+    ``agree_chunks`` (ZeRO-3 over several ranks): maps this rank's number of chunks to the most
+    any rank needs (a collective). ZeRO-3 gathers the head's weight in every call of the head, and
+    again in the backward pass, so every rank must call it as often: a rank with fewer chunks
+    adds empty ones, which take part in the backward pass (through a zero added to the output)."""
     from torch.utils.checkpoint import checkpoint
 
     def chunk(h: torch.Tensor, y: torch.Tensor):
@@ -222,15 +229,24 @@ def head_outputs(
         with torch.no_grad():
             return lp, entropy_from_logits(logits)
 
-    if not chunk_tokens or len(hidden) <= chunk_tokens:
+    chunks = max(math.ceil(len(hidden) / chunk_tokens), 1) if chunk_tokens else 1
+    if agree_chunks is not None:
+        chunks = agree_chunks(chunks)
+    if chunks == 1:
         return chunk(hidden, labels)
-    parts = [
-        checkpoint(chunk, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk(h, y)
-        for h, y in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens))
-    ]
+    pieces = list(zip(hidden.split(chunk_tokens), labels.split(chunk_tokens))) if len(hidden) else []
+    empty = chunks - len(pieces)
+    pieces += [(hidden[:0], labels[:0])] * empty
+    parts = [checkpoint(chunk, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk(h, y)
+             for h, y in pieces]
+    lps = [p[0] if with_entropy else p for p in parts]
+    # autograd skips a 1-d empty tensor in cat's backward: a sum over each empty chunk joins the graph
+    lp = torch.cat(lps[: len(lps) - empty]) if empty < len(lps) else lps[0]
+    if empty:
+        lp = lp + 0.0 * sum(p.sum() for p in lps[len(lps) - empty :])
     if with_entropy:
-        return torch.cat([lp for lp, _ in parts]), torch.cat([ent for _, ent in parts])
-    return torch.cat(parts)
+        return lp, torch.cat([ent for _, ent in parts])
+    return lp
 
 
 PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
@@ -425,7 +441,7 @@ def layout_of(exp: Experience, packed: bool) -> TokenLayout:
 def response_logprobs(
     model: nn.Module, exp: Experience, temperature: float, with_entropy: bool = False, *,
     packed: bool = False, chunk_tokens: int = 0, entropy_grad: bool = True, routing: torch.Tensor | None = None,
-    router_aux: bool = False,
+    router_aux: bool = False, agree_chunks: Callable[[int], int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Logprobs (B, T) of the response tokens under ``model`` (logits / temperature), and their
     entropies with ``with_entropy`` (else None); 0 at padding. ``model`` is a causal LM from
@@ -434,11 +450,12 @@ def response_logprobs(
     ``entropy_grad`` as in ``head_outputs``. A mixture-of-experts model: ``routing``, (B, W,
     layers, k) expert ids of the rows' tokens (-1 where not recorded), is the routing its
     routers use; ``router_aux`` adds a third output, the routers' load-balancing loss over the
-    rows' real tokens (``core.moe.load_balancing_loss``: the same packed or padded)."""
+    rows' real tokens (``core.moe.load_balancing_loss``: the same packed or padded).
+    ``agree_chunks`` as in ``head_outputs`` (ZeRO-3 ranks call the head as often)."""
     layout = layout_of(exp, packed)
     laid = None if routing is None else layout_routing(layout, routing, exp.attention_mask)
     out = model(layout=layout, temperature=temperature, with_entropy=with_entropy, chunk_tokens=chunk_tokens,
-                entropy_grad=entropy_grad, routing=laid, router_aux=router_aux)
+                entropy_grad=entropy_grad, routing=laid, router_aux=router_aux, agree_chunks=agree_chunks)
     out, aux = out if router_aux else (out, None)
     logprobs, entropy = out if with_entropy else (out, None)
     logprobs, entropy = layout.scatter(logprobs), None if entropy is None else layout.scatter(entropy)

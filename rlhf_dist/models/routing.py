@@ -29,6 +29,12 @@ class RoutingReplay:
 
     def __init__(self, model: nn.Module) -> None:
         self.routing: torch.Tensor | None = None
+        # (token, layer) routings given, and those on which the router would have chosen other experts,
+        # counted once per forward pass (a layer recomputed in the backward pass is not counted again)
+        # while ``counting``
+        self.given = self.changed = 0
+        self.counting = True
+        self._counted: set[int] = set()
         self.unsupported: list[str] = []  # routers without the top-k interface above, by class
         self.layers = 0
         for name, block in model.named_modules():
@@ -47,6 +53,7 @@ class RoutingReplay:
             raise ValueError(f"routing replay: the routers {sorted(set(self.unsupported))} do not return (logits, "
                              "top-k weights, top-k ids) with top_k and norm_topk_prob; their routing cannot be replayed")
         self.routing = routing
+        self._counted = set()
 
     def _route(self, layer: int, router: nn.Module, args, output):
         if self.routing is None:
@@ -55,8 +62,20 @@ class RoutingReplay:
         if self.routing.shape[0] != logits.shape[0]:
             raise ValueError(f"routing replay: routing for {self.routing.shape[0]} tokens, the router of layer "
                              f"{layer} got {logits.shape[0]}")
-        weights, ids = forced_topk(logits, own_ids, self.routing[:, layer], router.norm_topk_prob)
+        forced = self.routing[:, layer]
+        if self.counting and layer not in self._counted:
+            self._counted.add(layer)
+            given = (forced >= 0).all(dim=-1)
+            other = (own_ids.sort(dim=-1).values != forced.to(own_ids.dtype).sort(dim=-1).values).any(dim=-1)
+            self.given += int(given.sum())
+            self.changed += int((given & other).sum())
+        weights, ids = forced_topk(logits, own_ids, forced, router.norm_topk_prob)
         return logits, weights, ids
+
+    def take_counts(self) -> tuple[int, int]:
+        """(routings given, routings changed) since the last call."""
+        counts, self.given, self.changed = (self.given, self.changed), 0, 0
+        return counts
 
 
 def layout_routing(layout: TokenLayout, routing: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from rlhf_dist.config import RolloutConfig
 from rlhf_dist.registry import TRANSPORTS
+from rlhf_dist.roles.routing_capture import RoutingCapture
 from rlhf_dist.roles.spec import RankSpec
 
 
@@ -29,6 +31,9 @@ class Generation:
     # turns, tool_calls, seconds (in environment calls), return (NaN if it failed), error ("", error, timeout), message
     env: dict | None = None
     transcript: str = ""  # the turns marked (agent.MODEL_MARK / ENV_MARK), for the samples table
+    # algo.routing_replay: (positions, layers, k) int16 expert ids the engine routed each token of the
+    # prompt and response to (``routing_capture``; the response's last token has none)
+    routing: Any = None
 
 
 def executor_backend(tensor_parallel_size: int, in_process: bool) -> str | None:
@@ -49,11 +54,15 @@ class GenerationEngine:
 
     def __init__(
         self, *, spec: RankSpec, cfg: RolloutConfig, dtype: str, weight_sync_backend: str, in_process: bool,
-        env_step_s: float = 30.0, chat_template: bool = True,
+        env_step_s: float = 30.0, chat_template: bool = True, record_routing: bool = False,
     ) -> None:
         from vllm import LLM
 
         self.cfg = cfg
+        # algo.routing_replay: the routers' choices recorded per request (routing_capture: eager
+        # execution, which the config requires, and no prefix caching, or a cached prompt is not routed)
+        capture = {"worker_extension_cls": f"{RoutingCapture.__module__}.{RoutingCapture.__qualname__}",
+                   "enable_prefix_caching": False} if record_routing else {}
         self.llm = LLM(
             model=spec.model_path,
             dtype=dtype,
@@ -70,7 +79,11 @@ class GenerationEngine:
             # rollout.sleep_level > 0 (GPU): the engine frees its GPU memory while the trainer
             # sharing the GPU trains (colocated placement).
             enable_sleep_mode=cfg.sleep_level > 0,
+            **capture,
         )
+        self.record_routing = record_routing
+        if record_routing:
+            self.llm.collective_rpc("start_routing_capture")
         self.version = 0  # the policy version served: set by every weight update (and a resume)
         self.updating = False  # from start_weight_update to the update's end (vLLM's worker keeps its own flag)
         self.agent = None
@@ -119,12 +132,19 @@ class GenerationEngine:
             yield i, Generation(prompt_ids[i], traj.response_ids, traj.logprobs, text, self.version, traj.truncated,
                                 traj.action_mask, traj.stats(), "".join(traj.transcript))
 
-    def _generation(self, prompt: list[int], output) -> Generation:
+    def _generation(self, prompt: list[int], output, routing=None) -> Generation:
         completion = output.outputs[0]
         ids = list(completion.token_ids)
         logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
         truncated = completion.finish_reason == "length"
-        return Generation(prompt, ids, logprobs, completion.text, self.version, truncated)
+        return Generation(prompt, ids, logprobs, completion.text, self.version, truncated, routing=routing)
+
+    def _routing(self, outputs: list, idle: bool) -> list:
+        """The recorded routing of finished requests (Nones without algo.routing_replay); ``idle``:
+        nothing else is in flight, so what no one took (probes, evaluations) is forgotten."""
+        if not self.record_routing:
+            return [None] * len(outputs)
+        return self.llm.collective_rpc("take_routing", args=([o.request_id for o in outputs], idle))[0]
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], greedy: bool = False,
                  rows: list[dict] | None = None) -> list[Generation]:
@@ -141,7 +161,8 @@ class GenerationEngine:
             [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], self._sampling_params(seeds, greedy),
             use_tqdm=False,
         )
-        return [self._generation(prompt, out) for prompt, out in zip(prompt_ids, outputs)]
+        routes = self._routing(outputs, idle=True)
+        return [self._generation(prompt, out, r) for prompt, out, r in zip(prompt_ids, outputs, routes)]
 
     def generate_stream(
         self, prompt_ids: list[list[int]], seeds: list[int], chunk: int, rows: list[dict] | None = None
@@ -171,10 +192,10 @@ class GenerationEngine:
         index = {request.rsplit("-", 1)[0]: i for i, request in enumerate(ids)}
         engine, ready = self.llm.llm_engine, []
         while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    i = index[out.request_id]
-                    ready.append((i, self._generation(prompt_ids[i], out)))
+            finished = [out for out in engine.step() if out.finished]
+            for out, routing in zip(finished, self._routing(finished, idle=False)):
+                i = index[out.request_id]
+                ready.append((i, self._generation(prompt_ids[i], out, routing)))
             if len(ready) >= chunk or (ready and not engine.has_unfinished_requests()):
                 for start in range(0, len(ready), chunk):  # many finishing at once: still chunks
                     yield ready[start : start + chunk]

@@ -67,14 +67,33 @@ class PolicyTrainer(DeepSpeedRank):
         its entropy: ``exp.old_logprobs`` when given (entropy None); else, for an update of one
         optimizer step (one epoch of one minibatch), those of that step's own forward (ratio
         exactly 1, as TRL with ``num_iterations=1``: no separate pass), otherwise those of a pass
-        over the shard before the first epoch."""
+        over the shard before the first epoch.
+
+        With the engines' routing (``exp.routing``, algo.routing_replay) every forward pass routes
+        as they did; ``routing/replay_changed`` is the share of those (token, layer) routings on
+        which the policy's routers would have chosen other experts, over the passes before the
+        first optimizer step (whose routers are still those of the policy that sampled)."""
+        replay = self.engine.module.routing_replay if exp.routing is not None else None
+        if replay is not None:
+            replay.take_counts()
+            replay.counting = True
         if exp.old_logprobs is not None:
-            return self._train(exp, epochs, self._actor_loss(algo, kl_coef)), exp.old_logprobs, None
-        if epochs == 1 and len(exp) == self.plan.per_rank_minibatch:
-            return self._train_one_pass(exp, algo, kl_coef)
-        old_logprobs, entropy = self.logprobs(exp)
-        stats = self._train(exp.with_fields(old_logprobs=old_logprobs), epochs, self._actor_loss(algo, kl_coef))
+            stats = self._train(exp, epochs, self._actor_loss(algo, kl_coef))
+            old_logprobs, entropy = exp.old_logprobs, None
+        elif epochs == 1 and len(exp) == self.plan.per_rank_minibatch:
+            stats, old_logprobs, entropy = self._train_one_pass(exp, algo, kl_coef)
+        else:
+            old_logprobs, entropy = self.logprobs(exp)
+            stats = self._train(exp.with_fields(old_logprobs=old_logprobs), epochs, self._actor_loss(algo, kl_coef))
+        if replay is not None:
+            given, changed = replay.take_counts()
+            stats["routing/replay_changed"] = changed / max(given, 1)
         return stats, old_logprobs, entropy
+
+    def after_optimizer_step(self) -> None:
+        replay = getattr(self.engine.module, "routing_replay", None)
+        if replay is not None:
+            replay.counting = False  # the routers moved: what they would now choose otherwise is no mismatch
 
     def _train_one_pass(
         self, exp: Experience, algo: AlgoConfig, kl_coef: float

@@ -202,15 +202,26 @@ class DeepSpeedRank:
     def lr(self) -> float:
         raise NotImplementedError
 
+    def after_optimizer_step(self) -> None:
+        """Called after each optimizer step of ``_train``."""
+
     def _logprobs(
         self, micro: Experience, temperature: float, entropy_grad: bool = True, router_aux: bool = False
     ) -> tuple[torch.Tensor, ...]:
         """(logprobs, entropy), each (b, T), of a micro-batch on this rank's device (``entropy_grad``
         False: the entropy is a metric only); with ``router_aux`` also the routers' load-balancing
-        loss of this forward pass (a mixture-of-experts model)."""
+        loss of this forward pass (a mixture-of-experts model). A micro-batch with ``routing``
+        (algo.routing_replay) is routed as the engine routed it."""
         return response_logprobs(self.engine, micro, temperature, with_entropy=True, packed=self.cfg.packing,
                                  chunk_tokens=self.cfg.logprob_chunk_tokens, entropy_grad=entropy_grad,
-                                 router_aux=router_aux)
+                                 routing=micro.routing, router_aux=router_aux, agree_chunks=self._agree_chunks)
+
+    def _agree_chunks(self, chunks: int) -> int:
+        """The most logprob chunks any rank's micro-batch needs: under ZeRO-3 each rank runs as many
+        (``modeling.head_outputs``: each call of the head gathers its weight, a collective)."""
+        if self.cfg.zero_stage < 3 or self.cfg.world_size == 1:
+            return chunks
+        return int(self._all_reduce([float(chunks)], "max")[0])
 
     def _to_device(self, rows: TensorRows) -> TensorRows:
         return rows.map_tensors(lambda t: t.to(self.engine.device))
@@ -237,6 +248,7 @@ class DeepSpeedRank:
                 for key, value in self.accumulate(minibatch, loss_fn).items():
                     sums[key] = sums.get(key, 0.0) + value
                 self.engine.step()
+                self.after_optimizer_step()
                 minibatches += 1
         out = {k: v / minibatches for k, v in sums.items()}
         out["lr"] = self.engine.get_lr()[0]

@@ -3,7 +3,8 @@
 ``scripts/gpu_check.sh`` runs this module. On the device: the policy's, the reference's, the
 critic's and the reward model's forward passes, packed and padded, chunked logprobs against the
 model's own logits, in float32 and bfloat16 (bounds: ``assert_close``), the losses with their
-backward passes, and, when DeepSpeed (and hydra-core/omegaconf, which the trainer's config
+backward passes, a mixture of experts (packed = padded, its own routing replayed, a backward pass
+with the routers' load-balancing loss), and, when DeepSpeed (and hydra-core/omegaconf, which the trainer's config
 imports) are installed, one ZeRO-2 update of each trainer rank. No vLLM, Ray or network: the tiny
 models are built locally. What only the full stack checks (vLLM on CUDA, the NCCL weight sync,
 sleep/wake) is ``scripts/gpu_smoke.sh``'s.
@@ -295,3 +296,50 @@ def test_deepspeed_zero2_update(role, tiny_policy, tiny_reward_model, rows, pair
     # The critic's value head starts at zero, so no gradient reaches its backbone in the first step.
     expected = {"value_head.weight"} if role == "critic" else set(before)
     assert moved == expected, f"weights not updated: {sorted(expected - moved)}; updated: {sorted(moved - expected)}"
+
+
+@pytest.fixture(scope="module")
+def moe_policy(tiny_policy, tmp_path_factory, dtype):
+    """The tiny Qwen3-MoE (4 experts, 2 per token, random init) on the device."""
+    from rlhf_dist.models.tiny import build_random_lm
+
+    path = build_random_lm(tmp_path_factory.mktemp("moe") / "qwen3-moe", "qwen3-moe", tiny_policy)
+    return load_causal_lm(str(path), dtype).to(DEVICE)
+
+
+def _own_routing(model, exp: Experience) -> torch.Tensor:
+    """(B, W, layers, k): the experts the model's routers choose for every token of the padded rows."""
+    chosen = {}
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: chosen.__setitem__(i, out[2]))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids,
+              use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    return torch.stack([chosen[i].view(*exp.input_ids.shape, -1) for i in sorted(chosen)], dim=2)
+
+
+def test_moe_packed_equals_padded_and_replayed_routing_gives_its_own_logprobs(moe_policy, exp, dtype, record_gap):
+    """A mixture of experts on the device: packed and chunked logprobs equal padded ones; the routing
+    its routers choose, replayed (routing replay's forced top-k on the device), gives its logprobs;
+    and a backward pass with the routers' load-balancing loss reaches the routers and the experts."""
+    model = moe_policy.eval()
+    routing = _own_routing(model, exp)
+    assert routing.device.type == DEVICE
+    with torch.no_grad(), off_device(DEVICE):
+        padded, _ = response_logprobs(model, exp, TEMPERATURE)
+        packed, _ = response_logprobs(model, exp, TEMPERATURE, packed=True, chunk_tokens=CHUNK)
+        replayed, _ = response_logprobs(model, exp, TEMPERATURE, packed=True, chunk_tokens=CHUNK, routing=routing)
+    assert_close(packed, padded, padded.float(), dtype, record_gap, "packed")
+    # packed, routed as the padded pass chose (in bfloat16 packing alone could flip a near-tied router)
+    assert_close(replayed, padded, padded.float(), dtype, record_gap, "replayed")
+    model.train()
+    model.zero_grad()
+    with off_device(DEVICE):
+        logprobs, _, aux = response_logprobs(model, exp, TEMPERATURE, packed=True, chunk_tokens=CHUNK,
+                                             routing=routing, router_aux=True)
+    ((logprobs * exp.response_mask).sum() + aux).backward()
+    layer = model.model.layers[0].mlp
+    assert layer.gate.weight.grad.abs().max() > 0 and layer.experts.gate_up_proj.grad.abs().max() > 0
+    model.zero_grad()

@@ -2,7 +2,8 @@
 
 One actor start per family: a tiny random-init model built from the family's Hugging Face config
 (tied and untied heads, q/k/v biases, q/k norms, Gemma's scaled embedding and (1 + w) norms, Phi-3's
-fused tensors, Granite's multipliers and logit scale, Qwen3-MoE's experts and load-balancing loss),
+fused tensors, Granite's multipliers and logit scale, Qwen3-MoE's experts, load-balancing loss and
+routing replay),
 two GRPO steps with a weight sync after each, then every engine's logprobs of fixed sequences must
 equal the trainer's and differ from the initial ones. The cases also spread over ZeRO stages 0-3, two engines, a
 tensor-parallel engine and the overlapped pipeline (rollout.max_staleness=1 with TIS: the engines
@@ -35,8 +36,11 @@ pytestmark = pytest.mark.slow
 # float32: a correct sync measures ~5e-7 (summation order only); a stale tied head measured 2e-2.
 LOGPROB_ATOL = 1e-4
 CASES = {  # family -> overrides
-    # ZeRO-3 gathers and the weight sync in buckets of ~50 KB: several tensors per bucket, some alone
-    "llama-tied": ["trainer=zero3", "rollout.num_engines=2", "resources.weight_sync_bucket_mb=0.05"],
+    # ZeRO-3 gathers and the weight sync in buckets of ~50 KB: several tensors per bucket, some alone;
+    # logprobs in chunks of 4 tokens: the two ranks' micro-batches need different numbers of chunks,
+    # and each calls the head (a ZeRO-3 gather) as often as the other
+    "llama-tied": ["trainer=zero3", "rollout.num_engines=2", "resources.weight_sync_bucket_mb=0.05",
+                   "trainer.logprob_chunk_tokens=4"],
     # the padded forward passes (packing is the default)
     "qwen2": ["trainer=zero2", "rollout.tensor_parallel_size=2", "resources.vllm_in_process=false",
               "trainer.packing=false"],
@@ -53,8 +57,9 @@ CASES = {  # family -> overrides
     "granite": [],
     # the experts: stacked tensors in the trainer (each MoE block a ZeRO-3 leaf, gathered whole), fused
     # and prepacked by vLLM's CPU kernel, which a reload leaves to weight_sync.reload to prepack again;
-    # the routers' load-balancing loss in the policy loss (off by default: the config does not ask for it)
-    "qwen3-moe": ["trainer=zero3", "algo.router_aux_loss_coef=0.01"],
+    # the routers' load-balancing loss in the policy loss (off by default: the config does not ask for it);
+    # routing replay: the engines record each token's experts, the trainer's passes route them alike
+    "qwen3-moe": ["trainer=zero3", "algo.router_aux_loss_coef=0.01", "algo.routing_replay=true"],
 }
 
 
@@ -113,6 +118,11 @@ def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
         assert all(2.0 <= r["loss/aux"] <= 4.0 for r in rows), [r["loss/aux"] for r in rows]
     else:
         assert not any("loss/aux" in r for r in rows)
+    if cfg.algo.routing_replay:  # in float32 the engine's routers and the trainer's choose alike: every
+        # token's recorded experts are the trainer's own (a misplaced or foreign routing would differ on most)
+        assert [r["routing/replay_changed"] for r in rows] == [0.0, 0.0]
+    else:
+        assert not any("routing/replay_changed" in r for r in rows)
     if cfg.algo.rollout_correction == "tis":  # step 1's samples come from the policy before step 0's update
         assert rows[1]["rollout_corr/mismatch_kl"] > 1e-4 and rows[0]["rollout_corr/mismatch_kl"] < 1e-6
         assert 0.0 <= rows[1]["rollout_corr/truncated_frac"] <= 1.0

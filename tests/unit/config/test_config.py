@@ -195,6 +195,11 @@ BAD_VALUES = [
     ({"algo__rollout_is_cap": 1.0}, "algo.rollout_is_cap=1.0:", "must be > 1"),
     ({"algo__rollout_is_cap": 0.5}, "algo.rollout_is_cap=0.5:", "[1/cap, cap]"),
     ({"algo__router_aux_loss_coef": -0.01}, "algo.router_aux_loss_coef=-0.01:", "null: the model config's"),
+    # routing replay records in eager execution only, single-turn, from live engines
+    ({"algo__routing_replay": True, "rollout__enforce_eager": False}, "algo.routing_replay=True:",
+     "set rollout.enforce_eager=true"),
+    ({"algo__routing_replay": True, "rollout__env": {"_target_": "x"}}, "algo.routing_replay=True:", "rollout.env"),
+    ({"algo__routing_replay": True, "rollout__replay_from": "/r"}, "algo.routing_replay=True:", "carry no routing"),
     # batch 64 x n 3 = 192 samples; 192 % 32 = 0 but 192 % 40 = 32
     ({"rollout__n": 3, "algo__minibatch_size": 40}, "rollout.batch_size=64:", "192"),
     ({"eval__every_steps": 5}, "data.eval_prompts='':", "needs held-out prompts"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_dist.core.experience import Experience, collate, concat, pad_right, split_sizes
+from rlhf_dist.core.experience import Experience, collate, concat, pad_right, routing_grid, split_sizes
 from rlhf_dist.models.modeling import micro_batches
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
@@ -152,3 +152,20 @@ def test_pad_right():
     out = pad_right([[0.5], [1.5, 2.5]], 2, value=-1.0)
     assert out.dtype == torch.float32
     assert_close(out, torch.tensor([[0.5, -1.0], [1.5, 2.5]]), **TOL)
+
+
+def test_routing_grid_puts_each_recorded_position_under_its_token():
+    # rows [[5, 6 | 1, 2, 3], [_, 7 | 4, _, _], [8, 9 | _, _, _]] (prompt width 2, response width 3)
+    exp = collate([[5, 6], [7], [8, 9]], [[1, 2, 3], [4], []], pad_id=0)
+    # an engine records every fed token: the prompt and the response but its last token; (n, layers 1, k 2)
+    routes = [torch.tensor([[[10, 11]], [[12, 13]], [[14, 15]], [[16, 17]]], dtype=torch.int16),  # 5, 6, 1, 2
+              torch.tensor([[[20, 21]]], dtype=torch.int16),  # 7 (4 is the last token)
+              None]  # not recorded
+    grid = routing_grid(exp, routes)
+    assert grid.dtype == torch.int16 and grid.shape == (3, 5, 1, 2)
+    assert grid[:, :, 0, 0].tolist() == [[10, 12, 14, 16, -1], [-1, 20, -1, -1, -1], [-1] * 5]
+    assert grid[0, :4, 0, 1].tolist() == [11, 13, 15, 17]
+    with pytest.raises(ValueError, match="routing of 2 sequences for 3 rows"):
+        routing_grid(exp, routes[:2])
+    with pytest.raises(ValueError, match=r"row 1: routing of shape \(1, 2, 2\)"):
+        routing_grid(exp, [routes[0], torch.zeros(1, 2, 2, dtype=torch.int16), None])

@@ -118,3 +118,43 @@ def test_each_logit_scale_is_the_models_own(model_type):
         unscaled = head_outputs(model.get_output_embeddings(), hidden, labels, 0.7, LogitTransform(), False, 0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6)
     assert (unscaled - expected).abs().max() > 1e-2  # the transform is what makes them equal
+
+
+class _CountingHead(torch.nn.Linear):
+    """A head that counts its calls: under ZeRO-3 each one gathers the weight, a collective."""
+
+    calls = 0
+
+    def forward(self, h):
+        self.calls += 1
+        return super().forward(h)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_chunks_agreed_across_ranks_call_the_head_as_often_and_change_nothing(with_entropy):
+    torch.manual_seed(0)
+    head = _CountingHead(8, 11)
+    hidden = torch.randn(7, 8, requires_grad=True)
+    labels = torch.randint(11, (7,))
+
+    def run(agree):
+        head.calls = 0
+        head.zero_grad()
+        hidden.grad = None
+        out = head_outputs(head, hidden, labels, 0.9, LogitTransform(), with_entropy, 3, agree_chunks=agree)
+        lp, ent = out if with_entropy else (out, None)
+        forward_calls = head.calls
+        (lp.sum() + (ent.sum() if with_entropy else 0)).backward()
+        return lp.detach(), forward_calls, head.calls, head.weight.grad.clone(), hidden.grad.clone()
+
+    lp, fwd, total, w_grad, h_grad = run(None)
+    assert (fwd, total) == (3, 6)  # 7 tokens in chunks of 3; each chunk recomputed in the backward pass
+    # another rank needs 5 chunks: this one adds 2 empty ones, in the forward and in the backward pass
+    lp5, fwd5, total5, w_grad5, h_grad5 = run(lambda n: max(n, 5))
+    assert (fwd5, total5) == (5, 10)
+    assert torch.equal(lp5, lp) and torch.equal(w_grad5, w_grad) and torch.equal(h_grad5, h_grad)
+    # a rank with no response tokens at all (all its chunks empty) still calls the head as often
+    head.calls = 0
+    empty = head_outputs(head, hidden[:0], labels[:0], 1.0, LogitTransform(), False, 3, agree_chunks=lambda n: 2)
+    (empty.sum() + 0 * hidden.sum()).backward()
+    assert empty.shape == (0,) and head.calls == 4

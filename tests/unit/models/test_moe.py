@@ -103,6 +103,28 @@ def test_replaying_the_routing_the_model_chooses_gives_its_logprobs_exactly(fami
     assert (other - own).abs().max() > 1e-3
 
 
+def test_the_replay_counts_the_routings_it_changed_once_per_forward_pass(moe_model):
+    model = moe_model("qwen3-moe")
+    exp = _rows(300)
+    routing = _own_routing(model, exp)
+    real = int(exp.attention_mask.sum()) * 2  # recorded (token, layer) routings: real tokens x 2 layers
+    replay = model.routing_replay
+    replay.take_counts()
+    with torch.no_grad():
+        response_logprobs(model, exp, 1.0, routing=routing.flip(-1))  # the same experts, in another order
+        assert replay.take_counts() == (real, 0)
+        moved = routing.clone()
+        moved[0] = (moved[0] + 1) % 4  # row 0's tokens (9 real) to two other experts, in both layers
+        response_logprobs(model, exp, 1.0, packed=True, routing=moved)
+        assert replay.take_counts() == (real, 9 * 2)
+        unrecorded = routing.clone()
+        unrecorded[:, : exp.prompt_width] = -1  # prompts not recorded: not given, not counted
+        response_logprobs(model, exp, 1.0, routing=unrecorded)
+        assert replay.take_counts() == (real - 3 * 4 * 2, 0)
+        response_logprobs(model, exp, 1.0)  # the routers' own choice: nothing given
+        assert replay.take_counts() == (0, 0)
+
+
 def test_replayed_routing_trains_the_router_through_its_weights(moe_model):
     model = moe_model("qwen3-moe")
     exp = _rows(300)
