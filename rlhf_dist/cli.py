@@ -71,6 +71,14 @@ def check_writable(key: str, config: DictConfig) -> None:
         sys.exit(1)
 
 
+class Paused(Exception):
+    """The run stopped to wait for something only a person can give (a round's rankings); the
+    message says what and how to go on. Exit code ``PAUSED_EXIT``."""
+
+
+PAUSED_EXIT = 3
+
+
 def run_guarded(run: Stage, cfg: Config, out_dir: Path, group: str, how_to_resume: str = "") -> dict[str, Any]:
     """Run a stage; the errors a user can fix end the process with one line and exit code 1; a
     run stopped by a signal (``Interrupted``) ends with one line, ``how_to_resume``, and exit
@@ -87,6 +95,9 @@ def run_guarded(run: Stage, cfg: Config, out_dir: Path, group: str, how_to_resum
     except Interrupted as e:
         print(f"rlhf_dist: {e}; {how_to_resume}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    except Paused as e:
+        print(f"rlhf_dist: paused: {e}", file=sys.stderr, flush=True)
+        sys.exit(PAUSED_EXIT)
 
 
 def entry_point(

@@ -50,12 +50,14 @@ def _history_value(item):  # typed oneof ``value`` (none/boolean/integer/number/
     return None if kind == "none" else json.loads(item.json) if kind == "json" else getattr(item, kind)
 
 
-def read_offline_run(wandb_dir: Path, timeout: float = 10.0) -> dict:
-    """``wandb_dir`` is the ``wandb`` folder inside ``wandb.init(dir=...)``; it must hold exactly one offline run.
+def read_offline_run(wandb_dir: Path, timeout: float = 10.0, last: bool = False) -> dict:
+    """``wandb_dir`` is the ``wandb`` folder inside ``wandb.init(dir=...)``; it must hold exactly one offline run
+    (``last``: the newest of several, e.g. a resumed run's second part).
 
     Returns {"history": [{key: value, ..., "_step": int}], "summary": {...}, "config": {...}, "group", "name"}.
     """
-    (run_dir,) = sorted(Path(wandb_dir).glob("offline-run-*"))
+    runs = sorted(Path(wandb_dir).glob("offline-run-*"))
+    (run_dir,) = runs[-1:] if last else runs
     (log,) = run_dir.glob("*.wandb")
     deadline = time.monotonic() + timeout
     while True:

@@ -24,7 +24,7 @@ from rlhf_dist.config import (
 )
 from rlhf_dist.driver.preemption import Interrupted
 from rlhf_dist.driver.run_logger import RunLogger
-from rlhf_dist.models.modeling import token_vocab_size
+from rlhf_dist.models.modeling import resolve_model_path, token_vocab_size
 from rlhf_dist.roles.generation import Generation, GenerationEngine
 from rlhf_dist.roles.groups import (
     CriticGroup,
@@ -164,6 +164,13 @@ def start_reward(cfg: Config, slots: list[Slot]) -> RewardGroup:
     return RewardGroup("reward", actors, cfg.timeouts.inference_s)
 
 
+def reference_path(cfg: Config, policy_path: str) -> str:
+    """The KL reference's model: ``reference.path``, or the policy's start."""
+    if not cfg.reference.path:
+        return policy_path
+    return resolve_model_path(cfg.reference.path, cfg.cache_dir, "reference.path")
+
+
 def start_reference(cfg: Config, model_path: str, slots: list[Slot]) -> ReferenceGroup:
     """The reference actors: the frozen ``model_path`` in each slot."""
     def kwargs(rank: int) -> dict[str, object]:
@@ -223,7 +230,9 @@ def start_roles(
         clip = {"value_clip_eps": cfg.algo.value_clip_eps}
         critic_ranks = spawn_trainers(cfg, plan, CriticTrainer, res.critic, critic_path, slots["critic"], clip)
         critic = CriticGroup("critic", critic_ranks, to.train_s)
-    reference = start_reference(cfg, policy_path, slots["reference"]) if needs_reference(cfg) else None
+    reference = None
+    if needs_reference(cfg):
+        reference = start_reference(cfg, reference_path(cfg, policy_path), slots["reference"])
     reward = None if replay else start_reward(cfg, slots["reward"])
     inference = [g for g in (generation, reference, reward) if g is not None]
     trainers = [g for g in (policy, critic) if g is not None]

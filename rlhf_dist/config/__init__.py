@@ -57,6 +57,7 @@ from rlhf_dist.config.runtime import (
     TimeoutConfig,
     WeightSyncConfig,
 )
+from rlhf_dist.config.pipeline import PipelineConfig
 from rlhf_dist.config.schema import GROUPS, Config, as_dict, register_configs, to_config
 from rlhf_dist.config.validate import SUPERVISED_GROUPS, supervised_plan, validate_config
 
@@ -81,6 +82,7 @@ __all__ = [
     "EvalConfig",
     "LoggerConfig",
     "ModelConfig",
+    "PipelineConfig",
     "ReferenceConfig",
     "ResourcesConfig",
     "RewardConfig",

@@ -292,11 +292,9 @@ class RolloutConfig:
     # Responses an engine hands back at a time as they finish; each such chunk is scored at once,
     # while the engines go on generating.
     stream_chunk: int = 32
-    # Start the passes that come before the update on full micro-batches of each engine's samples
-    # as they arrive, while the rest is generated and scored: the reference logprobs always, and in
-    # a synchronous run (max_staleness 0, no dynamic sampling) the old logprobs and the critic's
-    # values (rlhf_dist/rollout/passes.py). false: each is one pass over the whole batch once it is scored
-    # (resources=local_cpu sets it: on shared cores the passes would slow the engines down).
+    # Start the passes before the update on full micro-batches of samples as they arrive (rollout/passes.py):
+    # the reference logprobs, and in a synchronous run (max_staleness 0, no dynamic sampling) the old
+    # logprobs and the critic's values. false: one pass once all is scored (local_cpu: shared cores).
     stream_passes: bool = True
     # Write each step's scored rollout to <run dir>/rollouts/step_<N>.safetensors as it is taken
     # (token ids, sampling logprobs, scores, policy versions, texts; rollout/dump.py, which also
@@ -457,7 +455,9 @@ class ReferenceConfig:
     # measures how far the policy moved from the initial one (e.g. the kl_coef=0 arm of a sweep);
     # false saves the actors, their memory and a forward pass per step in KL-free runs (algo=dapo, gspo).
     monitor: bool = True
-    # Number of reference actors holding the frozen initial policy.
+    # The frozen policy of the KL penalty; "": the policy's start (model.path).
+    path: str = ""
+    # Number of reference actors holding it.
     num_actors: int = 1
     # Samples per forward pass.
     batch_size: int = 32

@@ -23,6 +23,7 @@ from rlhf_dist.config.groups import (
     SFTConfig,
     TrainerConfig,
 )
+from rlhf_dist.config.pipeline import PipelineConfig
 from rlhf_dist.config.runtime import (
     CheckpointConfig,
     LoggerConfig,
@@ -63,12 +64,13 @@ class Config:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 # The groups of Config, in the order validate_config checks them.
 GROUPS = (
     "model", "data", "eval", "algo", "rollout", "trainer", "reward", "reference", "sft", "rm", "resources", "timeouts",
-    "weight_sync", "checkpoint", "logger",
+    "weight_sync", "checkpoint", "logger", "pipeline",
 )
 
 

@@ -41,6 +41,9 @@ REVIEW_PROMPTS = SeedStream(("split",), (1, 1_000_003))
 # (seed, split, draw): the embedded InstructGPT task's random draws (tasks/reviews/feedback.py); each draw
 # (demonstrations, their prompts, preference pairs, their prompts) has its own number.
 FEEDBACK = SeedStream(("split", "draw"), (7919, 1_000_003, 1))
+# (seed, round, draw): an iterated pipeline round's labelling (rlhf_dist/label.py): draw 0 its prompts,
+# 1 the labeller's noise, 2 + i the engine seeds of prompt i's samples (then + j, modulus 2**31).
+LABEL_ROUND = SeedStream(("round", "draw"), (7919, 104_729, 1_000_003), 2**31)
 
 
 def derive_seed(stream: SeedStream, seed: int, *coordinates: int) -> int:

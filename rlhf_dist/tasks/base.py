@@ -91,6 +91,9 @@ class Task:
     # ("preferences": prompt, chosen, rejected; or prompt, responses, ranks for ranking_k > 2) rows,
     # with label noise; None: the task has none.
     supervised_rows: Callable[[str, int, int, str, float, int], list[dict]] | None = None
+    # (prompt, responses, noise, random.Random) -> {"prompt", "responses" best first, "ranks"}, or None
+    # when they all tie: the labeller of the iterated pipeline's rounds; None: the task has none.
+    rank_responses: Callable[..., dict | None] | None = None
 
 
 def load_task(name: str) -> Task:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from rlhf_dist.tasks.base import Recipe, Task
 from rlhf_dist.tasks.reviews.corpus import make_corpus, positive_sentiment_reward, prompt_rows
-from rlhf_dist.tasks.reviews.feedback import annotator_score, supervised_rows
+from rlhf_dist.tasks.reviews.feedback import annotator_score, rank_responses, supervised_rows
 
 __all__ = ["RECIPE", "TASK", "annotator_score", "positive_sentiment_reward"]
 
@@ -24,5 +24,5 @@ RECIPE = Recipe(
 
 TASK = Task(
     name="reviews", model="tiny", recipe=RECIPE, prompts=prompt_rows, corpus=make_corpus,
-    supervised_rows=supervised_rows,
+    supervised_rows=supervised_rows, rank_responses=rank_responses,
 )  # fmt: skip

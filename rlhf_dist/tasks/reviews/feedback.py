@@ -188,18 +188,25 @@ def ranking_rows(num: int, seed: int, noise: float, k: int, split: str = "train"
     rows: list[dict] = []
     while len(rows) < num:
         prompt = corpus.make_prompts(1, prompt_rng.randrange(2**31))[0]
-        responses = [sample_response(prompt, rng) for _ in range(k)]
-        gold = [annotator_score(prompt, r) for r in responses]
-        levels = sorted(set(gold), reverse=True)
-        if len(levels) == 1:
-            continue
-        sizes = tuple(gold.count(level) for level in levels)
-        perceived = level_order(len(levels), calibrated_flip(noise, sizes), rng)
-        rank_of = {levels[level]: rank for rank, level in enumerate(perceived)}
-        order = sorted(range(k), key=lambda i: rank_of[gold[i]])  # stable: a tie keeps the sampled order
-        rows.append({"prompt": prompt, "responses": [responses[i] for i in order],
-                     "ranks": [rank_of[gold[i]] for i in order]})
+        row = rank_responses(prompt, [sample_response(prompt, rng) for _ in range(k)], noise, rng)
+        if row is not None:
+            rows.append(row)
     return rows
+
+
+def rank_responses(prompt: str, responses: list[str], noise: float, rng: random.Random) -> dict | None:
+    """``{"prompt", "responses", "ranks"}``: ``responses`` ranked best first by the hidden annotator
+    with a human's label noise (``ranking_rows``); None when they all tie (nothing to learn). The
+    labeller of the iterated pipeline's rounds (``Task.rank_responses``)."""
+    gold = [annotator_score(prompt, r) for r in responses]
+    levels = sorted(set(gold), reverse=True)
+    if len(levels) == 1:
+        return None
+    sizes = tuple(gold.count(level) for level in levels)
+    perceived = level_order(len(levels), calibrated_flip(noise, sizes), rng)
+    rank_of = {levels[level]: rank for rank, level in enumerate(perceived)}
+    order = sorted(range(len(responses)), key=lambda i: rank_of[gold[i]])  # stable: a tie keeps the given order
+    return {"prompt": prompt, "responses": [responses[i] for i in order], "ranks": [rank_of[gold[i]] for i in order]}
 
 
 def preference_rows(num: int, seed: int, noise: float, split: str = "train") -> list[dict]:

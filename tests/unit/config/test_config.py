@@ -195,6 +195,9 @@ BAD_VALUES = [
     ({"algo__rollout_is_cap": 1.0}, "algo.rollout_is_cap=1.0:", "must be > 1"),
     ({"algo__rollout_is_cap": 0.5}, "algo.rollout_is_cap=0.5:", "[1/cap, cap]"),
     ({"algo__router_aux_loss_coef": -0.01}, "algo.router_aux_loss_coef=-0.01:", "null: the model config's"),
+    ({"pipeline__rounds": 0}, "pipeline.rounds=0:", "must be > 0"),
+    ({"pipeline__ranking_k": 1}, "pipeline.ranking_k=1:", "two responses"),
+    ({"pipeline__kl_reference": "ref"}, "pipeline.kl_reference='ref':", "sft, previous"),
     # routing replay records in eager execution only, single-turn, from live engines
     ({"algo__routing_replay": True, "rollout__enforce_eager": False}, "algo.routing_replay=True:",
      "set rollout.enforce_eager=true"),
