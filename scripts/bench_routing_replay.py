@@ -143,17 +143,9 @@ def measure_main(family: str, path: str, dtype: str, prompts: list[list[int]], q
 def routing_differs(model, exp, recorded) -> float:
     """Share of the recorded (token, layer) routings on which the trainer's routers choose another
     set of experts (the order within the k does not count)."""
-    import torch
+    from rlhf_dist.models.routing import own_routing
 
-    chosen = {}
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: chosen.__setitem__(i, out[2]))
-             for i, layer in enumerate(model.model.layers)]
-    with torch.no_grad():
-        model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids,
-              use_cache=False)
-    for hook in hooks:
-        hook.remove()
-    own = torch.stack([chosen[i].view(*exp.input_ids.shape, -1) for i in sorted(chosen)], dim=2)
+    own = own_routing(model, exp)
     seen = (recorded >= 0).all(dim=-1)
     differs = (own.sort(dim=-1).values != recorded.sort(dim=-1).values).any(dim=-1)
     return (differs & seen).sum().item() / seen.sum().item()

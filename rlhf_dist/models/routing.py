@@ -78,6 +78,23 @@ class RoutingReplay:
         return counts
 
 
+@torch.no_grad()
+def own_routing(model: nn.Module, exp) -> torch.Tensor:
+    """(B, W, layers, k): the experts the routers of ``model`` (a transformers MoE whose decoder
+    layers' ``mlp.gate`` is the router) choose for every token of ``exp``'s padded rows, in a plain
+    forward pass (routing replay off). For tests and measurements."""
+    chosen: dict[int, torch.Tensor] = {}
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: chosen.__setitem__(i, out[2]))
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids,
+              use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack([chosen[i].view(*exp.input_ids.shape, -1) for i in sorted(chosen)], dim=2)
+
+
 def layout_routing(layout: TokenLayout, routing: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Routing stored like the rows, (B, W, layers, k) expert ids (-1 where not recorded), laid
     out for the forward pass of ``layout`` (made from those rows, whose attention mask is

@@ -33,6 +33,7 @@ from rlhf_dist.models.modeling import (
     response_logprobs,
     response_values,
 )
+from rlhf_dist.models.routing import own_routing
 from rlhf_dist.roles.reference import ReferenceModel
 from rlhf_dist.roles.spec import RankSpec
 from tests.gpu.conftest import DEVICE_ENV, check_device, off_device
@@ -307,25 +308,12 @@ def moe_policy(tiny_policy, tmp_path_factory, dtype):
     return load_causal_lm(str(path), dtype).to(DEVICE)
 
 
-def _own_routing(model, exp: Experience) -> torch.Tensor:
-    """(B, W, layers, k): the experts the model's routers choose for every token of the padded rows."""
-    chosen = {}
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: chosen.__setitem__(i, out[2]))
-             for i, layer in enumerate(model.model.layers)]
-    with torch.no_grad():
-        model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids,
-              use_cache=False)
-    for hook in hooks:
-        hook.remove()
-    return torch.stack([chosen[i].view(*exp.input_ids.shape, -1) for i in sorted(chosen)], dim=2)
-
-
 def test_moe_packed_equals_padded_and_replayed_routing_gives_its_own_logprobs(moe_policy, exp, dtype, record_gap):
     """A mixture of experts on the device: packed and chunked logprobs equal padded ones; the routing
     its routers choose, replayed (routing replay's forced top-k on the device), gives its logprobs;
     and a backward pass with the routers' load-balancing loss reaches the routers and the experts."""
     model = moe_policy.eval()
-    routing = _own_routing(model, exp)
+    routing = own_routing(model, exp)
     assert routing.device.type == DEVICE
     with torch.no_grad(), off_device(DEVICE):
         padded, _ = response_logprobs(model, exp, TEMPERATURE)

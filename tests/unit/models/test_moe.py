@@ -11,7 +11,7 @@ from torch import nn
 from rlhf_dist.core.experience import Experience, collate
 from rlhf_dist.core.packing import token_layout
 from rlhf_dist.models.modeling import load_causal_lm, moe_block_classes, response_logprobs
-from rlhf_dist.models.routing import layout_routing, router_aux_coef
+from rlhf_dist.models.routing import layout_routing, own_routing, router_aux_coef
 from rlhf_dist.models.tiny import build_random_lm
 
 
@@ -54,19 +54,6 @@ def _rows(vocab: int) -> Experience:
     return collate([r[:3] for r in rows], [r[3:] for r in rows], pad_id=0)
 
 
-def _own_routing(model, exp: Experience) -> torch.Tensor:
-    """(B, W, layers, k): the experts the model's routers choose for every token of the padded rows."""
-    chosen = {}
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: chosen.__setitem__(i, out[2]))
-             for i, layer in enumerate(model.model.layers)]
-    with torch.no_grad():
-        model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids,
-              use_cache=False)
-    for hook in hooks:
-        hook.remove()
-    return torch.stack([chosen[i].view(*exp.input_ids.shape, -1) for i in sorted(chosen)], dim=2)
-
-
 @pytest.fixture(scope="module")
 def moe_model(tiny_policy, tmp_path_factory):
     models = {}
@@ -84,7 +71,7 @@ def moe_model(tiny_policy, tmp_path_factory):
 def test_replaying_the_routing_the_model_chooses_gives_its_logprobs_exactly(family, moe_model):
     model = moe_model(family)
     exp = _rows(300)
-    routing = _own_routing(model, exp)
+    routing = own_routing(model, exp)
     assert routing.shape == (4, 14, 2, 2)  # rows, columns, layers, k
     with torch.no_grad():
         for packed in (False, True):
@@ -106,7 +93,7 @@ def test_replaying_the_routing_the_model_chooses_gives_its_logprobs_exactly(fami
 def test_the_replay_counts_the_routings_it_changed_once_per_forward_pass(moe_model):
     model = moe_model("qwen3-moe")
     exp = _rows(300)
-    routing = _own_routing(model, exp)
+    routing = own_routing(model, exp)
     real = int(exp.attention_mask.sum()) * 2  # recorded (token, layer) routings: real tokens x 2 layers
     replay = model.routing_replay
     replay.take_counts()
@@ -128,7 +115,7 @@ def test_the_replay_counts_the_routings_it_changed_once_per_forward_pass(moe_mod
 def test_replayed_routing_trains_the_router_through_its_weights(moe_model):
     model = moe_model("qwen3-moe")
     exp = _rows(300)
-    routing = (_own_routing(model, exp) + 1) % 4
+    routing = (own_routing(model, exp) + 1) % 4
     model.zero_grad()
     logprobs, _ = response_logprobs(model, exp, 1.0, routing=routing)
     logprobs.sum().backward()
