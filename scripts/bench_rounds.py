@@ -1,7 +1,8 @@
 """Benchmark: one-pass against iterated RLHF on the embedded task, at equal total PPO steps and an
 equal labelling budget, over several seeds (the InstructGPT recipe's rounds, pipeline.rounds).
 
-    .venv/bin/python scripts/bench_rounds.py [--seeds 0 1] [--steps 60] [--rounds 3] [--out bench_out/rounds]
+    .venv/bin/python scripts/bench_rounds.py [--seeds 0 1] [--steps 60] [--rounds 3] [--out bench_out/rounds] \
+        [--extra algo.kl_coef=0 ...]
 
 Both arms are ``python -m rlhf_dist.pipeline`` (conf/pipeline.yaml: PPO with the KL penalty to SFT,
 held-out evaluation every 10 steps) with the same SFT stage:
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4096, help="the one-pass reward model's annotator pairs")
     parser.add_argument("--label-prompts", type=int, default=512)
     parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "rounds")
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides for both arms, e.g. algo.kl_coef=0")
     args = parser.parse_args()
     if args.steps % args.rounds:
         sys.exit(f"--steps {args.steps} must be a multiple of --rounds {args.rounds}")
@@ -139,7 +141,7 @@ def main() -> None:
     for seed in args.seeds:
         for arm, overrides in arms.items():
             run_dir = args.out / f"seed{seed}" / arm
-            run_pipeline(run_dir, [f"seed={seed}", *overrides])
+            run_pipeline(run_dir, [f"seed={seed}", *overrides, *args.extra])
             results[arm, seed] = arm_result(run_dir, args.rounds if arm == "iterated" else 1, per_round)
     figures = plot(results, args.out, [r * per_round for r in range(1, args.rounds)])
     (args.out / "rounds.json").write_text(json.dumps(

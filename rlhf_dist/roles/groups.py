@@ -330,6 +330,7 @@ class WeightSync:
         self.workers_per_engine, self.bucket_bytes = workers_per_engine, bucket_bytes
         self.probe, self.verify_every, self.tolerance = probe, verify_every, tolerance
         self.version = 0  # the policy version the engines serve (0: the initial weights)
+        self.probe_gap: tuple[int, float] | None = None  # (version, worst gap) of the last verification
         self._connect()
         info = self.transport.update_info(policy.weight_specs(), bucket_bytes)
         if isinstance(self.transport, HandleTransport):
@@ -412,8 +413,13 @@ class WeightSync:
         engine_lps, (trainer_lps, _) = wait_all(*self._probe_async())
         return self.check_probe(engine_lps, trainer_lps, self.version)
 
+    def probe_gap_of(self, version: int) -> float | None:
+        """The worst probe gap of the verification of weight ``version`` (None: not verified)."""
+        return self.probe_gap[1] if self.probe_gap and self.probe_gap[0] == version else None
+
     def check_probe(self, engine_lps: list, trainer_lps: torch.Tensor, version: int) -> float:
         worst = worst_probe_gap(engine_lps, trainer_lps)
+        self.probe_gap = version, worst.gap
         if not worst.gap <= self.tolerance:
             raise RoleError(
                 f"weight_sync.verify: engine {worst.engine} does not serve the trainer's policy after weight "

@@ -293,6 +293,8 @@ class RolloutQueue:
             self.roles.generation.sleep()
             times["time/engine_sleep"] = time.time() - slept
         batch.times = {**batch.times, **times}
+        if synced and (gap := self.roles.weights.probe_gap_of(step)) is not None:  # this sync was verified
+            batch.stats = {**batch.stats, "weight_sync/probe_gap": gap}
         return batch
 
     def sync_engines(self, version: int) -> None:
