@@ -102,9 +102,11 @@ def plot(results: dict, out: Path, boundaries: list[int]) -> list[Path]:
                 continue
             pts = [p for p in res["curve"] if p["kl"] is not None]
             kl = [p["kl"] for p in pts]
-            ax.plot(kl, [p["gold"] for p in pts], marker="o", ms=3, color="tab:green", label=f"gold, seed {seed}")
-            ax.plot(kl, [p["proxy"] for p in pts], marker="s", ms=3, color="tab:orange", ls="--",
-                    label=f"proxy (its reward model), seed {seed}")
+            shade = 1.0 if seed == min(s for _, s in results) else 0.5
+            ax.scatter(kl, [p["gold"] for p in pts], marker="o", s=18, color="tab:green", alpha=shade,
+                       label=f"gold, seed {seed}")
+            ax.scatter(kl, [p["proxy"] for p in pts], marker="s", s=18, color="tab:orange", alpha=shade,
+                       label=f"proxy (its reward model), seed {seed}")
         ax.set_title(arm)
         ax.set_xlabel("KL to SFT (nats per response, training samples)")
     axes[0].set_ylabel("held-out score")
