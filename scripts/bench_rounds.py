@@ -22,6 +22,10 @@ matplotlib``, or the ``bench`` extra):
 * ``rounds_overoptimisation.png``: the held-out gold score and the proxy (the score of the reward
   model that PPO was optimising then) against the KL to SFT.
 
+``--wandb offline|online`` also logs the figures and the table to a W&B run of its own (project
+rlhf_dist, group ``bench-rounds``), beside the pipelines' runs (``--extra logger=wandb`` makes
+those W&B runs too).
+
 Re-running continues: a pipeline that finished is reused (the pipeline's own resume).
 """
 
@@ -127,6 +131,8 @@ def main() -> None:
     parser.add_argument("--label-prompts", type=int, default=512)
     parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "rounds")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for both arms, e.g. algo.kl_coef=0")
+    parser.add_argument("--wandb", choices=["offline", "online"], default=None,
+                        help="log the figures and the table to W&B")
     args = parser.parse_args()
     if args.steps % args.rounds:
         sys.exit(f"--steps {args.steps} must be a multiple of --rounds {args.rounds}")
@@ -156,6 +162,21 @@ def main() -> None:
         print(f"{arm:<10} {seed:>4} {res['final_gold']:>7.3f} {res['win_rate']:>10.3f} {res['kl_to_sft']:>6.2f} "
               f"{res['sft_gold']:>8.3f}  {accuracy}")
     print("figures: " + ", ".join(str(f) for f in figures))
+    if args.wandb:
+        log_to_wandb(args, results, figures)
+
+
+def log_to_wandb(args, results: dict, figures: list[Path]) -> None:
+    import wandb
+
+    run = wandb.init(project="rlhf_dist", group="bench-rounds", name=args.out.name, mode=args.wandb,
+                     dir=str(args.out), config={k: str(v) for k, v in vars(args).items()})
+    columns = ["arm", "seed", "final_gold", "win_rate", "kl_to_sft", "rm_eval_accuracy"]
+    table = wandb.Table(columns=columns, data=[
+        [arm, seed, r["final_gold"], r["win_rate"], r["kl_to_sft"], " ".join(f"{a}" for a in r["rm_eval_accuracy"])]
+        for (arm, seed), r in results.items()])
+    run.log({"rounds/results": table, **{f"rounds/{f.stem}": wandb.Image(str(f)) for f in figures}})
+    run.finish()
 
 
 if __name__ == "__main__":
