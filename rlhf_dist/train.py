@@ -50,12 +50,15 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     from transformers import AutoTokenizer
 
     from rlhf_dist.checkpoint import Checkpointer, TrainState, read_state
+    from rlhf_dist.cluster.hardware import bf16_warning, cpu_bf16
     from rlhf_dist.cluster.start import stage_actors
     from rlhf_dist.driver.data import load_prompts
     from rlhf_dist.driver.run_logger import RunLogger
     from rlhf_dist.models.modeling import resolve_model_path
 
     plan = validate_config(cfg)
+    if warning := bf16_warning(cfg.resources.device, cfg.model.dtype, cpu_bf16()):
+        print(warning, file=sys.stderr)
     if cfg.reward.function_weight:
         check_reward_function(cfg.reward.function)
     if cfg.eval.gold_function:

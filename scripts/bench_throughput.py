@@ -2,7 +2,7 @@
 after the other, each of our figures beside its limit (generation alone, training alone, reward alone).
 
     .venv/bin/python scripts/bench_throughput.py --workload w1|w2|w3 [--modes sync,overlap] [--steps 5]
-        [--warmup 1] [--out bench_out/throughput]
+        [--warmup 1] [--dtype float32|bfloat16] [--out bench_out/throughput]
 
 Workloads are ``scripts/bench_workloads.py``'s (the same model, prompts and reward on both sides).
 Each run takes ``--warmup`` + ``--steps`` steps; figures are medians over the ``--steps`` after the
@@ -17,11 +17,15 @@ warm-up. Tokens/s = generated tokens of a step / its step time.
   their responses, and training alone on one fixed batch (reference logprobs + old logprobs + the
   policy update), each timed with nothing else running. A synchronous step cannot beat
   gen + train (+ reward on w3), an overlapped one cannot beat the max of them.
-- TRL: ``GRPOTrainer`` on the same model (HF generate, fp32, no gradient checkpointing, one
-  optimizer step per generation batch), timed per optimizer step, with its generation, reward and
-  reference phases timed inside.
+- TRL: ``GRPOTrainer`` on the same model (HF generate, no gradient checkpointing, one optimizer
+  step per generation batch), timed per optimizer step, with its generation, reward and reference
+  phases timed inside.
+- precision (``--dtype``): ours ``model.dtype`` (bfloat16: DeepSpeed's bf16 mode with float32 master
+  weights, vLLM in bf16, the sync in bf16); TRL's ``bf16`` flag (mixed precision).
+- the limit of the machine: the GEMM peak in ``--dtype`` on every core (``bench_flops.gemm_peak``), and
+  each phase alone as model FLOPs per second and its share of that peak (MFU; ``bench_flops.Shape``).
 
-Writes ``<out>/<workload>/throughput.json`` and prints a table. Wrap it in
+Writes ``<out>/<workload>[_bfloat16]/throughput.json`` and prints the tables. Wrap it in
 ``flock /tmp/rlhf_heavy.lock`` on a shared machine: the figures assume nothing else runs.
 """
 
@@ -42,7 +46,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts import bench_workloads as B  # noqa: E402
+from scripts import bench_workloads as B
+from scripts.bench_flops import cpu_summary, gemm_peak, shape_of
 
 SEED = 0
 PHASES = ("generate", "rollout_wait", "reward", "reference", "values", "train", "weight_sync", "step")
@@ -95,8 +100,9 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from rlhf_dist.config import to_config, validate_config
+    from rlhf_dist.config import register_configs, to_config, validate_config
 
+    register_configs()  # the schema the defaults list starts from (base_config)
     with initialize_config_module(config_module="rlhf_dist.conf", version_base=None):
         cfg = to_config(hydra_compose("config", overrides=overrides))
     return cfg, validate_config(cfg)
@@ -171,7 +177,7 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
     alone on its responses, training alone (reference + old logprobs + update) on rep 0's batch, and a
     weight sync alone. Medians after the warm-up."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_dist.cluster.start import shutdown_ray, start_roles
     from rlhf_dist.config import updates_once
@@ -184,6 +190,7 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
 
     cfg, plan = compose(overrides)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    shape = shape_of(AutoModelForCausalLM.from_pretrained(cfg.model.path))
     prompts = load_prompts(cfg.data.prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed)
     sampler, n = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.seed), cfg.rollout.n
     started = time.perf_counter()
@@ -207,7 +214,13 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
             row["reward"] = time.perf_counter() - t
             if fixed is None:
                 fixed = (collate(prompt_ids, [g.response_ids for g in gens], pad_id=0), scores)
+                fixed_lengths = ([len(p) for p in prompt_ids], [len(g.response_ids) for g in gens])
             exp, scores = fixed
+            work = shape.phases(*fixed_lengths, cfg.algo.ppo_epochs)
+            row["flops"] = {"generate": shape.phases([len(p) for p in prompt_ids],
+                                                     [len(g.response_ids) for g in gens])["generate"],
+                            "reference": work["reference"], "update": work["update"],
+                            "values": 0.0 if updates_once(cfg) else work["old_logprobs"]}
             t = time.perf_counter()
             ref = roles.reference.logprobs_async(exp).result()
             row["reference"] = time.perf_counter() - t
@@ -240,10 +253,13 @@ def measure_limits(overrides: list[str], reps: int, warmup: int) -> dict:
     later = rows[warmup:] or rows
     for key in ("generate", "reward", "reference", "values", "train", "train_alone", "weight_sync", "tokens"):
         result[key] = statistics.median(r[key] for r in later)
+    result["flops"] = {k: statistics.median(r["flops"][k] for r in later) for k in later[0]["flops"]}
+    result["flops"]["train_alone"] = sum(result["flops"][k] for k in ("reference", "values", "update"))
+    result["shape"] = {"linear_params": shape.linear_params, "attention_width": shape.attention_width}
     lengths = [x for r in later for x in r["response_lengths"]]
     result["response_length"] = {"min": lengths[0] if lengths else None, "median": statistics.median(lengths),
                                  "max": max(lengths)}
-    result["reps"] = [{k: v for k, v in r.items() if k != "response_lengths"} for r in rows]
+    result["reps"] = [{k: v for k, v in r.items() if k not in ("response_lengths", "flops")} for r in rows]
     return result
 
 
@@ -256,8 +272,10 @@ def limits_of(alone: dict, w: B.Workload) -> dict:
 
 # ------------------------------------------------------------------ TRL
 def run_trl(w: B.Workload, model_dir: Path, prompts: list[str], steps: int, reward_url: str, micro: int,
-            samples: int, work_dir: Path) -> list[dict]:
-    """TRL's GRPOTrainer for ``steps`` optimizer steps; per step its time and phases (same keys as ours)."""
+            samples: int, work_dir: Path, bf16: bool = False) -> list[dict]:
+    """TRL's GRPOTrainer for ``steps`` optimizer steps; per step its time and phases (same keys as ours).
+    ``bf16``: the Trainer's bf16 mode (accelerate's mixed precision: float32 weights, the training and
+    logprob forward passes autocast to bfloat16 on the CPU)."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -319,7 +337,7 @@ def run_trl(w: B.Workload, model_dir: Path, prompts: list[str], steps: int, rewa
         gradient_accumulation_steps=samples // micro, generation_batch_size=samples,
         num_generations=w.samples_per_prompt, num_iterations=1, beta=0.04, learning_rate=1e-5,
         lr_scheduler_type="constant", max_completion_length=w.max_new_tokens,
-        temperature=1.0, top_k=0, top_p=1.0, bf16=False, use_cpu=True, gradient_checkpointing=False,
+        temperature=1.0, top_k=0, top_p=1.0, bf16=bf16, use_cpu=True, gradient_checkpointing=False,
         logging_steps=1, report_to="none", save_strategy="no", seed=SEED, dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -386,6 +404,23 @@ def table(report: dict) -> str:
             f"{report['steps']} steps after {report['warmup']} warm-up)\n\n" + "\n".join(lines))
 
 
+def mfu_table(limits: dict, peak: dict) -> str:
+    """Each phase alone: its model FLOPs (``bench_flops``), the rate it achieved and its share of the GEMM peak."""
+    head = f"| phase alone | s | model GFLOP | GFLOP/s | MFU (of {peak['flops_per_s'] / 1e9:.0f} GFLOP/s) |"
+    lines = [head, "|---|---|---|---|---|"]
+    for name, key, time_key in (("generation", "generate", "generate"), ("reference logprobs", "reference", "reference"),
+                                ("old logprobs", "values", "values"), ("policy update", "update", "train"),
+                                ("training (reference + old + update)", "train_alone", "train_alone")):
+        seconds, flops = limits[time_key], limits["flops"][key]
+        if not flops:
+            continue
+        rate = flops / seconds if seconds else None
+        lines.append(f"| {name} | {seconds:.2f} | {flops / 1e9:.1f} | {fmt(rate and rate / 1e9, '.1f')} "
+                     f"| {fmt(rate and rate / peak['flops_per_s'], '.1%')} |")
+    return (f"GEMM peak: {peak['dtype']} on {peak['threads']} threads, {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"(CPU: {peak['cpu']})\n\n" + "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=sorted(B.WORKLOADS), required=True)
@@ -395,6 +430,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "throughput")
     parser.add_argument("--prompts-per-step", type=int, default=None, help="smaller batches for a quick check")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: ours, limits, trl")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="both systems' precision: our model.dtype (DeepSpeed bf16 mode, vLLM in bf16); TRL's bf16 flag")
     parser.add_argument("--extra", nargs="*", default=[],
                         help="overrides of our config (replacing OUR_CONFIG's keys; config experiments)")
     args = parser.parse_args()
@@ -406,7 +443,7 @@ def main() -> None:
     w = B.WORKLOADS[args.workload]
     per_step = args.prompts_per_step or w.prompts_per_step
     samples, total = per_step * w.samples_per_prompt, args.warmup + args.steps
-    out = args.out / w.name
+    out = args.out / (w.name if args.dtype == "float32" else f"{w.name}_{args.dtype}")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
 
@@ -414,14 +451,19 @@ def main() -> None:
     model_dir = B.build_model(w, B.cache_root(), SEED)
     print(f"model {model_dir} ready in {time.perf_counter() - started:.0f}s", flush=True)
     prompts = B.write_prompts(out / "prompts.jsonl", SEED)
+    peak = {"dtype": args.dtype, "threads": os.cpu_count(), "cpu": cpu_summary(),
+            "flops_per_s": gemm_peak(args.dtype, os.cpu_count() or 1)}
+    print(f"GEMM peak {args.dtype}: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s on {peak['threads']} threads ({peak['cpu']})",
+          flush=True)
     report: dict = {"workload": w.name, "description": w.description, "date": time.strftime("%Y-%m-%d"),
+                    "dtype": args.dtype, "peak": peak,
                     "command": " ".join([Path(sys.executable).name, *sys.argv]), "steps": args.steps,
                     "warmup": args.warmup, "samples_per_step": samples, "model": str(model_dir), "cores": os.cpu_count()}
     server = B.LatencyRewardServer() if w.http_reward else contextlib.nullcontext()
     with server:
         url = server.url if w.http_reward else ""
         base = merge([*workload_overrides(w, model_dir, out / "prompts.jsonl", total, url, per_step),
-                      *OUR_CONFIG[w.name]], args.extra)
+                      *OUR_CONFIG[w.name], f"model.dtype={args.dtype}"], args.extra)
         report["our_config"] = base
         print("our config:", " ".join(base), flush=True)
         report["ours"] = {}
@@ -439,7 +481,7 @@ def main() -> None:
         if "trl" not in skip:
             try:
                 rows = run_trl(w, model_dir, prompts, total, url, min(TRL_MICRO_BATCH[w.name], samples), samples,
-                               out / "trl")
+                               out / "trl", bf16=args.dtype == "bfloat16")
                 report["trl"] = {"steps": rows, **summarize(rows, args.warmup)}
             except Exception as e:  # noqa: BLE001 -- recorded in the report
                 report["trl"] = {"error": f"{type(e).__name__}: {e}"}
@@ -451,6 +493,8 @@ def main() -> None:
     report["wall_s"] = time.perf_counter() - started
     (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n" + table(report))
+    if "flops" in report.get("limits", {}):
+        print("\n" + mfu_table(report["limits"], peak))
     print(f"\nwall time {report['wall_s']:.0f} s; {out / 'throughput.json'}")
 
 

@@ -37,3 +37,18 @@ def test_recipes_match_the_workloads():
     assert (B.W2_RECIPE.hidden_size, B.W2_RECIPE.num_layers, B.W2_RECIPE.end_with_eos) == (512, 8, True)
     assert B.WORKLOADS["w3"].recipe is B.W1_RECIPE and B.WORKLOADS["w3"].http_reward
     assert [B.WORKLOADS[w].samples_per_step for w in ("w1", "w2", "w3")] == [256, 128, 256]
+
+
+def test_the_throughput_benchmark_configs_compose_as_train_composes_them(tmp_path):
+    from pathlib import Path
+
+    from scripts import bench_throughput as T
+
+    for name, w in B.WORKLOADS.items():
+        base = [*T.workload_overrides(w, Path("/m"), tmp_path / "p.jsonl", 3, "http://127.0.0.1:1/score",
+                                     w.prompts_per_step),
+                *T.OUR_CONFIG[name]]
+        for dtype in ("float32", "bfloat16"):
+            for mode in T.MODES.values():
+                assert T.refusal([*base, f"model.dtype={dtype}", *mode, T.TIMELINE]) is None, (name, dtype, mode)
+    assert T.refusal(["model.dtype=float16"]).startswith("ConfigError: model.dtype")
