@@ -6,7 +6,8 @@ decoding) before and after training with its standard error, the wall time of ea
 ratios. ``grpo_overlap`` is GRPO one step off-policy (``rollout.max_staleness=1``, the engines
 generate step k+1 while step k trains) with truncated importance sampling. ``dapo`` and ``gspo``
 are the presets (``algo=dapo``: dynamic sampling, clip-higher, overlong shaping, no KL;
-``algo=gspo``: sequence-level ratios). Dynamic sampling draws more responses per step, so every
+``algo=gspo``: sequence-level ratios). ``grpo_bf16`` runs GRPO in bfloat16 end to end, ``grpo_bf16_tis`` /
+``grpo_bf16_mis`` with the engine/trainer mismatch corrected by TIS / masked IS (IcePop). Dynamic sampling draws more responses per step, so every
 run also reports the responses it sampled and the held-out accuracy at the evaluation closest
 below the sample budget of the first algorithm (``--budget-of``, default the first of ``--algos``).
 
@@ -39,6 +40,13 @@ ALGOS = {
     "dapo_no_overlong": ["algo=dapo", "rollout.batch_size=16", "rollout.n=4", "reward.overlong_buffer=0"],
     "dapo_8_tokens": ["algo=dapo", "rollout.batch_size=16", "rollout.n=4", "rollout.max_new_tokens=8"],
     "gspo": ["algo=gspo", "rollout.batch_size=16", "rollout.n=4"],
+    # bfloat16 end to end (vLLM, DeepSpeed's bf16 mode, the sync): the engines' and the trainer's
+    # kernels round differently, a real rollout/train mismatch, uncorrected or corrected
+    "grpo_bf16": ["algo=grpo", "rollout.batch_size=16", "rollout.n=4", "model.dtype=bfloat16"],
+    "grpo_bf16_tis": ["algo=grpo", "rollout.batch_size=16", "rollout.n=4", "model.dtype=bfloat16",
+                      "algo.rollout_correction=tis"],
+    "grpo_bf16_mis": ["algo=grpo", "rollout.batch_size=16", "rollout.n=4", "model.dtype=bfloat16",
+                      "algo.rollout_correction=mis"],
 }
 
 
@@ -71,7 +79,25 @@ def run(name: str, extra: list[str], steps: int, seed: int, eval_every: int, out
             "train_reward_last_fifth": summary["reward/last_fifth_mean"],
             "kl_final": summary["final"].get("kl/mean", math.nan),  # a KL-free run starts no reference
             "filtered_share": sum(filtered) / len(filtered) if filtered else None,
-            "clipfrac_mean": sum(r["ppo/clipfrac"] for r in rows) / len(rows)}
+            "clipfrac_mean": sum(r["ppo/clipfrac"] for r in rows) / len(rows), **mismatch(rows)}
+
+
+def mismatch(rows: list[dict]) -> dict:
+    """The engine/trainer mismatch over a run: means per step of the sampled tokens' logprob gap and,
+    where a rollout correction ran, its KL and the share of tokens it truncated or masked; the
+    median step time."""
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows if key in r]
+        return sum(values) / len(values) if values else None
+
+    corrected = mean("rollout_corr/truncated_frac")
+    return {"logprob_gap_mean": mean("logprob_gap/mean"), "mismatch_kl_mean": mean("rollout_corr/mismatch_kl"),
+            "corrected_frac_mean": corrected if corrected is not None else mean("rollout_corr/masked_frac"),
+            "step_s_median": sorted(r["time/step"] for r in rows)[len(rows) // 2]}
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def at_budget(curve: list[tuple[int, float]], budget: int) -> tuple[int, float] | None:
@@ -110,10 +136,15 @@ def main() -> None:
         print(f"{r['algo']:16} {r['seed']:>4} {r['acc_before']:>10.3f} {r['acc_after']:>6.3f} {r['acc_after_se']:>6.3f} "
               f"{r['responses_sampled']:>9} {shown:>22} {filtered:>8} {r['clipfrac_mean']:>8.3f} {r['kl_final']:>7.3f} "
               f"{r['wall_s']:>7.0f}")
+    print(f"\n{'algo':16} {'seed':>4} {'logprob gap':>11} {'mismatch KL':>11} {'corrected':>9} {'step s':>6}")
+    for r in rows:
+        shown = [fmt(r["logprob_gap_mean"], ".2e"), fmt(r["mismatch_kl_mean"], ".2e"), fmt(r["corrected_frac_mean"], ".4f")]
+        print(f"{r['algo']:16} {r['seed']:>4} {shown[0]:>11} {shown[1]:>11} {shown[2]:>9} {r['step_s_median']:>6.2f}")
     for seed in seeds:
         walls = {r["algo"]: r["wall_s"] for r in rows if r["seed"] == seed}
         for a, b in (("grpo", "ppo"), ("grpo_overlap", "grpo"), ("dapo", "grpo"), ("dapo_no_overlong", "grpo"),
-                     ("dapo_8_tokens", "grpo"), ("gspo", "grpo")):
+                     ("dapo_8_tokens", "grpo"), ("gspo", "grpo"), ("grpo_bf16", "grpo"), ("grpo_bf16_tis", "grpo_bf16"),
+                     ("grpo_bf16_mis", "grpo_bf16")):
             if a in walls and b in walls:
                 print(f"seed {seed}: wall-time ratio {a}/{b}: {walls[a] / walls[b]:.2f}")
     (args.out / "bench_arithmetic.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -230,7 +230,7 @@ def head_outputs(
             return lp, entropy_from_logits(logits)
 
     chunks = max(math.ceil(len(hidden) / chunk_tokens), 1) if chunk_tokens else 1
-    if agree_chunks is not None:
+    if agree_chunks is not None and chunk_tokens:  # unchunked, every rank calls the head once: nothing to agree
         chunks = agree_chunks(chunks)
     if chunks == 1:
         return chunk(hidden, labels)

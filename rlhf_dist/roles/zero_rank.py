@@ -73,17 +73,24 @@ def safe_checkpoint_engine(ds_config):
 def deepspeed_config(cfg: TrainerConfig, plan: TrainerPlan, dtype: str) -> dict:
     """The trainer's micro-batch loop, not DeepSpeed's counter, marks the accumulation boundary
     (``set_gradient_accumulation_boundary``) and scales the loss, so the batch sizes below are
-    bookkeeping only."""
+    bookkeeping only. In bfloat16 the parameters and activations are bf16 and the master weights and
+    optimizer state fp32 (DeepSpeed's bf16 mode); with ZeRO 1-3 the micro-batches' gradients also
+    add up in fp32 (``grad_accum_dtype``: DeepSpeed's default is the parameters' bf16, whose 8-bit
+    mantissa would make an update depend on how its batch was cut). ZeRO-0 cannot (DeepSpeed 0.19
+    refuses bf16 parameters with fp32 accumulation outside ZeRO) and accumulates in bf16."""
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer and cfg.zero_stage >= 2:
         zero["offload_optimizer"] = {"device": "cpu"}
+    precision: dict = {"bf16": {"enabled": dtype == "bfloat16"}}
+    if dtype == "bfloat16" and cfg.zero_stage >= 1:
+        precision["data_types"] = {"grad_accum_dtype": "fp32"}
     return {
         "train_batch_size": plan.per_rank_minibatch * cfg.world_size,
         "train_micro_batch_size_per_gpu": plan.per_rank_minibatch // plan.grad_accum_steps,
         "gradient_accumulation_steps": plan.grad_accum_steps,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bfloat16"},
+        **precision,
         # We pass a torch AdamW (DeepSpeed's fused Adam needs CUDA).
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,

@@ -158,3 +158,12 @@ def test_chunks_agreed_across_ranks_call_the_head_as_often_and_change_nothing(wi
     empty = head_outputs(head, hidden[:0], labels[:0], 1.0, LogitTransform(), False, 3, agree_chunks=lambda n: 2)
     (empty.sum() + 0 * hidden.sum()).backward()
     assert empty.shape == (0,) and head.calls == 4
+
+
+def test_unchunked_logprobs_agree_on_nothing():
+    # chunk_tokens=0: every rank calls the head once, so no collective is needed to agree on a count
+    head = _CountingHead(8, 11)
+    asked = []
+    head_outputs(head, torch.randn(7, 8), torch.randint(11, (7,)), 1.0, LogitTransform(), False, 0,
+                 agree_chunks=lambda n: asked.append(n) or 5)
+    assert asked == [] and head.calls == 1
