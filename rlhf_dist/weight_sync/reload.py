@@ -37,6 +37,32 @@ from typing import Any
 import torch
 
 
+class IncompleteUpdate(RuntimeError):
+    """A full weight update left some of the engine's layers without any new weight."""
+
+
+def unloaded_layers(model: torch.nn.Module, tied: list[torch.nn.Module]) -> list[str]:
+    """Names of the layers a full update gave no weight (read before the reload is finalised): each
+    has parameters of its own and loaded none, and is neither an output head tied to the embedding
+    (it never receives one) nor an attention layer (its scales are not the checkpoint's); a layer
+    of buffers only (a rotary embedding's cos/sin cache) is never sent. vLLM's reload puts such a
+    layer's previous weights back with a log line, so a tensor dropped on the way would leave the
+    engine serving a policy the trainer no longer has, by an amount that rounding in bfloat16 can
+    hide from the logprob probe; this check is exact."""
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    tied_ids = {id(m) for m in tied}
+    missed = []
+    for name, module in model.named_modules():
+        info = get_layerwise_info(module)
+        if (info.can_load() and info.load_numel_total and info.load_numel == 0 and id(module) not in tied_ids
+                and any(p is not None for p in module._parameters.values())  # not buffers alone
+                and not is_deferred_attention_layer(module)):
+            missed.append(name)
+    return missed
+
+
 def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Modules with a processing step that hold a Parameter object another module also holds
     (an output head tied to the input embedding), in ``model.modules()`` order."""
@@ -101,6 +127,7 @@ class CheckpointReload:
         # A bare load_weights on a loaded CPU model fails ("'Parameter' object has no attribute
         # 'weight_loader'"): checkpoint-format weights load inside this lifecycle.
         initialize_layerwise_reload(self.model)
+        self._expected = len(unloaded_layers(self.model, self._tied))  # nothing is loaded yet: every layer
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         try:
@@ -112,7 +139,7 @@ class CheckpointReload:
             # process them early with this attempt's tensors, ignoring the rest. Finishing it here
             # puts real tensors back (old weights, new ones, or some of each) until the full sync
             # that follows a recovery replaces them all.
-            self.finish_weight_update()
+            self._finalize()
             raise
 
     def receive_update(self, update_info: dict[str, Any]) -> None:
@@ -120,6 +147,19 @@ class CheckpointReload:
         super().update_weights(update_info)  # type: ignore[misc]
 
     def finish_weight_update(self) -> None:
+        """End the update; raises ``IncompleteUpdate`` if some layers received weights and others none
+        (``unloaded_layers``). An update that received nothing at all (one started, then given up
+        when a peer was lost: ``Generation.shutdown_weight_transfer``) ends on the weights it had."""
+        missed = self._finalize()
+        if missed and len(missed) < self._expected:
+            raise IncompleteUpdate(
+                f"the engine received no weights for {len(missed)} of its layers in this update "
+                f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}): they still serve the "
+                "previous weights; a tensor the trainer sent under a name this model's load_weights "
+                "does not map, or one it did not send")
+
+    def _finalize(self) -> list[str]:
+        """Finish the reload (every layer back to real tensors); the layers that received nothing."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
         from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
 
@@ -128,8 +168,10 @@ class CheckpointReload:
         # that took none gets its prepacked tensors back, to be left as they are.
         reloaded = [m for m in self._experts
                     if not get_layerwise_info(m).can_load() or get_layerwise_info(m).load_numel > 0]
+        missed = unloaded_layers(self.model, self._tied)
         finalize_layerwise_reload(self.model, self.model_config)
         for module in self._tied:
             module.quant_method.process_weights_after_loading(module)
         for module in reloaded:
             process_in_place(module, module.quant_method.moe_kernel.fused_experts.process_weights_after_loading)
+        return missed

@@ -115,7 +115,7 @@ def _engine(rounds: list[tuple[int, int, int, float]], exit_on_load: bool, resul
     engine.device, engine._buckets, engine._group = torch.device("cpu"), {}, None
     engine.parallel_config = SimpleNamespace(data_parallel_index=0, world_size=1, rank=0)
     finished = []
-    engine.finish_weight_update = lambda: finished.append(True)  # the reload lifecycle needs a vLLM model
+    engine._finalize = lambda: finished.append(True) or []  # the reload lifecycle needs a vLLM model
     for port, rank, world, timeout_s in rounds:
         engine.model = _Recorder(exit_on_load)
         engine.init_transfer_engine(GlooInitInfo(master_address="127.0.0.1", master_port=port, rank_offset=rank,
