@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlhf_dist.cli import entry_point
-from rlhf_dist.config import Config, ConfigError, RunPlan, as_dict, validate_config
+from rlhf_dist.config import Config, ConfigError, RunPlan, as_dict, lora_summary, validate_config
 
 if TYPE_CHECKING:  # the heavy modules load only once the config is valid
     from rlhf_dist.checkpoint import Checkpointer
@@ -135,6 +135,8 @@ def run_with_restarts(
             check_shared(checkpoints.dir.root, [g for g in (roles.policy, roles.critic) if g is not None],
                          cfg.timeouts.actor_start_s)
             logger.message(f"rlhf_dist: roles started in {time.perf_counter() - started:.0f}s ({roles.start_summary()})")
+            if lora_line := lora_summary(cfg):
+                logger.message(lora_line)
             try:
                 state = checkpoints.restore(roles, resume_from) if resume_from else None
                 run_rl(cfg, roles, *data, logger, checkpoints, state, PREEMPTION)

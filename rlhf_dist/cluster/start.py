@@ -19,6 +19,7 @@ from rlhf_dist.config import (
     TrainerPlan,
     actor_counts,
     needs_reference,
+    reference_on_policy,
     trainer_collective_timeout_s,
     weight_sync_timeout_s,
 )
@@ -27,6 +28,7 @@ from rlhf_dist.driver.run_logger import RunLogger
 from rlhf_dist.models.modeling import resolve_model_path, token_vocab_size
 from rlhf_dist.roles.generation import Generation, GenerationEngine
 from rlhf_dist.roles.groups import (
+    BaseModelReference,
     CriticGroup,
     GenerationGroup,
     PolicyGroup,
@@ -52,7 +54,9 @@ class Roles:
     generation: GenerationGroup | None  # none (nor reward actors, nor a weight sync) when replaying rollouts
     policy: PolicyGroup
     critic: CriticGroup | None  # only estimators that need values (gae) have one
-    reference: ReferenceGroup | None  # none in a KL-free run with reference.monitor=false (needs_reference)
+    # None in a KL-free run with reference.monitor=false (needs_reference); the policy ranks, their LoRA
+    # adapters disabled, in a LoRA run whose reference is its start (reference_on_policy)
+    reference: ReferenceGroup | BaseModelReference | None
     reward: RewardGroup | None
     weights: WeightSync | None
     recovery: EngineRecovery  # replaces lost engines; made once per run, it outlives these roles
@@ -64,7 +68,8 @@ class Roles:
         return ", ".join(f"{part} {seconds:.0f}s" for part, seconds in self.start_s.items())
 
     def groups(self) -> list[WorkerGroup]:
-        return [g for g in (self.generation, self.policy, self.critic, self.reference, self.reward) if g is not None]
+        groups = (self.generation, self.policy, self.critic, self.reference, self.reward)
+        return [g for g in groups if isinstance(g, WorkerGroup)]  # not a BaseModelReference: the policy's ranks
 
     def kill(self) -> None:
         for group in self.groups():
@@ -230,11 +235,13 @@ def start_roles(
         clip = {"value_clip_eps": cfg.algo.value_clip_eps}
         critic_ranks = spawn_trainers(cfg, plan, CriticTrainer, res.critic, critic_path, slots["critic"], clip)
         critic = CriticGroup("critic", critic_ranks, to.train_s)
-    reference = None
-    if needs_reference(cfg):
+    reference: ReferenceGroup | BaseModelReference | None = None
+    if needs_reference(cfg) and reference_on_policy(cfg):
+        reference = BaseModelReference(policy)
+    elif needs_reference(cfg):
         reference = start_reference(cfg, reference_path(cfg, policy_path), slots["reference"])
     reward = None if replay else start_reward(cfg, slots["reward"])
-    inference = [g for g in (generation, reference, reward) if g is not None]
+    inference = [g for g in (generation, reference, reward) if isinstance(g, WorkerGroup)]
     trainers = [g for g in (policy, critic) if g is not None]
     ready = wait_started(cfg, inference, trainers=tuple(trainers))
     joined = time.perf_counter()

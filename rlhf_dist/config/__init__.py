@@ -6,7 +6,8 @@ model) run the checks across the groups a stage uses. Values derived from the co
 frozen plan, never back into the config.
 
     errors.py    ConfigError and the shared checks
-    groups.py    what is trained and how: model, data, eval, algo, rollout, trainer, reward, reference, sft, rm
+    model.py     the model group: the policy's path and dtype, its LoRA adapters (model.lora)
+    groups.py    what is trained and how: data, eval, algo, rollout, trainer, reward, reference, sft, rm
     runtime.py   where and how it runs: resources, timeouts, weight_sync, checkpoint, logger
     schema.py    the root Config, Hydra's DictConfig -> Config, the ConfigStore registration
     plan.py      the frozen plans: TrainerPlan (what the trainer reads), RunPlan (PPO), SupervisedPlan
@@ -30,7 +31,6 @@ from rlhf_dist.config.groups import (
     AlgoConfig,
     DataConfig,
     EvalConfig,
-    ModelConfig,
     ReferenceConfig,
     RewardConfig,
     RewardModelConfig,
@@ -38,12 +38,15 @@ from rlhf_dist.config.groups import (
     SFTConfig,
     TrainerConfig,
 )
+from rlhf_dist.config.model import LORA_SYNCS, LoraConfig, ModelConfig
 from rlhf_dist.config.plan import (
     RunPlan,
     SupervisedPlan,
     TrainerPlan,
     actor_counts,
+    lora_summary,
     needs_reference,
+    reference_on_policy,
     trainer_collective_timeout_s,
     updates_once,
     weight_sync_timeout_s,
@@ -81,6 +84,8 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "LoggerConfig",
+    "LORA_SYNCS",
+    "LoraConfig",
     "ModelConfig",
     "PipelineConfig",
     "ReferenceConfig",
@@ -100,7 +105,9 @@ __all__ = [
     "as_dict",
     "register_configs",
     "supervised_plan",
+    "lora_summary",
     "needs_reference",
+    "reference_on_policy",
     "to_config",
     "trainer_collective_timeout_s",
     "updates_once",

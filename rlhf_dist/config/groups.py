@@ -1,5 +1,5 @@
-"""The Hydra groups of what is trained and how: model, data, eval, algo, rollout, trainer,
-reward, reference, sft and rm. One dataclass per group; each validates itself."""
+"""The Hydra groups of what is trained and how: data, eval, algo, rollout, trainer,
+reward, reference, sft and rm (the model group is in ``model.py``). One dataclass per group; each validates itself."""
 
 from __future__ import annotations
 
@@ -8,26 +8,6 @@ from typing import Any
 
 from rlhf_dist.config.errors import _check_fraction, _check_positive, _fail
 from rlhf_dist.registry import TASKS
-
-
-@dataclass
-class ModelConfig:
-    # Policy to fine-tune: a Hugging Face hub id, a local directory, or the embedded tiny policy of a
-    # built-in task, built and cached locally on first use (its model name in rlhf_dist.registry.TASKS).
-    path: str = "tiny"
-    # Critic backbone (a value head is added on top); empty means "same as path".
-    critic_path: str = ""
-    # Parameter dtype of the trained models and engines: float32 or bfloat16.
-    dtype: str = "float32"
-    # Prompts longer than this many tokens are rejected when the prompt set is loaded.
-    max_prompt_len: int = 64
-
-    def validate(self) -> None:
-        if not self.path:
-            _fail("model.path", self.path, "set a hub id, a local directory, or 'tiny'")
-        if self.dtype not in ("float32", "bfloat16"):
-            _fail("model.dtype", self.dtype, "use float32 or bfloat16")
-        _check_positive("model", self, "max_prompt_len")
 
 
 # The built-in sources: every task's prompt set; demonstrations and preference pairs of the tasks that have them.

@@ -66,15 +66,36 @@ def needs_reference(cfg: Config) -> bool:
     return cfg.algo.uses_kl or cfg.reference.monitor
 
 
+def reference_on_policy(cfg: Config) -> bool:
+    """The reference is the policy's own base model, its LoRA adapters disabled: its logprobs come
+    from the policy ranks and no reference actor starts (a LoRA run whose reference is its start)."""
+    return cfg.model.lora.enabled and not cfg.reference.path
+
+
+def lora_summary(cfg: Config) -> str:
+    """The line a LoRA run prints at start: its adapters, how the engines get them, where its reference is."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return ""
+    if not needs_reference(cfg):
+        reference = "no KL reference"
+    elif reference_on_policy(cfg):
+        reference = "the KL reference is the policy with its adapters disabled (no reference actor)"
+    else:
+        reference = f"the KL reference is reference.path={cfg.reference.path!r} on reference actors"
+    return (f"rlhf_dist: LoRA rank {lora.rank} (alpha {lora.alpha:g}, target_modules {lora.target_modules}), "
+            f"weights sent to the engines {lora.sync}; {reference}")
+
+
 def actor_counts(cfg: Config) -> dict[str, int]:
     """Actors per role of a PPO run, for the roles it starts (no critic without GAE, no reference
-    without ``needs_reference``, no engines or reward actors when it replays dumped rollouts):
+    without ``needs_reference`` or with ``reference_on_policy``, no engines or reward actors when it replays dumped rollouts):
     what placement lays out and validation sizes GPUs for."""
     t = cfg.trainer
     counts = {"generation": cfg.rollout.num_engines, "policy": t.world_size, "reward": cfg.reward.num_actors}
     if cfg.rollout.replay_from:  # the rollouts are read, not generated and scored
         del counts["generation"], counts["reward"]
-    if needs_reference(cfg):
+    if needs_reference(cfg) and not reference_on_policy(cfg):
         counts["reference"] = cfg.reference.num_actors
     if cfg.algo.needs_critic:
         counts["critic"] = t.world_size

@@ -15,7 +15,6 @@ from rlhf_dist.config.groups import (
     AlgoConfig,
     DataConfig,
     EvalConfig,
-    ModelConfig,
     ReferenceConfig,
     RewardConfig,
     RewardModelConfig,
@@ -23,6 +22,7 @@ from rlhf_dist.config.groups import (
     SFTConfig,
     TrainerConfig,
 )
+from rlhf_dist.config.model import ModelConfig
 from rlhf_dist.config.pipeline import PipelineConfig
 from rlhf_dist.config.runtime import (
     CheckpointConfig,

@@ -48,6 +48,9 @@ def supervised_plan(cfg: Config, stage: str, num_rows: int | None = None) -> Sup
     _check_seed(cfg)
     for group in (*SUPERVISED_GROUPS, stage):
         getattr(cfg, group).validate()
+    if cfg.model.lora.enabled:
+        _fail("model.lora.rank", cfg.model.lora.rank, f"LoRA trains the PPO policy only; the {stage} stage trains "
+              "every weight: set model.lora.rank=0 for it")
     _check_gpu_shares(cfg.resources, {"policy": cfg.trainer.world_size}, on_gpu=("policy",))
     t, st = cfg.trainer, getattr(cfg, stage)
     if st.batch_size % t.world_size:

@@ -200,6 +200,30 @@ class PolicyGroup(TrainerGroup):
         return self._on_rank0("weight_specs")
 
 
+    def reference_logprobs_async(self, exp: Experience) -> Pending[torch.Tensor]:
+        """(B, T) logprobs of the whole batch under the base model, the LoRA adapters disabled
+        (``PolicyTrainer.reference_logprobs``), computed data-parallel."""
+        return self.scatter_async("reference_logprobs", exp.split(len(self)), combine=concat)
+
+
+class BaseModelReference:
+    """The KL reference of a LoRA run whose reference is its start (``config.reference_on_policy``):
+    the policy ranks with their adapters disabled, no actor of its own. It answers a
+    ``ReferenceGroup``'s calls, each on every policy rank (under ZeRO-3 their gathers pair up)."""
+
+    def __init__(self, policy: PolicyGroup) -> None:
+        self.policy = policy
+
+    def __len__(self) -> int:
+        return 1
+
+    def logprobs_async(self, exp: Experience) -> Pending[torch.Tensor]:
+        return self.policy.reference_logprobs_async(exp)
+
+    def logprobs_on_async(self, rank: int, exp: Experience) -> Pending[torch.Tensor]:
+        return self.policy.reference_logprobs_async(exp)
+
+
 class SFTGroup(TrainerGroup):
     def train_async(self, exp: Experience) -> Pending[dict[str, float]]:
         """One optimizer step on a batch of demonstrations, split across the ranks."""

@@ -9,6 +9,7 @@ from rlhf_dist.config import AlgoConfig, ModelConfig, RunPlan, TrainerConfig, Tr
 from rlhf_dist.core.experience import Experience, RankingBatch
 from rlhf_dist.core.losses import actor_loss, ranking_loss, sft_loss, value_loss
 from rlhf_dist.core.stats import masked_sum
+from rlhf_dist.models.lora import adapter_parameters, add_adapters, merged_exports
 from rlhf_dist.models.modeling import (
     load_causal_lm,
     load_critic,
@@ -39,6 +40,7 @@ class PolicyTrainer(DeepSpeedRank):
         self.sender = None  # rank 0's end of a group transport's weight-transfer group (gloo, nccl)
         self.exporter = None  # every rank's exported copies (a handle transport: ipc)
         self.moe = False  # a mixture-of-experts policy (build_model)
+        self.peft = None  # peft's PeftModel around the policy when it trains LoRA adapters (model.lora)
 
     @property
     def lr(self) -> float:
@@ -47,7 +49,40 @@ class PolicyTrainer(DeepSpeedRank):
     def build_model(self) -> torch.nn.Module:
         model = load_causal_lm(self.model_path, self.model_cfg.dtype, self.cfg.gradient_checkpointing)
         self.moe = bool(moe_block_classes(model))
+        if self.model_cfg.lora.enabled:  # in place: DeepSpeed wraps the transformers model, adapters inside
+            self.peft = add_adapters(model, self.model_cfg.lora)
         return model
+
+    def exports(self):
+        """With LoRA adapters the engines receive each adapted layer's base weight with its adapter's
+        product added, under the layer's own name (``models.lora.merged_exports``)."""
+        return merged_exports(self.engine.module) if self.peft is not None else super().exports()
+
+    @torch.no_grad()
+    def reference_logprobs(self, exp: Experience) -> torch.Tensor:
+        """(b, T) logprobs of this rank's shard under the base model (the adapters disabled): the KL
+        reference of a LoRA run (``config.reference_on_policy``), at the rollout temperature."""
+        if self.peft is None:
+            raise ValueError("reference_logprobs: this policy has no LoRA adapters to disable (model.lora.rank=0)")
+        self.engine.eval()
+        with self.peft.disable_adapter():
+            logprobs, _ = self._per_row(exp, lambda micro: self._logprobs(micro, self.temperature))
+        return logprobs
+
+    def adapter_writer(self):
+        """With LoRA: the adapters, gathered, written by peft (``adapter_model.safetensors`` and
+        ``adapter_config.json``) for ``PeftModel.from_pretrained`` or vLLM's ``LoRARequest``."""
+        if self.peft is None:
+            return None
+        import contextlib
+
+        import deepspeed
+
+        params = adapter_parameters(self.engine.module)
+        partitioned = [p for _, p in params if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(partitioned) if partitioned else contextlib.nullcontext():
+            state = {name: p.data.detach().cpu().clone() for name, p in params} if self.rank == 0 else {}
+        return lambda directory: self.peft.save_pretrained(directory, state_dict=state)
 
     @torch.no_grad()
     def logprobs(self, exp: Experience, temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

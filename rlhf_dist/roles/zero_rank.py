@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def node_endpoint() -> tuple[str, int]:
 
 
 CHECKPOINT_TAG = "state"  # DeepSpeed's sub-directory of a trainer checkpoint
+ADAPTER_DIR = "adapter"  # the sub-directory of an exported model that holds its LoRA adapters (peft's format)
+
+
+def _spec(name: str, p: torch.nn.Parameter) -> ParamSpec:
+    """(name, dtype, full shape) of a parameter, partitioned by ZeRO-3 or not."""
+    shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+    return ParamSpec(name, str(p.dtype).removeprefix("torch."), shape)
 
 
 def safe_checkpoint_engine(ds_config):
@@ -147,15 +155,16 @@ class DeepSpeedRank:
             # modules, fetched only where routed, from all-gathers that never pair up.
             deepspeed.utils.set_z3_leaf_modules(model, blocks)
         torch.manual_seed(self.seed + self.rank)
+        trained = [p for p in model.parameters() if p.requires_grad]  # all but a LoRA model's frozen base
         if self.cfg.offload_optimizer:
             # The optimizer step runs on CPU: DeepSpeed's vectorised AdamW (JIT-built C++ op).
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(
-                model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay, adamw_mode=True
+                trained, lr=self.lr, weight_decay=self.cfg.weight_decay, adamw_mode=True
             )
         else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.cfg.weight_decay)
+            optimizer = torch.optim.AdamW(trained, lr=self.lr, weight_decay=self.cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda s: lr_multiplier(s, self.cfg.warmup_steps, self.plan.optimizer_steps, self.cfg.lr_schedule),
@@ -208,6 +217,11 @@ class DeepSpeedRank:
     @property
     def lr(self) -> float:
         raise NotImplementedError
+
+    def adapter_writer(self) -> Callable[[Path], None] | None:
+        """What writes this rank's adapters as a directory of their own beside the exported model, or
+        None: a subclass hook, called on every rank (it may gather), whose result rank 0 uses."""
+        return None
 
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step of ``_train``."""
@@ -342,30 +356,33 @@ class DeepSpeedRank:
         order = torch.cat([index for index, _ in parts]).argsort()
         return [torch.cat([o[k].cpu() for _, o in parts])[order] for k in range(len(parts[0][1]))]
 
+    def exports(self) -> list[tuple[str, tuple[torch.nn.Parameter, ...], Callable[[], torch.Tensor]]]:
+        """What the engines and the exported model receive, in ``named_parameters`` order (a tied tensor
+        once, under its first name): (name, the parameters its value is computed from, the first
+        giving its dtype and shape, a function computing it while they are gathered). Here every
+        parameter as it is; a policy with LoRA adapters merges them (``models.lora.merged_exports``)."""
+        return [(name, (p,), lambda p=p: p.data) for name, p in self.engine.module.named_parameters()]
+
     def weight_specs(self) -> list[ParamSpec]:
-        """(name, dtype, full shape) of every parameter, in ``named_parameters`` order."""
-        specs = []
-        for name, p in self.engine.module.named_parameters():
-            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-            specs.append(ParamSpec(name, str(p.dtype).removeprefix("torch."), shape))
-        return specs
+        """(name, dtype, full shape) of every tensor of ``exports``."""
+        return [_spec(name, params[0]) for name, params, _ in self.exports()]
 
     def _full_params(self, bucket_bytes: int = 0):
-        """(name, full tensor) of every parameter in checkpoint naming (``named_parameters``: a tied
-        tensor once, under its first name). Under ZeRO-3 the parameters are gathered a bucket at a
-        time (``weight_sync.transport.bucket_bounds``; 0: one at a time), each gather a collective on every
-        rank, and a tensor is full only until the generator leaves its bucket."""
+        """(name, full tensor) of every tensor of ``exports``. Under ZeRO-3 the parameters are gathered a
+        bucket at a time (``weight_sync.transport.bucket_bounds``; 0: one at a time), each gather a
+        collective on every rank, and a tensor is full only until the generator leaves its bucket."""
         import contextlib
 
         import deepspeed
 
-        named = list(self.engine.module.named_parameters())
+        exports = self.exports()
+        sizes = [_spec(name, params[0]).nbytes for name, params, _ in exports]
         # The partition the weight senders derive from the same specs: a bucket's gather is its broadcast.
-        for start, end in bucket_bounds([spec.nbytes for spec in self.weight_specs()], bucket_bytes):
-            partitioned = [p for _, p in named[start:end] if hasattr(p, "ds_id")]
+        for start, end in bucket_bounds(sizes, bucket_bytes):
+            partitioned = [p for _, params, _ in exports[start:end] for p in params if hasattr(p, "ds_id")]
             with deepspeed.zero.GatheredParameters(partitioned) if partitioned else contextlib.nullcontext():
-                for name, p in named[start:end]:
-                    yield name, p.data
+                for name, _, value in exports[start:end]:
+                    yield name, value()
 
     def save_model(self, path: str, extra_files: dict[str, str] | None = None, replace: bool = False) -> str:
         """Write the trained model as a Hugging Face directory (safetensors + config + tokenizer,
@@ -378,6 +395,7 @@ class DeepSpeedRank:
             if self.rank == 0:
                 # A copy now: a ZeRO-3 parameter is partitioned again once the generator moves on.
                 state[name] = full.detach().cpu().clone()
+        write_adapter = self.adapter_writer()  # every rank: it may gather too
         if self.rank != 0:
             return ""
 
@@ -388,5 +406,7 @@ class DeepSpeedRank:
             AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
             for file_name, text in (extra_files or {}).items():
                 (tmp / file_name).write_text(text)
+            if write_adapter is not None:
+                write_adapter(tmp / ADAPTER_DIR)
 
         return str(write_model_dir(path, write, replace))

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rlhf_dist.config import Config, needs_reference, updates_once
+from rlhf_dist.config import Config, needs_reference, reference_on_policy, updates_once
 from rlhf_dist.core.experience import Experience, collate, pad_right
 from rlhf_dist.driver.timeline import Timeline
 from rlhf_dist.roles.generation import Generation
@@ -59,12 +59,15 @@ def streamed_passes(cfg: Config, roles: Roles) -> list[Pass]:
     if not cfg.rollout.stream_passes:
         return []
     passes = []
+    per_call = cfg.trainer.world_size * cfg.trainer.micro_batch_size
     if needs_reference(cfg):
         reference = roles.reference
-        passes.append(Pass("reference", "reference", ("ref_logprobs",), cfg.reference.batch_size,
+        # A LoRA run's reference is the policy ranks (adapters disabled): a call spans all of them.
+        on_policy = reference_on_policy(cfg)
+        passes.append(Pass("reference", "policy" if on_policy else "reference", ("ref_logprobs",),
+                           per_call if on_policy else cfg.reference.batch_size,
                            lambda k, exp: reference.logprobs_on_async(k % len(reference), exp)))
     synchronous = cfg.rollout.max_staleness == 0 and not cfg.rollout.dynamic_sampling
-    per_call = cfg.trainer.world_size * cfg.trainer.micro_batch_size
     if synchronous and not updates_once(cfg):
         passes.append(Pass("values", "policy", ("old_logprobs", "entropy"), per_call,
                            lambda k, exp: roles.policy.logprobs_async(exp)))

@@ -27,6 +27,7 @@ from rlhf_dist.controller import run_rl
 from rlhf_dist.core.experience import collate
 from rlhf_dist.driver.data import load_prompts
 from rlhf_dist.driver.run_logger import RunLogger
+from rlhf_dist.roles.groups import BaseModelReference
 from rlhf_dist.models.tiny import build_random_lm
 from rlhf_dist.roles.worker_group import RoleError
 from rlhf_dist.weight_sync.verify import probe_sequences, worst_probe_gap
@@ -70,7 +71,13 @@ CASES = {  # family -> overrides
     # bfloat16 (the engines, DeepSpeed's bf16 mode, the sync in bf16; emulated, slower, on a CPU without
     # bf16 instructions): the overlapped path meets a real engine/trainer mismatch, which TIS corrects
     "qwen3-bf16": ["trainer=zero1", "rollout.max_staleness=1", "algo.rollout_correction=tis", "model.dtype=bfloat16"],
+    # LoRA (model.lora): rank-8 adapters on every projection, the engines sent base + adapter merged; the
+    # KL reference is the policy ranks with the adapters disabled. Tied, under ZeRO-3 (a bucket's gather
+    # takes each base weight with its two adapter matrices); then untied with fused qkv_proj/gate_up_proj
+    "llama-tied-lora": ["trainer=zero3", "model.lora.rank=8", "resources.weight_sync_bucket_mb=0.05"],
+    "phi3-lora": ["trainer=zero2", "model.lora.rank=8"],
 }
+VARIANTS = ("-bf16", "-lora")  # a family's case again with another setting: the family is the name without it
 
 
 def _config(extra: list[str]):
@@ -88,7 +95,7 @@ def _max_gap(a: list[list[list[float]]], b: list[list[list[float]]]) -> float:
 def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
     from transformers import AutoTokenizer
 
-    model = str(build_random_lm(tmp_path / family, family.removesuffix("-bf16"), tiny_policy))
+    model = str(build_random_lm(tmp_path / family, _family(family), tiny_policy))
     cfg = _config(CASES[family])
     plan = validate_config(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -97,6 +104,7 @@ def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
     roles = start_roles(cfg, plan, model, model)  # verifies the engines against the trainer at start
     try:
         assert (roles.reference is None) == (not needs_reference(cfg))
+        assert isinstance(roles.reference, BaseModelReference) == cfg.model.lora.enabled
         before = roles.generation.sequence_logprobs_async(probe).result()
         logger = RunLogger(cfg.logger, tmp_path, {}, cfg.total_steps, "")
         prompts = load_prompts(cfg.data.prompts, cfg.data, tokenizer, cfg.model.max_prompt_len, cfg.seed)
@@ -107,6 +115,8 @@ def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
         if family == "llama-tied":
             stale_error = _stale_engines_error(roles, prompts, tokenizer)
             incomplete_error = _incomplete_update_error(roles)
+        if family == "llama-tied-lora":
+            base_error = _base_only_error(roles)
     finally:
         roles.kill()
         shutdown_ray()
@@ -144,6 +154,12 @@ def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
         fresh_kl = BF16_MISMATCH_KL if bf16 else 1e-6
         assert rows[1]["rollout_corr/mismatch_kl"] > 1e-4 and rows[0]["rollout_corr/mismatch_kl"] < fresh_kl
         assert 0.0 <= rows[1]["rollout_corr/truncated_frac"] <= 1.0
+    if cfg.model.lora.enabled:  # peft starts every B at 0: step 0's policy is the base, its KL exactly 0
+        assert rows[0]["kl/mean"] == 0.0 and rows[1]["kl/mean"] != 0.0, [r["kl/mean"] for r in rows]
+    if family == "llama-tied-lora":
+        message = str(base_error)
+        assert "\n" not in message and message.startswith("weight_sync.verify: engine "), message
+        assert "does not serve the trainer's policy after weight version 3" in message, message
     if family == "llama-tied":
         from transformers import AutoModelForCausalLM
 
@@ -159,6 +175,33 @@ def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
         message = str(incomplete_error)
         assert "\n" not in message and "finish_weight_update" in message, message
         assert "received no weights for 1 of its layers in this update (model.norm)" in message, message
+
+
+def _family(case: str) -> str:
+    for variant in VARIANTS:
+        case = case.removesuffix(variant)
+    return case
+
+
+def _send_base_only(rank) -> None:
+    """On a policy rank: send the base weights alone from now on, the adapters left out (what an engine
+    that keeps serving the base model sees: OpenRLHF's reported LoRA bug)."""
+    from rlhf_dist.models.lora import engine_name, is_adapter_tensor
+    from rlhf_dist.roles.zero_rank import DeepSpeedRank
+
+    exports = DeepSpeedRank.exports(rank)
+    rank.exports = lambda: [(engine_name(n), params, value) for n, params, value in exports if not is_adapter_tensor(n)]
+
+
+def _base_only_error(roles) -> RoleError:
+    """The policy ranks sync the base without the adapters: verification must refuse the engines in one line."""
+    import ray
+
+    ray.get([rank.__ray_call__.remote(_send_base_only) for rank in roles.policy.actors])
+    with pytest.raises(RoleError) as raised:
+        roles.weights.sync(version=3)
+        roles.weights.verify()
+    return raised.value
 
 
 def _drop_on_load(worker, name: str) -> None:

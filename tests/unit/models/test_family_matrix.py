@@ -38,9 +38,12 @@ def test_the_matrix_lists_every_family_with_its_class_experts_and_head():
 
 def test_the_matrix_says_how_each_family_runs_the_whole_stack():
     matrix = _matrix()
-    # a family's case is named after it; a variant of it in another dtype adds a suffix (qwen3-bf16)
+    # a family's case is named after it; a variant of it in another dtype or with LoRA adds a suffix
     variants = {name for name in CASES if name not in FAMILIES}
-    assert variants == {"qwen3-bf16"} and "again in bfloat16 (`qwen3-bf16`" in (REPO / "README.md").read_text()
+    assert variants == {"qwen3-bf16", "llama-tied-lora", "phi3-lora"}
+    readme = (REPO / "README.md").read_text()
+    assert "again in bfloat16 (`qwen3-bf16`" in readme
+    assert "again with LoRA (`llama-tied-lora`" in readme and "again with LoRA (`phi3-lora`" in readme
     assert {name for name, row in matrix.items() if row[3] != "—"} == set(CASES) - variants
     for name in set(CASES) - variants:
         cfg = _config(CASES[name])
