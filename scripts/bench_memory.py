@@ -2,7 +2,7 @@
 time per tensor vs bucketed vs the raw one-buffer broadcast, on a 22 M-parameter Llama with a
 32,768-token vocabulary (tied embeddings, built in code, random init).
 
-    .venv/bin/python scripts/bench_memory.py [--out bench_out/memory] [--repeats 3]
+    .venv/bin/python scripts/bench_memory.py [--out bench_out/memory] [--repeats 3] [--parts update,sync,moe,lora]
 
 Update: one real ``PolicyTrainer`` rank (DeepSpeed ZeRO-2, world size 1, float32) per
 configuration, each in a fresh process so that its peak RSS (``ru_maxrss``) is its own. The
@@ -25,6 +25,11 @@ and ZeRO-3, one rank and two (the batch split between them, each in its own proc
 rank's figures). ZeRO-3 partitions the experts with everything else and gathers each MoE block
 whole as it runs (a leaf module, ``roles/zero_rank.py``): the experts' memory per rank is then
 their shard plus one block at a time.
+
+LoRA (``--parts lora``): the packed update (ZeRO-2, one rank) of full fine-tuning against LoRA at rank
+8 and 64 on every projection (``model.lora``): parameters trained, update time, what the rank holds
+(parameters + optimizer) and its peak RSS, the bytes a merged sync sends against the adapters'
+own, and the processes the default layout starts (LoRA starts no reference actor).
 
 Writes ``<out>/memory.json`` and prints a table. Wrap it in ``flock /tmp/rlhf_heavy.lock`` on a
 shared machine.
@@ -58,6 +63,7 @@ CONFIGS = {  # name -> (packing, logprob_chunk_tokens, gradient_checkpointing)
     "packed+chunked256+ckpt": (True, 256, True),
 }
 BUCKET_MB = 256
+LORA_CONFIGS = {"full": 0, "lora r8": 8, "lora r64": 64}  # name -> model.lora.rank, each packed, ZeRO-2, one rank
 # name -> (model: dense or moe, zero_stage, ranks), each packed, logits unchunked
 MOE_CONFIGS = {
     "dense zero2": ("dense", 2, 1),
@@ -109,10 +115,10 @@ def rss_mb() -> float:
 
 
 def update_main(name: str, model_path: str, repeats: int, port: int, queue, rank: int = 0, ranks: int = 1,
-                zero_stage: int = 2) -> None:
+                zero_stage: int = 2, lora_rank: int = 0) -> None:
     import torch
 
-    from rlhf_dist.config import AlgoConfig, ModelConfig, TrainerConfig
+    from rlhf_dist.config import AlgoConfig, LoraConfig, ModelConfig, TrainerConfig
     from rlhf_dist.config.plan import RunPlan
     from rlhf_dist.roles.spec import RankSpec
     from rlhf_dist.roles.trainer import PolicyTrainer
@@ -127,8 +133,8 @@ def update_main(name: str, model_path: str, repeats: int, port: int, queue, rank
     plan = RunPlan(per_rank_minibatch=rows, grad_accum_steps=rows // MICRO, optimizer_steps=100,
                    rollout_batch=len(LENGTHS), minibatches_per_epoch=1)
     spec = RankSpec(rank=rank, world_size=ranks, device="cpu", seed=0, timeout_s=600.0, model_path=model_path)
-    trainer = PolicyTrainer(spec=spec, cfg=cfg, model_cfg=ModelConfig(), plan=plan, temperature=1.0,
-                            max_new_tokens=max(LENGTHS))
+    trainer = PolicyTrainer(spec=spec, cfg=cfg, model_cfg=ModelConfig(lora=LoraConfig(rank=lora_rank)), plan=plan,
+                            temperature=1.0, max_new_tokens=max(LENGTHS))
     params = trainer.setup("127.0.0.1", port)
     exp = batch(trainer.engine.module.config.vocab_size)
     exp = exp.select(torch.arange(rank, len(LENGTHS), ranks))  # each rank a long and a short half
@@ -144,6 +150,9 @@ def update_main(name: str, model_path: str, repeats: int, port: int, queue, rank
     queue.put({"config": name, "rank": rank, "params": params, "tokens": tokens, "padded_tokens": exp.input_ids.numel(),
                "update_s": statistics.median(times), "tokens_per_s": tokens / statistics.median(times),
                "rss_before_mb": before, "peak_rss_mb": peak, "update_growth_mb": peak - before,
+               "lora_rank": lora_rank, "sync_bytes": sum(spec.nbytes for spec in trainer.weight_specs()),
+               "trained_bytes": sum(p.numel() * p.element_size() for p in trainer.engine.module.parameters()
+                                    if p.requires_grad),
                **held_mb(trainer.engine)})
 
 
@@ -280,6 +289,24 @@ def run_moe(out: Path, repeats: int, ctx, queue) -> list[dict]:
     return rows
 
 
+def run_lora(model_path: str, repeats: int, ctx, queue) -> list[dict]:
+    """The LORA_CONFIGS rows: the packed update of full fine-tuning and of LoRA at each rank, one process each."""
+    from rlhf_dist.config import Config, actor_counts
+
+    rows = []
+    for name, lora_rank in LORA_CONFIGS.items():
+        proc = ctx.Process(target=update_main, args=(name, model_path, repeats, free_port(), queue),
+                           kwargs={"lora_rank": lora_rank})
+        proc.start()
+        rows.append(queue.get(timeout=3600))
+        proc.join()
+        cfg = Config()  # the default run's layout: LoRA takes the KL reference from the policy ranks
+        cfg.model.lora.rank = lora_rank
+        rows[-1]["processes"] = sum(actor_counts(cfg).values())
+        print(f"  {name}: {rows[-1]['update_s']:.2f} s, peak RSS {rows[-1]['peak_rss_mb']:.0f} MB", flush=True)
+    return rows
+
+
 def run_sync(model_path: str, repeats: int, ctx, queue) -> dict:
     port = free_port()
     procs = [ctx.Process(target=sync_main, args=(r, model_path, repeats, port, queue)) for r in (0, 1)]
@@ -297,7 +324,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_out/memory")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parts", default="update,sync,moe", help="any of update, sync, moe (the others' figures "
+    parser.add_argument("--parts", default="update,sync,moe,lora", help="any of update, sync, moe, lora (the others' figures "
                         "are kept from an earlier memory.json in --out)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -310,9 +337,10 @@ def main() -> None:
     updates = run_updates(model_path, args.repeats, ctx, queue) if "update" in parts else earlier.get("updates")
     sync = run_sync(model_path, args.repeats, ctx, queue) if "sync" in parts else earlier.get("weight_sync")
     experts = run_moe(out, args.repeats, ctx, queue) if "moe" in parts else earlier.get("experts")
+    lora = run_lora(model_path, args.repeats, ctx, queue) if "lora" in parts else earlier.get("lora")
     result = {"model": {"vocab": 32768, "hidden": 384, "layers": 6},
               "batch": {"lengths": LENGTHS, "prompt": PROMPT, "micro_batch_size": MICRO},
-              "updates": updates, "weight_sync": sync, "experts": experts,
+              "updates": updates, "weight_sync": sync, "experts": experts, "lora": lora,
               "goals": {"packed_tokens_per_s_vs_padded": ">= 1.5", "memory_all_vs_padded": "<= 0.4",
                         "bucketed_vs_raw": "<= 1.5"}}
     if updates:
@@ -321,6 +349,8 @@ def main() -> None:
         print_sync(sync)
     if experts:
         print_experts(experts)
+    if lora:
+        print_lora(lora)
     (out / "memory.json").write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out / 'memory.json'}")
 
@@ -361,3 +391,23 @@ def print_experts(rows: list[dict]) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def print_lora(rows: list[dict]) -> None:
+    """Full fine-tuning against LoRA: held memory (parameters + optimizer), peak RSS, update time, what a
+    sync sends (merged: the full weights; the adapters alone, what adapter-only sync would send)."""
+    full = rows[0]
+    print("\nLoRA vs full fine-tuning: packed update, ZeRO-2, one rank, float32 (MB; ratios to full)")
+    print(f"{'config':<10}{'trained M':>10}{'update s':>9}{'x full':>7}{'held':>7}{'x full':>7}{'peak RSS':>9}{'x full':>7}"
+          f"{'growth':>7}{'sync MB':>8}{'adapters MB':>12}{'% of full':>10}{'processes':>10}")
+    for r in rows:
+        held, full_held = r["params_mb"] + r["optimizer_mb"], full["params_mb"] + full["optimizer_mb"]
+        r["held_vs_full"], r["peak_rss_vs_full"] = held / full_held, r["peak_rss_mb"] / full["peak_rss_mb"]
+        r["update_s_vs_full"] = r["update_s"] / full["update_s"]
+        r["adapter_vs_full_weights"] = r["trained_bytes"] / full["sync_bytes"] if r["lora_rank"] else 1.0
+        print(f"{r['config']:<10}{r['trained_bytes'] / 4e6:>10.2f}{r['update_s']:>9.2f}{r['update_s_vs_full']:>7.2f}"
+              f"{held:>7.0f}{r['held_vs_full']:>7.2f}{r['peak_rss_mb']:>9.0f}{r['peak_rss_vs_full']:>7.2f}"
+              f"{r['update_growth_mb']:>7.0f}{r['sync_bytes'] / 2**20:>8.1f}{r['trained_bytes'] / 2**20:>12.2f}"
+              f"{r['adapter_vs_full_weights']:>10.1%}{r['processes']:>10}")
+    print("goals (issue 30): LoRA r8 trainer memory <= 0.5 x full; bytes per sync <= 5 % of the full weights at r8 "
+          "(merged sync sends the full weights: adapter-only sync, not built yet, would send the adapters column)")
