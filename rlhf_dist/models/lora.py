@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from rlhf_dist.config import LoraConfig
+if TYPE_CHECKING:  # only its fields are read: the GPU checks run this module without hydra installed
+    from rlhf_dist.config import LoraConfig
 
 ADAPTER = "default"  # peft's name for a model's one adapter
 PEFT_PREFIX = "base_model.model."  # what peft's PeftModel puts before the transformers model's names

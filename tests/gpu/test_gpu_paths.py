@@ -4,7 +4,8 @@
 critic's and the reward model's forward passes, packed and padded, chunked logprobs against the
 model's own logits, in float32 and bfloat16 (bounds: ``assert_close``), the losses with their
 backward passes, a mixture of experts (packed = padded, its own routing replayed, a backward pass
-with the routers' load-balancing loss), and, when DeepSpeed (and hydra-core/omegaconf, which the trainer's config
+with the routers' load-balancing loss), LoRA adapters when peft is installed (only they get gradients,
+disabled they give the base model, their merge gives the adapted policy), and, when DeepSpeed (and hydra-core/omegaconf, which the trainer's config
 imports) are installed, one ZeRO-2 update of each trainer rank. No vLLM, Ray or network: the tiny
 models are built locally. What only the full stack checks (vLLM on CUDA, the NCCL weight sync,
 sleep/wake) is ``scripts/gpu_smoke.sh``'s.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -331,3 +333,70 @@ def test_moe_packed_equals_padded_and_replayed_routing_gives_its_own_logprobs(mo
     layer = model.model.layers[0].mlp
     assert layer.gate.weight.grad.abs().max() > 0 and layer.experts.gate_up_proj.grad.abs().max() > 0
     model.zero_grad()
+
+
+# ---------------------------------------------------------------- LoRA adapters (model.lora)
+
+# config.LoraConfig's fields (that module imports hydra, which the GPU check does not need)
+LORA = SimpleNamespace(rank=4, alpha=8.0, dropout=0.0, target_modules="all-linear", targets="all-linear")
+
+
+@pytest.fixture(scope="module")
+def lora_policy(tiny_policy, dtype):
+    """The tiny policy with rank-4 adapters on every projection (peft), on the device, each B drawn
+    (peft starts B at 0, where adapter and base agree and no comparison could fail)."""
+    pytest.importorskip("peft", reason="peft is not installed (pip install peft==0.21.0)")
+    from rlhf_dist.models.lora import add_adapters
+
+    model = load_causal_lm(tiny_policy, dtype)
+    peft = add_adapters(model, LORA)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.to(DEVICE).eval(), peft
+
+
+def test_lora_adapters_train_alone_and_disabled_give_the_base_model(lora_policy, policy, exp, dtype, record_gap):
+    """The adapted policy on the device: a backward pass reaches the adapters and nothing else; with
+    the adapters disabled (the KL reference of a LoRA run) its logprobs are the base model's."""
+    model, peft = lora_policy
+    with torch.no_grad(), off_device(DEVICE):
+        adapted, _ = response_logprobs(model, exp, TEMPERATURE, packed=True, chunk_tokens=CHUNK)
+        with peft.disable_adapter():
+            disabled, _ = response_logprobs(model, exp, TEMPERATURE, packed=True, chunk_tokens=CHUNK)
+        base, _ = response_logprobs(policy, exp, TEMPERATURE, packed=True, chunk_tokens=CHUNK)
+    assert_close(disabled, base, base.float(), dtype, record_gap, "adapters disabled = base")
+    assert (adapted - base).abs().max() > 1e-2, "the adapters change nothing: the check below could not fail"
+    model.train()
+    try:
+        with off_device(DEVICE):
+            logprobs, _ = response_logprobs(model, exp, TEMPERATURE, packed=True, chunk_tokens=CHUNK)
+            (logprobs * exp.response_mask).sum().backward()
+    finally:
+        model.eval()
+    got = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert got == {n for n, p in model.named_parameters() if "lora_" in n} and got
+    _assert_gradients_finite_on_device(model)
+
+
+def test_lora_merged_weights_compute_what_base_and_adapter_compute(lora_policy, tiny_policy, exp, dtype, record_gap):
+    """What the engines are sent (``merged_exports``: each base weight plus its adapter's product),
+    loaded into a plain model on the device, gives the adapted policy's logprobs."""
+    from rlhf_dist.models.lora import add_adapters, merged_exports
+
+    model, _ = lora_policy
+    merged = load_causal_lm(tiny_policy, dtype)
+    merged.load_state_dict({name: value().cpu() for name, _, value in merged_exports(model)}, strict=False)
+    merged = merged.to(DEVICE).eval()
+    # the same weights computing in float32: what bf16's own rounding is measured against
+    float32 = load_causal_lm(tiny_policy, "float32")
+    add_adapters(float32, LORA)
+    float32.load_state_dict({n: t.float().cpu() for n, t in model.state_dict().items()})
+    float32 = float32.to(DEVICE).eval()
+    with torch.no_grad(), off_device(DEVICE):
+        adapted, _ = response_logprobs(model, exp, TEMPERATURE, packed=True, chunk_tokens=CHUNK)
+        served, _ = response_logprobs(merged, exp, TEMPERATURE, packed=True, chunk_tokens=CHUNK)
+        exact, _ = response_logprobs(float32, exp, TEMPERATURE, packed=True, chunk_tokens=CHUNK)
+    assert_close(served, adapted, exact, dtype, record_gap, "merged = base + adapter")
