@@ -39,6 +39,7 @@ from rlhf_dist.config.groups import (
     TrainerConfig,
 )
 from rlhf_dist.config.model import LORA_SYNCS, LoraConfig, ModelConfig
+from rlhf_dist.config.pipeline import PipelineConfig
 from rlhf_dist.config.plan import (
     RunPlan,
     SupervisedPlan,
@@ -60,7 +61,6 @@ from rlhf_dist.config.runtime import (
     TimeoutConfig,
     WeightSyncConfig,
 )
-from rlhf_dist.config.pipeline import PipelineConfig
 from rlhf_dist.config.schema import GROUPS, Config, as_dict, register_configs, to_config
 from rlhf_dist.config.validate import SUPERVISED_GROUPS, supervised_plan, validate_config
 
@@ -70,8 +70,9 @@ __all__ = [
     "ESTIMATORS",
     "GROUPS",
     "GROUP_ESTIMATORS",
-    "LOGPROB_TOLERANCE",
     "KL_ESTIMATORS",
+    "LOGPROB_TOLERANCE",
+    "LORA_SYNCS",
     "LOSS_AGGS",
     "LR_SCHEDULES",
     "RATIO_LEVELS",
@@ -84,7 +85,6 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "LoggerConfig",
-    "LORA_SYNCS",
     "LoraConfig",
     "ModelConfig",
     "PipelineConfig",
@@ -103,11 +103,11 @@ __all__ = [
     "WeightSyncConfig",
     "actor_counts",
     "as_dict",
-    "register_configs",
-    "supervised_plan",
     "lora_summary",
     "needs_reference",
     "reference_on_policy",
+    "register_configs",
+    "supervised_plan",
     "to_config",
     "trainer_collective_timeout_s",
     "updates_once",

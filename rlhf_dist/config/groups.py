@@ -9,7 +9,6 @@ from typing import Any
 from rlhf_dist.config.errors import _check_fraction, _check_positive, _fail
 from rlhf_dist.registry import TASKS
 
-
 # The built-in sources: every task's prompt set; demonstrations and preference pairs of the tasks that have them.
 BUILTIN_PROMPTS = tuple(f"builtin:{name}" for name in TASKS)
 BUILTIN_SUPERVISED = tuple(f"builtin:{name}" for name, entry in TASKS.items() if entry.supervised)
