@@ -389,10 +389,6 @@ def print_experts(rows: list[dict]) -> None:
               f"{r['update_growth_mb']:>8.0f}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def print_lora(rows: list[dict]) -> None:
     """Full fine-tuning against LoRA: held memory (parameters + optimizer), peak RSS, update time, what a
     sync sends (merged: the full weights; the adapters alone, what adapter-only sync would send)."""
@@ -411,3 +407,7 @@ def print_lora(rows: list[dict]) -> None:
               f"{r['adapter_vs_full_weights']:>10.1%}{r['processes']:>10}")
     print("goals (issue 30): LoRA r8 trainer memory <= 0.5 x full; bytes per sync <= 5 % of the full weights at r8 "
           "(merged sync sends the full weights: adapter-only sync, not built yet, would send the adapters column)")
+
+
+if __name__ == "__main__":
+    main()
