@@ -126,3 +126,20 @@ def test_the_supervised_stages_refuse_lora():
     cfg.model.lora.rank = 4
     with pytest.raises(ConfigError, match="^model.lora.rank=4: LoRA trains the PPO policy only; the sft stage"):
         supervised_plan(cfg, "sft")
+
+
+def test_a_checkpoint_resumes_only_with_its_own_adapters():
+    from rlhf_dist.checkpoint import CheckpointError, config_changes
+    from rlhf_dist.config import as_dict
+
+    saved = Config()
+    saved.model.lora.rank = 8
+    for key, value in (("rank", 0), ("rank", 16), ("target_modules", "q_proj,v_proj")):
+        resumed = Config()
+        resumed.model.lora.rank = 8
+        setattr(resumed.model.lora, key, value)
+        with pytest.raises(CheckpointError, match=f"^model.lora.{key}="):
+            config_changes(as_dict(saved), as_dict(resumed))
+    resumed = Config()
+    resumed.model.lora.rank, resumed.model.lora.alpha = 8, 16.0  # the same tensors: resumed, with a warning
+    assert config_changes(as_dict(saved), as_dict(resumed)) == ["model.lora.alpha: 32.0 -> 16.0"]
