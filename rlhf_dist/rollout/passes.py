@@ -60,14 +60,17 @@ def streamed_passes(cfg: Config, roles: Roles) -> list[Pass]:
         return []
     passes = []
     per_call = cfg.trainer.world_size * cfg.trainer.micro_batch_size
-    if needs_reference(cfg):
+    synchronous = cfg.rollout.max_staleness == 0 and not cfg.rollout.dynamic_sampling
+    # A LoRA run's reference is the policy ranks (adapters disabled), a call spanning all of them. They
+    # stream only in a synchronous run: overlapped, the controller's thread may be training them, and
+    # calls from two threads could reach the ranks in different orders (under ZeRO-3 their gathers would
+    # then not pair up), so the reference pass runs in the controller's thread, after the update.
+    on_policy = reference_on_policy(cfg)
+    if needs_reference(cfg) and (synchronous or not on_policy):
         reference = roles.reference
-        # A LoRA run's reference is the policy ranks (adapters disabled): a call spans all of them.
-        on_policy = reference_on_policy(cfg)
         passes.append(Pass("reference", "policy" if on_policy else "reference", ("ref_logprobs",),
                            per_call if on_policy else cfg.reference.batch_size,
                            lambda k, exp: reference.logprobs_on_async(k % len(reference), exp)))
-    synchronous = cfg.rollout.max_staleness == 0 and not cfg.rollout.dynamic_sampling
     if synchronous and not updates_once(cfg):
         passes.append(Pass("values", "policy", ("old_logprobs", "entropy"), per_call,
                            lambda k, exp: roles.policy.logprobs_async(exp)))

@@ -92,6 +92,10 @@ def test_which_passes_stream():
     assert names("algo=grpo", "algo.ppo_epochs=1", "algo.minibatch_size=256", "rollout.batch_size=64") == [
         "reference"]  # one optimizer step: the old logprobs come from the update
     assert names("algo=dapo") == []  # no reference, dynamic sampling
+    # LoRA: the reference is the policy ranks; streamed while the controller waits for the rollout, not
+    # while it may be training them (overlapped): there it runs in the controller's thread
+    assert names("model.lora.rank=8", critic=True) == ["reference", "values", "critic_values"]
+    assert names("model.lora.rank=8", "rollout.max_staleness=1", "algo.rollout_correction=tis", critic=True) == []
     assert names("rollout.stream_passes=false", critic=True) == []
     none = Roles(None, None, None, None, None, None, None)
     assert streamed_passes(compose_config([]), none) == []  # local_cpu (the default) turns them off
