@@ -73,9 +73,11 @@ CASES = {  # family -> overrides
     "qwen3-bf16": ["trainer=zero1", "rollout.max_staleness=1", "algo.rollout_correction=tis", "model.dtype=bfloat16"],
     # LoRA (model.lora): rank-8 adapters on every projection, the engines sent base + adapter merged; the
     # KL reference is the policy ranks with the adapters disabled. Tied, under ZeRO-3 (a bucket's gather
-    # takes each base weight with its two adapter matrices); then untied with fused qkv_proj/gate_up_proj
-    "llama-tied-lora": ["trainer=zero3", "model.lora.rank=8", "resources.weight_sync_bucket_mb=0.05"],
-    "phi3-lora": ["trainer=zero2", "model.lora.rank=8"],
+    # takes each base weight with its two adapter matrices), the reference streamed while the rollout
+    # streams; then untied with fused qkv_proj/gate_up_proj, overlapped (the reference after each update)
+    "llama-tied-lora": ["trainer=zero3", "model.lora.rank=8", "resources.weight_sync_bucket_mb=0.05",
+                        "rollout.stream_passes=true"],
+    "phi3-lora": ["trainer=zero2", "model.lora.rank=8", "rollout.max_staleness=1", "algo.rollout_correction=tis"],
 }
 VARIANTS = ("-bf16", "-lora")  # a family's case again with another setting: the family is the name without it
 

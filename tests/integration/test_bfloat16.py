@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from rlhf_dist.cluster.hardware import cpu_bf16
 from rlhf_dist.config.runtime import LOGPROB_TOLERANCE
-from tests.conftest import REPO
-from tests.integration.test_reliability import deterministic
+from tests.integration.test_reliability import deterministic, run_job
 from tests.integration.test_reliability import rows as metric_rows
 
 pytestmark = pytest.mark.slow
@@ -29,10 +27,7 @@ BF16 = ["model.dtype=bfloat16", "total_steps=3", "checkpoint.every_steps=2", "lo
 
 
 def _train(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "rlhf_dist.train", f"hydra.run.dir={out}", *BF16, *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_job(out, *BF16, *overrides)
 
 
 def test_default_job_in_bfloat16_verifies_its_engines_and_resumes_exactly(tiny_policy, tmp_path):

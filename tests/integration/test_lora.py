@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.integration.test_reliability import deterministic
+from tests.integration.test_reliability import deterministic, run_job
 from tests.integration.test_reliability import rows as metric_rows
 
 pytestmark = pytest.mark.slow
@@ -24,10 +22,7 @@ LORA = ["model.lora.rank=8", "trainer.lr=1e-4", "total_steps=3", "checkpoint.eve
 
 
 def _train(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "rlhf_dist.train", f"hydra.run.dir={out}", *LORA, *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_job(out, *LORA, *overrides)
 
 
 def test_default_job_with_lora_serves_the_adapted_policy_and_resumes_exactly(tiny_policy, tmp_path):

@@ -50,6 +50,14 @@ def launch(out: Path, *overrides: str, command: list[str] | None = None) -> subp
     return subprocess.Popen(cmd, cwd=REPO, stdout=console, stderr=subprocess.STDOUT, env=env)
 
 
+def run_job(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """README command 1's job with ``overrides`` (not this module's RUN), to its end: it must succeed."""
+    cmd = [sys.executable, "-m", "rlhf_dist.train", f"hydra.run.dir={out}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=2 * RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def console_of(out: Path) -> str:
     return (out.parent / f"{out.name}.console").read_text()
 
