@@ -20,7 +20,7 @@ from rlhf_dist.models.modeling import (
 )
 from rlhf_dist.models.routing import router_aux_coef
 from rlhf_dist.roles.spec import RankSpec
-from rlhf_dist.roles.zero_rank import DeepSpeedRank
+from rlhf_dist.roles.zero_rank import DeepSpeedRank, gathered
 from rlhf_dist.weight_sync.transport import GroupTransport, load_transport
 
 
@@ -74,13 +74,8 @@ class PolicyTrainer(DeepSpeedRank):
         ``adapter_config.json``) for ``PeftModel.from_pretrained`` or vLLM's ``LoRARequest``."""
         if self.peft is None:
             return None
-        import contextlib
-
-        import deepspeed
-
         params = adapter_parameters(self.engine.module)
-        partitioned = [p for _, p in params if hasattr(p, "ds_id")]
-        with deepspeed.zero.GatheredParameters(partitioned) if partitioned else contextlib.nullcontext():
+        with gathered([p for _, p in params]):
             state = {name: p.data.detach().cpu().clone() for name, p in params} if self.rank == 0 else {}
         return lambda directory: self.peft.save_pretrained(directory, state_dict=state)
 

@@ -57,6 +57,17 @@ def _spec(name: str, p: torch.nn.Parameter) -> ParamSpec:
     return ParamSpec(name, str(p.dtype).removeprefix("torch."), shape)
 
 
+def gathered(params):
+    """A context in which these parameters are full: DeepSpeed's ZeRO-3 gather of the partitioned ones
+    (a collective: every rank enters it with the same parameters), nothing otherwise."""
+    import contextlib
+
+    import deepspeed
+
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    return deepspeed.zero.GatheredParameters(partitioned) if partitioned else contextlib.nullcontext()
+
+
 def safe_checkpoint_engine(ds_config):
     """DeepSpeed's torch checkpoint engine, loading with ``torch.load(weights_only=True)``.
 
@@ -371,16 +382,11 @@ class DeepSpeedRank:
         """(name, full tensor) of every tensor of ``exports``. Under ZeRO-3 the parameters are gathered a
         bucket at a time (``weight_sync.transport.bucket_bounds``; 0: one at a time), each gather a
         collective on every rank, and a tensor is full only until the generator leaves its bucket."""
-        import contextlib
-
-        import deepspeed
-
         exports = self.exports()
         sizes = [_spec(name, params[0]).nbytes for name, params, _ in exports]
         # The partition the weight senders derive from the same specs: a bucket's gather is its broadcast.
         for start, end in bucket_bounds(sizes, bucket_bytes):
-            partitioned = [p for _, params, _ in exports[start:end] for p in params if hasattr(p, "ds_id")]
-            with deepspeed.zero.GatheredParameters(partitioned) if partitioned else contextlib.nullcontext():
+            with gathered([p for _, params, _ in exports[start:end] for p in params]):
                 for name, _, value in exports[start:end]:
                     yield name, value()
 
