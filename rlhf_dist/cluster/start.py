@@ -150,7 +150,7 @@ def start_engines(cfg: Config, role: str, model_path: str, slots: list[Slot]) ->
         return {"spec": rank_spec(cfg, rank, len(slots), model_path), "cfg": cfg.rollout, "dtype": cfg.model.dtype,
                 "weight_sync_backend": res.weight_sync_backend, "in_process": res.vllm_in_process,
                 "env_step_s": cfg.timeouts.env_step_s, "chat_template": cfg.data.chat_template,
-                "record_routing": cfg.algo.routing_replay}
+                "record_routing": cfg.algo.routing_replay, "adapter": cfg.model.lora.served}
 
     def spawn_one(rank: int):
         return spawn(GenerationEngine, slots[rank : rank + 1], res.generation, env, lambda _: kwargs(rank))[0]

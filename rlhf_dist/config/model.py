@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 
 from rlhf_dist.config.errors import _check_positive, _fail
 
-# How a LoRA policy's weights reach the engines. merged: the trainer adds each adapter's product
-# into its base weight and sends full weights (any engine, any architecture vLLM serves).
-LORA_SYNCS = ("merged",)
+# How a LoRA policy's weights reach the engines. adapter: the engines keep the base weights they
+# loaded and receive only the adapters' tensors, served as a LoRA adapter (rlhf_dist.weight_sync.adapter);
+# merged: the trainer adds each adapter's product into its base weight and sends full weights (any
+# architecture vLLM serves, with or without LoRA support).
+LORA_SYNCS = ("adapter", "merged")
+VLLM_MAX_LORA_RANK = 512  # vLLM's largest max_lora_rank
 
 
 @dataclass
@@ -25,7 +28,7 @@ class LoraConfig:
     # (their last component: q_proj,v_proj).
     target_modules: str = "all-linear"
     # How the weights reach the engines (LORA_SYNCS).
-    sync: str = "merged"
+    sync: str = "adapter"
 
     @property
     def enabled(self) -> bool:
@@ -50,8 +53,15 @@ class LoraConfig:
             _fail("model.lora.target_modules", self.target_modules,
                   "use all-linear or comma-separated module names such as q_proj,v_proj")
         if self.sync not in LORA_SYNCS:
-            _fail("model.lora.sync", self.sync, f"use one of {', '.join(LORA_SYNCS)} (adapter-only sync to the "
-                  "engines is not built yet: merged sends the base weights with the adapters added)")
+            _fail("model.lora.sync", self.sync, f"use one of {', '.join(LORA_SYNCS)}")
+        if self.sync == "adapter" and self.rank > VLLM_MAX_LORA_RANK:
+            _fail("model.lora.rank", self.rank, f"vLLM serves adapters of rank <= {VLLM_MAX_LORA_RANK}; "
+                  "use model.lora.sync=merged for a larger rank")
+
+    @property
+    def served(self) -> dict | None:
+        """What the engines need to serve the adapters (peft's r and lora_alpha) with sync=adapter; None otherwise."""
+        return {"r": self.rank, "lora_alpha": self.alpha} if self.enabled and self.sync == "adapter" else None
 
 
 @dataclass

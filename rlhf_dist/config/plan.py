@@ -83,8 +83,10 @@ def lora_summary(cfg: Config) -> str:
         reference = "the KL reference is the policy with its adapters disabled (no reference actor)"
     else:
         reference = f"the KL reference is reference.path={cfg.reference.path!r} on reference actors"
+    sync = ("each sync sends the engines the adapters alone (they keep the base)" if lora.served else
+            "each sync sends the engines full weights, the adapters merged")
     return (f"rlhf_dist: LoRA rank {lora.rank} (alpha {lora.alpha:g}, target_modules {lora.target_modules}), "
-            f"weights sent to the engines {lora.sync}; {reference}")
+            f"{sync}; {reference}")
 
 
 def actor_counts(cfg: Config) -> dict[str, int]:

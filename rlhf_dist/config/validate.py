@@ -142,6 +142,9 @@ def _check_device(cfg: Config) -> None:
               f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs vLLM's worker processes; set it to false")
     if res.device == "cpu" and r.sleep_level:
         _fail("rollout.sleep_level", r.sleep_level, "needs resources.device=cuda (vLLM has no sleep mode on CPU)")
+    if r.sleep_level == 2 and cfg.model.lora.served:
+        _fail("rollout.sleep_level", 2, "drops the engines' base weights, which model.lora.sync=adapter never sends "
+              "again; use sleep_level=1 or model.lora.sync=merged")
 
 
 def _check_gpu_shares(res: ResourcesConfig, counts: dict[str, int], on_gpu: tuple[str, ...]) -> None:
@@ -229,6 +232,9 @@ def _check_routing_replay(cfg: Config) -> None:
         _fail("algo.routing_replay", True, "is not supported with multi-turn rollouts (rollout.env) yet")
     if r.replay_from:
         _fail("algo.routing_replay", True, "dumped rollouts (rollout.replay_from) carry no routing")
+    if cfg.model.lora.served:
+        _fail("algo.routing_replay", True, "does not record the routing of engines serving LoRA adapters: "
+              "set model.lora.sync=merged")
 
 
 def _check_lengths(cfg: Config) -> None:

@@ -86,6 +86,14 @@ def merged_exports(model: nn.Module) -> list[tuple[str, tuple[nn.Parameter, ...]
     return exports
 
 
+def adapter_exports(model: nn.Module) -> list[tuple[str, tuple[nn.Parameter, ...], Callable[[], torch.Tensor]]]:
+    """What the engines receive from ``model`` with ``model.lora.sync=adapter``, as ``merged_exports``:
+    each adapter's own tensors, named as peft saves them (``base_model.model.<layer>.lora_A.weight``),
+    which is what vLLM's LoRA loader reads."""
+    return [(PEFT_PREFIX + name.replace(f".{ADAPTER}.", "."), (p,), lambda p=p: p.data)
+            for name, p in model.named_parameters() if is_adapter_tensor(name)]
+
+
 def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The adapters' own parameters of ``model``, named as peft's ``PeftModel`` names them."""
     return [(PEFT_PREFIX + name, p) for name, p in model.named_parameters() if is_adapter_tensor(name)]

@@ -108,11 +108,12 @@ class Trajectory:
 class AgentLoop:
     """Runs trajectories of ``make_env`` environments on a vLLM ``LLM`` until each ends; ``run``
     yields (index, Trajectory) as they finish. ``sampling(max_tokens, stop, seed, greedy)`` makes
-    one turn's SamplingParams."""
+    one turn's SamplingParams; ``adapter()`` the LoRARequest of the adapter the engine serves (None: none)."""
 
     def __init__(self, llm, make_env: Callable[[str, dict], Any], sampling: Callable[..., Any], max_turns: int,
-                 max_new_tokens: int, max_model_len: int, env_step_s: float, chat: bool) -> None:
-        self.llm, self.make_env, self.sampling = llm, make_env, sampling
+                 max_new_tokens: int, max_model_len: int, env_step_s: float, chat: bool,
+                 adapter: Callable[[], Any] = lambda: None) -> None:
+        self.llm, self.make_env, self.sampling, self.adapter = llm, make_env, sampling, adapter
         self.max_turns, self.max_new_tokens, self.max_model_len = max_turns, max_new_tokens, max_model_len
         self.env_step_s, self.chat = env_step_s, chat
         self.tokenizer = llm.get_tokenizer()
@@ -214,7 +215,7 @@ class AgentLoop:
         seed = derive_seed(ENGINE_TURN, traj.seed, traj.turns)
         params = self.sampling(budget, list(getattr(traj.env, "stop", ())), seed, self.greedy)
         [request] = self.llm.enqueue([TokensPrompt(prompt_token_ids=traj.prompt_ids + traj.response_ids)], [params],
-                                     use_tqdm=False)
+                                     use_tqdm=False, lora_request=self.adapter())
         # enqueue returns vLLM's internal id ("<id>-<8 random characters>"); outputs carry "<id>"
         self.requests[request.rsplit("-", 1)[0]] = traj
 

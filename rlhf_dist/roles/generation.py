@@ -16,6 +16,7 @@ from rlhf_dist.config import RolloutConfig
 from rlhf_dist.registry import TRANSPORTS
 from rlhf_dist.roles.routing_capture import RoutingCapture
 from rlhf_dist.roles.spec import RankSpec
+from rlhf_dist.weight_sync.adapter import AdapterReceiver, adapter_request, max_lora_rank
 
 
 @dataclass
@@ -49,21 +50,49 @@ def executor_backend(tensor_parallel_size: int, in_process: bool) -> str | None:
     return "mp" if tensor_parallel_size > 1 else None
 
 
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _extensions(record_routing: bool, adapter: dict | None) -> dict[str, Any]:
+    """vLLM's arguments for what the engine's worker does besides serving: algo.routing_replay records
+    the routers' choices per request (routing_capture: eager execution, which the config requires, and
+    no prefix caching, or a cached prompt is not routed); adapters are received and served (LoRA)."""
+    if record_routing:
+        return {"worker_extension_cls": _qualname(RoutingCapture), "enable_prefix_caching": False}
+    if adapter is not None:
+        return {"worker_extension_cls": _qualname(AdapterReceiver), "enable_lora": True, "max_loras": 1,
+                "max_lora_rank": max_lora_rank(adapter["r"])}
+    return {}
+
+
+def _create(llm_class: type, adapter: dict | None, **kwargs: Any):
+    """vLLM's ``LLM``; one that cannot serve adapters for this architecture says so in one line."""
+    try:
+        return llm_class(**kwargs)
+    except ValueError as e:
+        if adapter is not None and "does not support LoRA" in str(e):
+            raise ValueError(f"model.lora.sync=adapter: vLLM cannot serve LoRA adapters on this model ({e}); "
+                             "use model.lora.sync=merged") from None
+        raise
+
+
 class GenerationEngine:
     """A vLLM ``LLM`` behind a small interface; created as a Ray actor by ``placement``."""
 
     def __init__(
         self, *, spec: RankSpec, cfg: RolloutConfig, dtype: str, weight_sync_backend: str, in_process: bool,
         env_step_s: float = 30.0, chat_template: bool = True, record_routing: bool = False,
+        adapter: dict | None = None,
     ) -> None:
         from vllm import LLM
 
         self.cfg = cfg
-        # algo.routing_replay: the routers' choices recorded per request (routing_capture: eager
-        # execution, which the config requires, and no prefix caching, or a cached prompt is not routed)
-        capture = {"worker_extension_cls": f"{RoutingCapture.__module__}.{RoutingCapture.__qualname__}",
-                   "enable_prefix_caching": False} if record_routing else {}
-        self.llm = LLM(
+        # model.lora.sync=adapter: the base weights stay; each sync's adapter (peft's r and lora_alpha in
+        # ``adapter``) is loaded in memory as the one served (weight_sync.adapter)
+        self.adapter_config, self.adapter = adapter, None  # the LoRARequest of the adapter served (None: the base)
+        self.llm = _create(
+            LLM, adapter,
             model=spec.model_path,
             dtype=dtype,
             seed=spec.seed + spec.rank,
@@ -79,7 +108,7 @@ class GenerationEngine:
             # rollout.sleep_level > 0 (GPU): the engine frees its GPU memory while the trainer
             # sharing the GPU trains (colocated placement).
             enable_sleep_mode=cfg.sleep_level > 0,
-            **capture,
+            **_extensions(record_routing, adapter),
         )
         self.record_routing = record_routing
         if record_routing:
@@ -94,7 +123,7 @@ class GenerationEngine:
 
             chat = has_chat_template(self.llm.get_tokenizer(), chat_template)
             self.agent = AgentLoop(self.llm, env_factory(cfg.env), self._turn_params, cfg.max_turns,
-                                   cfg.max_new_tokens, cfg.max_model_len, env_step_s, chat)
+                                   cfg.max_new_tokens, cfg.max_model_len, env_step_s, chat, lambda: self.adapter)
 
     def pid(self) -> int:
         return os.getpid()
@@ -159,7 +188,7 @@ class GenerationEngine:
 
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], self._sampling_params(seeds, greedy),
-            use_tqdm=False,
+            use_tqdm=False, lora_request=self.adapter,
         )
         routes = self._routing(outputs, idle=True)
         return [self._generation(prompt, out, r) for prompt, out, r in zip(prompt_ids, outputs, routes)]
@@ -186,7 +215,7 @@ class GenerationEngine:
 
         ids = self.llm.enqueue(
             [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], self._sampling_params(seeds, False),
-            use_tqdm=False,
+            use_tqdm=False, lora_request=self.adapter,
         )
         # enqueue returns vLLM's internal ids ("<id>-<8 random characters>"); outputs carry "<id>"
         index = {request.rsplit("-", 1)[0]: i for i, request in enumerate(ids)}
@@ -206,7 +235,11 @@ class GenerationEngine:
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_ids], params, use_tqdm=False)
+        # With LoRA enabled, one sequence per batch: vLLM 0.32's CPU LoRA logits (PunicaWrapperCPU.add_lora_logits)
+        # index the prompt-logprob rows of several requests by request, not by token, and fail.
+        batches = [[t] for t in token_ids] if self.adapter_config is not None else [token_ids]
+        outputs = [out for batch in batches for out in self.llm.generate(
+            [TokensPrompt(prompt_token_ids=t) for t in batch], params, use_tqdm=False, lora_request=self.adapter)]
         return [
             [step[token].logprob for step, token in zip(out.prompt_logprobs[1:], ids[1:])]
             for ids, out in zip(token_ids, outputs)
@@ -225,11 +258,17 @@ class GenerationEngine:
     def init_weight_transfer(self, init_info: dict) -> None:
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 
+    # With adapters (model.lora.sync=adapter) an update is an adapter's tensors, received by the worker
+    # (weight_sync.adapter.AdapterReceiver) and loaded at its end as version's adapter; the base stays.
     def start_weight_update(self) -> None:
-        self.llm.start_weight_update()
+        if self.adapter_config is None:
+            self.llm.start_weight_update()
         self.updating = True
 
     def update_weights(self, update_info: dict) -> None:
+        if self.adapter_config is not None:
+            self.llm.collective_rpc("receive_adapter", args=(update_info,))
+            return
         try:
             self.llm.update_weights({"update_info": update_info})
         except BaseException:
@@ -237,7 +276,10 @@ class GenerationEngine:
             raise
 
     def finish_weight_update(self, version: int) -> None:
-        self.llm.finish_weight_update(weight_version=str(version))
+        if self.adapter_config is None:
+            self.llm.finish_weight_update(weight_version=str(version))
+        elif self.llm.collective_rpc("load_adapter", args=(version + 1, self.adapter_config))[0]:
+            self.adapter = adapter_request(version)  # (an update that received nothing keeps the adapter it had)
         self.updating = False
         self.version = version
         # Cached KV blocks were computed with the old weights; vLLM would reuse them for a

@@ -9,7 +9,7 @@ from rlhf_dist.config import AlgoConfig, ModelConfig, RunPlan, TrainerConfig, Tr
 from rlhf_dist.core.experience import Experience, RankingBatch
 from rlhf_dist.core.losses import actor_loss, ranking_loss, sft_loss, value_loss
 from rlhf_dist.core.stats import masked_sum
-from rlhf_dist.models.lora import adapter_parameters, add_adapters, merged_exports
+from rlhf_dist.models.lora import adapter_exports, adapter_parameters, add_adapters, merged_exports
 from rlhf_dist.models.modeling import (
     load_causal_lm,
     load_critic,
@@ -57,6 +57,13 @@ class PolicyTrainer(DeepSpeedRank):
         """With LoRA adapters the engines receive each adapted layer's base weight with its adapter's
         product added, under the layer's own name (``models.lora.merged_exports``)."""
         return merged_exports(self.engine.module) if self.peft is not None else super().exports()
+
+    def sync_exports(self):
+        """With ``model.lora.sync=adapter`` a sync sends the adapters' own tensors (``models.lora.adapter_exports``);
+        the engines keep the base weights they loaded."""
+        if self.peft is not None and self.model_cfg.lora.sync == "adapter":
+            return adapter_exports(self.engine.module)
+        return self.exports()
 
     @torch.no_grad()
     def reference_logprobs(self, exp: Experience) -> torch.Tensor:
@@ -207,9 +214,9 @@ class PolicyTrainer(DeepSpeedRank):
     def broadcast_weights(self) -> None:
         """Send every parameter (full, ZeRO-3 gathered) from rank 0; all ranks must call this."""
         if self.sender is not None:
-            self.sender.send(self._full_params(self.bucket_bytes))
+            self.sender.send(self._full_params(self.bucket_bytes, sync=True))
         else:
-            for _ in self._full_params(self.bucket_bytes):
+            for _ in self._full_params(self.bucket_bytes, sync=True):
                 pass
 
     def export_weight_handles(self) -> list:
@@ -217,7 +224,7 @@ class PolicyTrainer(DeepSpeedRank):
         handles); all ranks call it."""
         if self.exporter is None:
             self.exporter = self.transport.exporter()
-        return self.exporter.export(self._full_params(self.bucket_bytes))
+        return self.exporter.export(self._full_params(self.bucket_bytes, sync=True))
 
     def release_weight_handles(self) -> None:
         """Free the copies behind the last exported handles (the engines have loaded them)."""

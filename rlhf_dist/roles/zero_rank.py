@@ -374,15 +374,20 @@ class DeepSpeedRank:
         parameter as it is; a policy with LoRA adapters merges them (``models.lora.merged_exports``)."""
         return [(name, (p,), lambda p=p: p.data) for name, p in self.engine.module.named_parameters()]
 
-    def weight_specs(self) -> list[ParamSpec]:
-        """(name, dtype, full shape) of every tensor of ``exports``."""
-        return [_spec(name, params[0]) for name, params, _ in self.exports()]
+    def sync_exports(self) -> list[tuple[str, tuple[torch.nn.Parameter, ...], Callable[[], torch.Tensor]]]:
+        """What a weight sync sends, as ``exports``: here the same tensors as the exported model."""
+        return self.exports()
 
-    def _full_params(self, bucket_bytes: int = 0):
-        """(name, full tensor) of every tensor of ``exports``. Under ZeRO-3 the parameters are gathered a
-        bucket at a time (``weight_sync.transport.bucket_bounds``; 0: one at a time), each gather a
-        collective on every rank, and a tensor is full only until the generator leaves its bucket."""
-        exports = self.exports()
+    def weight_specs(self) -> list[ParamSpec]:
+        """(name, dtype, full shape) of every tensor a weight sync sends (``sync_exports``)."""
+        return [_spec(name, params[0]) for name, params, _ in self.sync_exports()]
+
+    def _full_params(self, bucket_bytes: int = 0, sync: bool = False):
+        """(name, full tensor) of every tensor of ``exports`` (``sync``: of ``sync_exports``). Under ZeRO-3
+        the parameters are gathered a bucket at a time (``weight_sync.transport.bucket_bounds``; 0: one at a
+        time), each gather a collective on every rank, and a tensor is full only until the generator
+        leaves its bucket."""
+        exports = self.sync_exports() if sync else self.exports()
         sizes = [_spec(name, params[0]).nbytes for name, params, _ in exports]
         # The partition the weight senders derive from the same specs: a bucket's gather is its broadcast.
         for start, end in bucket_bounds(sizes, bucket_bytes):

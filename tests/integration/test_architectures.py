@@ -27,8 +27,8 @@ from rlhf_dist.controller import run_rl
 from rlhf_dist.core.experience import collate
 from rlhf_dist.driver.data import load_prompts
 from rlhf_dist.driver.run_logger import RunLogger
-from rlhf_dist.roles.groups import BaseModelReference
 from rlhf_dist.models.tiny import build_random_lm
+from rlhf_dist.roles.groups import BaseModelReference
 from rlhf_dist.roles.worker_group import RoleError
 from rlhf_dist.weight_sync.verify import probe_sequences, worst_probe_gap
 from tests.conftest import compose_config
@@ -71,12 +71,13 @@ CASES = {  # family -> overrides
     # bfloat16 (the engines, DeepSpeed's bf16 mode, the sync in bf16; emulated, slower, on a CPU without
     # bf16 instructions): the overlapped path meets a real engine/trainer mismatch, which TIS corrects
     "qwen3-bf16": ["trainer=zero1", "rollout.max_staleness=1", "algo.rollout_correction=tis", "model.dtype=bfloat16"],
-    # LoRA (model.lora): rank-8 adapters on every projection, the engines sent base + adapter merged; the
-    # KL reference is the policy ranks with the adapters disabled. Tied, under ZeRO-3 (a bucket's gather
+    # LoRA (model.lora): rank-8 adapters on every projection; the KL reference is the policy ranks with
+    # the adapters disabled. Tied, under ZeRO-3, the engines sent base + adapter merged (a bucket's gather
     # takes each base weight with its two adapter matrices), the reference streamed while the rollout
-    # streams; then untied with fused qkv_proj/gate_up_proj, overlapped (the reference after each update)
-    "llama-tied-lora": ["trainer=zero3", "model.lora.rank=8", "resources.weight_sync_bucket_mb=0.05",
-                        "rollout.stream_passes=true"],
+    # streams; then untied with fused qkv_proj/gate_up_proj, overlapped (the reference after each update),
+    # the engines sent the adapters alone and serving them as vLLM LoRA adapters (the default sync)
+    "llama-tied-lora": ["trainer=zero3", "model.lora.rank=8", "model.lora.sync=merged",
+                        "resources.weight_sync_bucket_mb=0.05", "rollout.stream_passes=true"],
     "phi3-lora": ["trainer=zero2", "model.lora.rank=8", "rollout.max_staleness=1", "algo.rollout_correction=tis"],
 }
 VARIANTS = ("-bf16", "-lora")  # a family's case again with another setting: the family is the name without it
@@ -119,6 +120,8 @@ def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
             incomplete_error = _incomplete_update_error(roles)
         if family == "llama-tied-lora":
             base_error = _base_only_error(roles)
+        if family == "phi3-lora":
+            base_error = _serving_the_base_error(roles)
     finally:
         roles.kill()
         shutdown_ray()
@@ -158,7 +161,7 @@ def test_engines_serve_the_trained_policy(family, tiny_policy, tmp_path):
         assert 0.0 <= rows[1]["rollout_corr/truncated_frac"] <= 1.0
     if cfg.model.lora.enabled:  # peft starts every B at 0: step 0's policy is the base, its KL exactly 0
         assert rows[0]["kl/mean"] == 0.0 and rows[1]["kl/mean"] != 0.0, [r["kl/mean"] for r in rows]
-    if family == "llama-tied-lora":
+    if family in ("llama-tied-lora", "phi3-lora"):
         message = str(base_error)
         assert "\n" not in message and message.startswith("weight_sync.verify: engine "), message
         assert "does not serve the trainer's policy after weight version 3" in message, message
@@ -202,6 +205,19 @@ def _base_only_error(roles) -> RoleError:
     ray.get([rank.__ray_call__.remote(_send_base_only) for rank in roles.policy.actors])
     with pytest.raises(RoleError) as raised:
         roles.weights.sync(version=3)
+        roles.weights.verify()
+    return raised.value
+
+
+def _serving_the_base_error(roles) -> RoleError:
+    """The engines are sent the adapters, then serve requests without them (the base model alone, as
+    OpenRLHF's reported LoRA bug): verification must refuse them in one line."""
+    import ray
+
+    roles.weights.sync(version=3)
+    ray.get([engine.__ray_call__.remote(lambda actor: setattr(actor, "adapter", None))
+             for engine in roles.generation.actors])
+    with pytest.raises(RoleError) as raised:
         roles.weights.verify()
     return raised.value
 

@@ -251,6 +251,11 @@ BAD_VALUES = [
     ({**COLOCATED_GPUS, "rollout__kv_cache_gib": 0.25}, "rollout.kv_cache_gib=0.25:", "set it to 0"),
     ({"rollout__sleep_level": 1}, "rollout.sleep_level=1:", "no sleep mode on CPU"),
     ({"rollout__sleep_level": 3}, "rollout.sleep_level=3:", "0 (never), 1 or 2"),
+    # sleep level 2 drops the base weights, which an adapter-only sync never sends again
+    ({**COLOCATED_GPUS, "rollout__sleep_level": 2, "model__lora__rank": 8}, "rollout.sleep_level=2:",
+     "use sleep_level=1 or model.lora.sync=merged"),
+    ({"algo__routing_replay": True, "model__lora__rank": 8}, "algo.routing_replay=True:",
+     "set model.lora.sync=merged"),
     ({"trainer__offload_optimizer": True, "trainer__zero_stage": 1}, "trainer.offload_optimizer=True:", "2 or 3"),
     # device=cuda with every role still at 0 GPUs
     ({"resources__device": "cuda", "resources__weight_sync_backend": "nccl"}, "resources.policy.gpus=0.0:", "cuda"),

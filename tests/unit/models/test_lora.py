@@ -9,6 +9,7 @@ from rlhf_dist.config import Config, ConfigError, LoraConfig, actor_counts, lora
 from rlhf_dist.config import validate_config as validate
 from rlhf_dist.models.lora import (
     PEFT_PREFIX,
+    adapter_exports,
     adapter_parameters,
     add_adapters,
     engine_name,
@@ -68,6 +69,27 @@ def test_the_engines_receive_the_base_weight_plus_the_scaled_adapter_product():
     assert [p.shape for p in params] == [(2, 3), (1, 3), (2, 1)]
 
 
+def test_an_adapter_sync_sends_the_adapters_alone_under_the_names_peft_saves():
+    model, peft = adapted(targets="q_proj,down_proj")
+    exports = adapter_exports(model)
+    assert [name for name, _, _ in exports] == [
+        "base_model.model.q_proj.lora_A.weight", "base_model.model.q_proj.lora_B.weight",
+        "base_model.model.down_proj.lora_A.weight", "base_model.model.down_proj.lora_B.weight"]
+    assert all(value().data_ptr() == params[0].data_ptr() for _, params, value in exports)  # the tensors themselves
+    # the names of peft's own adapter file, which vLLM's loader reads
+    from peft import get_peft_model_state_dict
+
+    assert [name for name, _, _ in exports] == list(get_peft_model_state_dict(peft))
+
+
+def test_the_engines_are_asked_for_the_smallest_rank_vllm_accepts():
+    from rlhf_dist.weight_sync.adapter import max_lora_rank
+
+    assert [max_lora_rank(r) for r in (1, 2, 8, 9, 64, 300, 512)] == [1, 8, 8, 16, 64, 320, 512]
+    with pytest.raises(ValueError, match="^model.lora.rank=513: vLLM serves adapters of rank <= 512$"):
+        max_lora_rank(513)
+
+
 def test_only_the_adapters_train_and_disabling_them_gives_the_base_model():
     model, peft = adapted(rank=2, targets="all-linear")
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -97,7 +119,8 @@ def test_a_target_that_names_no_linear_layer_is_refused_listing_those_that_exist
     ("alpha", 0.0, "model.lora.alpha=0.0: must be > 0"),
     ("dropout", 1.0, r"model.lora.dropout=1.0: must be in \[0, 1\)"),
     ("target_modules", "q_proj,", "model.lora.target_modules='q_proj,': use all-linear or comma-separated"),
-    ("sync", "adapter", "model.lora.sync='adapter': use one of merged"),
+    ("sync", "files", "model.lora.sync='files': use one of adapter, merged"),
+    ("rank", 1024, "model.lora.rank=1024: vLLM serves adapters of rank <= 512; use model.lora.sync=merged"),
 ])
 def test_bad_lora_values_fail_in_one_line_naming_the_key(key, value, message):
     cfg = Config()
@@ -114,8 +137,10 @@ def test_a_lora_run_takes_its_reference_from_the_policy_ranks_unless_reference_p
     validate(cfg)
     assert "reference" not in actor_counts(cfg)
     assert lora_summary(cfg) == (
-        "rlhf_dist: LoRA rank 8 (alpha 32, target_modules all-linear), weights sent to the engines merged; "
-        "the KL reference is the policy with its adapters disabled (no reference actor)")
+        "rlhf_dist: LoRA rank 8 (alpha 32, target_modules all-linear), each sync sends the engines the adapters "
+        "alone (they keep the base); the KL reference is the policy with its adapters disabled (no reference actor)")
+    cfg.model.lora.sync = "merged"
+    assert "each sync sends the engines full weights, the adapters merged;" in lora_summary(cfg)
     cfg.reference.path = "/some/other/model"
     assert actor_counts(cfg)["reference"] == 1
     assert lora_summary(cfg).endswith("the KL reference is reference.path='/some/other/model' on reference actors")
