@@ -214,7 +214,8 @@ def restore_controller_rng(directory: Path) -> None:
 
 # Keys a resumed run must share with its checkpoint: the trainer state is partitioned by them.
 MUST_MATCH = ("trainer.world_size", "trainer.zero_stage", "model.path", "model.critic_path", "model.dtype",
-              "model.lora.rank", "model.lora.target_modules", "algo.estimator")
+              "model.lora.rank", "model.lora.target_modules", "model.critic_lora.rank", "model.critic_lora.target_modules",
+              "algo.estimator")
 # Keys a resumed run may change without comment: they do not touch what is computed.
 MAY_CHANGE = ("total_steps", "resume", "max_restarts", "cache_dir", "timeouts.", "logger.", "checkpoint.",
               "resources.")

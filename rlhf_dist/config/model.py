@@ -41,20 +41,20 @@ class LoraConfig:
             return self.target_modules
         return [name.strip() for name in self.target_modules.split(",")]
 
-    def validate(self) -> None:
+    def validate(self, key: str = "model.lora") -> None:
         if self.rank < 0:
-            _fail("model.lora.rank", self.rank, "must be >= 0 (0: no adapters, every weight trained)")
+            _fail(f"{key}.rank", self.rank, "must be >= 0 (0: no adapters, every weight trained)")
         if not self.enabled:
             return
-        _check_positive("model.lora", self, "alpha")
+        _check_positive(key, self, "alpha")
         if not 0.0 <= self.dropout < 1.0:
-            _fail("model.lora.dropout", self.dropout, "must be in [0, 1)")
+            _fail(f"{key}.dropout", self.dropout, "must be in [0, 1)")
         if self.target_modules != "all-linear" and not all(self.targets):
-            _fail("model.lora.target_modules", self.target_modules,
+            _fail(f"{key}.target_modules", self.target_modules,
                   "use all-linear or comma-separated module names such as q_proj,v_proj")
         if self.sync not in LORA_SYNCS:
-            _fail("model.lora.sync", self.sync, f"use one of {', '.join(LORA_SYNCS)}")
-        if self.sync == "adapter" and self.rank > VLLM_MAX_LORA_RANK:
+            _fail(f"{key}.sync", self.sync, f"use one of {', '.join(LORA_SYNCS)}")
+        if key == "model.lora" and self.sync == "adapter" and self.rank > VLLM_MAX_LORA_RANK:
             _fail("model.lora.rank", self.rank, f"vLLM serves adapters of rank <= {VLLM_MAX_LORA_RANK}; "
                   "use model.lora.sync=merged for a larger rank")
 
@@ -77,6 +77,9 @@ class ModelConfig:
     max_prompt_len: int = 64
     # Low-rank adapters for the policy (rank 0: off).
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Low-rank adapters for the critic's backbone (rank 0: off); its value head is trained in full.
+    # (sync does not apply: the critic serves no engine.)
+    critic_lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> None:
         if not self.path:
@@ -85,3 +88,4 @@ class ModelConfig:
             _fail("model.dtype", self.dtype, "use float32 or bfloat16")
         _check_positive("model", self, "max_prompt_len")
         self.lora.validate()
+        self.critic_lora.validate("model.critic_lora")

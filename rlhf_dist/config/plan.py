@@ -73,10 +73,14 @@ def reference_on_policy(cfg: Config) -> bool:
 
 
 def lora_summary(cfg: Config) -> str:
-    """The line a LoRA run prints at start: its adapters, how the engines get them, where its reference is."""
-    lora = cfg.model.lora
+    """The line a LoRA run prints at start: its adapters, how the engines get them, where its reference is,
+    and the critic's adapters (model.critic_lora)."""
+    lora, critic = cfg.model.lora, cfg.model.critic_lora
+    critic_part = (f"; the critic: LoRA rank {critic.rank} (alpha {critic.alpha:g}, target_modules "
+                   f"{critic.target_modules}) on its backbone, its value head trained in full"
+                   if critic.enabled and cfg.algo.needs_critic else "")
     if not lora.enabled:
-        return ""
+        return f"rlhf_dist: the policy trains every weight{critic_part}" if critic_part else ""
     if not needs_reference(cfg):
         reference = "no KL reference"
     elif reference_on_policy(cfg):
@@ -86,7 +90,7 @@ def lora_summary(cfg: Config) -> str:
     sync = ("each sync sends the engines the adapters alone (they keep the base)" if lora.served else
             "each sync sends the engines full weights, the adapters merged")
     return (f"rlhf_dist: LoRA rank {lora.rank} (alpha {lora.alpha:g}, target_modules {lora.target_modules}), "
-            f"{sync}; {reference}")
+            f"{sync}; {reference}{critic_part}")
 
 
 def actor_counts(cfg: Config) -> dict[str, int]:

@@ -29,17 +29,17 @@ def linear_names(model: nn.Module) -> list[str]:
     return sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
-def add_adapters(model: nn.Module, lora: LoraConfig):
-    """Inject ``lora``'s adapters into ``model`` in place (every other parameter frozen); returns peft's
-    ``PeftModel`` around it (its ``disable_adapter()`` and ``save_pretrained``). A listed target that
-    names no linear layer is refused in one line listing those that exist."""
+def add_adapters(model: nn.Module, lora: LoraConfig, key: str = "model.lora"):
+    """Inject ``lora``'s adapters into ``model`` in place (every other parameter of it frozen); returns
+    peft's ``PeftModel`` around it (its ``disable_adapter()`` and ``save_pretrained``). A listed target
+    that names no linear layer is refused in one line (naming the config ``key``) listing those that exist."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     if isinstance(lora.targets, list):
         existing = linear_names(model)
         if missing := [t for t in lora.targets if t not in existing]:
-            raise ValueError(f"model.lora.target_modules={lora.target_modules!r}: {', '.join(missing)} names no "
+            raise ValueError(f"{key}.target_modules={lora.target_modules!r}: {', '.join(missing)} names no "
                              f"linear layer of {type(model).__name__}; its linear layers: {', '.join(existing)}")
     config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=lora.targets, bias="none")

@@ -326,7 +326,10 @@ class CriticTrainer(DeepSpeedRank):
         return self.cfg.critic_lr
 
     def build_model(self) -> torch.nn.Module:
-        return load_critic(self.model_path, self.model_cfg.dtype, self.cfg.gradient_checkpointing)
+        critic = load_critic(self.model_path, self.model_cfg.dtype, self.cfg.gradient_checkpointing)
+        if self.model_cfg.critic_lora.enabled:  # on the backbone alone: the value head stays trained in full
+            add_adapters(critic.backbone, self.model_cfg.critic_lora, key="model.critic_lora")
+        return critic
 
     @torch.no_grad()
     def values(self, exp: Experience) -> torch.Tensor:

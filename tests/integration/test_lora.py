@@ -1,7 +1,8 @@
 """README command 1's job with LoRA adapters (model.lora.rank=8), through the real stack: peft's adapters
 on the DeepSpeed ranks, the engines sent the adapters alone at every sync and serving them as vLLM
 LoRA adapters loaded in memory (verified: their logprobs equal the trainer's), the KL
-reference from the policy ranks with the adapters disabled (no reference actor), the exported policy
+reference from the policy ranks with the adapters disabled (no reference actor), the critic's backbone
+with adapters too (its value head in full), the exported policy
 both merged and as a peft adapter (loaded by transformers and peft, and the adapter served by vLLM
 on the base with the merged model's logprobs), and an exact resume.
 """
@@ -20,7 +21,7 @@ from tests.integration.test_reliability import rows as metric_rows
 
 pytestmark = pytest.mark.slow
 
-LORA = ["model.lora.rank=8", "trainer.lr=1e-4", "total_steps=3", "checkpoint.every_steps=2", "logger.progress_bar=false"]
+LORA = ["model.lora.rank=8", "model.critic_lora.rank=8", "trainer.lr=1e-4", "total_steps=3", "checkpoint.every_steps=2", "logger.progress_bar=false"]
 
 
 def _train(out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -32,7 +33,7 @@ def test_default_job_with_lora_serves_the_adapted_policy_and_resumes_exactly(tin
     rows = metric_rows(tmp_path / "whole")
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert "each sync sends the engines the adapters alone (they keep the base); the KL reference is the policy " \
-           "with its adapters disabled (no reference actor)" in whole.stdout
+           "with its adapters disabled (no reference actor); the critic: LoRA rank 8" in whole.stdout
     assert "reference" not in json.loads((tmp_path / "whole" / "actors.json").read_text())
     # peft starts every B at 0: at step 0 the policy is its base, so the KL to the base is exactly 0;
     # after an update it is not (the reference really is the base, not the adapted policy)

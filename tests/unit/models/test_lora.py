@@ -146,6 +146,33 @@ def test_a_lora_run_takes_its_reference_from_the_policy_ranks_unless_reference_p
     assert lora_summary(cfg).endswith("the KL reference is reference.path='/some/other/model' on reference actors")
 
 
+def test_a_critic_with_lora_trains_its_adapters_and_its_whole_value_head():
+    from transformers import LlamaConfig, LlamaModel
+
+    from rlhf_dist.models.modeling import CriticModel
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    critic = CriticModel(LlamaModel(config), 16)
+    add_adapters(critic.backbone, LoraConfig(rank=2), key="model.critic_lora")
+    trained = {name for name, p in critic.named_parameters() if p.requires_grad}
+    head = {"value_head.weight", "value_head.bias"}
+    assert head <= trained and all(is_adapter_tensor(name) for name in trained - head)
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[1] for name in trained - head}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    with pytest.raises(ValueError, match=r"^model.critic_lora.target_modules='score': score names no linear layer "):
+        add_adapters(CriticModel(LlamaModel(config), 16).backbone, LoraConfig(rank=2, target_modules="score"),
+                     key="model.critic_lora")
+    cfg = Config()
+    cfg.model.critic_lora.rank = 4
+    validate(cfg)
+    assert lora_summary(cfg) == ("rlhf_dist: the policy trains every weight; the critic: LoRA rank 4 (alpha 32, "
+                                 "target_modules all-linear) on its backbone, its value head trained in full")
+    cfg.model.critic_lora.rank = -1
+    with pytest.raises(ConfigError, match=r"^model.critic_lora.rank=-1: must be >= 0"):
+        validate(cfg)
+
+
 def test_the_supervised_stages_refuse_lora():
     cfg = Config()
     cfg.model.lora.rank = 4
