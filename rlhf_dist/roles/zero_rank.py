@@ -16,7 +16,6 @@ sum divided by that total, so the gradient of a minibatch is the same however it
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -33,19 +32,9 @@ from rlhf_dist.models.modeling import (
     response_logprobs,
     write_model_dir,
 )
+from rlhf_dist.roles.endpoint import node_endpoint
 from rlhf_dist.roles.spec import RankSpec
 from rlhf_dist.weight_sync.transport import ParamSpec, bucket_bounds
-
-
-def node_endpoint() -> tuple[str, int]:
-    """This node's IP and a free TCP port (for a rendezvous hosted by this process)."""
-    import ray
-
-    host = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return host, s.getsockname()[1]
-
 
 CHECKPOINT_TAG = "state"  # DeepSpeed's sub-directory of a trainer checkpoint
 ADAPTER_DIR = "adapter"  # the sub-directory of an exported model that holds its LoRA adapters (peft's format)
@@ -198,7 +187,9 @@ class DeepSpeedRank:
         seen = (root / f".probe-{token}").is_file()
         if seen:
             (root / f".probe-{token}-{os.getpid()}").write_text(f"{self.rank}\n")
-        return node_endpoint()[0], os.getpid(), seen
+        import ray
+
+        return ray.util.get_node_ip_address(), os.getpid(), seen
 
     def save_checkpoint(self, directory: str) -> None:
         """Model, optimizer, LR schedule and step counters of every rank (DeepSpeed's format, each
