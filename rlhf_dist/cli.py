@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_dist.config import Config, ConfigError, register_configs, to_config
 from rlhf_dist.driver.preemption import PREEMPTION, Interrupted
 from rlhf_dist.driver.run_logger import check_wandb_credentials
+from rlhf_dist.driver.sweep import sweep_objective
 
 register_configs()
 # conf/ of the repository, installed as the package rlhf_dist.conf (pyproject.toml): found the same
@@ -43,6 +44,14 @@ def resume_command(module: str, overrides: list[str], out_dir: Path, resume: str
     args += [o for o in overrides if not o.startswith("resume=")]
     args += [*([resume] if resume else []), f"hydra.run.dir={out_dir}"]
     return "resume with: " + shlex.join(args)
+
+
+def sweep_group(hydra_cfg: DictConfig) -> str:
+    """The W&B group of a sweep's jobs, the sweep dir's name: the jobs of a multirun, and the trials
+    that ``hydra/launcher=ray_jobs`` runs as runs of their own (each given ``hydra.job.num`` and the
+    sweep dir, as a launcher gives a job); "" for a single run."""
+    trial = hydra_cfg.mode == RunMode.MULTIRUN or not OmegaConf.is_missing(hydra_cfg.job, "num")
+    return Path(hydra_cfg.sweep.dir).name if trial else ""
 
 
 class OutputDirCheck(Callback):
@@ -119,14 +128,16 @@ def entry_point(
             print(f"rlhf_dist: config error: {e}", file=sys.stderr)
             sys.exit(2)
         hydra_cfg = HydraConfig.get()
-        group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else ""
+        group = sweep_group(hydra_cfg)
         out_dir = Path(hydra_cfg.runtime.output_dir)
         used_config = hydra_cfg.job.config_name
         how_to_resume = resume_command(f"rlhf_dist.{name}", list(hydra_cfg.overrides.task), out_dir, resume,
                                        used_config if used_config != config_name else "")
         PREEMPTION.install()
         summary = run_guarded(run, cfg, out_dir, group, how_to_resume)
-        return summary.get(objective)
+        return sweep_objective(summary, objective)
 
     main.__module__ = f"rlhf_dist.{name}"  # Hydra names the job (and its log file) after this module
+    # hydra/launcher=ray_jobs runs each trial as a job of its own and reads its value from summary.json
+    main.sweep_objective = objective  # type: ignore[attr-defined]
     return hydra.main(version_base=None, config_path=CONF_PATH, config_name=config_name)(main)

@@ -118,7 +118,9 @@ class RunLogger:
         return kept
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, **metrics}
+        # time/end: when the step ended (Unix seconds), so that runs side by side (a sweep's trials) can be
+        # lined up; W&B stamps its rows itself (_timestamp)
+        row = {"step": step, **metrics, "time/end": round(time.time(), 3)}
         self.history.append(row)
         self._jsonl.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:

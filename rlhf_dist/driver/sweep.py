@@ -2,7 +2,9 @@
 
 Registered as a Hydra callback in ``conf/config.yaml``; after the last job it reads each job's
 ``summary.json`` and overrides and writes ``sweep_summary.md`` and ``sweep_summary.json`` in the
-sweep dir, best first by the objective the entry point returns to the sweeper.
+sweep dir, best first by the objective the entry point returns to the sweeper. The launcher
+``hydra/launcher=ray_jobs`` writes them too after a batch with a failed trial (``write_summary``):
+a sweeper may end the sweep on it before this callback runs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ OBJECTIVES = (
     ("sft/final_eval_loss", "min"),  # rlhf_dist.sft
 )
 SHOWN = ("eval/final_reward_mean", "eval/final_gold_mean", "reward/improvement", "wall_time_s")
+
+
+def sweep_objective(summary: dict[str, Any], objective: str) -> float | None:
+    """What a command returns to a sweeper (``rlhf_dist.cli.entry_point``'s ``objective``): its
+    summary's ``objective``; None where it has none (a command without an objective, a run that
+    stopped before computing it)."""
+    return summary.get(objective) if objective else None
 
 
 def collect_trials(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -64,16 +73,22 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write ``sweep_summary.json`` and ``sweep_summary.md`` in ``sweep_dir`` (nothing while no job
+    dir is there); returns the rows."""
+    rows = collect_trials(sweep_dir)
+    if rows:
+        (sweep_dir / "sweep_summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (sweep_dir / "sweep_summary.md").write_text(markdown_table(rows))
+    return rows
+
+
 class SweepSummary(Callback):
     """Hydra callback: writes the sweep's summary table when the multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = collect_trials(sweep_dir)
-        if not rows:
-            return
-        (sweep_dir / "sweep_summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-        table = markdown_table(rows)
-        (sweep_dir / "sweep_summary.md").write_text(table)
-        print(f"rlhf_dist: sweep of {len(rows)} jobs, best first ({sweep_dir / 'sweep_summary.md'}):\n{table}",
-              flush=True)
+        rows = write_summary(sweep_dir)
+        if rows:
+            print(f"rlhf_dist: sweep of {len(rows)} jobs, best first ({sweep_dir / 'sweep_summary.md'}):\n"
+                  f"{markdown_table(rows)}", flush=True)

@@ -9,7 +9,9 @@ a head with the job API and two workers, each its own raylet), started once for 
 - the node of the policy and critic ranks disappears mid-run (its raylet SIGKILLed, as a machine
   goes down) and a replacement node joins: every role restarts from the last checkpoint and the
   run completes with the same metrics as the uninterrupted single-node run (tolerance 0, as in
-  test_reliability: placement changes no number).
+  test_reliability: placement changes no number);
+- a sweep through hydra/launcher=ray_jobs runs its two trials as two Ray jobs side by side (their
+  steps overlap in time), each in its job dir of the sweep, listed in the sweep summary.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from rlhf_dist.rollout import dump
 from scripts.local_cluster import LocalCluster, node_resource
 from tests.conftest import REPO
 from tests.integration.test_reliability import assert_same_run, rows
+from tests.wandb_reader import read_offline_run
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +109,40 @@ def test_a_job_on_three_nodes_equals_the_single_node_run_and_survives_losing_the
     assert set(json.loads((replay / "actors.json").read_text())) == {"policy", "critic", "reference"}
     assert_same_run(rows(replay), rows(default_run)[:STEPS])
 
+
+# A trial of the launcher test: GRPO without a KL (no critic, no reference actor) and one policy rank,
+# so each trial places 3 actors of 1 CPU (generation, policy, reward) and two fit the 12 CPUs at once.
+# A step of the tiny model takes about 2 s on 2 cores with two trials side by side; their first steps
+# began 0.6 s and 4.8 s apart in two runs (whichever trial's roles come up first): 8 steps give spans of
+# about 15 s, which overlap by 10 s or more. Logged to W&B offline, to read each trial's group back.
+SWEEP_TRIAL = ["algo=grpo", "algo.kl_coef=0", "reference.monitor=false", "trainer.world_size=1", "total_steps=8",
+               "logger.progress_bar=false", "logger=wandb", "logger.mode=offline"]
+
+
+def step_span(run_dir) -> tuple[float, float]:
+    """When the run's first step began and its last step ended (Unix seconds, from metrics.jsonl)."""
+    steps = rows(run_dir)
+    return steps[0]["time/end"] - steps[0]["time/step"], steps[-1]["time/end"]
+
+
+def test_a_sweep_runs_its_trials_side_by_side_as_ray_jobs(cluster, tiny_policy, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "rlhf_dist.train", "-m", "seed=1,2", *SWEEP_TRIAL, "hydra/launcher=ray_jobs",
+           "hydra.launcher.max_concurrent=2", "hydra.launcher.poll_s=1", f"hydra.launcher.trial_timeout_s={RUN_TIMEOUT_S}",
+           f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 60, check=False,
+                          env={**os.environ, "RAY_ADDRESS": cluster.job_api})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # each trial in its job dir of the sweep, written by the trial's own run (.hydra/overrides.yaml: the
+    # sweeper's overrides and the join of the cluster), and in the sweep summary
+    summary = {r["job"]: r for r in json.loads((sweep_dir / "sweep_summary.json").read_text())}
+    assert sorted(summary) == ["0", "1"] and all(r["status"] == "completed" for r in summary.values())
+    for job, seed in (("0", 1), ("1", 2)):
+        assert summary[job]["overrides"].startswith(f"seed={seed} algo=grpo ")
+        assert summary[job]["overrides"].endswith(" resources.ray_address=auto")
+        # their actors on the cluster's nodes (not on a cluster of their own), their W&B runs in one group
+        placed = json.loads((sweep_dir / job / "nodes.json").read_text())
+        assert set().union(*placed.values()) <= set(node_ids(cluster).values())
+        assert read_offline_run(sweep_dir / job / "wandb")["group"] == sweep_dir.name
+    (first0, last0), (first1, last1) = step_span(sweep_dir / "0"), step_span(sweep_dir / "1")
+    assert max(first0, first1) < min(last0, last1), (first0, last0, first1, last1)  # the steps overlap

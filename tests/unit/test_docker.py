@@ -162,7 +162,8 @@ def test_the_package_builds_from_the_copied_files(stack, tmp_path):
         names = zf.namelist()
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert {"rlhf_dist/train.py", "rlhf_dist/config/__init__.py", "rlhf_dist/roles/trainer.py",
-            "rlhf_dist/conf/config.yaml", "rlhf_dist/conf/algo/ppo.yaml"} <= set(names)
+            "rlhf_dist/conf/config.yaml", "rlhf_dist/conf/algo/ppo.yaml",
+            "hydra_plugins/rlhf_dist_ray_jobs/ray_jobs_launcher.py"} <= set(names)
     first_line = (REPO / "README.md").read_text().splitlines()[0]
     assert first_line in metadata  # the readme pyproject.toml names was there to build from
 

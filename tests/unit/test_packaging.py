@@ -22,9 +22,13 @@ def _packages() -> list[str]:
 
 
 def test_the_package_list_names_every_package():
-    # setuptools' find cannot see the mapped conf/, so the list is explicit: a new package must be on it
-    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "rlhf_dist").rglob("__init__.py")}
-    assert set(_packages()) == on_disk | {"rlhf_dist.conf"}
+    # setuptools' find cannot see the mapped conf/, so the list is explicit: a new package must be on it.
+    # hydra_plugins is a namespace package (no __init__.py, shared with other Hydra plugins): listed so
+    # that an editable install maps its directory, where Hydra's plugin scan looks.
+    on_disk = {".".join(p.parent.relative_to(REPO).parts)
+               for top in ("rlhf_dist", "hydra_plugins") for p in (REPO / top).rglob("__init__.py")}
+    assert set(_packages()) == on_disk | {"rlhf_dist.conf", "hydra_plugins"}
+    assert not (REPO / "hydra_plugins" / "__init__.py").exists()  # it would hide every other Hydra plugin
 
 
 def test_a_built_wheel_carries_the_configs_and_composes_them_when_installed(tmp_path):
@@ -32,7 +36,7 @@ def test_a_built_wheel_carries_the_configs_and_composes_them_when_installed(tmp_
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for name in ("rlhf_dist", "conf"):
+    for name in ("rlhf_dist", "conf", "hydra_plugins"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     wheels, target = tmp_path / "wheels", tmp_path / "site"
     build = subprocess.run(
@@ -57,3 +61,11 @@ def test_a_built_wheel_carries_the_configs_and_composes_them_when_installed(tmp_
                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=120)
     assert job.returncode == 0, job.stdout + job.stderr
     assert "estimator: grpo" in job.stdout  # conf/algo/grpo.yaml, read from the installed wheel
+    # the wheel's launcher plugin is found by Hydra beside the others of the namespace (Optuna's sweeper)
+    assert "hydra_plugins/rlhf_dist_ray_jobs/ray_jobs_launcher.py" in names and "hydra_plugins/__init__.py" not in names
+    plugins = subprocess.run([sys.executable, "-m", "rlhf_dist.train", "--cfg", "hydra", "-p", "hydra",
+                              "hydra/launcher=ray_jobs", "hydra/sweeper=optuna"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert plugins.returncode == 0, plugins.stdout + plugins.stderr
+    assert "_target_: hydra_plugins.rlhf_dist_ray_jobs.ray_jobs_launcher.RayJobsLauncher" in plugins.stdout
+    assert "_target_: hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper" in plugins.stdout

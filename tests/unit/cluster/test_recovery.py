@@ -146,7 +146,7 @@ def _engine(llm: _LLM):
     from rlhf_dist.roles.generation import GenerationEngine
 
     engine = GenerationEngine.__new__(GenerationEngine)  # no vLLM: only the weight-transfer calls
-    engine.llm, engine.version, engine.updating = llm, 3, False
+    engine.llm, engine.version, engine.updating, engine.adapter_config = llm, 3, False, None
     return engine
 
 

@@ -33,9 +33,13 @@ def test_summarize_fifths():
 
 def test_run_logger_writes_jsonl_per_step_and_summary(tmp_path):
     logger = RunLogger(LoggerConfig(progress_bar=False), tmp_path, {}, total_steps=2, group="")
+    before = time.time()
     logger.log(0, {"reward/mean": 0.25, "kl/mean": 0.0})
-    # Written (line-buffered) before the run ends: a crash keeps finished steps.
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 0, "reward/mean": 0.25, "kl/mean": 0.0}
+    # Written (line-buffered) before the run ends: a crash keeps finished steps; each row says when
+    # its step ended (Unix seconds, rounded to the millisecond)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row == {"step": 0, "reward/mean": 0.25, "kl/mean": 0.0, "time/end": row["time/end"]}
+    assert round(before, 3) <= row["time/end"] <= round(time.time(), 3)
     logger.log(1, {"reward/mean": 0.75, "kl/mean": 0.1})
     summary = logger.finish("failed", error="RoleError: x")
     on_disk = json.loads((tmp_path / "summary.json").read_text())
