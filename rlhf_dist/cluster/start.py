@@ -207,6 +207,8 @@ def connect_weights(cfg: Config, policy: PolicyGroup, generation: GenerationGrou
     weights = WeightSync(policy, generation, res.weight_sync_backend, cfg.rollout.tensor_parallel_size,
                          weight_sync_timeout_s(cfg), probe=probe, verify_every=ws.verify_every,
                          tolerance=ws.tolerance(dtype), bucket_bytes=int(res.weight_sync_bucket_mb * 2**20))
+    if cfg.model.lora.served:  # adapters the engines cannot serve are refused now, not at the first sync
+        generation.call_async("check_adapter", [spec.name for spec in policy.weight_specs()]).result()
     if ws.verify_every:
         weights.verify()
     return weights

@@ -16,7 +16,7 @@ from rlhf_dist.config import RolloutConfig
 from rlhf_dist.registry import TRANSPORTS
 from rlhf_dist.roles.routing_capture import RoutingCapture
 from rlhf_dist.roles.spec import RankSpec
-from rlhf_dist.weight_sync.adapter import AdapterReceiver, adapter_request, max_lora_rank
+from rlhf_dist.weight_sync.adapter import AdapterReceiver, adapter_request, cannot_adapt, max_lora_rank
 
 
 @dataclass
@@ -257,6 +257,12 @@ class GenerationEngine:
     # Weight transfer: thin wrappers over vLLM's RL API so the controller can call them by role.
     def init_weight_transfer(self, init_info: dict) -> None:
         self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def check_adapter(self, names: list[str]) -> None:
+        """Refuse at start, in one line, adapter tensors (``names``, as a sync sends them) for layers this
+        engine cannot adapt (a mixture of experts' experts), rather than at the first sync."""
+        if unknown := self.llm.collective_rpc("unknown_adapter_layers", args=(names,))[0]:
+            raise ValueError(cannot_adapt(unknown))
 
     # With adapters (model.lora.sync=adapter) an update is an adapter's tensors, received by the worker
     # (weight_sync.adapter.AdapterReceiver) and loaded at its end as version's adapter; the base stays.

@@ -65,6 +65,16 @@ class AdapterReceiver:
         self._received_adapter = kept.tensors
         return len(kept.tensors)
 
+    def unknown_adapter_layers(self, names: list[str]) -> list[str]:
+        """The layers that adapter tensors ``names`` (peft's names, as a sync sends them) would adapt and
+        this engine cannot: a check at start, before any sync."""
+        from vllm.lora.utils import parse_fine_tuned_lora_name
+
+        manager = self.model_runner.lora_manager._adapter_manager
+        mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+        layers = {parse_fine_tuned_lora_name(name, mapper and mapper.get_rename_mapper())[0] for name in names}
+        return sorted(layers - _adaptable(manager))
+
     def load_adapter(self, adapter_id: int, peft_config: dict[str, Any]) -> int:
         """The received tensors as adapter ``adapter_id``, in place of every earlier one, active; returns
         the number of layers it adapts. Raises if a received tensor names no layer vLLM can adapt."""
@@ -87,13 +97,17 @@ class AdapterReceiver:
             skip_prefixes=getattr(model, "lora_skip_prefixes", None),
         )
         if unknown := sorted(set(lora.loras) - _adaptable(manager)):
-            raise ValueError(f"adapter tensors for {len(unknown)} layers this engine cannot adapt "
-                             f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
+            raise ValueError(cannot_adapt(unknown))
         for old in list(manager.list_adapters()):
             manager.remove_adapter(old)
         manager.add_adapter(lora)
         manager.activate_adapter(adapter_id)
         return len(lora.loras)
+
+
+def cannot_adapt(layers: list[str]) -> str:
+    return (f"adapter tensors for {len(layers)} layers this engine cannot adapt ({', '.join(layers[:3])}"
+            f"{', ...' if len(layers) > 3 else ''}); use model.lora.sync=merged")
 
 
 def _adaptable(manager) -> set[str]:

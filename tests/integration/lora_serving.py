@@ -6,9 +6,10 @@ For each family: its tiny random model (``models.tiny.build_random_lm``), peft's
 every projection (``models.lora.add_adapters``) with random B (peft starts B at 0, which any engine
 would serve), and an in-process vLLM engine that serves them the way the generation role does: the
 tensors a sync sends (``models.lora.adapter_exports``) put where ``AdapterReceiver.receive_adapter``
-leaves them, then ``AdapterReceiver.load_adapter``. Prints one JSON line per family: the largest
+leaves them, then ``AdapterReceiver.load_adapter``. Prints one JSON line per family: the layers the
+check at start (``unknown_adapter_layers``) finds the engine cannot adapt, and the largest
 |engine - transformers| logprob of fixed sequences with the adapter requested, and without it (the
-base: what a sync that did not take would serve), or the error of a family vLLM cannot serve so.
+base: what a sync that did not take would serve), or the load's error for a family vLLM cannot serve so.
 """
 
 from __future__ import annotations
@@ -54,8 +55,13 @@ def serve(out: str, tokenizer: str, family: str) -> dict:
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=64, kv_cache_memory_bytes=2**26,
               enable_lora=True, max_lora_rank=8, max_loras=1,
               worker_extension_cls="rlhf_dist.weight_sync.adapter.AdapterReceiver")
+    # the check at start (GenerationEngine.check_adapter), then the load of a sync's tensors
+    [unknown] = llm.collective_rpc("unknown_adapter_layers", args=(list(tensors),))
     llm.collective_rpc(_stash, args=(tensors,))
-    [layers] = llm.collective_rpc("load_adapter", args=(1, {"r": 8, "lora_alpha": 32.0}))
+    try:
+        [layers] = llm.collective_rpc("load_adapter", args=(1, {"r": 8, "lora_alpha": 32.0}))
+    except Exception as e:  # noqa: BLE001 - reported with what the check at start found
+        return {"family": family, "unknown": unknown, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
     gaps = {}
     for label, request in (("adapter", adapter_request(0)), ("base", None)):
@@ -66,7 +72,7 @@ def serve(out: str, tokenizer: str, family: str) -> dict:
             worst = max(worst, float((served - want).abs().max()))
         gaps[label] = worst
     del llm
-    return {"family": family, "tensors": len(tensors), "layers": layers, **gaps}
+    return {"family": family, "tensors": len(tensors), "layers": layers, "unknown": unknown, **gaps}
 
 
 def main() -> None:
