@@ -61,7 +61,7 @@ class PolicyTrainer(DeepSpeedRank):
     def sync_exports(self):
         """With ``model.lora.sync=adapter`` a sync sends the adapters' own tensors (``models.lora.adapter_exports``);
         the engines keep the base weights they loaded."""
-        if self.peft is not None and self.model_cfg.lora.sync == "adapter":
+        if self.model_cfg.lora.served:  # (the one place that says when the engines serve adapters)
             return adapter_exports(self.engine.module)
         return self.exports()
 
