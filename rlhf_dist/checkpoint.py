@@ -4,7 +4,9 @@ A checkpoint is a directory ``<checkpoint.dir>/step_<N>`` (N = steps completed):
 
     policy_ds/, critic_ds/   DeepSpeed checkpoints of the trainer groups (model, optimizer,
                              LR schedule, step counters; one partition per rank) and each
-                             rank's RNG state (safetensors)
+                             rank's RNG state (safetensors); resumed onto another world size
+                             or ZeRO stage, each gets its universal form beside it
+                             (``policy_ds.universal/``, made once; not in the manifest)
     policy/                  the policy as a Hugging Face directory (safetensors), loadable by
                              transformers and vLLM (``checkpoint.export_policy``)
     state.json               the controller's state: step, KL controller, summary so far,
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlhf_dist.config import CheckpointConfig
+from rlhf_dist.roles.reshard import UNIVERSAL
 
 if TYPE_CHECKING:
     from rlhf_dist.cluster.start import Roles
@@ -212,13 +215,46 @@ def restore_controller_rng(directory: Path) -> None:
     torch.set_rng_state(load_file(str(directory / CONTROLLER_RNG))["cpu"])
 
 
-# Keys a resumed run must share with its checkpoint: the trainer state is partitioned by them.
-MUST_MATCH = ("trainer.world_size", "trainer.zero_stage", "model.path", "model.critic_path", "model.dtype",
+# Keys a resumed run must share with its checkpoint: they fix what the trainer state is.
+MUST_MATCH = ("model.path", "model.critic_path", "model.dtype",
               "model.lora.rank", "model.lora.target_modules", "model.critic_lora.rank", "model.critic_lora.target_modules",
               "algo.estimator")
 # Keys a resumed run may change without comment: they do not touch what is computed.
 MAY_CHANGE = ("total_steps", "resume", "max_restarts", "cache_dir", "timeouts.", "logger.", "checkpoint.",
               "resources.")
+
+
+# The trainer groups' shape: a checkpoint of another shape is converted (``reshard_kind``), and the run
+# takes the same optimizer steps on it (its minibatches do not depend on the world size).
+SHAPE = ("trainer.world_size", "trainer.zero_stage")
+
+
+def reshard_kind(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """How the trainer state of a checkpoint of the run configured ``saved`` loads into a run
+    configured ``current``: "" as it is (the same shape, or ZeRO-0 on another world size: each of
+    its ranks holds the whole optimizer state), "universal" through DeepSpeed's universal
+    checkpoint (``roles.reshard``). Raises ``CheckpointError``, one line, where it cannot."""
+    (old_world, old_stage), (world, stage) = ((c["trainer"]["world_size"], c["trainer"]["zero_stage"])
+                                              for c in (saved, current))
+    if (old_world, old_stage) == (world, stage) or old_stage == stage == 0:
+        return ""
+    if 0 in (old_stage, stage):
+        raise CheckpointError(
+            f"trainer.zero_stage={stage}: the checkpoint was written with trainer.zero_stage={old_stage}, and "
+            "ZeRO-0's state converts only to another world size at ZeRO-0 (DeepSpeed's universal checkpoints "
+            f"cover ZeRO 1-3); resume with trainer.zero_stage={old_stage}")
+    return "universal"
+
+
+def reshard_line(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """What a resume onto another shape prints, or "" (the same shape)."""
+    if not reshard_kind(saved, current):
+        return ""
+    (old_world, old_stage), (world, stage) = ((c["trainer"]["world_size"], c["trainer"]["zero_stage"])
+                                              for c in (saved, current))
+    return (f"rlhf_dist: the checkpoint's trainers ran on {old_world} ranks at ZeRO-{old_stage}, this run's on "
+            f"{world} at ZeRO-{stage}: their DeepSpeed state is converted to a universal checkpoint (kept beside "
+            f"it as {POLICY_DS}{UNIVERSAL}/) and loaded onto the new shape")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -233,7 +269,9 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for every setting that differs from the checkpoint's run, apart from
-    those that change nothing computed. Raises ``CheckpointError`` if one of ``MUST_MATCH`` differs."""
+    those that change nothing computed and the trainers' ``SHAPE`` (``reshard_line`` says that).
+    Raises ``CheckpointError`` if one of ``MUST_MATCH`` differs, or the shape cannot change so."""
+    reshard_kind(saved, current)
     old, new = _flat(saved), _flat(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     for key in changed:
@@ -241,7 +279,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             raise CheckpointError(
                 f"{key}={new.get(key)!r}: the checkpoint was written with {key}={old.get(key)!r}; resume with that"
             )
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed if not k.startswith(MAY_CHANGE)]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed if not k.startswith(MAY_CHANGE) and k not in SHAPE]
 
 
 def _python_rng_to_json(state: tuple) -> list:
@@ -299,12 +337,20 @@ class Checkpointer:
         """The settings changed since ``path`` was written (see ``config_changes``)."""
         return config_changes(json.loads((path / CONFIG).read_text()), self.config)
 
+    def reshard_line(self, path: Path) -> str:
+        """What resuming from ``path`` onto this run's trainer shape prints ("" the same shape)."""
+        return reshard_line(json.loads((path / CONFIG).read_text()), self.config)
+
     def restore(self, roles: Roles, path: Path) -> TrainState:
         """Load the trainer groups from ``path``, give the engines the restored policy, and
         return the controller state (its RNGs restored)."""
         from rlhf_dist.roles.worker_group import wait_all
 
-        wait_all(*(g.load_checkpoint_async(str(path / name)) for g, name in self._trainers(roles)))
+        trainers = self._trainers(roles)
+        universal = [""] * len(trainers)
+        if reshard_kind(json.loads((path / CONFIG).read_text()), self.config):  # onto another shape: convert once
+            universal = wait_all(*(g.convert_checkpoint_async(str(path / name)) for g, name in trainers))
+        wait_all(*(g.load_checkpoint_async(str(path / name), u) for (g, name), u in zip(trainers, universal)))
         state = read_state(path)
         restore_controller_rng(path)
         if roles.weights is not None:  # (none when the run replays dumped rollouts)

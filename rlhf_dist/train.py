@@ -75,6 +75,8 @@ def run(cfg: Config, out_dir: Path, group: str) -> dict:
     resume_from = checkpoints.dir.resolve(cfg.resume)
     state = read_state(resume_from) if resume_from else TrainState()
     if resume_from:
+        if line := checkpoints.reshard_line(resume_from):
+            print(line, file=sys.stderr)
         for change in checkpoints.check_config(resume_from):
             print(f"rlhf_dist: warning: resumed with a changed setting (the run is no longer the one "
                   f"checkpointed): {change}", file=sys.stderr)

@@ -91,6 +91,20 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+def minibatch_rows(num_rows: int, minibatch_size: int, world_size: int, rank: int,
+                   generator: torch.Generator) -> list[torch.Tensor]:
+    """Rank ``rank``'s rows of each minibatch of an epoch over a batch of ``num_rows`` rows.
+
+    The whole batch is permuted (``generator``, the same on every rank) and cut into minibatches
+    of ``minibatch_size`` rows; each minibatch is dealt across the ranks row by row (rank r takes
+    its rows r, r + world_size, ...). Which rows make up each minibatch depends on the
+    permutation alone, not on the world size: a run resumed on another number of ranks takes the
+    same optimizer steps (``DeepSpeedRank.accumulate`` makes each one the gradient of its whole
+    minibatch, however it is cut)."""
+    order = torch.randperm(num_rows, generator=generator)
+    return [order[i : i + minibatch_size][rank::world_size] for i in range(0, num_rows, minibatch_size)]
+
+
 def collate(
     prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
     action_masks: list[list[int] | None] | None = None,

@@ -32,8 +32,9 @@ ENGINE_SAMPLE = SeedStream(("step", "index"), (1_000_003, 65_537, 1), 2**31)
 ENGINE_TURN = SeedStream(("turn",), (1, 7919), 2**31)
 # (seed, step, round): the prompts of a dynamic-sampling refill round (rollout.dynamic_sampling).
 REFILL_PROMPTS = SeedStream(("step", "round"), (7919, 104_729, 1))
-# (seed, optimizer steps so far, epoch, rank): the trainer's minibatch order on each rank.
-MINIBATCH_ORDER = SeedStream(("optimizer_step", "epoch", "rank"), (1_000_003, 7919, 1009, 1), 2**63)
+# (seed, optimizer steps so far, epoch): the trainer's order of a batch's rows in an epoch, the same on
+# every rank and for every world size (``core.experience.minibatch_rows``).
+MINIBATCH_ORDER = SeedStream(("optimizer_step", "epoch"), (1_000_003, 7919, 1009), 2**63)
 # (seed, epoch): the permutation of rows in an epoch (the RL prompt sampler, SFT, reward model).
 EPOCH_ORDER = SeedStream(("epoch",), (7919, 1))
 # (seed, split): the builtin:reviews prompt set of a split.

@@ -143,17 +143,28 @@ class TrainerGroup(WorkerGroup):
         host, port = self._on_rank0("endpoint", start_timeout_s)
         return self.call_async("setup", host, port, timeout_s=start_timeout_s)
 
-    def _train_async(self, exp: Experience, **common) -> Pending[dict[str, float]]:
-        # Each rank trains on its shard; statistics are averaged over ranks.
-        return self.scatter_async("train", exp.split(len(self)), combine=_mean_stats, **common)
+    def _train_async(self, batch: Experience | RankingBatch, combine: Callable = _mean_stats,
+                     **common) -> Pending:
+        """``train`` on every rank, each given the whole batch (one copy in Ray's object store): the
+        ranks deal each minibatch among themselves (``DeepSpeedRank._minibatches``), so the
+        minibatches do not depend on the world size. Each rank's statistics are already the
+        whole batch's (``DeepSpeedRank.accumulate``); their mean over ranks is that too."""
+        whole = ray.put(batch) if len(self) > 1 else batch
+        return self.call_async("train", whole, combine=combine, **common)
 
     def save_checkpoint_async(self, directory: str) -> Pending[list[None]]:
         """Every rank writes its DeepSpeed partition (model, optimizer, schedule) to ``directory``."""
         return self.call_async("save_checkpoint", directory)
 
-    def load_checkpoint_async(self, directory: str) -> Pending[int]:
-        """Every rank restores its partition; the result is the optimizer steps taken so far."""
-        return self.call_async("load_checkpoint", directory, combine=lambda steps: steps[0])
+    def load_checkpoint_async(self, directory: str, universal: str = "") -> Pending[int]:
+        """Every rank restores its partition (from ``universal``, the checkpoint's universal form,
+        when it was written with another shape); the result is the optimizer steps taken so far."""
+        return self.call_async("load_checkpoint", directory, universal, combine=lambda steps: steps[0])
+
+    def convert_checkpoint_async(self, directory: str) -> Pending[str]:
+        """Rank 0 converts the DeepSpeed checkpoint in ``directory`` to its universal form (once:
+        it is kept beside it) and returns that form's path."""
+        return self.call_on_async(0, "convert_checkpoint", directory)
 
     def save_async(
         self, path: str, extra_files: dict[str, str] | None = None, replace: bool = False
@@ -190,11 +201,9 @@ class PolicyGroup(TrainerGroup):
         old logprobs of ``exp``, or, without them, those the update computed; entropy None when
         given), of the whole batch."""
         def combine(outs: list) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
-            entropy = None if outs[0][2] is None else concat([o[2] for o in outs])
-            return _mean_stats([o[0] for o in outs]), concat([o[1] for o in outs]), entropy
+            return _mean_stats([o[0] for o in outs]), outs[0][1], outs[0][2]  # every rank returns the whole pi_old
 
-        return self.scatter_async("train", exp.split(len(self)), epochs=epochs, algo=algo, kl_coef=kl_coef,
-                                  combine=combine)
+        return self._train_async(exp, combine=combine, epochs=epochs, algo=algo, kl_coef=kl_coef)
 
     def weight_specs(self) -> list[ParamSpec]:
         return self._on_rank0("weight_specs")
@@ -226,7 +235,7 @@ class BaseModelReference:
 
 class SFTGroup(TrainerGroup):
     def train_async(self, exp: Experience) -> Pending[dict[str, float]]:
-        """One optimizer step on a batch of demonstrations, split across the ranks."""
+        """One optimizer step on a batch of demonstrations, dealt across the ranks."""
         return self._train_async(exp)
 
     def eval_loss_async(self, exp: Experience) -> Pending[float]:
@@ -240,7 +249,7 @@ class SFTGroup(TrainerGroup):
 
 class RewardModelGroup(TrainerGroup):
     def train_async(self, rankings: RankingBatch) -> Pending[dict[str, float]]:
-        """One optimizer step on a batch of rankings (pairs: rankings of two), split across the ranks."""
+        """One optimizer step on a batch of rankings (pairs: rankings of two), dealt across the ranks."""
         return self._train_async(rankings)
 
     def scores_async(self, rankings: RankingBatch) -> Pending[torch.Tensor]:

@@ -100,11 +100,12 @@ class PolicyTrainer(DeepSpeedRank):
         """PPO-clip epochs with the loss options of ``algo``; ``kl_coef`` weighs the KL loss term
         when ``algo.kl_in == "loss"`` (the controller owns the coefficient and its schedule).
 
-        Returns the stats and the pi_old the update used, (b, T) in this shard's row order, with
-        its entropy: ``exp.old_logprobs`` when given (entropy None); else, for an update of one
-        optimizer step (one epoch of one minibatch), those of that step's own forward (ratio
-        exactly 1, as TRL with ``num_iterations=1``: no separate pass), otherwise those of a pass
-        over the shard before the first epoch.
+        ``exp`` is the whole batch, on every rank (``_minibatches`` deals each minibatch). Returns
+        the stats and the pi_old the update used, (B, T) of the whole batch (the same on every
+        rank), with its entropy: ``exp.old_logprobs`` when given (entropy None); else, for an
+        update of one optimizer step (one epoch of one minibatch), those of that step's own
+        forward (ratio exactly 1, as TRL with ``num_iterations=1``: no separate pass), otherwise
+        those of a pass before the first epoch, each rank computing its share of the rows.
 
         With the engines' routing (``exp.routing``, algo.routing_replay) every forward pass routes
         as they did; ``routing/replay_changed`` is the share of those (token, layer) routings on
@@ -117,10 +118,12 @@ class PolicyTrainer(DeepSpeedRank):
         if exp.old_logprobs is not None:
             stats = self._train(exp, epochs, self._actor_loss(algo, kl_coef))
             old_logprobs, entropy = exp.old_logprobs, None
-        elif epochs == 1 and len(exp) == self.plan.per_rank_minibatch:
+        elif epochs == 1 and len(exp) == self.plan.per_rank_minibatch * self.cfg.world_size:
             stats, old_logprobs, entropy = self._train_one_pass(exp, algo, kl_coef)
         else:
-            old_logprobs, entropy = self.logprobs(exp)
+            shard = self._shard(exp)
+            logprobs, entropy = self.logprobs(exp.select(shard))
+            old_logprobs, entropy = (self._gather_rows(shard, t, len(exp)) for t in (logprobs, entropy))
             stats = self._train(exp.with_fields(old_logprobs=old_logprobs), epochs, self._actor_loss(algo, kl_coef))
         if replay is not None:
             given, changed = replay.take_counts()
@@ -139,9 +142,9 @@ class PolicyTrainer(DeepSpeedRank):
         seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         stats = self._train(exp.with_fields(row_index=torch.arange(len(exp))), 1,
                             self._actor_loss(algo, kl_coef, seen))
-        logprobs, entropy = torch.zeros_like(exp.response_mask), torch.zeros_like(exp.response_mask)
-        for index, lp, ent in seen:
-            logprobs[index.cpu()], entropy[index.cpu()] = lp.float().cpu(), ent.float().cpu()
+        index = torch.cat([i.cpu() for i, _, _ in seen])
+        logprobs, entropy = (self._gather_rows(index, torch.cat([part[k].float().cpu() for part in seen]), len(exp))
+                             for k in (1, 2))
         return stats, logprobs, entropy
 
     def _actor_loss(self, algo: AlgoConfig, kl_coef: float, one_pass: list | None = None):
@@ -253,7 +256,7 @@ class SFTTrainer(_SupervisedRank):
         return load_causal_lm(self.model_path, self.model_cfg.dtype, self.cfg.gradient_checkpointing)
 
     def train(self, exp: Experience) -> dict[str, float]:
-        """One optimizer step on this rank's shard of a batch of demonstrations."""
+        """One optimizer step on a batch of demonstrations (the whole batch; this rank takes its share)."""
 
         def loss_fn(micro: Experience, totals: dict[str, float]):
             logprobs, _ = self._logprobs(micro, 1.0)
@@ -287,7 +290,7 @@ class RewardModelTrainer(_SupervisedRank):
         return model
 
     def train(self, rankings: RankingBatch) -> dict[str, float]:
-        """One optimizer step on this rank's shard of a batch of rankings."""
+        """One optimizer step on a batch of rankings (the whole batch; this rank takes its share)."""
         return self._train(rankings, 1, self._ranking_loss)
 
     def _ranking_loss(self, micro: RankingBatch, totals: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -15,6 +15,7 @@ sum divided by that total, so the gradient of a minibatch is the same however it
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rlhf_dist.config import ModelConfig, TrainerConfig, TrainerPlan
-from rlhf_dist.core.experience import Experience, TensorRows
+from rlhf_dist.core.experience import Experience, TensorRows, minibatch_rows, split_sizes
 from rlhf_dist.core.packing import budget_micro_batches
 from rlhf_dist.core.schedule import lr_multiplier
 from rlhf_dist.core.seeds import MINIBATCH_ORDER, derive_seed
@@ -33,6 +34,7 @@ from rlhf_dist.models.modeling import (
     write_model_dir,
 )
 from rlhf_dist.roles.endpoint import node_endpoint
+from rlhf_dist.roles.reshard import checkpoint_classes, universal_checkpoint, weights_only_loads
 from rlhf_dist.roles.spec import RankSpec
 from rlhf_dist.weight_sync.transport import ParamSpec, bucket_bounds
 
@@ -49,8 +51,6 @@ def _spec(name: str, p: torch.nn.Parameter) -> ParamSpec:
 def gathered(params):
     """A context in which these parameters are full: DeepSpeed's ZeRO-3 gather of the partitioned ones
     (a collective: every rank enters it with the same parameters), nothing otherwise."""
-    import contextlib
-
     import deepspeed
 
     partitioned = [p for p in params if hasattr(p, "ds_id")]
@@ -64,11 +64,8 @@ def safe_checkpoint_engine(ds_config):
     arbitrary objects. Ours hold only tensors, containers and the three plain DeepSpeed
     classes below, so everything else is refused: a tampered checkpoint cannot run code."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+    allowed = checkpoint_classes()
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
@@ -200,17 +197,34 @@ class DeepSpeedRank:
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
         save_file({"cpu": torch.get_rng_state()}, str(Path(directory) / f"rng_rank{self.rank}.safetensors"))
 
-    def load_checkpoint(self, directory: str) -> int:
-        """Restore what ``save_checkpoint`` wrote; returns the optimizer steps taken so far."""
+    def load_checkpoint(self, directory: str, universal: str = "") -> int:
+        """Restore what ``save_checkpoint`` wrote; returns the optimizer steps taken so far.
+
+        ``universal``: the checkpoint's universal form (``convert_checkpoint``), for one written
+        with another world size or ZeRO stage; a rank the checkpoint did not have takes rank 0's
+        RNG state."""
         from safetensors.torch import load_file
 
-        path, _ = self.engine.load_checkpoint(
-            directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        self.engine._config.load_universal_checkpoint = bool(universal)  # DeepSpeed reads it at each load
+        try:
+            with weights_only_loads() if universal else contextlib.nullcontext():
+                path, _ = self.engine.load_checkpoint(
+                    universal or directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
-        torch.set_rng_state(load_file(str(Path(directory) / f"rng_rank{self.rank}.safetensors"))["cpu"])
+        rng = Path(directory) / f"rng_rank{self.rank}.safetensors"
+        if universal and not rng.exists():
+            rng = Path(directory) / "rng_rank0.safetensors"
+        torch.set_rng_state(load_file(str(rng))["cpu"])
         return self.engine.global_steps
+
+    def convert_checkpoint(self, directory: str) -> str:
+        """The universal form of the DeepSpeed checkpoint in ``directory``, made beside it once
+        (``reshard.universal_checkpoint``): what ``load_checkpoint`` reads onto another shape."""
+        return universal_checkpoint(directory, CHECKPOINT_TAG)
 
     # Subclass hooks: the model this rank trains and its learning rate.
     def build_model(self) -> torch.nn.Module:
@@ -249,14 +263,36 @@ class DeepSpeedRank:
     def _to_device(self, rows: TensorRows) -> TensorRows:
         return rows.map_tensors(lambda t: t.to(self.engine.device))
 
-    def _minibatches(self, exp: Experience, epoch: int) -> list[Experience]:
-        """Per-rank minibatches of this epoch, shuffled by a generator keyed on (seed, optimizer
-        steps so far, epoch, rank): a different order every step, reproducible from the state."""
-        key = derive_seed(MINIBATCH_ORDER, self.seed, self.engine.global_steps, epoch, self.rank)
-        gen = torch.Generator().manual_seed(key)
-        order = torch.randperm(len(exp), generator=gen)
-        size = self.plan.per_rank_minibatch
-        return [exp.select(order[i : i + size]) for i in range(0, len(exp), size)]
+    def _minibatches(self, exp: TensorRows, epoch: int) -> list[TensorRows]:
+        """This rank's part of each minibatch of this epoch over ``exp``, the whole batch (every
+        rank gets it all): the batch shuffled by a generator keyed on (seed, optimizer steps so
+        far, epoch), a different order every step, reproducible from the state, and each
+        minibatch dealt across the ranks (``minibatch_rows``: the same minibatches on any number
+        of ranks)."""
+        key = derive_seed(MINIBATCH_ORDER, self.seed, self.engine.global_steps, epoch)
+        world = self.cfg.world_size
+        parts = minibatch_rows(len(exp), self.plan.per_rank_minibatch * world, world, self.rank,
+                               torch.Generator().manual_seed(key))
+        return [exp.select(rows) for rows in parts]
+
+    def _shard(self, rows: TensorRows) -> torch.Tensor:
+        """This rank's contiguous share of a whole batch's rows (as ``TensorRows.split`` deals them)."""
+        sizes = split_sizes(len(rows), self.cfg.world_size)
+        start = sum(sizes[: self.rank])
+        return torch.arange(start, start + sizes[self.rank])
+
+    def _gather_rows(self, index: torch.Tensor, values: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """The (num_rows, ...) tensor of a whole batch whose rows ``index`` this rank computed as
+        ``values``, the other ranks the rest (each row on exactly one rank): a sum over ranks."""
+        full = torch.zeros((num_rows, *values.shape[1:]), dtype=values.dtype)
+        full[index] = values.cpu()
+        if self.cfg.world_size == 1:
+            return full
+        import torch.distributed as dist
+
+        full = full.to(self.engine.device)
+        dist.all_reduce(full, op=dist.ReduceOp.SUM)
+        return full.cpu()
 
     # Stats that are parts of a minibatch's loss (``accumulate``).
     LOSS_STATS = ("loss", "policy_loss", "kl_loss", "value_loss")
@@ -288,9 +324,10 @@ class DeepSpeedRank:
         ``loss_fn(micro, totals)`` returns the micro-batch's part of the minibatch's loss,
         normalised by ``totals`` (``_totals``: the minibatch's tokens and sequences on all ranks),
         and its stats. DeepSpeed averages gradients over ranks, hence the factor world_size: the
-        gradient is exactly the minibatch loss's, whatever the micro-batches. Stats in
-        ``LOSS_STATS`` are such parts, summed (times world_size, so their mean over ranks is the
-        minibatch's loss); the others are means, weighted by tokens (or rows)."""
+        gradient is exactly the minibatch loss's, whatever the micro-batches. The stats are the
+        whole minibatch's, the same on every rank (summed over ranks: a collective): those in
+        ``LOSS_STATS`` are such parts, summed into the minibatch's loss; the others are means,
+        weighted by tokens (or rows)."""
         totals = self._totals(minibatch)
         micros = self._micro_batches(minibatch)
         parts: dict[str, float] = {}
@@ -307,10 +344,12 @@ class DeepSpeedRank:
             weight = _stat_weight(micro)
             for key, value in stats.items():
                 w = 1.0 if key in self.LOSS_STATS else weight
-                v = value * self.cfg.world_size if key in self.LOSS_STATS else value
-                parts[key] = parts.get(key, 0.0) + w * v
+                parts[key] = parts.get(key, 0.0) + w * value
                 weights[key] = weights.get(key, 0.0) + w
-        return {key: part if key in self.LOSS_STATS else part / weights[key] for key, part in parts.items()}
+        keys = sorted(parts)  # the same on every rank: every rank has a real micro-batch
+        summed = self._all_reduce([parts[k] for k in keys] + [weights[k] for k in keys], "sum")
+        return {key: summed[i] if key in self.LOSS_STATS else summed[i] / summed[len(keys) + i]
+                for i, key in enumerate(keys)}
 
     def _totals(self, minibatch: TensorRows) -> dict[str, float]:
         """The minibatch's valid response tokens and sequences (rows, or pairs), summed over ranks."""

@@ -16,6 +16,8 @@ from rlhf_dist.checkpoint import (
     TrainState,
     config_changes,
     read_state,
+    reshard_kind,
+    reshard_line,
     restore_controller_rng,
     verify,
     write_state,
@@ -168,10 +170,35 @@ def test_a_resume_is_checked_against_the_checkpointed_config():
     # Another KL coefficient or seed: allowed, reported (the run is no longer the checkpointed one).
     changed = compose_config(["algo.kl_coef=0.1", "seed=3"])
     assert config_changes(saved, as_dict(changed)) == ["algo.kl_coef: 0.05 -> 0.1", "seed: 0 -> 3"]
-    # A different data-parallel layout cannot load the trainer's partitions.
-    with pytest.raises(CheckpointError, match=r"^trainer.zero_stage=3: the checkpoint was written with "
-                                              r"trainer.zero_stage=2; resume with that$"):
-        config_changes(saved, as_dict(compose_config(["trainer=zero3"])))
+    # Another model cannot load the trainer's state.
+    with pytest.raises(CheckpointError, match=r"^model.dtype='bfloat16': the checkpoint was written with "
+                                              r"model.dtype='float32'; resume with that$"):
+        config_changes(saved, as_dict(compose_config(["model.dtype=bfloat16"])))
+
+
+def test_a_resume_onto_another_trainer_shape_converts_or_says_why_not():
+    from tests.conftest import compose_config
+
+    def shape(*overrides):
+        return as_dict(compose_config(list(overrides)))
+
+    zero2_on_2 = shape()  # the default: 2 ranks, ZeRO-2
+    assert reshard_kind(zero2_on_2, shape()) == "" and reshard_line(zero2_on_2, shape()) == ""
+    for other in (["trainer.world_size=1"], ["trainer=zero3"], ["trainer=zero1", "trainer.world_size=4"]):
+        assert reshard_kind(zero2_on_2, shape(*other)) == "universal"
+        assert config_changes(zero2_on_2, shape(*other)) == []  # announced by reshard_line, not as a change
+    assert reshard_line(zero2_on_2, shape("trainer.world_size=1")) == (
+        "rlhf_dist: the checkpoint's trainers ran on 2 ranks at ZeRO-2, this run's on 1 at ZeRO-2: their DeepSpeed "
+        "state is converted to a universal checkpoint (kept beside it as policy_ds.universal/) and loaded onto the "
+        "new shape")
+    # ZeRO-0 holds the whole optimizer state on every rank: another world size loads it as it is ...
+    zero0_on_2 = shape("trainer=zero0")
+    assert reshard_kind(zero0_on_2, shape("trainer=zero0", "trainer.world_size=1")) == ""
+    # ... but no ZeRO 1-3 shape converts from or to it (DeepSpeed's universal checkpoints cover ZeRO 1-3).
+    for saved, resumed, old, new in ((zero0_on_2, shape(), 0, 2), (zero2_on_2, zero0_on_2, 2, 0)):
+        with pytest.raises(CheckpointError, match=rf"^trainer.zero_stage={new}: the checkpoint was written with "
+                                                  rf"trainer.zero_stage={old}, .*resume with trainer.zero_stage={old}$"):
+            config_changes(saved, resumed)
 
 
 def test_model_dir_is_replaced_only_when_asked_and_only_once_complete(tmp_path):

@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_dist.core.experience import Experience, collate, concat, pad_right, routing_grid, split_sizes
+from rlhf_dist.core.experience import (
+    Experience,
+    collate,
+    concat,
+    minibatch_rows,
+    pad_right,
+    routing_grid,
+    split_sizes,
+)
 from rlhf_dist.models.modeling import micro_batches
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
@@ -169,3 +177,17 @@ def test_routing_grid_puts_each_recorded_position_under_its_token():
         routing_grid(exp, routes[:2])
     with pytest.raises(ValueError, match=r"row 1: routing of shape \(1, 2, 2\)"):
         routing_grid(exp, [routes[0], torch.zeros(1, 2, 2, dtype=torch.int16), None])
+
+
+def test_minibatch_rows_are_the_same_minibatches_on_any_number_of_ranks():
+    # 12 rows, minibatches of 4: the permutation cut in three, each dealt row by row.
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(5))
+    one = minibatch_rows(12, 4, 1, 0, torch.Generator().manual_seed(5))
+    assert [m.tolist() for m in one] == [order[0:4].tolist(), order[4:8].tolist(), order[8:12].tolist()]
+    for world in (2, 4):
+        per_rank = [minibatch_rows(12, 4, world, r, torch.Generator().manual_seed(5)) for r in range(world)]
+        for k, whole in enumerate(one):
+            parts = [per_rank[r][k] for r in range(world)]
+            assert [len(p) for p in parts] == [4 // world] * world
+            assert sorted(torch.cat(parts).tolist()) == sorted(whole.tolist())  # the same rows, cut otherwise
+        assert per_rank[1][0].tolist() == [order[1].item(), order[1 + world].item()][: 4 // world]

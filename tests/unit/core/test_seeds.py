@@ -22,10 +22,11 @@ def test_engine_sample_seed():
 
 
 def test_minibatch_order_seed():
-    # 1_000_003 * 2 + 7919 * 3 + 1009 * 4 + 5 = 2_000_006 + 23_757 + 4_036 + 5 = 2_027_804
-    assert derive_seed(MINIBATCH_ORDER, 2, 3, 4, 5) == 2_027_804
-    # 2**63 * 1_000_003 is a multiple of 2**63: rank 1 is left
-    assert derive_seed(MINIBATCH_ORDER, 2**63, 0, 0, 1) == 1
+    # 1_000_003 * 2 + 7919 * 3 + 1009 * 4 = 2_000_006 + 23_757 + 4_036 = 2_027_799 (no rank: the
+    # order is every rank's; it is the one rank 0 of the earlier per-rank orders had)
+    assert derive_seed(MINIBATCH_ORDER, 2, 3, 4) == 2_027_799
+    # 2**63 * 1_000_003 is a multiple of 2**63: epoch 1's 1009 is left
+    assert derive_seed(MINIBATCH_ORDER, 2**63, 0, 1) == 1009
 
 
 def test_epoch_order_seed():
