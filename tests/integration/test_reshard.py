@@ -66,7 +66,8 @@ def test_a_checkpoint_resumes_onto_another_world_size_and_zero_stage(default_run
 # The run above converts ZeRO-2 checkpoints. DeepSpeed 0.19 writes a ZeRO-3 checkpoint's universal form in
 # another layout, which its ZeRO-1/2 loader cannot read (``roles.reshard``): the trainer's own ranks
 # (``DeepSpeedRank``, gloo, one process each) on a small model load each source stage into each other stage
-# and world size, and their next optimizer step must give the weights the writer's own next step gave.
+# and world size, and their next optimizer step must give the weights the writer's own next step gave, in
+# float32 and in DeepSpeed's bf16 mode (bf16 weights, fp32 master weights and moments).
 
 SOURCES = (2, 3)  # ZeRO stages that write, on 2 ranks
 TARGETS = {1: [(2, 1), (2, 3), (3, 1), (3, 2)], 2: [(3, 1), (3, 2), (2, 3)]}  # world size: (source, stage)
