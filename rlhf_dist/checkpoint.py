@@ -252,7 +252,8 @@ def reshard_line(saved: dict[str, Any], current: dict[str, Any]) -> str:
         return ""
     (old_world, old_stage), (world, stage) = ((c["trainer"]["world_size"], c["trainer"]["zero_stage"])
                                               for c in (saved, current))
-    return (f"rlhf_dist: the checkpoint's trainers ran on {old_world} ranks at ZeRO-{old_stage}, this run's on "
+    ranks = "rank" if old_world == 1 else "ranks"
+    return (f"rlhf_dist: the checkpoint's trainers ran on {old_world} {ranks} at ZeRO-{old_stage}, this run's on "
             f"{world} at ZeRO-{stage}: their DeepSpeed state is converted to a universal checkpoint (kept beside "
             f"it as {POLICY_DS}{UNIVERSAL}/) and loaded onto the new shape")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 
 import pytest
 import torch
@@ -69,8 +70,9 @@ def test_a_checkpoint_resumes_onto_another_world_size_and_zero_stage(default_run
 # and world size, and their next optimizer step must give the weights the writer's own next step gave, in
 # float32 and in DeepSpeed's bf16 mode (bf16 weights, fp32 master weights and moments).
 
-SOURCES = (2, 3)  # ZeRO stages that write, on 2 ranks
-TARGETS = {1: [(2, 1), (2, 3), (3, 1), (3, 2)], 2: [(3, 1), (3, 2), (2, 3)]}  # world size: (source, stage)
+SOURCES = (0, 2, 3)  # ZeRO stages that write, on 2 ranks
+# world size: (source, stage). ZeRO-0 (every rank holds the whole state) loads as it is (no conversion).
+TARGETS = {1: [(0, 0), (2, 1), (2, 3), (3, 1), (3, 2)], 2: [(3, 1), (3, 2), (2, 3)]}
 
 
 def _tiny_rank(rank: int, world: int, stage: int, dtype: str):
@@ -120,6 +122,7 @@ def _writer(rank: int, port: int, root: str, dtype: str) -> None:
         _step(trainer)
         if rank == 0:
             torch.save(_weights(trainer), f"{root}/expected{stage}.pt")
+    _leave_group()
 
 
 def _reader(rank: int, world: int, port: int, root: str, dtype: str) -> None:
@@ -128,11 +131,23 @@ def _reader(rank: int, world: int, port: int, root: str, dtype: str) -> None:
     for source, stage in TARGETS[world]:
         trainer = _tiny_rank(rank, world, stage, dtype)
         trainer.setup("127.0.0.1", port)
-        steps = trainer.load_checkpoint(f"{root}/zero{source}", f"{root}/zero{source}.universal")
+        steps = trainer.load_checkpoint(f"{root}/zero{source}", f"{root}/zero{source}.universal" if source else "")
         _step(trainer)
         got[(source, stage)] = (steps, trainer.engine.get_lr()[0], _weights(trainer))
     if rank == 0:
         torch.save(got, f"{root}/got{world}.pt")
+    _leave_group()
+
+
+def _leave_group() -> None:
+    """Exit once every rank is done, without the interpreter's teardown: after the writer's three
+    engines (ZeRO-0 among them) a rank's exit sometimes aborted in a C++ destructor (``terminate called
+    without an active exception``, 2 runs in 11), its results already on disk, even with the process
+    group destroyed first."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    os._exit(0)
 
 
 def _spawn(target, world: int, *args) -> None:
@@ -154,7 +169,7 @@ def test_every_zero_stage_loads_into_every_other_and_takes_the_writers_next_step
 
     port = reserve_port()
     _spawn(_writer, 2, port, str(tmp_path), dtype)
-    for stage in SOURCES:
+    for stage in SOURCES[1:]:
         assert universal_checkpoint(str(tmp_path / f"zero{stage}"), CHECKPOINT_TAG) == str(tmp_path / f"zero{stage}.universal")
     for world in TARGETS:
         _spawn(_reader, world, world, reserve_port(), str(tmp_path), dtype)
