@@ -134,7 +134,8 @@ class GenerationStream:
 
 
 class TrainerGroup(WorkerGroup):
-    """A DeepSpeed data-parallel group: every call is issued on all ranks, each with its shard."""
+    """A DeepSpeed data-parallel group: every call is issued on all ranks, each with its shard (``train``:
+    the whole batch, which the ranks deal among themselves)."""
 
     collective = True
 
