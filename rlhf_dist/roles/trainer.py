@@ -122,8 +122,8 @@ class PolicyTrainer(DeepSpeedRank):
             stats, old_logprobs, entropy = self._train_one_pass(exp, algo, kl_coef)
         else:
             shard = self._shard(exp)
-            logprobs, entropy = self.logprobs(exp.select(shard))
-            old_logprobs, entropy = (self._gather_rows(shard, t, len(exp)) for t in (logprobs, entropy))
+            both = self._gather_rows(shard, torch.stack([t.float() for t in self.logprobs(exp.select(shard))], -1), len(exp))
+            old_logprobs, entropy = (t.contiguous() for t in both.unbind(-1))  # one all-reduce for the two
             stats = self._train(exp.with_fields(old_logprobs=old_logprobs), epochs, self._actor_loss(algo, kl_coef))
         if replay is not None:
             given, changed = replay.take_counts()
@@ -143,8 +143,8 @@ class PolicyTrainer(DeepSpeedRank):
         stats = self._train(exp.with_fields(row_index=torch.arange(len(exp))), 1,
                             self._actor_loss(algo, kl_coef, seen))
         index = torch.cat([i.cpu() for i, _, _ in seen])
-        logprobs, entropy = (self._gather_rows(index, torch.cat([part[k].float().cpu() for part in seen]), len(exp))
-                             for k in (1, 2))
+        both = torch.cat([torch.stack((lp.float().cpu(), ent.float().cpu()), -1) for _, lp, ent in seen])
+        logprobs, entropy = (t.contiguous() for t in self._gather_rows(index, both, len(exp)).unbind(-1))
         return stats, logprobs, entropy
 
     def _actor_loss(self, algo: AlgoConfig, kl_coef: float, one_pass: list | None = None):

@@ -407,6 +407,16 @@ def test_value_loss_clipping():
     assert_close(stats["clipfrac"], 0.4, **TOL)
 
 
+def test_a_value_within_the_clip_range_is_not_counted_clipped_by_rounding():
+    # float32: v - old = -0.0827 is within 0.2, but old + (v - old) rounds one ulp away from v and
+    # its squared error from the return comes out larger: counted as clipped before.
+    v, old, ret = (torch.tensor([[x]], dtype=torch.float32) for x in (0.036155786365270615, 0.11885771155357361,
+                                                                     -0.4732849597930908))
+    assert ((old + (v - old)) - ret) ** 2 > (v - ret) ** 2  # the rounding this guards against
+    _, stats = value_loss(v, old, ret, torch.ones(1, 1), clip_eps=0.2)
+    assert stats["clipfrac"] == 0.0
+
+
 # ---------------------------------------------------------------- loss aggregation
 
 AGG_X = t64([[1.0, 2.0, 100.0], [4.0, 6.0, 8.0]])  # 100 is padding
