@@ -229,13 +229,17 @@ MAY_CHANGE = ("total_steps", "resume", "max_restarts", "cache_dir", "timeouts.",
 SHAPE = ("trainer.world_size", "trainer.zero_stage")
 
 
+def _shape(config: dict[str, Any]) -> tuple[int, int]:
+    """(trainer.world_size, trainer.zero_stage) of a resolved config."""
+    return config["trainer"]["world_size"], config["trainer"]["zero_stage"]
+
+
 def reshard_kind(saved: dict[str, Any], current: dict[str, Any]) -> str:
     """How the trainer state of a checkpoint of the run configured ``saved`` loads into a run
     configured ``current``: "" as it is (the same shape, or ZeRO-0 on another world size: each of
     its ranks holds the whole optimizer state), "universal" through DeepSpeed's universal
     checkpoint (``roles.reshard``). Raises ``CheckpointError``, one line, where it cannot."""
-    (old_world, old_stage), (world, stage) = ((c["trainer"]["world_size"], c["trainer"]["zero_stage"])
-                                              for c in (saved, current))
+    (old_world, old_stage), (world, stage) = _shape(saved), _shape(current)
     if (old_world, old_stage) == (world, stage) or old_stage == stage == 0:
         return ""
     if 0 in (old_stage, stage):
@@ -250,8 +254,7 @@ def reshard_line(saved: dict[str, Any], current: dict[str, Any]) -> str:
     """What a resume onto another shape prints, or "" (the same shape)."""
     if not reshard_kind(saved, current):
         return ""
-    (old_world, old_stage), (world, stage) = ((c["trainer"]["world_size"], c["trainer"]["zero_stage"])
-                                              for c in (saved, current))
+    (old_world, old_stage), (world, stage) = _shape(saved), _shape(current)
     ranks = "rank" if old_world == 1 else "ranks"
     return (f"rlhf_dist: the checkpoint's trainers ran on {old_world} {ranks} at ZeRO-{old_stage}, this run's on "
             f"{world} at ZeRO-{stage}: their DeepSpeed state is converted to a universal checkpoint (kept beside "
