@@ -6,7 +6,8 @@ cases alternated over two rounds so both see the same machine load.
 
     .venv/bin/python scripts/bench_engine_options.py [--repeats 3]
 
-The first case is what ``GenerationEngine`` asks for today.
+The first case is what ``GenerationEngine`` asked for before 510e80d; the second what it asks for
+since, its text decoded afterwards in one batch (``models.detokenize.response_texts``, timed too).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 CASES = {  # name: (seed per request, logprobs of the sampled tokens, detokenize)
-    "ours: seeds, logprobs, text": (True, True, True),
-    "no detokenizing": (True, True, False),
+    "before 510e80d: seeds, logprobs, text": (True, True, True),
+    "ours: seeds, logprobs, no detokenizing": (True, True, False),
     "no logprobs": (True, False, True),
     "no seeds": (False, True, True),
     "none of the three": (False, False, False),
@@ -52,12 +53,21 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [{"prompt_token_ids": tokenizer(f"review number {i} was")["input_ids"]} for i in range(args.prompts)]
 
+    from rlhf_dist.models.detokenize import fast_tokenizer, response_texts
+
+    raw, decode_s = fast_tokenizer(tokenizer), []
+
     def generate(seeded: bool, logprobs: bool, detokenize: bool) -> float:
         params = [SamplingParams(temperature=1.0, max_tokens=args.tokens, ignore_eos=True,
                                  seed=1000 + i if seeded else None, logprobs=0 if logprobs else None,
                                  detokenize=detokenize) for i in range(args.prompts)]
         start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        if not detokenize and seeded and logprobs:  # ours: the text, decoded after (included in the time)
+            decoded = time.perf_counter()
+            response_texts(raw, [p["prompt_token_ids"] for p in prompts],
+                           [list(o.outputs[0].token_ids) for o in outputs])
+            decode_s.append(time.perf_counter() - decoded)
         return time.perf_counter() - start
 
     times: dict[str, list[float]] = {name: [] for name in CASES}
@@ -65,11 +75,13 @@ def main() -> None:
         for name, case in CASES.items():
             generate(*case)  # warm-up
             times[name] += [generate(*case) for _ in range(args.repeats)]
-    ours = statistics.median(times[next(iter(CASES))])
-    print(f"| case ({args.prompts} prompts x {args.tokens} tokens, 1 thread) | median s | vs ours |")
+    before = statistics.median(times[next(iter(CASES))])
+    print(f"| case ({args.prompts} prompts x {args.tokens} tokens, 1 thread) | median s | vs before |")
     print("|---|---|---|")
     for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.3f} | {statistics.median(ts) / ours:.2f}x |")
+        print(f"| {name} | {statistics.median(ts):.3f} | {statistics.median(ts) / before:.2f}x |")
+    print(f"\nours: the {args.prompts} texts decoded after generating, median {statistics.median(decode_s) * 1e3:.1f} ms "
+          f"(in its time above)")
 
 
 if __name__ == "__main__":

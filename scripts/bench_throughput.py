@@ -58,10 +58,12 @@ MODES = {
 TIMELINE = "logger.timeline=true"
 # How our system runs each workload on this 2-core machine (chosen by measurement: docs/results.md).
 # rollout.stream_passes=true (off in local_cpu): the passes start while the rollout streams;
-# reference.batch_size=64: each engine's 128 responses make two streamed reference micro-batches.
+# reference.batch_size=64: each engine's 128 responses make two streamed reference micro-batches;
+# w1: two reference actors (w1 has no EOS: every response ends at the last token, and the reference
+# pass runs after the rollout, alone, so a second actor puts the second core to work: 1.64 against 1.77 s).
 OUR_CONFIG = {
     "w1": ["trainer=zero0", "trainer.world_size=2", "trainer.micro_batch_size=64", "reference.batch_size=64",
-           "rollout.num_engines=2", "rollout.stream_passes=true"],
+           "reference.num_actors=2", "rollout.num_engines=2", "rollout.stream_passes=true"],
     "w2": ["trainer=zero0", "trainer.world_size=2", "trainer.micro_batch_size=16", "reference.batch_size=32",
            "rollout.num_engines=2", "rollout.kv_cache_gib=1", "rollout.stream_passes=true"],
     "w3": ["trainer=zero0", "trainer.world_size=2", "trainer.micro_batch_size=64", "reference.batch_size=64",
