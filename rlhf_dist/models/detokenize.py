@@ -56,14 +56,17 @@ def response_texts(raw: Any, prompts: list[list[int]], responses: list[list[int]
 
 def _streamed(raw: Any, prompt: list[int], response: list[int], skip_special_tokens: bool) -> str:
     """vLLM's ``FastIncrementalDetokenizer`` over one response: a ``DecodeStream`` primed with the
-    prompt, stepped token by token; restarted without the prompt on an invalid prefix."""
+    prompt, stepped token by token; restarted without the prompt on an invalid prefix, nothing
+    emitted for an id it cannot take (``_protected_step``)."""
     from tokenizers.decoders import DecodeStream
 
     stream, text = DecodeStream(ids=prompt, skip_special_tokens=skip_special_tokens), []
     for token in response:
         try:
             piece = stream.step(raw, token)
-        except Exception as e:  # noqa: BLE001 -- as vLLM: only the invalid prefix is recovered from
+        except (OverflowError, TypeError):  # an id the tokenizer cannot take: vLLM logs it and emits nothing
+            piece = None
+        except Exception as e:  # as vLLM: only the invalid prefix is recovered from, the rest re-raised
             if not str(e).startswith(INVALID_PREFIX):
                 raise
             stream = DecodeStream(skip_special_tokens=skip_special_tokens)
