@@ -38,7 +38,7 @@ def fast_tokenizer(tokenizer: Any) -> Any | None:
     detokenizer uses); None for a slow tokenizer, which vLLM detokenizes another way."""
     from transformers import PreTrainedTokenizerFast
 
-    return tokenizer._tokenizer if isinstance(tokenizer, PreTrainedTokenizerFast) else None
+    return tokenizer.backend_tokenizer if isinstance(tokenizer, PreTrainedTokenizerFast) else None
 
 
 def response_texts(raw: Any, prompts: list[list[int]], responses: list[list[int]],

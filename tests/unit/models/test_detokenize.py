@@ -22,7 +22,7 @@ def byte_tokens(tokenizer, text: str) -> list[int]:
 
 
 def test_a_word_after_the_prompt_keeps_its_leading_space(llama2_style) -> None:
-    raw = llama2_style._tokenizer
+    raw = llama2_style.backend_tokenizer
     prompt = llama2_style("the pasta")["input_ids"]
     response = llama2_style("was great", add_special_tokens=False)["input_ids"]  # "▁was▁great": the word's space
     assert raw.decode(response) == "was great"  # alone: SentencePiece's first space is stripped
@@ -30,14 +30,14 @@ def test_a_word_after_the_prompt_keeps_its_leading_space(llama2_style) -> None:
 
 
 def test_a_character_cut_at_the_end_is_held_back(llama2_style) -> None:
-    raw = llama2_style._tokenizer
+    raw = llama2_style.backend_tokenizer
     prompt = llama2_style("x")["input_ids"]
     cafe = byte_tokens(llama2_style, "café")  # é: two bytes
     assert response_texts(raw, [prompt] * 2, [cafe, cafe[:-1]]) == ["café", "caf"]
 
 
 def test_special_tokens_are_skipped(llama2_style) -> None:
-    raw = llama2_style._tokenizer
+    raw = llama2_style.backend_tokenizer
     prompt = llama2_style("x")["input_ids"]
     eos = llama2_style.eos_token_id
     response = llama2_style("and", add_special_tokens=False)["input_ids"] + [eos]
