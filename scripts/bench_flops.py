@@ -115,6 +115,28 @@ def cpu_summary() -> str:
     return f"{torch.backends.cpu.get_cpu_capability()}, {cpu_bf16().describe()}"
 
 
+def mfu_table(limits: dict, peak: dict) -> str:
+    """Each phase alone (``bench_throughput``'s limits): its model FLOPs, the rate it achieved and its
+    share of the GEMM peak."""
+    head = f"| phase alone | s | model GFLOP | GFLOP/s | MFU (of {peak['flops_per_s'] / 1e9:.0f} GFLOP/s) |"
+    lines = [head, "|---|---|---|---|---|"]
+    for name, key, time_key in (("generation", "generate", "generate"), ("reference logprobs", "reference", "reference"),
+                                ("old logprobs", "values", "values"), ("policy update", "update", "train"),
+                                ("training (reference + old + update)", "train_alone", "train_alone")):
+        seconds, flops = limits[time_key], limits["flops"][key]
+        if not flops:
+            continue
+        rate = flops / seconds if seconds else None
+        lines.append(f"| {name} | {seconds:.2f} | {flops / 1e9:.1f} | {_fmt(rate and rate / 1e9, '.1f')} "
+                     f"| {_fmt(rate and rate / peak['flops_per_s'], '.1%')} |")
+    return (f"GEMM peak: {peak['dtype']} on {peak['threads']} threads, {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"(CPU: {peak['cpu']})\n\n" + "\n".join(lines))
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")

@@ -24,6 +24,7 @@ warm-up. Tokens/s = generated tokens of a step / its step time.
   weights, vLLM in bf16, the sync in bf16); TRL's ``bf16`` flag (mixed precision).
 - the limit of the machine: the GEMM peak in ``--dtype`` on every core (``bench_flops.gemm_peak``), and
   each phase alone as model FLOPs per second and its share of that peak (MFU; ``bench_flops.Shape``).
+- CPU per step of each of our runs, by process, against what the cores had (``bench_cpu.RunCpu``).
 
 Writes ``<out>/<workload>[_bfloat16]/throughput.json`` and prints the tables. Wrap it in
 ``flock /tmp/rlhf_heavy.lock`` on a shared machine: the figures assume nothing else runs.
@@ -47,7 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts import bench_workloads as B
-from scripts.bench_flops import cpu_summary, gemm_peak, shape_of
+from scripts.bench_cpu import RunCpu
+from scripts.bench_cpu import table as cpu_table
+from scripts.bench_flops import cpu_summary, gemm_peak, mfu_table, shape_of
 
 SEED = 0
 PHASES = ("generate", "rollout_wait", "reward", "reference", "values", "train", "weight_sync", "step")
@@ -149,7 +152,9 @@ def run_ours(mode: str, overrides: list[str], run_dir: Path, out_dir: Path, samp
     cmd = [sys.executable, "-m", "rlhf_dist.train", f"hydra.run.dir={run_dir}", *overrides]
     print(f"[ours {mode}] {' '.join(cmd[1:])}", flush=True)
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    with RunCpu(run_dir / "metrics.jsonl", warmup) as cpu:  # each process's CPU over the measured steps
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    result["cpu_per_step"] = cpu.per_step()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "bench_stdout_stderr.log").write_text(proc.stdout + proc.stderr)
     result["wall_s"] = time.perf_counter() - started
@@ -406,23 +411,6 @@ def table(report: dict) -> str:
             f"{report['steps']} steps after {report['warmup']} warm-up)\n\n" + "\n".join(lines))
 
 
-def mfu_table(limits: dict, peak: dict) -> str:
-    """Each phase alone: its model FLOPs (``bench_flops``), the rate it achieved and its share of the GEMM peak."""
-    head = f"| phase alone | s | model GFLOP | GFLOP/s | MFU (of {peak['flops_per_s'] / 1e9:.0f} GFLOP/s) |"
-    lines = [head, "|---|---|---|---|---|"]
-    for name, key, time_key in (("generation", "generate", "generate"), ("reference logprobs", "reference", "reference"),
-                                ("old logprobs", "values", "values"), ("policy update", "update", "train"),
-                                ("training (reference + old + update)", "train_alone", "train_alone")):
-        seconds, flops = limits[time_key], limits["flops"][key]
-        if not flops:
-            continue
-        rate = flops / seconds if seconds else None
-        lines.append(f"| {name} | {seconds:.2f} | {flops / 1e9:.1f} | {fmt(rate and rate / 1e9, '.1f')} "
-                     f"| {fmt(rate and rate / peak['flops_per_s'], '.1%')} |")
-    return (f"GEMM peak: {peak['dtype']} on {peak['threads']} threads, {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
-            f"(CPU: {peak['cpu']})\n\n" + "\n".join(lines))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=sorted(B.WORKLOADS), required=True)
@@ -497,6 +485,9 @@ def main() -> None:
     print("\n" + table(report))
     if "flops" in report.get("limits", {}):
         print("\n" + mfu_table(report["limits"], peak))
+    for mode, run in report["ours"].items():
+        if run.get("cpu_per_step"):
+            print(f"\nCPU per step, ours {mode} (scripts/bench_cpu.py)\n" + cpu_table(run["cpu_per_step"]))
     print(f"\nwall time {report['wall_s']:.0f} s; {out / 'throughput.json'}")
 
 
