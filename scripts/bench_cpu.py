@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Self
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+RAY_AGENTS = ("DashboardAgent", "RuntimeEnvAgent")  # Ray's per-node agents, titled like actors
 
 
 def role_of(cmdline: str) -> str:
@@ -25,7 +26,7 @@ def role_of(cmdline: str) -> str:
     ``other`` (not the run's: what else shares the machine)."""
     if actor := re.match(r"ray::(\w+)", cmdline):  # an idle worker is ray::IDLE
         name = actor.group(1)
-        return name if name[0].isupper() and not name.isupper() else "ray"
+        return name if name[0].isupper() and not name.isupper() and name not in RAY_AGENTS else "ray"
     if "rlhf_dist.train" in cmdline:
         return "controller"
     return "ray" if "/ray/" in cmdline or "raylet" in cmdline or "gcs_server" in cmdline else "other"

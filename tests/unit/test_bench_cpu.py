@@ -12,6 +12,7 @@ def test_a_process_is_named_by_its_actor_class_or_its_part_of_the_run():
     assert C.role_of("ray::GenerationEngine.generate_stream ") == "GenerationEngine"
     assert C.role_of("ray::PolicyTrainer ") == "PolicyTrainer"
     assert C.role_of("ray::IDLE ") == "ray"  # Ray's idle workers are not an actor's
+    assert C.role_of("ray::DashboardAgent ") == "ray"  # nor are its per-node agents
     assert C.role_of("/v/bin/python -m rlhf_dist.train hydra.run.dir=/x") == "controller"
     assert C.role_of("/v/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --x") == "ray"
     assert C.role_of("/usr/bin/sshd -D") == "other"
